@@ -1,0 +1,188 @@
+"""The exception hierarchy of flask_torchpool.
+
+Every error is a :class:`TorchPoolError`. The ones a view can meet also subclass the matching werkzeug
+HTTP exception, so Flask renders them without any handler of ours: the body is JSON
+(``{"error": message, "type": class name}``), 503 answers carry ``Retry-After``, and
+``app.errorhandler(InferenceTimeoutError)`` (or ``app.errorhandler(504)``) overrides them as usual.
+
+Errors are created in the web process from plain strings that the workers send (type name, message,
+formatted traceback), so nothing but builtins ever crosses the process boundary for an error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from werkzeug.exceptions import (
+    BadRequest,
+    GatewayTimeout,
+    HTTPException,
+    InternalServerError,
+    RequestEntityTooLarge,
+    ServiceUnavailable,
+)
+
+__all__ = [
+    "TorchPoolError",
+    "ConfigError",
+    "WorkerStartupError",
+    "WorkerCrashedError",
+    "InferenceError",
+    "OutputError",
+    "InvalidInputError",
+    "PayloadTooLargeError",
+    "InferenceTimeoutError",
+    "PoolOverloadedError",
+    "PoolClosedError",
+    "RemoteTraceback",
+]
+
+
+class TorchPoolError(Exception):
+    """Base class of every error raised by flask_torchpool."""
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback; set as ``__cause__`` of the error it explains."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class _HTTPError(TorchPoolError, HTTPException):
+    """Mixin: an HTTP-facing pool error that renders itself as JSON."""
+
+    code: int = 500
+    #: Seconds for the ``Retry-After`` header, or None for no header.
+    retry_after: int | None = None
+
+    def __init__(self, message: str, *, retry_after: int | None = None, **extra: Any) -> None:
+        Exception.__init__(self, message)
+        self.description = message
+        self.response = None
+        self.extra = extra
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return str(self.description)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), str(self.description), self.retry_after, self.extra))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body of the HTTP answer."""
+        body: dict[str, Any] = {"error": str(self.description), "type": type(self).__name__}
+        body.update(self.extra)
+        return body
+
+    def get_body(self, environ: Any = None, scope: Any = None) -> str:
+        return json.dumps(self.to_dict())
+
+    def get_headers(self, environ: Any = None, scope: Any = None) -> list[tuple[str, str]]:
+        headers = [("Content-Type", "application/json")]
+        if self.retry_after is not None:
+            headers.append(("Retry-After", str(int(self.retry_after))))
+        return headers
+
+
+def _rebuild(cls: type[_HTTPError], message: str, retry_after: int | None,
+             extra: dict[str, Any]) -> _HTTPError:
+    err = cls.__new__(cls)
+    _HTTPError.__init__(err, message, retry_after=retry_after, **extra)
+    return err
+
+
+class ConfigError(TorchPoolError, ValueError):
+    """A ``TORCHPOOL_*`` value is invalid. Raised by ``init_app``; the message names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class WorkerStartupError(_HTTPError, ServiceUnavailable):
+    """A worker could not start: its model failed to load or it died while loading.
+
+    ``__cause__`` is a :class:`RemoteTraceback` with the worker's own traceback when there is one.
+    """
+
+    code = 503
+
+
+class WorkerCrashedError(_HTTPError, ServiceUnavailable):
+    """The worker running this call died (crash, kill, out-of-memory) and no retry was left.
+
+    Carries ``pid``, ``exitcode`` and ``signal`` (a name such as ``"SIGKILL"``, or None).
+    """
+
+    code = 503
+    retry_after = 1
+
+    @property
+    def pid(self) -> int | None:
+        return self.extra.get("pid")
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.extra.get("exitcode")
+
+    @property
+    def signal(self) -> str | None:
+        return self.extra.get("signal")
+
+
+class InferenceError(_HTTPError, InternalServerError):
+    """The model raised. The message includes the model's own; ``__cause__`` holds its traceback."""
+
+    code = 500
+
+    @property
+    def remote_type(self) -> str | None:
+        """The name of the exception class the model raised, e.g. ``"RuntimeError"``."""
+        return self.extra.get("remote_type")
+
+
+class OutputError(InferenceError):
+    """The model returned something that cannot travel back (the message names what and where)."""
+
+
+class InvalidInputError(_HTTPError, BadRequest):
+    """The arguments of a call cannot be carried to a worker (refused in the calling thread)."""
+
+    code = 400
+
+
+class PayloadTooLargeError(_HTTPError, RequestEntityTooLarge):
+    """The tensors of one call exceed ``TORCHPOOL_MAX_INPUT_BYTES``."""
+
+    code = 413
+
+
+class InferenceTimeoutError(_HTTPError, GatewayTimeout):
+    """The call did not finish within its deadline (``TORCHPOOL_TIMEOUT`` or the view's ``timeout``).
+
+    The deadline covers waiting in the queue and running in the worker. A worker still running the call
+    at the deadline is killed and replaced.
+    """
+
+    code = 504
+
+
+class PoolOverloadedError(_HTTPError, ServiceUnavailable):
+    """``TORCHPOOL_MAX_QUEUE`` calls are already waiting; this one was refused at once."""
+
+    code = 503
+    retry_after = 1
+
+
+class PoolClosedError(_HTTPError, ServiceUnavailable):
+    """The pool is shut down, draining, or has no worker left to serve."""
+
+    code = 503
+    retry_after = 1

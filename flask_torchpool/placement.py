@@ -1,0 +1,125 @@
+"""Placement: which CPU cores and which device each worker gets. Computed in one place.
+
+On CPU the usable cores (``os.sched_getaffinity``) are split into disjoint, contiguous sets, one per
+worker, and each worker runs ``len(cores)`` intra-op threads (or ``TORCHPOOL_THREADS_PER_WORKER``) and one
+inter-op thread, so N workers never oversubscribe the machine. On GPUs workers go round-robin over the
+devices (several workers per GPU are allowed); the cores are still split so that each worker's
+pre/post-processing threads stay off its neighbours' cores. The plan is logged at start and exposed as
+``TorchPool.plan``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+from .config import PoolConfig
+
+
+class Placement(NamedTuple):
+    """Where one worker runs."""
+
+    worker: int
+    device: str
+    cores: tuple[int, ...]
+    threads: int
+
+    def describe(self) -> str:
+        return (f"worker {self.worker}: device={self.device} cores={_ranges(self.cores)} "
+                f"threads={self.threads}")
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on, sorted."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))  # pragma: no cover - not Linux
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices, 0 without CUDA. ``torch.cuda.device_count()`` creates no CUDA context
+    in the web process (one would break a later fork)."""
+    try:
+        import torch
+
+        if not torch.backends.cuda.is_built():
+            return 0
+        return int(torch.cuda.device_count())
+    except Exception:  # pragma: no cover - broken driver installs
+        return 0
+
+
+def resolve_devices(config: PoolConfig, gpu_count: int | None = None) -> list[str]:
+    """The concrete device list: ``'auto'`` and ``'cuda'`` expanded to every visible GPU."""
+    if gpu_count is None:
+        gpu_count = cuda_device_count() if config.devices != ("cpu",) else 0
+    if config.devices == "auto":
+        return [f"cuda:{i}" for i in range(gpu_count)] or ["cpu"]
+    devices: list[str] = []
+    for device in config.devices:
+        if device == "cuda":
+            devices.extend(f"cuda:{i}" for i in range(gpu_count))
+        else:
+            devices.append(device)
+    return devices
+
+
+def auto_workers(devices: list[str], cores: list[int]) -> int:
+    """``TORCHPOOL_WORKERS='auto'``: one per GPU; on CPU one per core up to 4 cores, then 4 workers up
+    to 16 cores, then one per 4 cores (each worker runs its share of the cores as torch threads)."""
+    if devices != ["cpu"]:
+        return len(devices)
+    return min(len(cores), max(4, len(cores) // 4))
+
+
+def plan(config: PoolConfig, *, cores: list[int] | None = None,
+         gpu_count: int | None = None) -> list[Placement]:
+    """Compute the placement of every worker. Pure: starts nothing, touches no device."""
+    cores = usable_cores() if cores is None else sorted(cores)
+    devices = resolve_devices(config, gpu_count)
+    if not devices:
+        from .errors import ConfigError
+
+        raise ConfigError("TORCHPOOL_DEVICES", f"{config.devices!r} names CUDA devices, but none is "
+                                               "visible; use 'cpu' or 'auto'")
+    if gpu_count is not None or config.devices not in ("auto", ("cpu",)):
+        visible = gpu_count if gpu_count is not None else cuda_device_count()
+        for device in devices:
+            if device.startswith("cuda:") and int(device[5:]) >= visible:
+                from .errors import ConfigError
+
+                raise ConfigError("TORCHPOOL_DEVICES", f"{device} does not exist: {visible} CUDA "
+                                                       "device(s) visible")
+    n = config.workers if isinstance(config.workers, int) else auto_workers(devices, cores)
+    core_sets = split_cores(cores, n)
+    return [
+        Placement(worker=i, device=devices[i % len(devices)], cores=core_sets[i],
+                  threads=config.threads_per_worker or len(core_sets[i]))
+        for i in range(n)
+    ]
+
+
+def split_cores(cores: list[int], n: int) -> list[tuple[int, ...]]:
+    """Split *cores* into *n* disjoint contiguous sets as even as possible; with more workers than
+    cores, workers share single cores round-robin."""
+    if n >= len(cores):
+        return [(cores[i % len(cores)],) for i in range(n)]
+    base, extra = divmod(len(cores), n)
+    sets, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        sets.append(tuple(cores[start:start + size]))
+        start += size
+    return sets
+
+
+def _ranges(cores: tuple[int, ...]) -> str:
+    parts: list[str] = []
+    for core in cores:
+        if parts and "-" not in parts[-1].split(",")[-1] and int(parts[-1]) == core - 1:
+            parts[-1] = f"{parts[-1]}-{core}"
+        elif parts and "-" in parts[-1] and int(parts[-1].split("-")[1]) == core - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{core}"
+        else:
+            parts.append(str(core))
+    return ",".join(parts)

@@ -1,0 +1,834 @@
+"""The supervisor: start workers, route calls to them, notice deaths, respawn, drain and shut down.
+
+How a call travels (see also docs/design.rst)::
+
+    caller thread                     manager thread                        worker process
+    -------------                     --------------                        --------------
+    submit(args) --flatten/validate
+      | worker free? --> write tensors into that worker's arena (inputs half)
+      |                  send Call header ------------------------------------> run model
+      | else: queue (bounded, TORCHPOOL_MAX_QUEUE)                               write outputs
+      v                                                                          (outputs half)
+    Future <------------ set result <-- wait([conns, sentinels, wakeup]) <----- Result header
+                          (reads outputs, frees input blocks, dispatches queued calls)
+
+One manager thread per pool blocks in ``multiprocessing.connection.wait`` on every worker's socket, every
+worker's process sentinel and a wakeup pipe, with a timeout that is the next deadline or respawn time; it
+never polls. It receives results, fails calls whose deadline passed, handles deaths (fail or retry the
+calls that were on the worker, respawn with backoff within a restart budget) and runs the shutdown
+sequence. It is also the only thread that spawns processes: ``PR_SET_PDEATHSIG`` fires when the *thread*
+that forked exits, so workers must be children of a thread that lives as long as the pool.
+
+Callers dispatch their own call when a worker has room (``TORCHPOOL_PIPELINE_DEPTH`` calls outstanding per
+worker, least outstanding first), so copying tensors into the arena happens in parallel in the callers'
+threads; a queued call is dispatched by whichever thread frees a worker.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing import reduction
+from typing import Any
+
+import torch
+import torch.multiprocessing as tmp
+
+from . import transport as tp
+from .config import PoolConfig
+from .errors import (
+    InferenceError,
+    InferenceTimeoutError,
+    InvalidInputError,
+    OutputError,
+    PayloadTooLargeError,
+    PoolClosedError,
+    PoolOverloadedError,
+    RemoteTraceback,
+    TorchPoolError,
+    WorkerCrashedError,
+    WorkerStartupError,
+)
+from .placement import Placement
+
+log = logging.getLogger(__name__)
+
+_call_ids = itertools.count(1)
+_SPAWN = tmp.get_context("spawn")
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DEAD = "dead"          # died; a respawn is scheduled
+    FAILED = "failed"      # restart budget spent; retried after TORCHPOOL_RESTART_WINDOW
+    STOPPED = "stopped"
+
+
+class _CallState(enum.Enum):
+    QUEUED = "queued"
+    SENT = "sent"
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class _Call:
+    args: Any
+    kwargs: Any
+    tensors: list[torch.Tensor]
+    future: Future
+    deadline: float | None
+    retries: int
+    id: int = field(default_factory=lambda: next(_call_ids))
+    state: _CallState = _CallState.QUEUED
+    worker: _Worker | None = None
+    blocks: list[int] = field(default_factory=list)
+    expired: bool = False  # failed by its deadline while a worker still had it
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One worker slot. A respawn replaces the process, channel and arena, and keeps the slot."""
+
+    placement: Placement
+    state: WorkerState = WorkerState.STOPPED
+    process: Any = None
+    channel: tp.Channel | None = None
+    arena: tp.Arena | None = None
+    inputs: tp.Allocator | None = None
+    releases: tp.ReleaseQueue = field(default_factory=tp.ReleaseQueue)
+    inflight: dict[int, _Call] = field(default_factory=dict)
+    pid: int | None = None
+    restarts: deque = field(default_factory=deque)   # monotonic times of recent restarts
+    total_restarts: int = 0
+    calls: int = 0
+    errors: int = 0
+    killed_for: str | None = None   # why the pool killed it, for the crash message
+    last_exit: str | None = None
+    respawn_at: float | None = None
+
+    @property
+    def index(self) -> int:
+        return self.placement.worker
+
+    @property
+    def load(self) -> int:
+        return sum(1 for c in self.inflight.values() if not c.expired)
+
+
+class Pool:
+    """A pool of model workers. Thread-safe; one per app (see :class:`~flask_torchpool.TorchPool`)."""
+
+    def __init__(self, config: PoolConfig, placements: list[Placement], name: str = "torchpool") -> None:
+        self.config = config
+        self.name = name
+        self.workers = [_Worker(p) for p in placements]
+        self._lock = threading.Lock()
+        self._queue: deque[_Call] = deque()
+        self._deadlines: list[tuple[float, int, _Call]] = []
+        self._next_wake = float("inf")
+        self._wakeup_r, self._wakeup_w = _SPAWN.Pipe(duplex=False)
+        self._manager: threading.Thread | None = None
+        self._started = threading.Event()
+        self._startup_error: WorkerStartupError | None = None
+        self._closing = False        # no new calls
+        self._drain_deadline: float | None = None
+        self._stopped = threading.Event()
+        self._start_lock = threading.Lock()
+        self._owner_pid = os.getpid()
+        # Futures are resolved outside the lock (a done-callback may submit again): _finish queues them
+        # here and _flush resolves them once the lock is released.
+        self._done: deque[tuple[Future, Any, BaseException | None]] = deque()
+        self.counters = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "crashes": 0, "overloaded": 0,
+                         "retries": 0}
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._started.is_set() and self._startup_error is None
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def start(self) -> None:
+        """Spawn every worker and return once each has loaded its model.
+
+        Raises :class:`WorkerStartupError` (with the worker's traceback as ``__cause__``) if one fails,
+        dies or does not load within ``TORCHPOOL_START_TIMEOUT``; the other workers are stopped then.
+        """
+        with self._start_lock:
+            if self._closing:
+                raise PoolClosedError("the pool is shut down; create a new TorchPool to serve again")
+            if self._manager is None:
+                self._manager = threading.Thread(target=self._manage, name=f"{self.name}-manager",
+                                                 daemon=True)
+                self._manager.start()
+            if not self._started.wait(self.config.start_timeout):
+                with self._lock:
+                    missing = [w.index for w in self.workers if w.state is not WorkerState.READY]
+                    self._startup_error = WorkerStartupError(
+                        f"worker(s) {missing} did not load the model within TORCHPOOL_START_TIMEOUT="
+                        f"{self.config.start_timeout:g}s; the model may be too slow to build, or stuck")
+                self.shutdown(wait=True, drain_timeout=0)
+            if self._startup_error is not None:
+                self._stopped.wait(self.config.drain_timeout + 10)
+                raise self._startup_error
+
+    def shutdown(self, wait: bool = True, drain_timeout: float | None = None) -> None:
+        """Stop accepting calls, let calls in flight finish (up to *drain_timeout*, default
+        ``TORCHPOOL_DRAIN_TIMEOUT``), then stop every worker. Idempotent; safe from any thread."""
+        if os.getpid() != self._owner_pid:
+            return  # a forked child must not touch its parent's workers
+        drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        with self._lock:
+            deadline = time.monotonic() + drain
+            if self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_deadline = deadline
+            self._closing = True
+            for call in list(self._queue) if drain == 0 else ():
+                self._queue.remove(call)
+                self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
+        self._flush()
+        manager = self._manager
+        if manager is None:
+            self._stopped.set()
+            return
+        self._wake()
+        if wait and manager is not threading.current_thread():
+            manager.join()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    # --- calls ----------------------------------------------------------------------------------------
+
+    def submit(self, args: tuple, kwargs: dict, timeout: float | None = None) -> Future:
+        """Queue one call; the returned future holds the model's output or a :class:`TorchPoolError`.
+
+        Input that cannot travel is refused here, in the calling thread, before anything is queued.
+        """
+        tensors: list[torch.Tensor] = []
+        try:
+            skel_args = tp.flatten(tuple(args), tensors, "args")
+            skel_kwargs = tp.flatten(dict(kwargs), tensors, "kwargs")
+        except tp.UnsupportedValue as exc:
+            raise InvalidInputError(f"cannot send {exc.path} to a worker: {exc.reason}") from None
+        nbytes = sum(tp.tensor_nbytes(t) for t in tensors)
+        if nbytes > self.config.max_input_bytes:
+            raise PayloadTooLargeError(
+                f"the call carries {nbytes} bytes of tensors, more than TORCHPOOL_MAX_INPUT_BYTES="
+                f"{self.config.max_input_bytes}")
+        timeout = self.config.timeout if timeout is None else timeout
+        now = time.monotonic()
+        call = _Call(skel_args, skel_kwargs, tensors, Future(), None if timeout is None else now + timeout,
+                     self.config.retries)
+        call.future.set_running_or_notify_cancel()
+        with self._lock:
+            self._check_open()
+            self.counters["calls"] += 1
+            worker = self._pick_worker()
+            if worker is None:
+                if len(self._queue) >= self.config.max_queue:
+                    self.counters["calls"] -= 1
+                    self.counters["overloaded"] += 1
+                    raise PoolOverloadedError(
+                        f"{len(self._queue)} calls are already waiting (TORCHPOOL_MAX_QUEUE="
+                        f"{self.config.max_queue}); try again shortly",
+                        retry_after=self.config.retry_after)
+                self._queue.append(call)
+            else:
+                self._assign(call, worker)
+            if call.deadline is not None:
+                heapq.heappush(self._deadlines, (call.deadline, call.id, call))
+                wake = call.deadline < self._next_wake
+            else:
+                wake = False
+        if worker is not None:
+            self._send(call, worker)
+        if wake:
+            self._wake()
+        return call.future
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise PoolClosedError("the pool is shutting down and takes no new calls",
+                                  retry_after=self.config.retry_after)
+        if self._startup_error is not None:
+            raise self._startup_error
+        if self.workers and all(w.state is WorkerState.FAILED for w in self.workers):
+            raise PoolClosedError(
+                "no worker is left to serve: every worker crashed more than TORCHPOOL_MAX_RESTARTS="
+                f"{self.config.max_restarts} times within {self.config.restart_window:g}s; they are "
+                "retried after TORCHPOOL_RESTART_WINDOW (see the log for their exit causes)",
+                retry_after=int(self.config.restart_window))
+
+    def _pick_worker(self) -> _Worker | None:
+        best = None
+        for w in self.workers:
+            if w.state is WorkerState.READY and len(w.inflight) < self.config.pipeline_depth:
+                if best is None or w.load < best.load:
+                    best = w
+        return best
+
+    def _assign(self, call: _Call, worker: _Worker) -> None:
+        """Reserve *worker* for *call* (under the lock); :meth:`_send` writes and sends it."""
+        call.state = _CallState.SENT
+        call.worker = worker
+        worker.inflight[call.id] = call
+
+    def _send(self, call: _Call, worker: _Worker) -> None:
+        """Write the call's tensors into the worker's arena and send its header. Runs in the thread that
+        assigned it, outside the lock, so copies of several calls run in parallel."""
+        arena, channel, inputs = worker.arena, worker.channel, worker.inputs
+        assert arena is not None and channel is not None and inputs is not None
+        placer = tp.Placer(arena, inputs)
+        try:
+            refs = tuple(placer.place(t) for t in call.tensors)
+            msg = tp.Call(call.id, call.args, call.kwargs, refs, worker.releases.drain())
+        except BaseException as exc:
+            placer.rollback()
+            with self._lock:
+                if worker.inflight.pop(call.id, None) is not None:
+                    self._finish(call, exc=InvalidInputError(f"cannot write the inputs: {exc}"))
+            self._flush()
+            self._dispatch()
+            return
+        with self._lock:
+            if call.worker is not worker or call.state is not _CallState.SENT or call.expired:
+                # The worker died (and the call was requeued or failed) or the deadline passed while
+                # we were copying: the blocks belong to an arena nobody will read, and the worker
+                # will never answer for this call.
+                stale = True
+                if worker.inflight.get(call.id) is call:
+                    del worker.inflight[call.id]
+            else:
+                call.blocks = placer.blocks
+                stale = False
+        if stale:
+            placer.rollback()
+            return
+        try:
+            channel.send(msg, tuple(placer.fds))
+        except OSError:
+            pass  # the worker died; the manager sees its sentinel and deals with its calls
+        finally:
+            placer.close_fds()
+
+    def _dispatch(self) -> None:
+        """Hand queued calls to workers with room."""
+        todo = []
+        with self._lock:
+            while self._queue:
+                worker = self._pick_worker()
+                if worker is None:
+                    break
+                call = self._queue.popleft()
+                self._assign(call, worker)
+                todo.append((call, worker))
+        for call, worker in todo:
+            self._send(call, worker)
+
+    def _finish(self, call: _Call, result: Any = None, exc: BaseException | None = None) -> None:
+        """Complete *call* once (under the lock). Later completions of the same call are ignored."""
+        if call.state is _CallState.DONE:
+            return
+        call.state = _CallState.DONE
+        call.tensors = []
+        self.counters["ok" if exc is None else "errors"] += 1
+        self._done.append((call.future, result, exc))
+
+    def _flush(self) -> None:
+        """Resolve the futures :meth:`_finish` queued. Call without the lock held."""
+        while True:
+            try:
+                future, result, exc = self._done.popleft()
+            except IndexError:
+                return
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+
+    # --- the manager thread ---------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self._wakeup_w.send_bytes(b"")
+        except OSError:
+            pass
+
+    def _manage(self) -> None:
+        try:
+            for worker in self.workers:
+                self._spawn(worker)
+            self._loop()
+        except BaseException:
+            log.critical("%s: the manager thread failed; stopping the pool\n%s", self.name,
+                         traceback.format_exc())
+            with self._lock:
+                self._closing = True
+                if not self._started.is_set():
+                    self._startup_error = WorkerStartupError("the pool's manager thread failed: "
+                                                             f"{traceback.format_exc(limit=1)}")
+        finally:
+            self._stop_all()
+            self._started.set()
+            self._stopped.set()
+
+    def _loop(self) -> None:
+        # One epoll set for the pool's life, changed only when a worker's process or socket changes:
+        # building a selector per wait costs more than the whole round trip of a small call.
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wakeup_r, selectors.EVENT_READ, None)
+            registered: dict[int, Any] = {}
+            timers_due = 0.0
+            while True:
+                now = time.monotonic()
+                if now >= timers_due or self._closing:
+                    self._expire(now)
+                    self._respawn_due(now)
+                    if self._closing and self._drained(now):
+                        return
+                    timers_due = self._next_timer(now)
+                self._sync_selector(selector, registered)
+                events = selector.select(max(0.0, timers_due - time.monotonic()))
+                dead = []
+                for key, _ in events:
+                    owner = key.data
+                    if owner is None:
+                        while self._wakeup_r.poll():
+                            self._wakeup_r.recv_bytes()
+                        timers_due = 0.0  # a new, earlier deadline or a shutdown: recompute
+                    elif owner[1] == "conn":
+                        self._receive(owner[0])
+                    else:
+                        dead.append(owner[0])
+                for worker in dead:
+                    if worker.process is not None:
+                        self._on_death(worker)
+                if dead:
+                    timers_due = 0.0
+                self._flush()
+                self._dispatch()
+
+    def _sync_selector(self, selector: selectors.BaseSelector, registered: dict[int, Any]) -> None:
+        wanted: dict[int, Any] = {}
+        for w in self.workers:
+            if w.channel is not None:
+                wanted[w.channel.fileno()] = (w, "conn", w.channel)
+            if w.process is not None:
+                wanted[w.process.sentinel] = (w, "sentinel", w.process)
+        for fd, owner in list(registered.items()):
+            if wanted.get(fd, (None, None, None))[2] is not owner[2]:
+                try:
+                    selector.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+                del registered[fd]
+        for fd, owner in wanted.items():
+            if fd not in registered:
+                selector.register(fd, selectors.EVENT_READ, owner)
+                registered[fd] = owner
+
+    def _next_timer(self, now: float) -> float:
+        """When the manager must next look at deadlines, respawns or the drain. With nothing pending it
+        still wakes one ``TORCHPOOL_TIMEOUT`` from now, so that a new call with the default timeout
+        never needs to wake it (see :meth:`submit`)."""
+        with self._lock:
+            while self._deadlines and self._deadlines[0][2].state is _CallState.DONE:
+                heapq.heappop(self._deadlines)
+            times = [self._deadlines[0][0]] if self._deadlines else []
+            times += [w.respawn_at for w in self.workers if w.respawn_at is not None]
+            if self._closing and self._drain_deadline is not None:
+                times.append(self._drain_deadline)
+            times.append(now + (self.config.timeout or 3600.0))
+            self._next_wake = min(times)
+            return self._next_wake
+
+    def _receive(self, worker: _Worker) -> None:
+        channel = worker.channel
+        assert channel is not None
+        try:
+            while channel.poll(0):
+                msg, fds = channel.recv()
+                self._on_message(worker, msg, fds)
+        except (EOFError, OSError):
+            # The worker is gone; its sentinel reports the death. Stop waiting on the closed socket.
+            channel.close()
+            worker.channel = None
+
+    def _on_message(self, worker: _Worker, msg: Any, fds: list[int]) -> None:
+        kind = type(msg)
+        if kind is tp.Result or kind is tp.Failure:
+            with self._lock:
+                call = worker.inflight.pop(msg.id, None)
+                if call is not None:
+                    for offset in call.blocks:
+                        worker.inputs.free(offset)
+                    call.blocks = []
+            if call is None or call.state is _CallState.DONE:
+                if kind is tp.Result:  # nobody wants it: hand the output blocks straight back
+                    for fd in fds:
+                        os.close(fd)
+                    for ref in msg.refs:
+                        if ref.seg < 0 and ref.nbytes:
+                            worker.releases(ref.offset)
+                return
+            worker.calls += 1
+            if kind is tp.Result:
+                try:
+                    tensors = tp.read_refs(worker.arena, msg.refs, fds, worker.releases)
+                    value, exc = tp.unflatten(msg.value, tensors), None
+                except Exception as err:  # a malformed reply is a worker bug; the call must not hang
+                    value, exc = None, OutputError(f"cannot read the model's output: {err}")
+            else:
+                worker.errors += 1
+                value, exc = None, self._failure_error(msg)
+            with self._lock:
+                self._finish(call, value, exc)
+            self._flush()
+        elif kind is tp.Ready:
+            with self._lock:
+                worker.state = WorkerState.READY
+                worker.pid = msg.pid
+                if worker.restarts:
+                    log.warning("%s: worker %d is back (pid %d)", self.name, worker.index, msg.pid)
+                if not self._started.is_set() and all(w.state is WorkerState.READY for w in self.workers):
+                    log.info("%s: %d worker(s) ready", self.name, len(self.workers))
+                    self._started.set()
+        elif kind is tp.StartupFailed:
+            err = WorkerStartupError(f"worker {worker.index} could not load the model "
+                                     f"({self.config.model!r}): {msg.message}")
+            err.__cause__ = RemoteTraceback(msg.tb)
+            with self._lock:
+                if not self._started.is_set():
+                    self._startup_error = err
+                    self._closing = True
+                    self._drain_deadline = time.monotonic()
+                    self._started.set()
+                    return
+            log.error("%s: worker %d failed to load the model on restart: %s\n%s", self.name,
+                      worker.index, msg.message, msg.tb)
+            worker.killed_for = "its model failed to load"
+
+    def _failure_error(self, msg: tp.Failure) -> TorchPoolError:
+        if msg.kind == "output":
+            err: TorchPoolError = OutputError(msg.message, remote_type=msg.type_name)
+        elif msg.kind == "input":
+            err = InvalidInputError(f"the worker could not read the inputs: {msg.type_name}: {msg.message}")
+        else:
+            err = InferenceError(f"the model raised {msg.type_name}: {msg.message}",
+                                 remote_type=msg.type_name)
+        if msg.tb:
+            err.__cause__ = RemoteTraceback(msg.tb)
+        return err
+
+    def _expire(self, now: float) -> None:
+        """Fail calls whose deadline passed; kill a worker that is still running one."""
+        kill: list[_Worker] = []
+        cancel: list[tuple[_Worker, int]] = []
+        with self._lock:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                deadline, _, call = heapq.heappop(self._deadlines)
+                if call.state is _CallState.DONE:
+                    continue
+                self.counters["timeouts"] += 1
+                waited = now - call.enqueued
+                where = "waiting for a worker" if call.state is _CallState.QUEUED else "in a worker"
+                err = InferenceTimeoutError(
+                    f"the call did not finish within its deadline ({waited:.3g}s; it was {where}). "
+                    "Raise TORCHPOOL_TIMEOUT or the view's timeout, or add workers")
+                if call.state is _CallState.QUEUED:
+                    self._queue.remove(call)
+                    self._finish(call, exc=err)
+                    continue
+                worker = call.worker
+                call.expired = True
+                self._finish(call, exc=err)
+                if worker is None or worker.arena is None:
+                    continue
+                running = worker.arena.running
+                other = worker.inflight.get(running)
+                # The control word may still show a call whose result was just read (the worker
+                # clears it after replying): only the expired call itself, or another expired call,
+                # proves the worker is stuck.
+                if running and (running == call.id or (other is not None and other.expired)):
+                    if worker not in kill:
+                        kill.append(worker)
+                        worker.killed_for = (f"the pool killed it: a call ran past its deadline "
+                                             f"({waited:.3g}s)")
+                else:
+                    cancel.append((worker, call.id))
+        self._flush()
+        for worker, call_id in cancel:
+            try:
+                if worker.channel is not None:
+                    worker.channel.send(tp.Cancel(call_id))
+            except OSError:
+                pass
+        for worker in kill:
+            log.warning("%s: killing worker %d (pid %s): %s", self.name, worker.index, worker.pid,
+                        worker.killed_for)
+            _kill(worker.process)
+
+    def _drained(self, now: float) -> bool:
+        try:
+            return self._drained_locked(now)
+        finally:
+            self._flush()
+
+    def _drained_locked(self, now: float) -> bool:
+        with self._lock:
+            busy = bool(self._queue) or any(
+                c for w in self.workers for c in w.inflight.values() if not c.expired)
+            if not busy:
+                return True
+            if self._drain_deadline is not None and now >= self._drain_deadline:
+                for call in list(self._queue):
+                    self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
+                self._queue.clear()
+                for w in self.workers:
+                    for call in list(w.inflight.values()):
+                        self._finish(call, exc=PoolClosedError(
+                            "the pool shut down before this call finished (TORCHPOOL_DRAIN_TIMEOUT)"))
+                return True
+        return False
+
+    # --- worker processes -----------------------------------------------------------------------------
+
+    def _spawn(self, worker: _Worker) -> None:
+        size = self.config.arena_bytes
+        fd = tp.create_memfd(size, f"torchpool-w{worker.index}")
+        try:
+            arena = tp.Arena(fd, size)
+            parent_end, child_end = _SPAWN.Pipe(duplex=True)
+            from .worker import worker_main
+
+            process = _SPAWN.Process(
+                target=worker_main, name=f"{self.name}-worker-{worker.index}", daemon=True,
+                args=(worker.placement, self.config.model, child_end, reduction.DupFd(fd), size,
+                      os.getpid()))
+            process.start()
+        finally:
+            os.close(fd)
+        child_end.close()
+        with self._lock:
+            worker.process = process
+            worker.pid = process.pid
+            worker.channel = tp.Channel(parent_end)
+            worker.arena = arena
+            worker.inputs = tp.Allocator(*arena.inputs)
+            worker.releases = tp.ReleaseQueue()
+            worker.state = WorkerState.STARTING
+            worker.killed_for = None
+            worker.respawn_at = None
+        log.debug("%s: spawned worker %d (pid %d): %s", self.name, worker.index, process.pid,
+                  worker.placement.describe())
+
+    def _on_death(self, worker: _Worker) -> None:
+        process = worker.process
+        # The sentinel closes while the process exits, a moment before it can be reaped.
+        process.join(5.0)
+        exitcode = process.exitcode
+        cause = worker.killed_for or _likely_cause(exitcode)
+        signame = _signal_name(exitcode)
+        worker.last_exit = f"exit code {exitcode}" + (f" ({signame})" if signame else "") + f": {cause}"
+        if worker.channel is not None:
+            self._receive(worker)  # results it sent before dying still count
+        if worker.channel is not None:
+            worker.channel.close()
+        with self._lock:
+            running = worker.arena.running if worker.arena is not None else 0
+            calls = list(worker.inflight.values())
+            worker.inflight.clear()
+            worker.process = None
+            worker.channel = None
+            worker.arena = None  # outputs still referenced by callers keep their own mapping alive
+            worker.inputs = None
+            was_ready = worker.state is WorkerState.READY
+            starting_up = not self._started.is_set()
+            requeue = []
+            for call in calls:
+                if call.state is _CallState.DONE:
+                    continue
+                call.worker = None
+                call.blocks = []
+                if call.id != running:
+                    requeue.append(call)  # it never started: safe to run elsewhere, no retry used
+                elif call.retries > 0 and not self._closing:
+                    call.retries -= 1
+                    self.counters["retries"] += 1
+                    requeue.append(call)
+                else:
+                    self.counters["crashes"] += 1
+                    self._finish(call, exc=WorkerCrashedError(
+                        f"worker {worker.index} (pid {worker.pid}) died while running this call: "
+                        f"{worker.last_exit}", retry_after=self.config.retry_after, pid=worker.pid,
+                        exitcode=exitcode, signal=signame))
+            for call in reversed(requeue):
+                call.state = _CallState.QUEUED
+                self._queue.appendleft(call)
+            if starting_up:
+                if self._startup_error is None:
+                    self._startup_error = WorkerStartupError(
+                        f"worker {worker.index} (pid {worker.pid}) died while loading the model: "
+                        f"{worker.last_exit}")
+                self._closing = True
+                self._drain_deadline = time.monotonic()
+                worker.state = WorkerState.STOPPED
+                self._started.set()
+            elif self._closing:
+                worker.state = WorkerState.STOPPED
+            else:
+                self._schedule_respawn(worker)
+        self._flush()
+        if worker.state is WorkerState.STOPPED:
+            return
+        level = logging.ERROR if was_ready else logging.WARNING
+        log.log(level, "%s: worker %d (pid %s) died, %s; %d call(s) affected; %s", self.name,
+                worker.index, worker.pid, worker.last_exit, len(calls),
+                f"respawning in {worker.respawn_at - time.monotonic():.2g}s"
+                if worker.state is WorkerState.DEAD else
+                f"restart budget spent, retrying in {self.config.restart_window:g}s")
+        if all(w.state is WorkerState.FAILED for w in self.workers):
+            self._fail_queue(PoolClosedError("no worker is left to serve (crash loop); see the log",
+                                             retry_after=int(self.config.restart_window)))
+
+    def _schedule_respawn(self, worker: _Worker) -> None:
+        now = time.monotonic()
+        while worker.restarts and worker.restarts[0] < now - self.config.restart_window:
+            worker.restarts.popleft()
+        worker.restarts.append(now)
+        worker.total_restarts += 1
+        n = len(worker.restarts)
+        if n > self.config.max_restarts:
+            worker.state = WorkerState.FAILED
+            worker.restarts.clear()
+            worker.respawn_at = now + self.config.restart_window
+        else:
+            worker.state = WorkerState.DEAD
+            worker.respawn_at = now + min(0.1 * 2 ** (n - 1), 10.0)
+
+    def _fail_queue(self, err: TorchPoolError) -> None:
+        with self._lock:
+            for call in list(self._queue):
+                self._finish(call, exc=err)
+            self._queue.clear()
+        self._flush()
+
+    def _respawn_due(self, now: float) -> None:
+        for worker in self.workers:
+            if worker.respawn_at is not None and worker.respawn_at <= now and not self._closing:
+                try:
+                    self._spawn(worker)
+                except Exception:
+                    log.exception("%s: cannot respawn worker %d", self.name, worker.index)
+                    with self._lock:
+                        self._schedule_respawn(worker)
+
+    def _stop_all(self) -> None:
+        """Fixed order: Stop message, join with timeout, SIGTERM, SIGKILL. Runs in the manager thread."""
+        for worker in self.workers:
+            if worker.channel is not None:
+                try:
+                    worker.channel.send(tp.Stop())
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 2.0
+        for worker in self.workers:
+            if worker.process is not None:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in self.workers:
+            if worker.process is not None and worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(1.0)
+            if worker.process is not None and worker.process.is_alive():
+                _kill(worker.process)
+                worker.process.join(1.0)
+        with self._lock:
+            for worker in self.workers:
+                for call in worker.inflight.values():
+                    self._finish(call, exc=PoolClosedError("the pool shut down before this call "
+                                                           "finished"))
+                worker.inflight.clear()
+                if worker.channel is not None:
+                    worker.channel.close()
+                if worker.process is not None:
+                    try:
+                        worker.process.close()
+                    except ValueError:  # still running after SIGKILL + join: nothing more to do
+                        pass
+                worker.channel = worker.process = worker.arena = worker.inputs = None
+                worker.state = WorkerState.STOPPED
+            for call in self._queue:
+                self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
+            self._queue.clear()
+            self._closing = True
+        self._flush()
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+        log.info("%s: stopped", self.name)
+
+    # --- state ----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "started": self.started,
+                "closed": self._closing,
+                "queued": len(self._queue),
+                "counters": dict(self.counters),
+                "workers": [
+                    {"worker": w.index, "pid": w.pid, "state": w.state.value,
+                     "device": w.placement.device, "cores": list(w.placement.cores),
+                     "threads": w.placement.threads, "inflight": w.load, "calls": w.calls,
+                     "errors": w.errors, "restarts": w.total_restarts, "last_exit": w.last_exit}
+                    for w in self.workers
+                ],
+            }
+
+
+def _kill(process: Any) -> None:
+    if process is not None and process.pid is not None:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+
+
+def _signal_name(exitcode: int | None) -> str | None:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return signal.Signals(-exitcode).name
+        except ValueError:
+            return f"signal {-exitcode}"
+    return None
+
+
+def _likely_cause(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "unknown"
+    if exitcode == -signal.SIGKILL:
+        return ("killed by SIGKILL: probably the out-of-memory killer (check `dmesg` or the container's "
+                "OOM events and the worker's memory), or someone ran kill -9")
+    if exitcode in (-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGILL, -signal.SIGFPE, -signal.SIGABRT):
+        return "a native crash in the model or one of its extensions"
+    if exitcode < 0:
+        return f"killed by {_signal_name(exitcode)}"
+    if exitcode == 70:
+        return "its parent process changed before it started"
+    return "the worker process exited (sys.exit or os._exit in the model?)"

@@ -1,0 +1,210 @@
+"""The worker process: pin, load the model, serve calls from the arena until told to stop.
+
+``worker_main`` is the spawn target. It first arranges to die with its parent (``PR_SET_PDEATHSIG`` plus a
+check that the parent is still the one that spawned it), pins itself to its cores, sets torch's thread
+counts and, on a GPU, selects the device before CUDA initialises. Then it builds the model (``.eval()``,
+moved to the device), reports :class:`~flask_torchpool.transport.Ready` (or ``StartupFailed`` with its
+traceback) and serves.
+
+The serve loop reads every message already waiting before it runs the next call, so a ``Cancel`` for a
+call that has not started yet removes it, and output blocks released by the web process are reused at
+once. Every call runs under ``torch.inference_mode()``; the id of the running call is kept in the arena's
+control words for the supervisor to read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from . import transport as tp
+from .placement import Placement
+
+log = logging.getLogger(__name__)
+
+#: True inside a worker process: a TorchPool created there (by a model module that imports the app)
+#: stays inert instead of starting a pool of its own.
+IN_WORKER = False
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl
+            pass
+    # The parent may have died before prctl took effect.
+    if os.getppid() != parent_pid:
+        os._exit(70)
+
+
+def _pin(placement: Placement) -> None:
+    if hasattr(os, "sched_setaffinity") and placement.cores:
+        try:
+            os.sched_setaffinity(0, placement.cores)
+        except OSError as exc:  # cores taken away by a cgroup since planning
+            log.warning("worker %d: cannot pin to cores %s: %s", placement.worker, placement.cores, exc)
+    torch.set_num_threads(placement.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (inter-op pool started by an import)
+        pass
+    if placement.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(placement.device))
+
+
+def load_model(spec: Any, device: str) -> Any:
+    """Build the model from its spec (see ``TORCHPOOL_MODEL``), in eval mode on *device*."""
+    if isinstance(spec, str) and spec.endswith(".pt2"):
+        model = torch.export.load(spec).module()
+    elif isinstance(spec, str) and spec.endswith((".pt", ".pth", ".ts", ".jit")):
+        model = torch.jit.load(spec, map_location=device)
+    elif isinstance(spec, str):
+        module_name, _, attr = spec.partition(":")
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        model = obj()
+    else:
+        model = spec()
+    if model is None or not callable(model):
+        raise TypeError(f"the factory {spec!r} returned {type(model).__qualname__}, not a callable model")
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+        if device != "cpu":
+            model.to(device)
+    return model
+
+
+def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_fd: Any,
+                arena_size: int, parent_pid: int) -> None:
+    """Entry point of a worker process (the target given to the spawn context)."""
+    global IN_WORKER
+    IN_WORKER = True
+    _die_with_parent(parent_pid)
+    # Ctrl-C in a terminal reaches the whole process group; the web process decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = tp.Channel(conn)
+    fd = arena_fd.detach() if hasattr(arena_fd, "detach") else arena_fd
+    arena = tp.Arena(fd, arena_size)
+    os.close(fd)
+    try:
+        _pin(placement)
+        model = load_model(model_spec, placement.device)
+    except BaseException as exc:
+        channel.send(tp.StartupFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        os._exit(3)
+    channel.send(tp.Ready(os.getpid(), {"device": placement.device, "cores": list(placement.cores),
+                                        "threads": torch.get_num_threads()}))
+    _Server(channel, arena, model, placement.device).serve()
+
+
+class _Server:
+    def __init__(self, channel: tp.Channel, arena: tp.Arena, model: Any, device: str) -> None:
+        self.channel = channel
+        self.arena = arena
+        self.model = model
+        self.device = torch.device(device)
+        start, size = arena.outputs
+        self.outputs = tp.Allocator(start, size)
+        self.pending: deque[tuple[tp.Call, list[int]]] = deque()
+
+    def serve(self) -> None:
+        try:
+            while True:
+                if not self.pending and not self._handle(*self.channel.recv()):
+                    return
+                while self.channel.poll(0):
+                    if not self._handle(*self.channel.recv()):
+                        return
+                if self.pending:
+                    self._run(*self.pending.popleft())
+        except (EOFError, ConnectionError):
+            return  # the web process is gone
+
+    def _handle(self, msg: Any, fds: list[int]) -> bool:
+        kind = type(msg)
+        if kind is tp.Call:
+            for offset in msg.releases:
+                self.outputs.free(offset)
+            self.pending.append((msg, fds))
+        elif kind is tp.Cancel:
+            for i, (call, call_fds) in enumerate(self.pending):
+                if call.id == msg.id:
+                    del self.pending[i]
+                    for fd in call_fds:
+                        os.close(fd)
+                    self.channel.send(tp.Failure(call.id, "cancelled", "", "", ""))
+                    break
+        elif kind is tp.Stop:
+            return False
+        return True
+
+    def _run(self, call: tp.Call, fds: list[int]) -> None:
+        control = self.arena.control
+        control[tp.CTRL_RUNNING] = call.id
+        try:
+            try:
+                tensors = tp.read_refs(self.arena, call.refs, fds)
+                if self.device.type != "cpu":
+                    tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+                args = tp.unflatten(call.args, tensors)
+                kwargs = tp.unflatten(call.kwargs, tensors)
+            except Exception as exc:
+                self._fail(call.id, "input", exc)
+                return
+            try:
+                with torch.inference_mode():
+                    out = self.model(*args, **kwargs)
+            except Exception as exc:
+                self._fail(call.id, "model", exc)
+                return
+            del args, kwargs, tensors
+            self._reply(call.id, out)
+        finally:
+            control[tp.CTRL_RUNNING] = 0
+
+    def _reply(self, call_id: int, out: Any) -> None:
+        placer = tp.Placer(self.arena, self.outputs)
+        try:
+            produced: list[torch.Tensor] = []
+            value = tp.flatten(out, produced, "output")
+            refs = tuple(placer.place(t) for t in produced)
+            msg = tp.Result(call_id, value, refs)
+        except tp.UnsupportedValue as exc:
+            placer.rollback()
+            self.channel.send(tp.Failure(call_id, "output", "UnsupportedValue",
+                                         f"the model returned {_describe(out)}, which cannot travel "
+                                         f"back: {exc}", ""))
+            return
+        except Exception as exc:
+            placer.rollback()
+            self._fail(call_id, "output", exc)
+            return
+        try:
+            self.channel.send(msg, tuple(placer.fds))
+        finally:
+            placer.close_fds()
+
+    def _fail(self, call_id: int, kind: str, exc: BaseException) -> None:
+        self.channel.send(tp.Failure(call_id, kind, type(exc).__name__, str(exc), traceback.format_exc()))
+
+
+def _describe(value: Any) -> str:
+    kind = type(value)
+    if kind in (list, tuple, dict):
+        return f"a {kind.__name__} of {len(value)}"
+    return f"a {kind.__module__}.{kind.__qualname__}"

@@ -1,0 +1,65 @@
+"""Tiny model factories for the tests (built in code, deterministic)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+from torch import nn
+
+
+class Echo(nn.Module):
+    """Returns its inputs, with ``os.getpid()``; and misbehaves on request (for the crash tests)."""
+
+    def forward(self, *args, **kwargs):
+        action = kwargs.pop("action", None)
+        if action == "raise":
+            raise ValueError("bad shape: expected 4 features, got 3")
+        if action == "exit":
+            os._exit(7)
+        if action == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if action == "sleep":
+            time.sleep(kwargs.pop("seconds", 3600))
+        if action == "spin":
+            # Holds the GIL for `seconds` and records when it ran, in the worker.
+            start = time.time()
+            end = start + kwargs.pop("seconds")
+            while time.time() < end:
+                pass
+            return {"pid": os.getpid(), "start": start, "end": time.time()}
+        if action == "unpicklable":
+            return object()
+        if action == "big":
+            return torch.ones(kwargs.pop("n"), dtype=torch.uint8)
+        if action == "pid":
+            return os.getpid()
+        if len(args) == 1 and not kwargs:
+            return args[0]
+        return {"args": args, "kwargs": kwargs}
+
+
+def echo():
+    return Echo()
+
+
+def linear():
+    torch.manual_seed(0)
+    return nn.Linear(4, 2)
+
+
+def failing():
+    raise RuntimeError("the weights file is corrupt")
+
+
+def fail_in_worker_after_first():
+    """Loads in the first incarnation of each worker, fails in respawns (marker file in env)."""
+    marker = os.environ["TORCHPOOL_TEST_MARKER"]
+    if os.path.exists(marker):
+        raise RuntimeError("respawn refused by the test")
+    open(marker, "w").close()
+    return Echo()

@@ -1,0 +1,127 @@
+"""Configuration: every key validated once in init_app, errors naming the key; the placement plan."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Flask
+
+from flask_torchpool import ConfigError, TorchPool
+from flask_torchpool.config import DEFAULTS, PoolConfig
+from flask_torchpool.placement import plan, split_cores
+
+
+def _config(**overrides) -> PoolConfig:
+    values = {"TORCHPOOL_MODEL": "tests.models:echo", **overrides}
+    return PoolConfig.from_mapping(values)
+
+
+def test_defaults_are_applied_to_app_config() -> None:
+    app = Flask("cfg")
+    app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_START="lazy")
+    TorchPool(app)
+    for key, value in DEFAULTS.items():
+        if key != "TORCHPOOL_MODEL" and key != "TORCHPOOL_START":
+            assert app.config[key] == value
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("TORCHPOOL_MODEL", None, "is not set"),
+    ("TORCHPOOL_MODEL", "no colon here", "neither 'package.module:callable'"),
+    ("TORCHPOOL_MODEL", "/nonexistent/model.pt", "does not exist"),
+    ("TORCHPOOL_MODEL", 42, "not callable"),
+    ("TORCHPOOL_MODEL", lambda: None, "cannot be sent to a worker"),
+    ("TORCHPOOL_WORKERS", 0, "integer >= 1"),
+    ("TORCHPOOL_WORKERS", "many", "or 'auto'"),
+    ("TORCHPOOL_WORKERS", True, "integer"),
+    ("TORCHPOOL_DEVICES", "tpu", "'cpu', 'cuda'"),
+    ("TORCHPOOL_DEVICES", "cpu,cuda:0", "cannot be combined"),
+    ("TORCHPOOL_DEVICES", 3, "not allowed"),
+    ("TORCHPOOL_THREADS_PER_WORKER", 0, ">= 1"),
+    ("TORCHPOOL_ARENA_BYTES", 1000, ">= 1048576"),
+    ("TORCHPOOL_PIPELINE_DEPTH", 0, ">= 1"),
+    ("TORCHPOOL_TIMEOUT", 0, "> 0"),
+    ("TORCHPOOL_TIMEOUT", "10", "seconds"),
+    ("TORCHPOOL_START_TIMEOUT", None, "seconds"),
+    ("TORCHPOOL_MAX_QUEUE", -1, ">= 0"),
+    ("TORCHPOOL_MAX_INPUT_BYTES", 0, ">= 1"),
+    ("TORCHPOOL_RETRIES", -1, ">= 0"),
+    ("TORCHPOOL_MAX_RESTARTS", 1.5, "integer"),
+    ("TORCHPOOL_RESTART_WINDOW", -3, "> 0"),
+    ("TORCHPOOL_DRAIN_TIMEOUT", -1, ">= 0"),
+    ("TORCHPOOL_START", "now", "'auto', 'eager', 'lazy'"),
+    ("TORCHPOOL_HANDLE_SIGTERM", "yes", "True or False"),
+    ("TORCHPOOL_RETRY_AFTER", -1, ">= 0"),
+])
+def test_bad_values_name_the_key(key: str, value, fragment: str) -> None:
+    app = Flask("cfg")
+    app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_START="lazy")
+    app.config[key] = value
+    with pytest.raises(ConfigError, match=key) as info:
+        TorchPool(app)
+    assert fragment in str(info.value)
+    assert info.value.key == key
+    assert isinstance(info.value, ValueError)
+    assert "torchpool" not in app.extensions
+
+
+def test_model_instance_is_refused_with_the_fix() -> None:
+    import torch
+
+    with pytest.raises(ConfigError, match="give the function that builds it"):
+        _config(TORCHPOOL_MODEL=torch.nn.Linear(2, 2))
+
+
+def test_valid_values() -> None:
+    from tests.models import echo
+
+    cfg = _config(TORCHPOOL_MODEL=echo, TORCHPOOL_DEVICES=["cuda:0", "cuda:1"], TORCHPOOL_TIMEOUT=None,
+                  TORCHPOOL_WORKERS=3)
+    assert cfg.model is echo and cfg.devices == ("cuda:0", "cuda:1") and cfg.timeout is None
+    assert _config(TORCHPOOL_DEVICES="cuda:0, cuda:1").devices == ("cuda:0", "cuda:1")
+    assert _config(TORCHPOOL_DEVICES="auto").devices == "auto"
+
+
+def test_registering_twice_says_the_fix() -> None:
+    app = Flask("cfg")
+    app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_START="lazy")
+    TorchPool(app)
+    with pytest.raises(RuntimeError, match="already registered on this app; use that instance"):
+        TorchPool(app)
+
+
+def test_plan_splits_cores_disjointly() -> None:
+    placements = plan(_config(TORCHPOOL_WORKERS=2, TORCHPOOL_DEVICES="cpu"), cores=[0, 1, 2, 3, 4])
+    assert [p.cores for p in placements] == [(0, 1, 2), (3, 4)]
+    assert [p.threads for p in placements] == [3, 2]
+    assert all(p.device == "cpu" for p in placements)
+    assert split_cores([0, 1], 3) == [(0,), (1,), (0,)]
+
+
+def test_plan_threads_override_and_auto_workers() -> None:
+    placements = plan(_config(TORCHPOOL_DEVICES="cpu", TORCHPOOL_THREADS_PER_WORKER=2), cores=[0, 1, 2])
+    assert len(placements) == 3 and all(p.threads == 2 for p in placements)
+    assert len(plan(_config(TORCHPOOL_DEVICES="cpu"), cores=list(range(6)))) == 4
+    assert len(plan(_config(TORCHPOOL_DEVICES="cpu"), cores=list(range(64)))) == 16
+
+
+def test_plan_round_robins_gpus() -> None:
+    placements = plan(_config(TORCHPOOL_WORKERS=3, TORCHPOOL_DEVICES="cuda"), cores=[0, 1, 2, 3],
+                      gpu_count=2)
+    assert [p.device for p in placements] == ["cuda:0", "cuda:1", "cuda:0"]
+    auto = plan(_config(TORCHPOOL_DEVICES="auto"), cores=[0, 1], gpu_count=2)
+    assert [p.device for p in auto] == ["cuda:0", "cuda:1"]
+    with pytest.raises(ConfigError, match="cuda:5 does not exist"):
+        plan(_config(TORCHPOOL_DEVICES="cuda:5"), cores=[0], gpu_count=2)
+    with pytest.raises(ConfigError, match="none is visible"):
+        plan(_config(TORCHPOOL_DEVICES="cuda"), cores=[0], gpu_count=0)
+
+
+def test_plan_is_visible_without_starting() -> None:
+    app = Flask("cfg")
+    app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_START="lazy", TORCHPOOL_WORKERS=2,
+                      TORCHPOOL_DEVICES="cpu")
+    pool = TorchPool(app)
+    with app.app_context():
+        assert [p.worker for p in pool.plan] == [0, 1]
+        status = pool.status()
+    assert status["started"] is False and len(status["workers"]) == 2
