@@ -148,6 +148,7 @@ class Pool:
         self._stopped = threading.Event()
         self._start_lock = threading.Lock()
         self._owner_pid = os.getpid()
+        self._workers_changed = True  # the manager re-registers sockets and sentinels
         # Futures are resolved outside the lock (a done-callback may submit again): _finish queues them
         # here and _flush resolves them once the lock is released.
         self._done: deque[tuple[Future, Any, BaseException | None]] = deque()
@@ -404,7 +405,9 @@ class Pool:
                     if self._closing and self._drained(now):
                         return
                     timers_due = self._next_timer(now)
-                self._sync_selector(selector, registered)
+                if self._workers_changed:
+                    self._workers_changed = False
+                    self._sync_selector(selector, registered)
                 events = selector.select(max(0.0, timers_due - time.monotonic()))
                 dead = []
                 for key, _ in events:
@@ -423,7 +426,8 @@ class Pool:
                 if dead:
                     timers_due = 0.0
                 self._flush()
-                self._dispatch()
+                if self._queue:
+                    self._dispatch()
 
     def _sync_selector(self, selector: selectors.BaseSelector, registered: dict[int, Any]) -> None:
         wanted: dict[int, Any] = {}
@@ -470,6 +474,7 @@ class Pool:
             # The worker is gone; its sentinel reports the death. Stop waiting on the closed socket.
             channel.close()
             worker.channel = None
+            self._workers_changed = True
 
     def _on_message(self, worker: _Worker, msg: Any, fds: list[int]) -> None:
         kind = type(msg)
@@ -636,6 +641,7 @@ class Pool:
             worker.state = WorkerState.STARTING
             worker.killed_for = None
             worker.respawn_at = None
+            self._workers_changed = True
         log.debug("%s: spawned worker %d (pid %d): %s", self.name, worker.index, process.pid,
                   worker.placement.describe())
 
@@ -659,6 +665,7 @@ class Pool:
             worker.channel = None
             worker.arena = None  # outputs still referenced by callers keep their own mapping alive
             worker.inputs = None
+            self._workers_changed = True
             was_ready = worker.state is WorkerState.READY
             starting_up = not self._started.is_set()
             requeue = []

@@ -184,11 +184,18 @@ class Segment:
         self.buffer = memoryview(self.mmap) if self.mmap is not None else memoryview(b"")
         self.bytes = (torch.frombuffer(self.buffer, dtype=torch.uint8) if size
                       else torch.empty(0, dtype=torch.uint8))
+        self._typed: dict[torch.dtype, torch.Tensor] = {torch.uint8: self.bytes}
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        return self.bytes[offset:offset + nbytes].view(dtype).view(shape)
+        # One as_strided on a cached whole-segment view of this dtype: every torch op costs
+        # microseconds of dispatch on the hot path, and a slice + two views cost three.
+        typed = self._typed.get(dtype)
+        if typed is None:
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            typed = self._typed[dtype] = self.bytes[:self.size // itemsize * itemsize].view(dtype)
+        return typed.as_strided(shape, _contiguous_strides(shape), offset // typed.element_size())
 
     def owned_view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...],
                    on_free: Callable[[int], None]) -> torch.Tensor:
@@ -197,6 +204,15 @@ class Segment:
         piece = self.buffer[offset:offset + nbytes]
         weakref.finalize(piece, on_free, offset)
         return torch.frombuffer(piece, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(strides))
 
 
 class Arena(Segment):
@@ -350,10 +366,16 @@ def unflatten(skel: Any, tensors: list[torch.Tensor]) -> Any:
     return skel
 
 
+_DTYPES: dict[str, torch.dtype] = {}
+
+
 def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.rpartition(".")[2], None)
-    if not isinstance(dtype, torch.dtype):
-        raise UnsupportedValue("header", f"unknown dtype {name!r}")
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        dtype = getattr(torch, name.rpartition(".")[2], None)
+        if not isinstance(dtype, torch.dtype):
+            raise UnsupportedValue("header", f"unknown dtype {name!r}")
+        _DTYPES[name] = dtype
     return dtype
 
 
