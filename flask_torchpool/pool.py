@@ -60,6 +60,7 @@ from .errors import (
     WorkerCrashedError,
     WorkerStartupError,
 )
+from .metrics import Metrics, outcome_of
 from .placement import Placement
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class _Call:
     blocks: list[int] = field(default_factory=list)
     expired: bool = False  # failed by its deadline while a worker still had it
     enqueued: float = field(default_factory=time.monotonic)
+    dispatched: float | None = None
 
 
 @dataclass(eq=False)
@@ -152,6 +154,7 @@ class Pool:
         # Futures are resolved outside the lock (a done-callback may submit again): _finish queues them
         # here and _flush resolves them once the lock is released.
         self._done: deque[tuple[Future, Any, BaseException | None]] = deque()
+        self.metrics = Metrics()
         self.counters = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "crashes": 0, "overloaded": 0,
                          "retries": 0}
 
@@ -246,6 +249,7 @@ class Pool:
                 if len(self._queue) >= self.config.max_queue:
                     self.counters["calls"] -= 1
                     self.counters["overloaded"] += 1
+                    self.metrics.record_call("overloaded")
                     raise PoolOverloadedError(
                         f"{len(self._queue)} calls are already waiting (TORCHPOOL_MAX_QUEUE="
                         f"{self.config.max_queue}); try again shortly",
@@ -289,6 +293,8 @@ class Pool:
         """Reserve *worker* for *call* (under the lock); :meth:`_send` writes and sends it."""
         call.state = _CallState.SENT
         call.worker = worker
+        if call.dispatched is None:
+            call.dispatched = time.monotonic()
         worker.inflight[call.id] = call
 
     def _send(self, call: _Call, worker: _Worker) -> None:
@@ -350,6 +356,9 @@ class Pool:
         call.state = _CallState.DONE
         call.tensors = []
         self.counters["ok" if exc is None else "errors"] += 1
+        now = time.monotonic()
+        self.metrics.record_call(outcome_of(exc), now - call.enqueued,
+                                 None if call.dispatched is None else call.dispatched - call.enqueued)
         self._done.append((call.future, result, exc))
 
     def _flush(self) -> None:
@@ -798,7 +807,10 @@ class Pool:
                 "started": self.started,
                 "closed": self._closing,
                 "queued": len(self._queue),
+                "busy_workers": sum(1 for w in self.workers if w.inflight),
+                "arena_bytes": sum(self.config.arena_bytes for w in self.workers if w.arena is not None),
                 "counters": dict(self.counters),
+                "metrics": self.metrics.snapshot(),
                 "workers": [
                     {"worker": w.index, "pid": w.pid, "state": w.state.value,
                      "device": w.placement.device, "cores": list(w.placement.cores),

@@ -1,0 +1,114 @@
+"""Metrics: counters and histograms kept in the web process, snapshot for status and Prometheus.
+
+The supervisor records every finished call here (outcome, latency, time spent queued) and every batch
+(rows). Everything is collected in the web process, where calls start and end, so exporting needs no
+multiprocess-mode tricks: the worker processes hold no metrics at all. Gauges (queue depth, busy workers,
+restarts, shared-memory bytes) are read from the pool's state when a snapshot is taken.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Any
+
+#: Seconds: from 0.5 ms to 60 s.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+#: Outcomes a call can end with (the ``outcome`` label).
+OUTCOMES = ("ok", "model_error", "output_error", "invalid_input", "timeout", "crashed", "overloaded",
+            "closed", "startup_failed")
+
+
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus semantics) with quantile estimates."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # last: +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def quantile(self, q: float) -> float | None:
+        """Estimate by linear interpolation inside the bucket (None when empty)."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            if seen + n >= rank and n:
+                lo = self.buckets[i - 1] if i > 0 else 0.0
+                hi = self.buckets[i] if i < len(self.buckets) else self.buckets[-1]
+                return lo + (hi - lo) * ((rank - seen) / n)
+            seen += n
+        return self.buckets[-1]
+
+    def snapshot(self) -> dict[str, Any]:
+        cumulative, total = [], 0
+        for n in self.counts:
+            total += n
+            cumulative.append(total)
+        return {"buckets": list(self.buckets), "cumulative": cumulative, "sum": self.sum,
+                "count": self.count}
+
+
+class Metrics:
+    """Thread-safe call metrics of one pool (one model)."""
+
+    def __init__(self, model: str = "default") -> None:
+        self.model = model
+        self._lock = threading.Lock()
+        self.calls = dict.fromkeys(OUTCOMES, 0)
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.queue_time = Histogram(LATENCY_BUCKETS)
+        self.batch_rows = Histogram(BATCH_BUCKETS)
+        self.batch_calls = Histogram(BATCH_BUCKETS)
+
+    def record_call(self, outcome: str, latency: float | None = None,
+                    queue_time: float | None = None) -> None:
+        with self._lock:
+            self.calls[outcome] = self.calls.get(outcome, 0) + 1
+            if latency is not None:
+                self.latency.observe(latency)
+            if queue_time is not None:
+                self.queue_time.observe(queue_time)
+
+    def record_batch(self, rows: int, calls: int) -> None:
+        with self._lock:
+            self.batch_rows.observe(rows)
+            self.batch_calls.observe(calls)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "model": self.model,
+                "calls": dict(self.calls),
+                "latency_seconds": self.latency.snapshot(),
+                "queue_seconds": self.queue_time.snapshot(),
+                "batch_rows": self.batch_rows.snapshot(),
+                "batch_calls": self.batch_calls.snapshot(),
+                "latency_quantiles": {str(q): self.latency.quantile(q) for q in (0.5, 0.9, 0.99)},
+            }
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    """The ``outcome`` label for a call that ended with *exc* (None: success)."""
+    from . import errors
+
+    if exc is None:
+        return "ok"
+    for cls, name in ((errors.OutputError, "output_error"), (errors.InferenceError, "model_error"),
+                      (errors.InferenceTimeoutError, "timeout"), (errors.WorkerCrashedError, "crashed"),
+                      (errors.PoolOverloadedError, "overloaded"), (errors.PoolClosedError, "closed"),
+                      (errors.InvalidInputError, "invalid_input"),
+                      (errors.WorkerStartupError, "startup_failed")):
+        if isinstance(exc, cls):
+            return name
+    return "model_error"
