@@ -45,8 +45,10 @@ def child_pids(parent: int | None = None) -> set[int]:
 
 
 def shm_entries() -> set[str]:
+    """/dev/shm entries that torch or this package could leave (torch_*, psm_*). Arenas are memfd and
+    never appear there; other processes' semaphores (sem.mp-*) are not ours to judge."""
     try:
-        return set(os.listdir("/dev/shm"))
+        return {name for name in os.listdir("/dev/shm") if "torch" in name or name.startswith("psm_")}
     except OSError:
         return set()
 
