@@ -11,7 +11,7 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 from .errors import ConfigError
@@ -39,6 +39,11 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_START": "auto",
     "TORCHPOOL_HANDLE_SIGTERM": True,
     "TORCHPOOL_RETRY_AFTER": 1,
+    "TORCHPOOL_HEALTH_URL": None,
+    "TORCHPOOL_INLINE": False,
+    "TORCHPOOL_EXAMPLE_INPUT": None,
+    "TORCHPOOL_MAX_BATCH_SIZE": 1,
+    "TORCHPOOL_MAX_BATCH_DELAY_MS": 5.0,
 }
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -67,6 +72,13 @@ class PoolConfig:
     start: str = "auto"
     handle_sigterm: bool = True
     retry_after: int = 1
+    health_url: str | None = None
+    inline: bool = False
+    #: A value (or a zero-argument callable returning one) for the CLI to call the model with: a tuple
+    #: is spread as positional arguments, anything else is the single argument.
+    example_input: Any = field(default=None, compare=False, hash=False)
+    max_batch_size: int = 1
+    max_batch_delay_ms: float = 5.0
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> PoolConfig:
@@ -94,6 +106,12 @@ class PoolConfig:
             start=_choice("TORCHPOOL_START", get("TORCHPOOL_START"), ("auto", "eager", "lazy")),
             handle_sigterm=_bool("TORCHPOOL_HANDLE_SIGTERM", get("TORCHPOOL_HANDLE_SIGTERM")),
             retry_after=_int("TORCHPOOL_RETRY_AFTER", get("TORCHPOOL_RETRY_AFTER"), minimum=0),
+            health_url=_url_prefix("TORCHPOOL_HEALTH_URL", get("TORCHPOOL_HEALTH_URL")),
+            inline=_bool("TORCHPOOL_INLINE", get("TORCHPOOL_INLINE")),
+            example_input=get("TORCHPOOL_EXAMPLE_INPUT"),
+            max_batch_size=_int("TORCHPOOL_MAX_BATCH_SIZE", get("TORCHPOOL_MAX_BATCH_SIZE"), minimum=1),
+            max_batch_delay_ms=_seconds("TORCHPOOL_MAX_BATCH_DELAY_MS", get("TORCHPOOL_MAX_BATCH_DELAY_MS"),
+                                        zero=True, unit="milliseconds"),
         )
 
 
@@ -169,13 +187,14 @@ def _int(key: str, value: Any, *, minimum: int, allow_none: bool = False, extra:
     return value
 
 
-def _seconds(key: str, value: Any, *, allow_none: bool = False, zero: bool = False) -> Any:
+def _seconds(key: str, value: Any, *, allow_none: bool = False, zero: bool = False,
+             unit: str = "seconds") -> Any:
     if value is None and allow_none:
         return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
         value >= 0 if zero else value > 0)
     if not ok:
-        what = "a number of seconds " + (">= 0" if zero else "> 0") + (" or None" if allow_none else "")
+        what = f"a number of {unit} " + (">= 0" if zero else "> 0") + (" or None" if allow_none else "")
         raise ConfigError(key, f"{value!r} is not allowed; use {what}")
     return float(value)
 
@@ -190,3 +209,12 @@ def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"{value!r} is not allowed; use True or False")
     return value
+
+
+def _url_prefix(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/") or value == "/" or "<" in value:
+        raise ConfigError(key, f"{value!r} is not allowed; use None (off) or a URL path such as "
+                               "'/torchpool'")
+    return value.rstrip("/")

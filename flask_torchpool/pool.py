@@ -19,9 +19,11 @@ calls that were on the worker, respawn with backoff within a restart budget) and
 sequence. It is also the only thread that spawns processes: ``PR_SET_PDEATHSIG`` fires when the *thread*
 that forked exits, so workers must be children of a thread that lives as long as the pool.
 
-Callers dispatch their own call when a worker has room (``TORCHPOOL_PIPELINE_DEPTH`` calls outstanding per
-worker, least outstanding first), so copying tensors into the arena happens in parallel in the callers'
-threads; a queued call is dispatched by whichever thread frees a worker.
+What a worker runs is a *job*: one call, or a batch of calls (``TORCHPOOL_MAX_BATCH_SIZE``) whose inputs
+agree on everything but dim 0. Callers place their own call when a worker has room
+(``TORCHPOOL_PIPELINE_DEPTH`` jobs outstanding per worker, least outstanding first), so copying tensors into
+the arena happens in parallel in the callers' threads; a queued call is placed by whichever thread frees a
+worker. See Note [Batching] for how batches form.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import heapq
 import itertools
 import logging
 import os
+import pickle
 import selectors
 import signal
 import threading
@@ -65,8 +68,25 @@ from .placement import Placement
 
 log = logging.getLogger(__name__)
 
-_call_ids = itertools.count(1)
+_ids = itertools.count(1)
 _SPAWN = tmp.get_context("spawn")
+
+# Note [Batching]
+# ~~~~~~~~~~~~~~~
+# A call is batchable when batching is on (TORCHPOOL_MAX_BATCH_SIZE > 1, and the view did not opt out),
+# it carries at least one tensor, and all its tensors have the same size n >= 1 along dim 0. Its *key* is
+# its structure with the non-tensor values, plus (dtype, shape[1:]) of every tensor: calls with the same
+# key can run as one forward pass on their inputs stacked along dim 0.
+#
+# A batch is a job opened on a worker with room. It reserves, for every tensor of the key, one block of
+# max_batch_size rows in that worker's arena; each member copies its rows straight into its slice, in its
+# own thread (no staging copy, no torch.cat). The size limit counts rows, not calls, and is strict: a call
+# that does not fit starts the next batch. A batch is sent when it is full, when the oldest member has
+# waited TORCHPOOL_MAX_BATCH_DELAY_MS, or at once when its worker has nothing else to do, so that light
+# traffic adds no delay and batches fill exactly when the workers are busy. The pipeline depth counts jobs,
+# not calls, so it never caps how full a batch gets. The worker runs a batch like any call; the web
+# process splits every output tensor along dim 0 back to the members, and an error reaches the members
+# of that batch only.
 
 
 class WorkerState(enum.Enum):
@@ -79,25 +99,52 @@ class WorkerState(enum.Enum):
 
 class _CallState(enum.Enum):
     QUEUED = "queued"
-    SENT = "sent"
+    PLACED = "placed"      # a member of a job on a worker
     DONE = "done"
 
 
 @dataclass(eq=False)
 class _Call:
+    """One caller's call."""
+
     args: Any
     kwargs: Any
     tensors: list[torch.Tensor]
-    future: Future
+    future: Future | None  # None once finished
     deadline: float | None
     retries: int
-    id: int = field(default_factory=lambda: next(_call_ids))
+    key: Any = None        # batch key, None when not batchable
+    rows: int = 0          # size along dim 0 when batchable
+    id: int = field(default_factory=lambda: next(_ids))
     state: _CallState = _CallState.QUEUED
-    worker: _Worker | None = None
-    blocks: list[int] = field(default_factory=list)
-    expired: bool = False  # failed by its deadline while a worker still had it
+    job: _Job | None = None
     enqueued: float = field(default_factory=time.monotonic)
     dispatched: float | None = None
+
+
+@dataclass(eq=False)
+class _Job:
+    """What a worker runs: one call, or a batch of calls stacked along dim 0."""
+
+    worker: _Worker
+    key: Any = None                  # None: a single unbatched call
+    id: int = field(default_factory=lambda: next(_ids))
+    members: list[_Call] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)   # first row of each member
+    rows: int = 0
+    capacity: int = 0
+    slots: list[tuple[int, int]] = field(default_factory=list)  # batch: (offset, bytes per row) a tensor
+    blocks: list[int] = field(default_factory=list)   # input blocks to free when the worker is done
+    fds: list[int] = field(default_factory=list)      # one-off segments of a single call
+    refs: tuple[tp.TensorRef, ...] = ()
+    writers: int = 0       # members still copying their inputs in
+    sealed: bool = False   # takes no more members
+    sent: bool = False
+    expired: bool = False  # every member finished without it (deadline) while the worker may run it
+    opened: float = field(default_factory=time.monotonic)
+
+    def alive(self) -> bool:
+        return any(m.state is not _CallState.DONE for m in self.members)
 
 
 @dataclass(eq=False)
@@ -111,7 +158,7 @@ class _Worker:
     arena: tp.Arena | None = None
     inputs: tp.Allocator | None = None
     releases: tp.ReleaseQueue = field(default_factory=tp.ReleaseQueue)
-    inflight: dict[int, _Call] = field(default_factory=dict)
+    jobs: dict[int, _Job] = field(default_factory=dict)   # opened, sent or running
     pid: int | None = None
     restarts: deque = field(default_factory=deque)   # monotonic times of recent restarts
     total_restarts: int = 0
@@ -127,7 +174,12 @@ class _Worker:
 
     @property
     def load(self) -> int:
-        return sum(1 for c in self.inflight.values() if not c.expired)
+        return sum(1 for j in self.jobs.values() if not j.expired)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing sent or ready to send (open batches still taking members do not count)."""
+        return not any((j.sent or j.sealed) and not j.expired for j in self.jobs.values())
 
 
 class Pool:
@@ -139,6 +191,7 @@ class Pool:
         self.workers = [_Worker(p) for p in placements]
         self._lock = threading.Lock()
         self._queue: deque[_Call] = deque()
+        self._open: dict[Any, _Job] = {}   # batch key -> the batch taking members
         self._deadlines: list[tuple[float, int, _Call]] = []
         self._next_wake = float("inf")
         self._wakeup_r, self._wakeup_w = _SPAWN.Pipe(duplex=False)
@@ -154,9 +207,11 @@ class Pool:
         # Futures are resolved outside the lock (a done-callback may submit again): _finish queues them
         # here and _flush resolves them once the lock is released.
         self._done: deque[tuple[Future, Any, BaseException | None]] = deque()
+        self._outbox: deque[_Job] = deque()  # jobs claimed for sending, sent by _flush likewise
+        self._batch_delay = config.max_batch_delay_ms / 1000.0
         self.metrics = Metrics()
         self.counters = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "crashes": 0, "overloaded": 0,
-                         "retries": 0}
+                         "retries": 0, "batches": 0}
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -203,9 +258,10 @@ class Pool:
             if self._drain_deadline is None or deadline < self._drain_deadline:
                 self._drain_deadline = deadline
             self._closing = True
-            for call in list(self._queue) if drain == 0 else ():
-                self._queue.remove(call)
-                self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
+            if drain == 0:
+                for call in list(self._queue):
+                    self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
+                self._queue.clear()
         self._flush()
         manager = self._manager
         if manager is None:
@@ -220,7 +276,8 @@ class Pool:
 
     # --- calls ----------------------------------------------------------------------------------------
 
-    def submit(self, args: tuple, kwargs: dict, timeout: float | None = None) -> Future:
+    def submit(self, args: tuple, kwargs: dict, timeout: float | None = None,
+               batch: bool = True) -> Future:
         """Queue one call; the returned future holds the model's output or a :class:`TorchPoolError`.
 
         Input that cannot travel is refused here, in the calling thread, before anything is queued.
@@ -237,17 +294,17 @@ class Pool:
                 f"the call carries {nbytes} bytes of tensors, more than TORCHPOOL_MAX_INPUT_BYTES="
                 f"{self.config.max_input_bytes}")
         timeout = self.config.timeout if timeout is None else timeout
-        now = time.monotonic()
-        call = _Call(skel_args, skel_kwargs, tensors, Future(), None if timeout is None else now + timeout,
-                     self.config.retries)
-        call.future.set_running_or_notify_cancel()
+        call = _Call(skel_args, skel_kwargs, tensors, Future(),
+                     None if timeout is None else time.monotonic() + timeout, self.config.retries)
+        if batch and self.config.max_batch_size > 1:
+            call.key, call.rows = _batch_key(call)
+        future = call.future
+        future.set_running_or_notify_cancel()
         with self._lock:
             self._check_open()
-            self.counters["calls"] += 1
-            worker = self._pick_worker()
-            if worker is None:
+            job = self._place(call)
+            if job is None:
                 if len(self._queue) >= self.config.max_queue:
-                    self.counters["calls"] -= 1
                     self.counters["overloaded"] += 1
                     self.metrics.record_call("overloaded")
                     raise PoolOverloadedError(
@@ -255,18 +312,20 @@ class Pool:
                         f"{self.config.max_queue}); try again shortly",
                         retry_after=self.config.retry_after)
                 self._queue.append(call)
-            else:
-                self._assign(call, worker)
+            self.counters["calls"] += 1
+            wake = False
             if call.deadline is not None:
                 heapq.heappush(self._deadlines, (call.deadline, call.id, call))
                 wake = call.deadline < self._next_wake
-            else:
-                wake = False
-        if worker is not None:
-            self._send(call, worker)
+            if job is not None and job.key is not None and not job.sealed and self._batch_delay:
+                wake = wake or job.opened + self._batch_delay < self._next_wake
+        if job is not None:
+            self._write(job, call)
+        else:
+            self._flush()
         if wake:
             self._wake()
-        return call.future
+        return future
 
     def _check_open(self) -> None:
         if self._closing:
@@ -284,70 +343,179 @@ class Pool:
     def _pick_worker(self) -> _Worker | None:
         best = None
         for w in self.workers:
-            if w.state is WorkerState.READY and len(w.inflight) < self.config.pipeline_depth:
+            if w.state is WorkerState.READY and len(w.jobs) < self.config.pipeline_depth:
                 if best is None or w.load < best.load:
                     best = w
         return best
 
-    def _assign(self, call: _Call, worker: _Worker) -> None:
-        """Reserve *worker* for *call* (under the lock); :meth:`_send` writes and sends it."""
-        call.state = _CallState.SENT
-        call.worker = worker
-        if call.dispatched is None:
-            call.dispatched = time.monotonic()
-        worker.inflight[call.id] = call
+    def _place(self, call: _Call, seal_idle: bool = True) -> _Job | None:
+        """Under the lock: put *call* in an open batch or a new job, or return None (no room).
 
-    def _send(self, call: _Call, worker: _Worker) -> None:
-        """Write the call's tensors into the worker's arena and send its header. Runs in the thread that
-        assigned it, outside the lock, so copies of several calls run in parallel."""
-        arena, channel, inputs = worker.arena, worker.channel, worker.inputs
-        assert arena is not None and channel is not None and inputs is not None
-        placer = tp.Placer(arena, inputs)
-        try:
-            refs = tuple(placer.place(t) for t in call.tensors)
-            msg = tp.Call(call.id, call.args, call.kwargs, refs, worker.releases.drain())
-        except BaseException as exc:
-            placer.rollback()
-            with self._lock:
-                if worker.inflight.pop(call.id, None) is not None:
-                    self._finish(call, exc=InvalidInputError(f"cannot write the inputs: {exc}"))
-            self._flush()
-            self._dispatch()
-            return
-        with self._lock:
-            if call.worker is not worker or call.state is not _CallState.SENT or call.expired:
-                # The worker died (and the call was requeued or failed) or the deadline passed while
-                # we were copying: the blocks belong to an arena nobody will read, and the worker
-                # will never answer for this call.
-                stale = True
-                if worker.inflight.get(call.id) is call:
-                    del worker.inflight[call.id]
-            else:
-                call.blocks = placer.blocks
-                stale = False
-        if stale:
-            placer.rollback()
-            return
-        try:
-            channel.send(msg, tuple(placer.fds))
-        except OSError:
-            pass  # the worker died; the manager sees its sentinel and deals with its calls
-        finally:
-            placer.close_fds()
-
-    def _dispatch(self) -> None:
-        """Hand queued calls to workers with room."""
-        todo = []
-        with self._lock:
-            while self._queue:
+        The caller must then :meth:`_write` the call's inputs (outside the lock). With *seal_idle*, a
+        batch opened on an idle worker is sealed at once; :meth:`_dispatch` passes False so that every
+        queued call that fits joins the batch first."""
+        if call.key is not None:
+            job = self._open.get(call.key)
+            if job is not None and job.rows + call.rows > job.capacity:
+                self._seal(job)
+                self._maybe_send(job)
+                job = None
+            if job is None:
                 worker = self._pick_worker()
                 if worker is None:
+                    return None
+                job = self._open_batch(worker, call, seal_idle)
+            if job is not None:
+                self._join(job, call)
+                if job.rows >= job.capacity:
+                    self._seal(job)
+                return job
+        worker = self._pick_worker()
+        if worker is None:
+            return None
+        job = _Job(worker, sealed=True)
+        worker.jobs[job.id] = job
+        self._join(job, call)
+        return job
+
+    def _open_batch(self, worker: _Worker, call: _Call, seal_idle: bool = True) -> _Job | None:
+        """A batch for *call*'s key on *worker*, with max_batch_size rows reserved per tensor; None
+        when the arena has no room for that (the call then runs alone)."""
+        capacity = max(self.config.max_batch_size, call.rows)
+        assert worker.inputs is not None
+        slots, blocks = [], []
+        for t in call.tensors:
+            row_bytes = tp.tensor_nbytes(t) // call.rows
+            offset = worker.inputs.alloc(row_bytes * capacity)
+            if offset is None:
+                for b in blocks:
+                    worker.inputs.free(b)
+                return None
+            slots.append((offset, row_bytes))
+            blocks.append(offset)
+        idle = worker.idle
+        job = _Job(worker, key=call.key, capacity=capacity, slots=slots, blocks=blocks)
+        worker.jobs[job.id] = job
+        self._open[call.key] = job
+        # Nothing running on the worker: waiting would only add latency (Note [Batching]).
+        if idle and seal_idle:
+            self._seal(job)
+        return job
+
+    def _join(self, job: _Job, call: _Call) -> None:
+        call.state = _CallState.PLACED
+        call.job = job
+        if call.dispatched is None:
+            call.dispatched = time.monotonic()
+        job.members.append(call)
+        job.starts.append(job.rows)
+        job.rows += call.rows
+        job.writers += 1
+
+    def _seal(self, job: _Job) -> None:
+        job.sealed = True
+        if job.key is not None and self._open.get(job.key) is job:
+            del self._open[job.key]
+
+    def _write(self, job: _Job, call: _Call) -> None:
+        """Copy *call*'s inputs into *job*'s arena blocks; the last writer of a sealed job sends it.
+        Runs outside the lock, in the thread that placed the call, so copies run in parallel."""
+        worker, arena = job.worker, job.worker.arena
+        error: BaseException | None = None
+        placer = None
+        try:
+            if arena is None:
+                pass  # the worker died meanwhile; its death requeued the call
+            elif job.key is None:
+                placer = tp.Placer(arena, worker.inputs)
+                job.refs = tuple(placer.place(t) for t in call.tensors)
+            else:
+                start = job.starts[job.members.index(call)]
+                for t, (offset, row_bytes) in zip(call.tensors, job.slots):
+                    tp.copy_into(arena.view(offset + start * row_bytes, row_bytes * call.rows, t.dtype,
+                                            tuple(t.shape)), t)
+        except BaseException as exc:
+            error = exc
+        with self._lock:
+            if placer is not None:
+                job.blocks.extend(placer.blocks)
+                job.fds.extend(placer.fds)
+            job.writers -= 1
+            if error is not None and call.state is not _CallState.DONE:
+                self._finish(call, exc=InvalidInputError(f"cannot write the inputs: {error}"))
+            self._maybe_send(job)
+        self._flush()
+
+    def _maybe_send(self, job: _Job) -> None:
+        """Under the lock: if *job* is sealed and written, claim it for :meth:`_flush` to send. Drops a
+        job nobody waits for any more."""
+        if job.sent or not job.sealed or job.writers or not job.members:
+            return
+        if job.worker.jobs.get(job.id) is not job:
+            return  # its worker died; the members were requeued
+        if not job.alive():
+            self._drop(job)
+            return
+        job.sent = True
+        self._outbox.append(job)
+
+    def _drop(self, job: _Job) -> None:
+        """Under the lock: forget an unsent job (its members are done) and free its blocks."""
+        job.worker.jobs.pop(job.id, None)
+        if job.key is not None and self._open.get(job.key) is job:
+            del self._open[job.key]
+        if job.worker.inputs is not None:
+            for offset in job.blocks:
+                job.worker.inputs.free(offset)
+        job.blocks = []
+        for fd in job.fds:
+            os.close(fd)
+        job.fds = []
+
+    def _send(self, job: _Job) -> None:
+        """Send a claimed job's header to its worker."""
+        first = job.members[0]
+        if job.key is None:
+            refs = job.refs
+        else:
+            refs = tuple(tp.TensorRef(-1, offset, row_bytes * job.rows, str(t.dtype),
+                                      (job.rows, *t.shape[1:]))
+                         for t, (offset, row_bytes) in zip(first.tensors, job.slots))
+            self.counters["batches"] += 1
+            self.metrics.record_batch(job.rows, len(job.members))
+        msg = tp.Call(job.id, first.args, first.kwargs, refs, job.worker.releases.drain())
+        channel = job.worker.channel
+        try:
+            if channel is None:
+                raise OSError("no channel")
+            channel.send(msg, tuple(job.fds))
+        except OSError:
+            pass  # the worker died; the manager sees its sentinel and deals with its jobs
+        finally:
+            for fd in job.fds:
+                os.close(fd)
+            job.fds = []
+
+    def _dispatch(self) -> None:
+        """Place queued calls (FIFO) while workers have room."""
+        todo: list[tuple[_Job, _Call]] = []
+        with self._lock:
+            while self._queue:
+                call = self._queue[0]
+                if call.state is _CallState.DONE:
+                    self._queue.popleft()
+                    continue
+                job = self._place(call, seal_idle=False)
+                if job is None:
                     break
-                call = self._queue.popleft()
-                self._assign(call, worker)
-                todo.append((call, worker))
-        for call, worker in todo:
-            self._send(call, worker)
+                self._queue.popleft()
+                todo.append((job, call))
+            for job in {id(j): j for j, _ in todo}.values():
+                if not job.sealed and all(j is job or not (j.sent or j.sealed) or j.expired
+                                          for j in job.worker.jobs.values()):
+                    self._seal(job)
+        for job, call in todo:
+            self._write(job, call)
 
     def _finish(self, call: _Call, result: Any = None, exc: BaseException | None = None) -> None:
         """Complete *call* once (under the lock). Later completions of the same call are ignored."""
@@ -359,10 +527,20 @@ class Pool:
         now = time.monotonic()
         self.metrics.record_call(outcome_of(exc), now - call.enqueued,
                                  None if call.dispatched is None else call.dispatched - call.enqueued)
-        self._done.append((call.future, result, exc))
+        # The call may linger (the deadline heap drops finished calls lazily): it must not keep the
+        # future, and so the result, alive, or zero-copy outputs would never go back to the worker.
+        future, call.future = call.future, None
+        self._done.append((future, result, exc))
 
     def _flush(self) -> None:
-        """Resolve the futures :meth:`_finish` queued. Call without the lock held."""
+        """Send the jobs :meth:`_maybe_send` claimed and resolve the futures :meth:`_finish` queued.
+        Call without the lock held."""
+        while True:
+            try:
+                job = self._outbox.popleft()
+            except IndexError:
+                break
+            self._send(job)
         while True:
             try:
                 future, result, exc = self._done.popleft()
@@ -410,6 +588,7 @@ class Pool:
                 now = time.monotonic()
                 if now >= timers_due or self._closing:
                     self._expire(now)
+                    self._seal_due(now)
                     self._respawn_due(now)
                     if self._closing and self._drained(now):
                         return
@@ -458,19 +637,30 @@ class Pool:
                 registered[fd] = owner
 
     def _next_timer(self, now: float) -> float:
-        """When the manager must next look at deadlines, respawns or the drain. With nothing pending it
-        still wakes one ``TORCHPOOL_TIMEOUT`` from now, so that a new call with the default timeout
-        never needs to wake it (see :meth:`submit`)."""
+        """When the manager must next look at deadlines, batches, respawns or the drain. With nothing
+        pending it still wakes one ``TORCHPOOL_TIMEOUT`` from now, so that a new call with the default
+        timeout never needs to wake it (see :meth:`submit`)."""
         with self._lock:
             while self._deadlines and self._deadlines[0][2].state is _CallState.DONE:
                 heapq.heappop(self._deadlines)
             times = [self._deadlines[0][0]] if self._deadlines else []
+            times += [job.opened + self._batch_delay for job in self._open.values()]
             times += [w.respawn_at for w in self.workers if w.respawn_at is not None]
             if self._closing and self._drain_deadline is not None:
                 times.append(self._drain_deadline)
             times.append(now + (self.config.timeout or 3600.0))
             self._next_wake = min(times)
             return self._next_wake
+
+    def _seal_due(self, now: float, worker: _Worker | None = None) -> None:
+        """Send open batches whose delay passed (or, with *worker*, the ones on that now idle worker)."""
+        with self._lock:
+            for job in list(self._open.values()):
+                if (worker is not None and job.worker is worker) or job.opened + self._batch_delay <= now \
+                        or self._closing:
+                    self._seal(job)
+                    self._maybe_send(job)
+        self._flush()
 
     def _receive(self, worker: _Worker) -> None:
         channel = worker.channel
@@ -489,32 +679,34 @@ class Pool:
         kind = type(msg)
         if kind is tp.Result or kind is tp.Failure:
             with self._lock:
-                call = worker.inflight.pop(msg.id, None)
-                if call is not None:
-                    for offset in call.blocks:
+                job = worker.jobs.pop(msg.id, None)
+                if job is not None and worker.inputs is not None:
+                    for offset in job.blocks:
                         worker.inputs.free(offset)
-                    call.blocks = []
-            if call is None or call.state is _CallState.DONE:
+                    job.blocks = []
+                members = [m for m in job.members if m.state is not _CallState.DONE] if job else []
+            if not members:
                 if kind is tp.Result:  # nobody wants it: hand the output blocks straight back
                     for fd in fds:
                         os.close(fd)
                     for ref in msg.refs:
                         if ref.seg < 0 and ref.nbytes:
                             worker.releases(ref.offset)
-                return
-            worker.calls += 1
-            if kind is tp.Result:
-                try:
-                    tensors = tp.read_refs(worker.arena, msg.refs, fds, worker.releases)
-                    value, exc = tp.unflatten(msg.value, tensors), None
-                except Exception as err:  # a malformed reply is a worker bug; the call must not hang
-                    value, exc = None, OutputError(f"cannot read the model's output: {err}")
             else:
-                worker.errors += 1
-                value, exc = None, self._failure_error(msg)
-            with self._lock:
-                self._finish(call, value, exc)
-            self._flush()
+                worker.calls += len(members)
+                if kind is tp.Result:
+                    results = self._split(job, msg, fds, worker)
+                else:
+                    worker.errors += 1
+                    err = self._failure_error(msg)
+                    results = [(None, err)] * len(job.members)
+                with self._lock:
+                    for member, (value, exc) in zip(job.members, results):
+                        self._finish(member, value, exc)
+                self._flush()
+            if job is not None and job.key is not None or worker.idle:
+                # The worker may now be idle: an open batch on it should not wait (Note [Batching]).
+                self._seal_due(time.monotonic(), worker)
         elif kind is tp.Ready:
             with self._lock:
                 worker.state = WorkerState.READY
@@ -539,11 +731,35 @@ class Pool:
                       worker.index, msg.message, msg.tb)
             worker.killed_for = "its model failed to load"
 
+    def _split(self, job: _Job, msg: tp.Result, fds: list[int],
+               worker: _Worker) -> list[tuple[Any, BaseException | None]]:
+        """The result of each member of *job* (a plain call has one member)."""
+        try:
+            tensors = tp.read_refs(worker.arena, msg.refs, fds, worker.releases)
+        except Exception as err:  # a malformed reply is a worker bug; the calls must not hang
+            return [(None, OutputError(f"cannot read the model's output: {err}"))] * len(job.members)
+        if job.key is None:
+            return [(tp.unflatten(msg.value, tensors), None)]
+        for t in tensors:
+            if t.dim() == 0 or t.shape[0] != job.rows:
+                err = OutputError(
+                    f"the model returned a tensor of shape {tuple(t.shape)} for a batch of {job.rows} "
+                    "rows; batched outputs must keep dim 0 aligned with the inputs. Turn batching off "
+                    "for this view (@pool.infer(batch=False)) or return per-row outputs")
+                return [(None, err)] * len(job.members)
+        out = []
+        for member, start in zip(job.members, job.starts):
+            part = [t[start:start + member.rows] for t in tensors]
+            out.append((tp.unflatten(msg.value, part), None))
+        return out
+
     def _failure_error(self, msg: tp.Failure) -> TorchPoolError:
         if msg.kind == "output":
             err: TorchPoolError = OutputError(msg.message, remote_type=msg.type_name)
         elif msg.kind == "input":
             err = InvalidInputError(f"the worker could not read the inputs: {msg.type_name}: {msg.message}")
+        elif msg.kind == "cancelled":
+            err = InferenceTimeoutError("the call was cancelled before it ran")
         else:
             err = InferenceError(f"the model raised {msg.type_name}: {msg.message}",
                                  remote_type=msg.type_name)
@@ -552,46 +768,47 @@ class Pool:
         return err
 
     def _expire(self, now: float) -> None:
-        """Fail calls whose deadline passed; kill a worker that is still running one."""
+        """Fail calls whose deadline passed; kill a worker still running a job nobody waits for."""
         kill: list[_Worker] = []
         cancel: list[tuple[_Worker, int]] = []
         with self._lock:
             while self._deadlines and self._deadlines[0][0] <= now:
-                deadline, _, call = heapq.heappop(self._deadlines)
+                _, _, call = heapq.heappop(self._deadlines)
                 if call.state is _CallState.DONE:
                     continue
                 self.counters["timeouts"] += 1
                 waited = now - call.enqueued
-                where = "waiting for a worker" if call.state is _CallState.QUEUED else "in a worker"
-                err = InferenceTimeoutError(
-                    f"the call did not finish within its deadline ({waited:.3g}s; it was {where}). "
-                    "Raise TORCHPOOL_TIMEOUT or the view's timeout, or add workers")
-                if call.state is _CallState.QUEUED:
+                queued = call.state is _CallState.QUEUED
+                job = call.job
+                self._finish(call, exc=InferenceTimeoutError(
+                    f"the call did not finish within its deadline ({waited:.3g}s; it was "
+                    f"{'waiting for a worker' if queued else 'in a worker'}). Raise TORCHPOOL_TIMEOUT "
+                    "or the view's timeout, or add workers"))
+                if queued:
                     self._queue.remove(call)
-                    self._finish(call, exc=err)
                     continue
-                worker = call.worker
-                call.expired = True
-                self._finish(call, exc=err)
-                if worker is None or worker.arena is None:
+                if job is None or job.alive() or not job.sent:
+                    continue  # others still want the job, or it was never sent (dropped when sealed)
+                job.expired = True
+                worker = job.worker
+                if worker.arena is None or worker.jobs.get(job.id) is not job:
                     continue
                 running = worker.arena.running
-                other = worker.inflight.get(running)
-                # The control word may still show a call whose result was just read (the worker
-                # clears it after replying): only the expired call itself, or another expired call,
-                # proves the worker is stuck.
-                if running and (running == call.id or (other is not None and other.expired)):
+                other = worker.jobs.get(running)
+                # The control word may still show a job whose result was just read (the worker clears
+                # it after replying): only this job, or another expired one, proves the worker stuck.
+                if running and (running == job.id or (other is not None and other.expired)):
                     if worker not in kill:
                         kill.append(worker)
                         worker.killed_for = (f"the pool killed it: a call ran past its deadline "
                                              f"({waited:.3g}s)")
                 else:
-                    cancel.append((worker, call.id))
+                    cancel.append((worker, job.id))
         self._flush()
-        for worker, call_id in cancel:
+        for worker, job_id in cancel:
             try:
                 if worker.channel is not None:
-                    worker.channel.send(tp.Cancel(call_id))
+                    worker.channel.send(tp.Cancel(job_id))
             except OSError:
                 pass
         for worker in kill:
@@ -607,8 +824,7 @@ class Pool:
 
     def _drained_locked(self, now: float) -> bool:
         with self._lock:
-            busy = bool(self._queue) or any(
-                c for w in self.workers for c in w.inflight.values() if not c.expired)
+            busy = bool(self._queue) or any(j.alive() for w in self.workers for j in w.jobs.values())
             if not busy:
                 return True
             if self._drain_deadline is not None and now >= self._drain_deadline:
@@ -616,9 +832,10 @@ class Pool:
                     self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
                 self._queue.clear()
                 for w in self.workers:
-                    for call in list(w.inflight.values()):
-                        self._finish(call, exc=PoolClosedError(
-                            "the pool shut down before this call finished (TORCHPOOL_DRAIN_TIMEOUT)"))
+                    for job in list(w.jobs.values()):
+                        for call in job.members:
+                            self._finish(call, exc=PoolClosedError(
+                                "the pool shut down before this call finished (TORCHPOOL_DRAIN_TIMEOUT)"))
                 return True
         return False
 
@@ -668,8 +885,14 @@ class Pool:
             worker.channel.close()
         with self._lock:
             running = worker.arena.running if worker.arena is not None else 0
-            calls = list(worker.inflight.values())
-            worker.inflight.clear()
+            jobs = list(worker.jobs.values())
+            worker.jobs.clear()
+            for job in jobs:
+                if job.key is not None and self._open.get(job.key) is job:
+                    del self._open[job.key]
+                for fd in job.fds:
+                    os.close(fd)
+                job.fds = []
             worker.process = None
             worker.channel = None
             worker.arena = None  # outputs still referenced by callers keep their own mapping alive
@@ -678,24 +901,27 @@ class Pool:
             was_ready = worker.state is WorkerState.READY
             starting_up = not self._started.is_set()
             requeue = []
-            for call in calls:
-                if call.state is _CallState.DONE:
-                    continue
-                call.worker = None
-                call.blocks = []
-                if call.id != running:
-                    requeue.append(call)  # it never started: safe to run elsewhere, no retry used
-                elif call.retries > 0 and not self._closing:
-                    call.retries -= 1
-                    self.counters["retries"] += 1
-                    requeue.append(call)
-                else:
-                    self.counters["crashes"] += 1
-                    self._finish(call, exc=WorkerCrashedError(
-                        f"worker {worker.index} (pid {worker.pid}) died while running this call: "
-                        f"{worker.last_exit}", retry_after=self.config.retry_after, pid=worker.pid,
-                        exitcode=exitcode, signal=signame))
-            for call in reversed(requeue):
+            affected = 0
+            for job in jobs:
+                ran = job.id == running
+                for call in job.members:
+                    if call.state is _CallState.DONE:
+                        continue
+                    affected += 1
+                    call.job = None
+                    if not ran:
+                        requeue.append(call)  # it never started: safe to run elsewhere, no retry used
+                    elif call.retries > 0 and not self._closing:
+                        call.retries -= 1
+                        self.counters["retries"] += 1
+                        requeue.append(call)
+                    else:
+                        self.counters["crashes"] += 1
+                        self._finish(call, exc=WorkerCrashedError(
+                            f"worker {worker.index} (pid {worker.pid}) died while running this call: "
+                            f"{worker.last_exit}", retry_after=self.config.retry_after, pid=worker.pid,
+                            exitcode=exitcode, signal=signame))
+            for call in sorted(requeue, key=lambda c: c.enqueued, reverse=True):
                 call.state = _CallState.QUEUED
                 self._queue.appendleft(call)
             if starting_up:
@@ -716,7 +942,7 @@ class Pool:
             return
         level = logging.ERROR if was_ready else logging.WARNING
         log.log(level, "%s: worker %d (pid %s) died, %s; %d call(s) affected; %s", self.name,
-                worker.index, worker.pid, worker.last_exit, len(calls),
+                worker.index, worker.pid, worker.last_exit, affected,
                 f"respawning in {worker.respawn_at - time.monotonic():.2g}s"
                 if worker.state is WorkerState.DEAD else
                 f"restart budget spent, retrying in {self.config.restart_window:g}s")
@@ -777,10 +1003,13 @@ class Pool:
                 worker.process.join(1.0)
         with self._lock:
             for worker in self.workers:
-                for call in worker.inflight.values():
-                    self._finish(call, exc=PoolClosedError("the pool shut down before this call "
-                                                           "finished"))
-                worker.inflight.clear()
+                for job in worker.jobs.values():
+                    for call in job.members:
+                        self._finish(call, exc=PoolClosedError("the pool shut down before this call "
+                                                               "finished"))
+                    for fd in job.fds:
+                        os.close(fd)
+                worker.jobs.clear()
                 if worker.channel is not None:
                     worker.channel.close()
                 if worker.process is not None:
@@ -793,6 +1022,7 @@ class Pool:
             for call in self._queue:
                 self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
             self._queue.clear()
+            self._open.clear()
             self._closing = True
         self._flush()
         self._wakeup_r.close()
@@ -807,7 +1037,7 @@ class Pool:
                 "started": self.started,
                 "closed": self._closing,
                 "queued": len(self._queue),
-                "busy_workers": sum(1 for w in self.workers if w.inflight),
+                "busy_workers": sum(1 for w in self.workers if w.jobs),
                 "arena_bytes": sum(self.config.arena_bytes for w in self.workers if w.arena is not None),
                 "counters": dict(self.counters),
                 "metrics": self.metrics.snapshot(),
@@ -819,6 +1049,29 @@ class Pool:
                     for w in self.workers
                 ],
             }
+
+
+def _batch_key(call: _Call) -> tuple[Any, int]:
+    """(key, rows) of a batchable call, or (None, 0): see Note [Batching]."""
+    if not call.tensors:
+        return None, 0
+    rows = None
+    shapes = []
+    for t in call.tensors:
+        if t.dim() == 0:
+            return None, 0
+        if rows is None:
+            rows = t.shape[0]
+        elif t.shape[0] != rows:
+            return None, 0
+        shapes.append((t.dtype, tuple(t.shape[1:])))
+    if not rows:
+        return None, 0
+    try:
+        structure = pickle.dumps((call.args, call.kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # pragma: no cover - flatten only lets picklable values through
+        return None, 0
+    return (structure, tuple(shapes)), rows
 
 
 def _kill(process: Any) -> None:

@@ -63,3 +63,21 @@ def fail_in_worker_after_first():
         raise RuntimeError("respawn refused by the test")
     open(marker, "w").close()
     return Echo()
+
+
+class BatchProbe(nn.Module):
+    """Adds 1 and reports the size of the batch each row ran in (for the batching tests)."""
+
+    def forward(self, x=None, action=None, seconds=0.0):
+        if action == "sleep":
+            time.sleep(seconds)
+            return 0
+        if bool((x < 0).any()):
+            raise ValueError("negative input in batch")
+        if action == "bad_rows":
+            return x[:1]
+        return {"y": x + 1, "n": torch.full((x.shape[0],), x.shape[0]), "pid": os.getpid()}
+
+
+def batch_probe():
+    return BatchProbe()
