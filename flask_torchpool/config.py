@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_EXAMPLE_INPUT": None,
     "TORCHPOOL_MAX_BATCH_SIZE": 1,
     "TORCHPOOL_MAX_BATCH_DELAY_MS": 5.0,
+    "TORCHPOOL_SHARE_WEIGHTS": True,
 }
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -79,6 +80,7 @@ class PoolConfig:
     example_input: Any = field(default=None, compare=False, hash=False)
     max_batch_size: int = 1
     max_batch_delay_ms: float = 5.0
+    share_weights: bool = True
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> PoolConfig:
@@ -112,6 +114,7 @@ class PoolConfig:
             max_batch_size=_int("TORCHPOOL_MAX_BATCH_SIZE", get("TORCHPOOL_MAX_BATCH_SIZE"), minimum=1),
             max_batch_delay_ms=_seconds("TORCHPOOL_MAX_BATCH_DELAY_MS", get("TORCHPOOL_MAX_BATCH_DELAY_MS"),
                                         zero=True, unit="milliseconds"),
+            share_weights=_bool("TORCHPOOL_SHARE_WEIGHTS", get("TORCHPOOL_SHARE_WEIGHTS")),
         )
 
 

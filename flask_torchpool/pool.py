@@ -209,6 +209,12 @@ class Pool:
         self._done: deque[tuple[Future, Any, BaseException | None]] = deque()
         self._outbox: deque[_Job] = deque()  # jobs claimed for sending, sent by _flush likewise
         self._batch_delay = config.max_batch_delay_ms / 1000.0
+        # Note [Shared weights] (worker.py): the segment, its layout, who fills it, who waits for it.
+        self._weights_fd: int | None = None
+        self._weights: tuple[str, int] | None = None
+        self._weights_filled = False
+        self._weights_filler: _Worker | None = None
+        self._weights_waiting: list[_Worker] = []
         self.metrics = Metrics()
         self.counters = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "crashes": 0, "overloaded": 0,
                          "retries": 0, "batches": 0}
@@ -707,7 +713,15 @@ class Pool:
             if job is not None and job.key is not None or worker.idle:
                 # The worker may now be idle: an open batch on it should not wait (Note [Batching]).
                 self._seal_due(time.monotonic(), worker)
+        elif kind is tp.Loaded:
+            self._on_loaded(worker, msg)
         elif kind is tp.Ready:
+            if worker is self._weights_filler:
+                self._weights_filled = True
+                self._weights_filler = None
+                for waiting in self._weights_waiting:
+                    self._adopt(waiting, fill=False)
+                self._weights_waiting.clear()
             with self._lock:
                 worker.state = WorkerState.READY
                 worker.pid = msg.pid
@@ -730,6 +744,36 @@ class Pool:
             log.error("%s: worker %d failed to load the model on restart: %s\n%s", self.name,
                       worker.index, msg.message, msg.tb)
             worker.killed_for = "its model failed to load"
+
+    def _on_loaded(self, worker: _Worker, msg: tp.Loaded) -> None:
+        """A worker built its model: hand it the shared weights (Note [Shared weights])."""
+        if self._weights is None:
+            self._weights = (msg.fingerprint, msg.nbytes)
+            self._weights_fd = tp.create_memfd(msg.nbytes, "torchpool-weights")
+        if self._weights != (msg.fingerprint, msg.nbytes):
+            log.warning("%s: worker %d built a model with another layout than the shared weights; it "
+                        "keeps its own copy (does the factory build different models?)", self.name,
+                        worker.index)
+            self._send_adopt(worker, share=False, fill=False)
+        elif self._weights_filled:
+            self._adopt(worker, fill=False)
+        elif self._weights_filler is None:
+            self._weights_filler = worker
+            self._adopt(worker, fill=True)
+        else:
+            self._weights_waiting.append(worker)
+
+    def _adopt(self, worker: _Worker, fill: bool) -> None:
+        self._send_adopt(worker, share=True, fill=fill)
+
+    def _send_adopt(self, worker: _Worker, share: bool, fill: bool) -> None:
+        if worker.channel is None:
+            return
+        try:
+            fds = (self._weights_fd,) if share and self._weights_fd is not None else ()
+            worker.channel.send(tp.Adopt(share, fill), fds)
+        except OSError:
+            pass  # it died; its sentinel says so
 
     def _split(self, job: _Job, msg: tp.Result, fds: list[int],
                worker: _Worker) -> list[tuple[Any, BaseException | None]]:
@@ -852,7 +896,7 @@ class Pool:
             process = _SPAWN.Process(
                 target=worker_main, name=f"{self.name}-worker-{worker.index}", daemon=True,
                 args=(worker.placement, self.config.model, child_end, reduction.DupFd(fd), size,
-                      os.getpid()))
+                      os.getpid(), self.config.share_weights))
             process.start()
         finally:
             os.close(fd)
@@ -883,6 +927,14 @@ class Pool:
             self._receive(worker)  # results it sent before dying still count
         if worker.channel is not None:
             worker.channel.close()
+        if worker in self._weights_waiting:
+            self._weights_waiting.remove(worker)
+        if worker is self._weights_filler:
+            # It died while filling the shared weights: the next waiting worker fills them afresh.
+            self._weights_filler = None
+            if self._weights_waiting:
+                self._weights_filler = self._weights_waiting.pop(0)
+                self._adopt(self._weights_filler, fill=True)
         with self._lock:
             running = worker.arena.running if worker.arena is not None else 0
             jobs = list(worker.jobs.values())
@@ -1025,6 +1077,9 @@ class Pool:
             self._open.clear()
             self._closing = True
         self._flush()
+        if self._weights_fd is not None:
+            os.close(self._weights_fd)
+            self._weights_fd = None
         self._wakeup_r.close()
         self._wakeup_w.close()
         log.info("%s: stopped", self.name)
@@ -1039,6 +1094,7 @@ class Pool:
                 "queued": len(self._queue),
                 "busy_workers": sum(1 for w in self.workers if w.jobs),
                 "arena_bytes": sum(self.config.arena_bytes for w in self.workers if w.arena is not None),
+                "shared_weight_bytes": self._weights[1] if self._weights and self._weights_filled else 0,
                 "counters": dict(self.counters),
                 "metrics": self.metrics.snapshot(),
                 "workers": [

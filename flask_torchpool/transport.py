@@ -82,6 +82,20 @@ class Stop(NamedTuple):
     pass
 
 
+class Loaded(NamedTuple):
+    """The model is built; its weights (by layout fingerprint) could be shared (Note [Shared weights])."""
+
+    fingerprint: str
+    nbytes: int
+
+
+class Adopt(NamedTuple):
+    """Map the pool's weights segment (sent along) instead of private weights; *fill* it first."""
+
+    share: bool
+    fill: bool
+
+
 class Ready(NamedTuple):
     pid: int
     info: dict[str, Any]
@@ -106,8 +120,8 @@ class Failure(NamedTuple):
     tb: str
 
 
-_MESSAGE_TYPES = {cls.__name__: cls for cls in (TensorRef, Slot, Call, Cancel, Stop, Ready, StartupFailed,
-                                                 Result, Failure)}
+_MESSAGE_TYPES = {cls.__name__: cls for cls in (TensorRef, Slot, Call, Cancel, Stop, Loaded, Adopt, Ready,
+                                                 StartupFailed, Result, Failure)}
 
 
 class _Unpickler(pickle.Unpickler):

@@ -89,8 +89,68 @@ def load_model(spec: Any, device: str) -> Any:
     return model
 
 
+# Note [Shared weights]
+# ~~~~~~~~~~~~~~~~~~~~~
+# With TORCHPOOL_SHARE_WEIGHTS on CPU, N workers hold one copy of the weights. Each worker builds the
+# model as usual, then reports the layout of its parameters and buffers (a fingerprint of names, dtypes
+# and shapes) and their total size. The supervisor creates one memfd of that size; the first worker to
+# report copies its tensors into it, and every worker then points each parameter and buffer at its view
+# of the segment (``tensor.data = view``), which frees the private copy. The supervisor keeps the
+# descriptor, so a respawned worker maps the same weights. All workers therefore run the first worker's
+# weights: a factory must build the same model each time (it always should). Weights must not be
+# modified in place while serving; they are shared. TorchScript and torch.export models keep their own.
+
+
+def _weight_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
+    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        return []
+    seen: set[int] = set()
+    out = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen or t.device.type != "cpu" or t.layout != torch.strided or not t.numel():
+            continue
+        seen.add(id(t))
+        out.append((name, t))
+    return out
+
+
+def _layout(tensors: list[tuple[str, torch.Tensor]]) -> tuple[str, int, list[int]]:
+    import hashlib
+
+    digest = hashlib.sha256()
+    offsets, total = [], 0
+    for name, t in tensors:
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        offsets.append(total)
+        total += (tp.tensor_nbytes(t) + tp.ALIGN - 1) // tp.ALIGN * tp.ALIGN
+    return digest.hexdigest(), total, offsets
+
+
+def _share_weights(channel: tp.Channel, model: Any) -> int:
+    """Run the Note [Shared weights] handshake; returns the bytes now shared (0: kept private)."""
+    tensors = _weight_tensors(model)
+    if not tensors:
+        return 0
+    fingerprint, total, offsets = _layout(tensors)
+    channel.send(tp.Loaded(fingerprint, total))
+    msg, fds = channel.recv()
+    if type(msg) is not tp.Adopt or not msg.share or not fds:
+        for fd in fds:
+            os.close(fd)
+        return 0
+    segment = tp.Segment(fds[0], total)
+    os.close(fds[0])
+    with torch.no_grad():
+        for (_, t), offset in zip(tensors, offsets):
+            view = segment.view(offset, tp.tensor_nbytes(t), t.dtype, tuple(t.shape))
+            if msg.fill:
+                tp.copy_into(view, t.detach())
+            t.data = view
+    return total
+
+
 def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_fd: Any,
-                arena_size: int, parent_pid: int) -> None:
+                arena_size: int, parent_pid: int, share_weights: bool = False) -> None:
     """Entry point of a worker process (the target given to the spawn context)."""
     global IN_WORKER
     IN_WORKER = True
@@ -104,11 +164,13 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
     try:
         _pin(placement)
         model = load_model(model_spec, placement.device)
+        shared = _share_weights(channel, model) if share_weights and placement.device == "cpu" else 0
     except BaseException as exc:
         channel.send(tp.StartupFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         os._exit(3)
     channel.send(tp.Ready(os.getpid(), {"device": placement.device, "cores": list(placement.cores),
-                                        "threads": torch.get_num_threads()}))
+                                        "threads": torch.get_num_threads(),
+                                        "shared_weight_bytes": shared}))
     _Server(channel, arena, model, placement.device).serve()
 
 

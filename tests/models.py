@@ -81,3 +81,23 @@ class BatchProbe(nn.Module):
 
 def batch_probe():
     return BatchProbe()
+
+
+class BigLinear(nn.Module):
+    """32 MiB of weights (plus a tied copy and a buffer), reporting the pid that ran it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4096, 2048)
+        self.b = nn.Linear(2048, 4096)
+        self.b.weight = nn.Parameter(self.a.weight.t().contiguous())
+        self.tied = self.a  # the same module twice: its tensors must be shared once
+        self.register_buffer("scale", torch.full((4096,), 0.5))
+
+    def forward(self, x):
+        return self.b(self.tied(x)) * self.scale, os.getpid()
+
+
+def big_linear():
+    return BigLinear()
