@@ -39,6 +39,7 @@ import signal
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
 _SPAWN = tmp.get_context("spawn")
+#: Pools whose manager thread runs (it holds them alive), for the exit hook in extension.py.
+_running_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 # Note [Batching]
 # ~~~~~~~~~~~~~~~
@@ -142,6 +145,7 @@ class _Job:
     sent: bool = False
     expired: bool = False  # every member finished without it (deadline) while the worker may run it
     opened: float = field(default_factory=time.monotonic)
+    sent_at: float = 0.0
 
     def alive(self) -> bool:
         return any(m.state is not _CallState.DONE for m in self.members)
@@ -165,6 +169,7 @@ class _Worker:
     calls: int = 0
     errors: int = 0
     killed_for: str | None = None   # why the pool killed it, for the crash message
+    last_reply: float = 0.0         # monotonic time of its last message
     last_exit: str | None = None
     respawn_at: float | None = None
 
@@ -241,6 +246,7 @@ class Pool:
             if self._manager is None:
                 self._manager = threading.Thread(target=self._manage, name=f"{self.name}-manager",
                                                  daemon=True)
+                _running_pools.add(self)
                 self._manager.start()
             if not self._started.wait(self.config.start_timeout):
                 with self._lock:
@@ -448,7 +454,7 @@ class Pool:
                 job.fds.extend(placer.fds)
             job.writers -= 1
             if error is not None and call.state is not _CallState.DONE:
-                self._finish(call, exc=InvalidInputError(f"cannot write the inputs: {error}"))
+                self._finish(call, exc=_write_error(error, self.config.retry_after))
             self._maybe_send(job)
         self._flush()
 
@@ -463,6 +469,7 @@ class Pool:
             self._drop(job)
             return
         job.sent = True
+        job.sent_at = time.monotonic()
         self._outbox.append(job)
 
     def _drop(self, job: _Job) -> None:
@@ -683,6 +690,7 @@ class Pool:
 
     def _on_message(self, worker: _Worker, msg: Any, fds: list[int]) -> None:
         kind = type(msg)
+        worker.last_reply = time.monotonic()
         if kind is tp.Result or kind is tp.Failure:
             with self._lock:
                 job = worker.jobs.pop(msg.id, None)
@@ -841,11 +849,18 @@ class Pool:
                 other = worker.jobs.get(running)
                 # The control word may still show a job whose result was just read (the worker clears
                 # it after replying): only this job, or another expired one, proves the worker stuck.
-                if running and (running == job.id or (other is not None and other.expired)):
+                stuck = running and (running == job.id or (other is not None and other.expired))
+                # A job that never started on a worker that has not said a word since it was sent,
+                # for the whole deadline, while running nothing: the worker is frozen (SIGSTOP, a
+                # hang outside a call), not busy.
+                frozen = not running and worker.last_reply < job.sent_at
+                if stuck or frozen:
                     if worker not in kill:
                         kill.append(worker)
-                        worker.killed_for = (f"the pool killed it: a call ran past its deadline "
-                                             f"({waited:.3g}s)")
+                        worker.killed_for = (
+                            f"the pool killed it: a call ran past its deadline ({waited:.3g}s) while "
+                            + ("the worker was running it" if stuck else
+                               "the worker neither started it nor answered (frozen?)"))
                 else:
                     cancel.append((worker, job.id))
         self._flush()
@@ -895,7 +910,7 @@ class Pool:
 
             process = _SPAWN.Process(
                 target=worker_main, name=f"{self.name}-worker-{worker.index}", daemon=True,
-                args=(worker.placement, self.config.model, child_end, reduction.DupFd(fd), size,
+                args=(worker.placement, self.config.model, child_end, _InheritedFd(fd), size,
                       os.getpid(), self.config.share_weights))
             process.start()
         finally:
@@ -1107,6 +1122,15 @@ class Pool:
             }
 
 
+def _write_error(error: BaseException, retry_after: int) -> TorchPoolError:
+    """What a caller gets when its inputs could not be written into the arena."""
+    if isinstance(error, OSError):
+        hint = (" (the open-file limit: raise it with ulimit -n)" if error.errno == 24 else "")
+        return PoolOverloadedError(f"cannot place the inputs in shared memory: {error}{hint}",
+                                   retry_after=retry_after)
+    return InvalidInputError(f"cannot write the inputs: {type(error).__name__}: {error}")
+
+
 def _batch_key(call: _Call) -> tuple[Any, int]:
     """(key, rows) of a batchable call, or (None, 0): see Note [Batching]."""
     if not call.tensors:
@@ -1128,6 +1152,24 @@ def _batch_key(call: _Call) -> tuple[Any, int]:
     except Exception:  # pragma: no cover - flatten only lets picklable values through
         return None, 0
     return (structure, tuple(shapes)), rows
+
+
+class _InheritedFd:
+    """A descriptor for a spawned child, duplicated only while ``Process.start()`` pickles it.
+
+    ``reduction.DupFd`` called any earlier finds no spawning process and falls back to
+    multiprocessing's resource sharer, which listens on a Unix socket in a temp directory; while
+    pickling, it adds the descriptor to the ones the child inherits instead."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_passthrough, (reduction.DupFd(self.fd),))
+
+
+def _passthrough(value: Any) -> Any:
+    return value
 
 
 def _kill(process: Any) -> None:

@@ -172,6 +172,11 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
                                         "threads": torch.get_num_threads(),
                                         "shared_weight_bytes": shared}))
     _Server(channel, arena, model, placement.device).serve()
+    # Nothing to clean up that the kernel does not: skip the interpreter's teardown of torch, which
+    # takes seconds and would make every shutdown wait for it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _Server:
