@@ -12,7 +12,12 @@ When the workers start (``TORCHPOOL_START``):
 * ``"lazy"``: on first use (a view, ``submit``, ``start()``);
 * ``"auto"`` (default): eager, except in the Werkzeug reloader's watcher process (``flask run --debug``)
   and a gunicorn master (``--preload``), which never serve requests and must not hold threads or CUDA
-  before forking: there the pool starts on first use, i.e. in the serving child / forked worker.
+  before forking: there the pool starts on first use, i.e. in the serving child / forked worker. The
+  same holds when the ``flask`` command loads the app for a command other than ``flask run``
+  (``flask torchpool plan``, ``flask routes``, ``flask shell``): those start the pool only if they use it.
+
+With ``TORCHPOOL_INLINE`` the "pool" is an :class:`~flask_torchpool.inline.InlinePool` that runs the
+model in this process (for tests); ``"auto"`` then builds the model on first use.
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ from flask import Flask, current_app, has_app_context
 
 from .config import DEFAULTS, PoolConfig
 from .errors import InferenceTimeoutError, PoolClosedError, TorchPoolError, WorkerStartupError
+from .inline import InlinePool
+from .inline import plan as inline_plan
+from .metrics import Metrics
 from .placement import Placement
 from .placement import plan as compute_plan
-from .pool import Pool
+from .pool import Pool, _running_pools
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +70,18 @@ class ModelProxy:
     ``bytes`` and tuples, lists and dicts of them.
     """
 
-    __slots__ = ("_state", "timeout")
+    __slots__ = ("_state", "timeout", "batch")
 
-    def __init__(self, state: _AppState, timeout: float | None = None) -> None:
+    def __init__(self, state: _AppState, timeout: float | None = None, batch: bool = True) -> None:
         self._state = state
         #: Deadline of each call in seconds (queueing plus execution); None means ``TORCHPOOL_TIMEOUT``.
         self.timeout = timeout
+        #: Whether calls may be batched with other callers' (``TORCHPOOL_MAX_BATCH_SIZE``).
+        self.batch = batch
 
     def submit(self, *args: Any, **kwargs: Any) -> Future:
         """Start a call and return its future. Invalid input raises here, in the calling thread."""
-        return self._state.pool_for_call().submit(args, kwargs, self.timeout)
+        return self._state.pool_for_call().submit(args, kwargs, self.timeout, self.batch)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         future = self.submit(*args, **kwargs)
@@ -99,7 +109,8 @@ class _AppState:
         self.app_name = app.import_name
         self.config = config
         self.inert = inert
-        self.pool: Pool | None = None
+        self.pool: Pool | InlinePool | None = None
+        self.background_start: threading.Thread | None = None
         self.lock = threading.Lock()
         self.start_error: WorkerStartupError | None = None
         self.active_views = 0
@@ -109,9 +120,11 @@ class _AppState:
     def plan(self) -> list[Placement]:
         if self.pool is not None:
             return [w.placement for w in self.pool.workers]
+        if self.config.inline:
+            return inline_plan(self.config)
         return compute_plan(self.config)
 
-    def start(self) -> Pool:
+    def start(self) -> Pool | InlinePool:
         with self.lock:
             if self.inert:
                 raise RuntimeError(
@@ -124,11 +137,12 @@ class _AppState:
                 if self.pool is not None and self.start_error is None:
                     raise PoolClosedError("the pool was shut down; call TorchPool.start() to start "
                                           "a new one")
-                placements = compute_plan(self.config)
+                placements = inline_plan(self.config) if self.config.inline else compute_plan(self.config)
                 for placement in placements:
                     log.info("torchpool %s: %s", self.app_name, placement.describe())
                 _check_resources(self.config, len(placements))
-                pool = self.pool = Pool(self.config, placements, name=f"torchpool[{self.app_name}]")
+                pool_class = InlinePool if self.config.inline else Pool
+                pool = self.pool = pool_class(self.config, placements, name=f"torchpool[{self.app_name}]")
                 self.start_error = None
         try:
             pool.start()
@@ -137,7 +151,7 @@ class _AppState:
             raise
         return pool
 
-    def pool_for_call(self) -> Pool:
+    def pool_for_call(self) -> Pool | InlinePool:
         pool = self.pool
         if pool is not None and pool.started:
             return pool
@@ -146,6 +160,50 @@ class _AppState:
         if pool is not None and pool.closed:
             raise PoolClosedError("the pool is shut down")
         return self.start()
+
+    def start_in_background(self) -> bool:
+        """Start a pool that is waiting for first use, in a thread (for the readiness probe). Does
+        nothing after a shutdown or a failed start, or when a start is already under way."""
+        with self.lock:
+            if (self.inert or self.pool is not None or self.start_error is not None
+                    or self.background_start is not None):
+                return False
+
+            def start() -> None:
+                try:
+                    self.start()
+                except TorchPoolError as exc:  # recorded in start_error, reported by /ready
+                    log.error("torchpool %s: background start failed: %s", self.app_name, exc)
+                finally:
+                    self.background_start = None
+
+            self.background_start = threading.Thread(target=start, name=f"torchpool[{self.app_name}]-start",
+                                                     daemon=True)
+            self.background_start.start()
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """See :meth:`TorchPool.status`."""
+        pool = self.pool
+        plan = self.plan
+        if pool is None:
+            status: dict[str, Any] = {
+                "started": False, "closed": False, "queued": 0, "busy_workers": 0, "arena_bytes": 0,
+                "counters": {}, "metrics": Metrics().snapshot(),
+                "workers": [{"worker": p.worker, "pid": None, "state": "not started", "device": p.device,
+                             "cores": list(p.cores), "threads": p.threads, "inflight": 0, "calls": 0,
+                             "errors": 0, "restarts": 0, "last_exit": None} for p in plan]}
+        else:
+            status = pool.status()
+        status["inline"] = self.config.inline
+        status["ready"] = bool(status["started"] and not status["closed"] and status["workers"]
+                               and all(w["state"] == "ready" for w in status["workers"]))
+        status["latency_quantiles"] = status.get("metrics", {}).get("latency_quantiles", {})
+        status["plan"] = [{"worker": p.worker, "device": p.device, "cores": list(p.cores),
+                           "threads": p.threads} for p in plan]
+        if self.start_error is not None:
+            status["error"] = str(self.start_error)
+        return status
 
     def shutdown(self, wait: bool = True, drain_timeout: float | None = None) -> None:
         pool = self.pool
@@ -159,6 +217,7 @@ class _AppState:
         self.active_views = 0
         self.pool = None
         self.start_error = None
+        self.background_start = None
 
 
 class TorchPool:
@@ -194,13 +253,15 @@ class TorchPool:
         inert = _in_spawned_child()
         state = _AppState(self, app, config, inert)
         app.extensions[EXTENSION_KEY] = state
+        _register_operations(app, config)
         if inert:
             return
         with _states_lock:
             _states.add(state)
         if config.handle_sigterm:
             _install_sigterm_handler()
-        if config.start == "eager" or (config.start == "auto" and not _defer_start()):
+        # Inline mode builds the model on first use unless told "eager" (see TORCHPOOL_INLINE).
+        if config.start == "eager" or (config.start == "auto" and not config.inline and not _defer_start()):
             state.start()
 
     # --- state lookup ---------------------------------------------------------------------------------
@@ -227,9 +288,8 @@ class TorchPool:
     def start(self, app: Flask | None = None) -> None:
         """Start the workers now (if they are not running) and return once every one has loaded its
         model. Raises :class:`WorkerStartupError` with the worker's traceback when one fails."""
-        state = self._state(app)
-        state.start_error = None
-        state.start()
+        # Keep start_error: it is what lets _AppState.start() replace a pool whose start failed.
+        self._state(app).start()
 
     def shutdown(self, wait: bool = True, app: Flask | None = None,
                  drain_timeout: float | None = None) -> None:
@@ -243,9 +303,11 @@ class TorchPool:
         for state in states:
             state.shutdown(wait=wait, drain_timeout=drain_timeout)
 
-    def model(self, timeout: float | None = None, app: Flask | None = None) -> ModelProxy:
-        """A :class:`ModelProxy` whose calls have deadline *timeout* (default ``TORCHPOOL_TIMEOUT``)."""
-        return ModelProxy(self._state(app), timeout)
+    def model(self, timeout: float | None = None, app: Flask | None = None,
+              batch: bool = True) -> ModelProxy:
+        """A :class:`ModelProxy` whose calls have deadline *timeout* (default ``TORCHPOOL_TIMEOUT``);
+        ``batch=False`` keeps its calls out of dynamic batches."""
+        return ModelProxy(self._state(app), timeout, batch)
 
     def submit(self, *args: Any, **kwargs: Any) -> Future:
         """Run ``model(*args, **kwargs)`` in a worker; returns a :class:`~concurrent.futures.Future`."""
@@ -261,35 +323,45 @@ class TorchPool:
         return self._state().plan
 
     def status(self, app: Flask | None = None) -> dict[str, Any]:
-        """A JSON-ready snapshot: workers (pid, state, device, cores, calls, errors, restarts), queue
-        depth and counters."""
-        state = self._state(app)
-        if state.pool is None:
-            return {"started": False, "closed": False, "queued": 0, "counters": {},
-                    "workers": [dict(p._asdict(), state="not started") for p in state.plan]}
-        return state.pool.status()
+        """A JSON-ready snapshot, computed without starting anything: ``started``, ``closed``,
+        ``ready`` (started and every worker ready), ``inline``, ``queued`` (calls waiting for a worker),
+        ``busy_workers``, ``arena_bytes``, ``counters``, ``workers`` (per worker: pid, state, device,
+        cores, threads, inflight, calls, errors, restarts, last exit), ``metrics`` (the call metrics,
+        histograms included), ``latency_quantiles`` and ``plan``; ``error`` after a failed start.
+        This is what ``<TORCHPOOL_HEALTH_URL>/status`` answers."""
+        return self._state(app).status()
+
+    def prometheus_collector(self, app: Flask | None = None) -> Any:
+        """A ``prometheus_client`` collector of this app's pool metrics, read at scrape time, to mount
+        in an existing registry: ``prometheus_client.REGISTRY.register(pool.prometheus_collector())``.
+        Needs ``pip install flask_torchpool[metrics]``; see the metrics docs for every metric."""
+        from .prometheus import TorchPoolCollector
+
+        return TorchPoolCollector(self._state(app))
 
     @overload
     def infer(self, view: F) -> F: ...
 
     @overload
-    def infer(self, view: None = None, *, timeout: float | None = None) -> Callable[[F], F]: ...
+    def infer(self, view: None = None, *, timeout: float | None = None,
+              batch: bool = True) -> Callable[[F], F]: ...
 
-    def infer(self, view: F | None = None, *, timeout: float | None = None) -> Any:
+    def infer(self, view: F | None = None, *, timeout: float | None = None, batch: bool = True) -> Any:
         """Decorate a view so that it receives a :class:`ModelProxy` as its first argument.
 
-        Use as ``@pool.infer`` or ``@pool.infer(timeout=2.0)``. URL variables follow the proxy. Pool
+        Use as ``@pool.infer`` or ``@pool.infer(timeout=2.0, batch=False)``. URL variables follow the
+        proxy; ``batch=False`` keeps the view's calls out of dynamic batches. Pool
         errors raised in the view become JSON answers (see the errors docs); override them with
         ``app.errorhandler``.
         """
         if view is None:
-            return functools.partial(self.infer, timeout=timeout)
+            return functools.partial(self.infer, timeout=timeout, batch=batch)
         if inspect.iscoroutinefunction(view):
             @functools.wraps(view)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 state = self._state()
                 with _ActiveView(state):
-                    return await view(ModelProxy(state, timeout), *args, **kwargs)
+                    return await view(ModelProxy(state, timeout, batch), *args, **kwargs)
 
             _hide_first_parameter(async_wrapper, view)
             return async_wrapper
@@ -298,7 +370,7 @@ class TorchPool:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             state = self._state()
             with _ActiveView(state):
-                return view(ModelProxy(state, timeout), *args, **kwargs)
+                return view(ModelProxy(state, timeout, batch), *args, **kwargs)
 
         _hide_first_parameter(wrapper, view)
         return wrapper
@@ -344,8 +416,21 @@ def _in_spawned_child() -> bool:
     return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
 
 
+def _register_operations(app: Flask, config: PoolConfig) -> None:
+    """The ``flask torchpool`` commands and, with ``TORCHPOOL_HEALTH_URL``, the health blueprint."""
+    from . import cli, health
+
+    app.cli.add_command(cli.torchpool)
+    if config.health_url is not None:
+        app.register_blueprint(health.blueprint, url_prefix=config.health_url)
+
+
 def _defer_start() -> bool:
     """``TORCHPOOL_START='auto'``: should this process wait for first use instead of starting now?"""
+    # `flask torchpool plan`, `flask routes`, `flask shell`, users' own commands: the `flask` command
+    # loads the app for a command that is not `flask run`; it starts the pool if and when it needs one.
+    if _loaded_by_flask_command():
+        return True
     # flask run --debug: the watcher process loads the app too, but only the child it spawns (which has
     # WERKZEUG_RUN_MAIN=true) serves. FLASK_RUN_FROM_CLI is set by `flask run`.
     if os.environ.get("FLASK_RUN_FROM_CLI") == "true" and os.environ.get("WERKZEUG_RUN_MAIN") != "true":
@@ -355,6 +440,17 @@ def _defer_start() -> bool:
     if "gunicorn" in sys.modules and not _parent_is_gunicorn():
         return True
     return False
+
+
+def _loaded_by_flask_command() -> bool:
+    """True while the ``flask`` command line loads the app for a command other than ``flask run``."""
+    import click
+    from flask.cli import ScriptInfo
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.find_object(ScriptInfo) is None:
+        return False
+    return ctx.command.name != "run"
 
 
 def _flask_run_reloads() -> bool:
@@ -426,16 +522,17 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         state.shutdown(wait=True)
         with state.lock:
             state.views_idle.wait_for(lambda s=state: s.active_views == 0, state.config.drain_timeout)
+    # Die of SIGTERM, as a process manager expects, now that the pools are stopped.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _shutdown_all_at_exit() -> None:
-    with _states_lock:
-        states = list(_states)
-    for state in states:
+    # Every running pool, including those whose app was garbage-collected (an app factory's app):
+    # this runs before multiprocessing's own exit hook, which would SIGTERM the workers under them.
+    for pool in list(_running_pools):
         try:
-            state.shutdown(wait=True)
+            pool.shutdown(wait=True)
         except TorchPoolError:  # pragma: no cover
             pass
 

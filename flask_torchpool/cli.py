@@ -1,0 +1,286 @@
+"""The ``flask torchpool`` commands: where the workers go, and what a pool is doing.
+
+``init_app`` adds the group to ``app.cli``::
+
+    flask --app myapp torchpool plan                  # worker -> device, cores, threads; starts nothing
+    flask --app myapp torchpool status --url http://127.0.0.1:5000    # a running server's pool
+    flask --app myapp torchpool status --probe        # start the pool here, make one call, show it
+    flask --app myapp torchpool tune                  # sweep workers x batch sizes, recommend, plot
+
+Loading the app for a ``flask`` command other than ``flask run`` never starts the workers, whatever
+``TORCHPOOL_START`` says (see ``_defer_start`` in :mod:`flask_torchpool.extension`): ``plan`` only
+computes the placement, and ``status`` starts a pool in-process only when it is not given ``--url``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from .errors import TorchPoolError
+from .placement import _ranges
+
+torchpool = AppGroup("torchpool", help="Inspect and tune the app's TorchPool: placement, status, tuning.")
+
+
+def _state() -> Any:
+    state = current_app.extensions.get("torchpool")
+    if state is None:
+        raise click.ClickException("this app has no TorchPool: create it with TorchPool(app) or "
+                                   "pool.init_app(app) in the app's module or factory")
+    return state
+
+
+@torchpool.command("plan")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_command(as_json: bool) -> None:
+    """Show which worker gets which device, cores and threads, without starting anything."""
+    state = _state()
+    placements = state.plan
+    if as_json:
+        click.echo(json.dumps([{"worker": p.worker, "device": p.device, "cores": list(p.cores),
+                                "threads": p.threads} for p in placements], indent=2))
+        return
+    mode = "inline, in the web process" if state.config.inline else "spawned processes"
+    click.echo(f"model: {state.config.model!r}")
+    click.echo(f"{len(placements)} worker(s), {mode}")
+    click.echo(_table(["worker", "device", "cores", "threads"],
+                      [[p.worker, p.device, _ranges(p.cores), p.threads] for p in placements]))
+
+
+@torchpool.command("status")
+@click.option("--url", metavar="URL",
+              help="Base URL of a running server, e.g. http://127.0.0.1:5000: read its "
+                   "<URL><TORCHPOOL_HEALTH_URL>/status instead of starting a pool here.")
+@click.option("--probe", is_flag=True,
+              help="In-process only: call the model once with TORCHPOOL_EXAMPLE_INPUT before showing "
+                   "the status.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for the server (--url).")
+def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) -> None:
+    """Show a pool's state: per worker pid, state, device, cores, calls, errors, restarts; the queue,
+    counters and latency.
+
+    With --url, the status of a running server (its TORCHPOOL_HEALTH_URL must be set). Without it, the
+    app's pool is started in this process (and stopped again afterwards if it was not running).
+    """
+    state = _state()
+    probe_error: str | None = None
+    if url is not None:
+        if probe:
+            raise click.UsageError("--probe calls the model in this process; it cannot be combined "
+                                   "with --url")
+        status = _fetch_status(url, state.config.health_url, timeout)
+    else:
+        if probe and state.config.example_input is None:
+            raise click.UsageError("--probe needs an example input: set TORCHPOOL_EXAMPLE_INPUT to a "
+                                   "value (a tuple is spread as arguments) or to a function returning one")
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        started_here = state.pool is None or not state.pool.started
+        try:
+            state.extension.start(app)
+        except TorchPoolError as exc:
+            raise click.ClickException(f"the pool could not start: {type(exc).__name__}: {exc}") from exc
+        try:
+            if probe:
+                probe_error = _probe(state, app)
+            status = state.status()
+        finally:
+            if started_here:
+                state.shutdown(wait=True)
+                state.pool = None  # back to "not started": the next use starts a fresh pool
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+    else:
+        click.echo(_format_status(status))
+    if probe_error is not None:
+        raise click.ClickException(probe_error)
+
+
+@torchpool.command("tune")
+@click.option("--workers", "worker_counts", metavar="N,N,...",
+              help="Worker counts to try.  [default: 1, 2, 4, ... up to the number of cores]")
+@click.option("--batch-sizes", metavar="N,N,...",
+              help="TORCHPOOL_MAX_BATCH_SIZE values to try.  [default: 1, and the rows of about 4 and 16 "
+                   "calls when the input is a tensor]")
+@click.option("--concurrency", type=click.IntRange(1, 1024),
+              help="Client threads calling the model.  [default: enough to fill the largest batches of the "
+                   "largest pool twice, at most 64]")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+              help="Seconds measured per pair.")
+@click.option("--warmup", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+              help="Seconds of calls before measuring each pair.")
+@click.option("--plot", "plot_path", default="torchpool-tune.png", show_default=True,
+              help="Where to write the PNG plot; '' for none.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency: int | None,
+                 duration: float, warmup: float, plot_path: str, as_json: bool) -> None:
+    """Measure throughput and latency for a sweep of worker counts and batch sizes, and recommend a
+    configuration.
+
+    Each pair gets a fresh pool built from the app's configuration, driven with TORCHPOOL_EXAMPLE_INPUT
+    by --concurrency client threads; one pool runs at a time. The app's own pool is not touched.
+    """
+    from . import tune
+
+    state = _state()
+    try:
+        args = tune.example_args(state.config)
+    except TorchPoolError as exc:
+        raise click.UsageError(f"tune needs an example input: {exc}") from None
+    rows = tune.rows_per_call(args)
+    has_tensor = any(_is_tensor(a) for a in args)
+    workers = _int_list(worker_counts, "--workers") or tune.default_workers(state.config)
+    batches = _int_list(batch_sizes, "--batch-sizes") or tune.default_batch_sizes(rows, has_tensor)
+    if concurrency is None:
+        concurrency = min(64, max(2, 2 * max(workers) * max(1, max(batches) // rows)))
+    pairs = [(w, b) for b in batches for w in workers]
+    results: list[Any] = []
+    stderr = click.get_text_stream("stderr")
+    click.echo(f"tuning {len(pairs)} configurations, {duration:g} s each with {concurrency} clients; "
+               f"{rows} row(s) per call", err=True)
+    with click.progressbar(pairs, label="tune", file=stderr,
+                           item_show_func=lambda p: p and f"workers={p[0]} batch={p[1]}") as bar:
+        for w, b in bar:
+            results.append(tune.measure(state.config, w, b, args, concurrency=concurrency,
+                                        duration=duration, warmup=warmup))
+    best = tune.recommend(results)
+    if as_json:
+        click.echo(json.dumps({"results": [r.as_dict() for r in results],
+                               "recommended": None if best is None else
+                               {"TORCHPOOL_WORKERS": best.workers,
+                                "TORCHPOOL_MAX_BATCH_SIZE": best.batch_size}}, indent=2))
+    else:
+        click.echo(_table(
+            ["workers", "batch", "calls/s", "rows/s", "p50", "p99", "errors"],
+            [[r.workers, r.batch_size, f"{r.calls_per_second:.1f}", f"{r.rows_per_second:.1f}",
+              _ms(r.latency(0.5)) if r.calls else "-", _ms(r.latency(0.99)) if r.calls else "-",
+              r.errors if r.error is None else r.error] for r in results]))
+        if best is not None:
+            click.echo(f"\nrecommended: TORCHPOOL_WORKERS = {best.workers}, TORCHPOOL_MAX_BATCH_SIZE = "
+                       f"{best.batch_size}  ({best.rows_per_second:.1f} rows/s, p99 "
+                       f"{_ms(best.latency(0.99) or 0.0)})")
+    if best is None:
+        raise click.ClickException("no configuration answered a call: see the errors above")
+    if plot_path:
+        try:
+            tune.plot(results, plot_path)
+        except ImportError:
+            click.echo("no plot: it needs matplotlib (pip install flask_torchpool[tune])", err=True)
+        else:
+            click.echo(f"plot: {plot_path}", err=True)
+
+
+def _int_list(value: str | None, option: str) -> list[int]:
+    if value is None:
+        return []
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers >= 1",
+                                 param_hint=option)
+    return sorted(set(numbers))
+
+
+def _probe(state: Any, app: Any) -> str | None:
+    """Call the model once with ``TORCHPOOL_EXAMPLE_INPUT``; returns an error message or None."""
+    example = state.config.example_input
+    value = example() if callable(example) and not _is_tensor(example) else example
+    args = value if isinstance(value, tuple) else (value,)
+    begin = time.perf_counter()
+    try:
+        out = state.extension.model(app=app)(*args)
+    except TorchPoolError as exc:
+        click.echo(f"probe: failed after {_ms(time.perf_counter() - begin)}", err=True)
+        return f"the probe call failed: {type(exc).__name__}: {exc}"
+    click.echo(f"probe: ok in {_ms(time.perf_counter() - begin)}, returned {_summary(out)}")
+    return None
+
+
+def _fetch_status(url: str, health_url: str | None, timeout: float) -> dict[str, Any]:
+    if health_url is None:
+        raise click.UsageError("--url needs TORCHPOOL_HEALTH_URL in the app's config: the status is read "
+                               "from <URL><TORCHPOOL_HEALTH_URL>/status")
+    target = url.rstrip("/") + health_url + "/status"
+    try:
+        with urllib.request.urlopen(target, timeout=timeout) as response:  # noqa: S310 - user's URL
+            body = json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(f"{target} answered {exc.code} {exc.reason}: is TORCHPOOL_HEALTH_URL "
+                                   f"({health_url}) the same on the server?") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise click.ClickException(f"cannot reach {target}: {reason}; is the server running?") from None
+    except ValueError:
+        raise click.ClickException(f"{target} did not answer JSON: is it a flask_torchpool status "
+                                   "endpoint?") from None
+    if not isinstance(body, dict) or "workers" not in body:
+        raise click.ClickException(f"{target} did not answer a flask_torchpool status")
+    return body
+
+
+def _format_status(status: dict[str, Any]) -> str:
+    state = ("ready" if status.get("ready") else "closed" if status.get("closed")
+             else "started, not ready" if status.get("started") else "not started")
+    workers = status.get("workers", [])
+    lines = [
+        f"pool: {state}{' (inline)' if status.get('inline') else ''}   queued: {status.get('queued', 0)}   "
+        f"busy workers: {status.get('busy_workers', 0)}/{len(workers)}   "
+        f"shared memory: {status.get('arena_bytes', 0) / (1 << 20):.0f} MiB",
+    ]
+    if status.get("error"):
+        lines.append(f"error: {status['error']}")
+    counters = status.get("counters") or {}
+    if counters:
+        lines.append("counters: " + "  ".join(f"{k}={v}" for k, v in counters.items()))
+    quantiles = status.get("latency_quantiles") or {}
+    if any(v is not None for v in quantiles.values()):
+        lines.append("latency: " + "  ".join(f"p{float(q) * 100:g}={_ms(v)}" for q, v in quantiles.items()
+                                              if v is not None))
+    lines.append("")
+    lines.append(_table(
+        ["worker", "pid", "state", "device", "cores", "threads", "inflight", "calls", "errors", "restarts"],
+        [[w.get("worker"), w.get("pid") or "-", w.get("state"), w.get("device"),
+          _ranges(tuple(w.get("cores") or ())), w.get("threads"), w.get("inflight", 0), w.get("calls", 0),
+          w.get("errors", 0), w.get("restarts", 0)] for w in workers]))
+    exits = [f"worker {w['worker']}: {w['last_exit']}" for w in workers if w.get("last_exit")]
+    if exits:
+        lines.append("last exits: " + "; ".join(exits))
+    return "\n".join(lines)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _is_tensor(value: Any) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return isinstance(value, torch.Tensor)
+
+
+def _summary(value: Any) -> str:
+    if _is_tensor(value):
+        return f"tensor of shape {tuple(value.shape)}, {str(value.dtype).replace('torch.', '')}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

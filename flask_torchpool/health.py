@@ -1,0 +1,82 @@
+"""The health blueprint: liveness, readiness, a JSON status and Prometheus metrics over HTTP.
+
+Registered by ``init_app`` at ``TORCHPOOL_HEALTH_URL`` (e.g. ``/torchpool``) when that key is set::
+
+    GET /torchpool/live      200 {"status": "alive"} whenever the web process answers
+    GET /torchpool/ready     200 when the pool is started and every worker is ready, else 503
+    GET /torchpool/status    200 TorchPool.status(): workers, queue, counters, latency, plan
+    GET /torchpool/metrics   Prometheus text exposition (501 without prometheus_client)
+
+Every answer is read from the pool's state in the web process; nothing here calls a worker. ``/ready``
+starts a pool that is still waiting for its first use (``TORCHPOOL_START="lazy"``, or ``"auto"`` in a
+gunicorn worker) in the background, so that an orchestrator's readiness probe does not wait forever for a
+request it will never route to a pod that is not ready; it never restarts a pool that was shut down.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+blueprint = Blueprint("torchpool", __name__)
+
+
+def _state() -> Any:
+    return current_app.extensions["torchpool"]
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@blueprint.get("/live")
+def live() -> Response:
+    """Liveness: the web process answers. Says nothing about the workers."""
+    return _json({"status": "alive", "pid": os.getpid()})
+
+
+@blueprint.get("/ready")
+def ready() -> Response:
+    """Readiness: 200 when every worker has loaded the model, 503 with the reason otherwise."""
+    state = _state()
+    status = state.status()
+    workers = [{"worker": w["worker"], "pid": w["pid"], "state": w["state"]} for w in status["workers"]]
+    if status["ready"]:
+        return _json({"status": "ready", "workers": workers})
+    if "error" in status:
+        reason = f"the workers failed to start: {status['error']}"
+    elif status["closed"]:
+        reason = "the pool is shut down"
+    elif not status["started"]:
+        state.start_in_background()
+        reason = "the pool is starting"
+    else:
+        waiting = [w["worker"] for w in status["workers"] if w["state"] != "ready"]
+        reason = f"worker(s) {waiting} are not ready (starting or restarting)"
+    return _json({"status": "not ready", "reason": reason, "workers": workers}, 503)
+
+
+@blueprint.get("/status")
+def status() -> Response:
+    """The JSON of :meth:`TorchPool.status`."""
+    return _json(_state().status())
+
+
+@blueprint.get("/metrics")
+def metrics() -> Response:
+    """Prometheus exposition (text, or OpenMetrics when the scraper asks for it)."""
+    from .prometheus import render
+
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return _json({"error": "Prometheus metrics need the prometheus_client package: "
+                               "pip install flask_torchpool[metrics]",
+                      "type": "NotImplemented"}, 501)
+    body, content_type = render(_state(), request.headers.get("Accept", ""))
+    return Response(body, content_type=content_type, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,278 @@
+"""Inline mode (``TORCHPOOL_INLINE = True``): the model runs in the web process, for tests.
+
+:class:`InlinePool` has the interface of :class:`~flask_torchpool.pool.Pool` (``start``, ``submit``,
+``shutdown``, ``status``, ``started``, ``closed``, ``workers``, ``metrics``) without any subprocess: the
+model is built in-process the first time it is needed, with the loading rules of the workers
+(:func:`flask_torchpool.worker.load_model`), and each call runs in the calling thread under
+``torch.inference_mode()``, one at a time (a lock). Arguments are validated exactly as the pool validates
+them (:func:`flask_torchpool.transport.flatten`), tensors are copied on the way in and out as they are
+when they travel through shared memory, and failures raise the pool's exceptions, so views and tests see
+the same results and the same errors. What does not apply: deadlines (``TORCHPOOL_TIMEOUT`` is not
+enforced, a running call cannot be interrupted), the queue limit, crashes and restarts (a model that
+kills its process kills the web process), batching and core pinning.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import transport as tp
+from .config import PoolConfig
+from .errors import (
+    InferenceError,
+    InvalidInputError,
+    OutputError,
+    PayloadTooLargeError,
+    PoolClosedError,
+    RemoteTraceback,
+    TorchPoolError,
+    WorkerStartupError,
+)
+from .metrics import Metrics, outcome_of
+from .placement import Placement, resolve_devices, usable_cores
+from .worker import load_model
+
+log = logging.getLogger(__name__)
+
+
+class InlineState(enum.Enum):
+    """States of the single in-process "worker" (the same names as the pool's worker states)."""
+
+    STARTING = "starting"   # not loaded yet: loads on first use
+    READY = "ready"
+    FAILED = "failed"       # the model failed to load
+    STOPPED = "stopped"
+
+
+def plan(config: PoolConfig) -> list[Placement]:
+    """The one placement of inline mode: the web process, its first configured device, all its cores
+    and torch's current thread count (inline mode changes neither)."""
+    return [Placement(worker=0, device=resolve_devices(config)[0], cores=tuple(usable_cores()),
+                      threads=torch.get_num_threads())]
+
+
+@dataclass(eq=False)
+class _InlineWorker:
+    placement: Placement
+    state: InlineState = InlineState.STARTING
+    calls: int = 0
+    errors: int = 0
+    running: int = 0
+
+    @property
+    def index(self) -> int:
+        return self.placement.worker
+
+
+class InlinePool:
+    """A :class:`~flask_torchpool.pool.Pool` look-alike that runs the model in the calling thread."""
+
+    inline = True
+
+    def __init__(self, config: PoolConfig, placements: list[Placement] | None = None,
+                 name: str = "torchpool") -> None:
+        self.config = config
+        self.name = name
+        self.workers = [_InlineWorker((placements or plan(config))[0])]
+        self.metrics = Metrics()
+        self.counters = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "crashes": 0, "overloaded": 0,
+                         "retries": 0}
+        self._model: Any = None
+        self._call_lock = threading.Lock()     # one call at a time, like one worker
+        self._state_lock = threading.Lock()    # counters, waiting
+        self._start_lock = threading.Lock()
+        self._waiting = 0
+        self._startup_error: WorkerStartupError | None = None
+        self._closing = False
+        self._stopped = threading.Event()
+
+    @property
+    def started(self) -> bool:
+        return self.workers[0].state is InlineState.READY and not self._closing
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def start(self) -> None:
+        """Build the model in this process (once). Raises :class:`WorkerStartupError`, with the
+        traceback as ``__cause__``, when the factory fails."""
+        with self._start_lock:
+            if self._startup_error is not None:
+                raise self._startup_error
+            if self._closing:
+                raise PoolClosedError("the pool is shut down; create a new TorchPool to serve again")
+            worker = self.workers[0]
+            if worker.state is InlineState.READY:
+                return
+            failure: tuple[str, str] | None = None
+            try:
+                self._model = load_model(self.config.model, worker.placement.device)
+            except Exception as exc:
+                failure = (f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            if failure is not None:
+                err = WorkerStartupError(f"worker 0 (inline) could not load the model "
+                                         f"({self.config.model!r}): {failure[0]}")
+                err.__cause__ = RemoteTraceback(failure[1])
+                self._startup_error = err
+                self._closing = True
+                worker.state = InlineState.FAILED
+                self._stopped.set()
+                raise err
+            worker.state = InlineState.READY
+            log.info("%s: model loaded in-process (TORCHPOOL_INLINE)", self.name)
+
+    def shutdown(self, wait: bool = True, drain_timeout: float | None = None) -> None:
+        """Take no new calls; with *wait*, let the running call finish (up to *drain_timeout*, default
+        ``TORCHPOOL_DRAIN_TIMEOUT``) and drop the model. Idempotent."""
+        self._closing = True
+        if not wait:
+            return
+        drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        acquired = self._call_lock.acquire(timeout=max(drain, 0.001))
+        try:
+            self._model = None
+            worker = self.workers[0]
+            if worker.state is not InlineState.FAILED:
+                worker.state = InlineState.STOPPED
+            self._stopped.set()
+        finally:
+            if acquired:
+                self._call_lock.release()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def submit(self, args: tuple, kwargs: dict, timeout: float | None = None,
+               batch: bool = True) -> Future:
+        """Run one call now, in this thread, and return its (completed) future. *timeout* is not
+        enforced and *batch* is ignored in inline mode."""
+        tensors: list[torch.Tensor] = []
+        try:
+            skel_args = tp.flatten(tuple(args), tensors, "args")
+            skel_kwargs = tp.flatten(dict(kwargs), tensors, "kwargs")
+        except tp.UnsupportedValue as exc:
+            raise InvalidInputError(f"cannot send {exc.path} to a worker: {exc.reason}") from None
+        nbytes = sum(tp.tensor_nbytes(t) for t in tensors)
+        if nbytes > self.config.max_input_bytes:
+            raise PayloadTooLargeError(
+                f"the call carries {nbytes} bytes of tensors, more than TORCHPOOL_MAX_INPUT_BYTES="
+                f"{self.config.max_input_bytes}")
+        self._check_open()
+        if not self.started:
+            self.start()
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        enqueued = time.monotonic()
+        with self._state_lock:
+            self.counters["calls"] += 1
+            self._waiting += 1
+        try:
+            self._call_lock.acquire()
+        finally:
+            with self._state_lock:
+                self._waiting -= 1
+        worker = self.workers[0]
+        result: Any = None
+        exc: TorchPoolError | None = None
+        try:
+            queue_time = time.monotonic() - enqueued
+            with self._state_lock:
+                worker.running += 1
+            model = self._model
+            if self._closing or model is None:
+                exc = PoolClosedError("the pool shut down before this call ran",
+                                      retry_after=self.config.retry_after)
+            else:
+                try:
+                    result = self._run(model, skel_args, skel_kwargs, tensors)
+                except TorchPoolError as err:
+                    exc = err
+                worker.calls += 1
+                worker.errors += exc is not None
+        finally:
+            with self._state_lock:
+                worker.running -= 1
+            self._call_lock.release()
+        with self._state_lock:
+            self.counters["ok" if exc is None else "errors"] += 1
+            self.metrics.record_call(outcome_of(exc), time.monotonic() - enqueued, queue_time)
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+        return future
+
+    def _check_open(self) -> None:
+        if self._startup_error is not None:
+            raise self._startup_error
+        if self._closing:
+            raise PoolClosedError("the pool is shutting down and takes no new calls",
+                                  retry_after=self.config.retry_after)
+
+    def _run(self, model: Any, skel_args: Any, skel_kwargs: Any, tensors: list[torch.Tensor]) -> Any:
+        # Copies, as the arena makes them: the model may modify its inputs in place without the caller
+        # seeing it, and the caller gets tensors that nothing else holds.
+        device = torch.device(self.workers[0].placement.device)
+        copies = [t.to(device, copy=True, memory_format=torch.contiguous_format) for t in tensors]
+        args = tp.unflatten(skel_args, copies)
+        kwargs = tp.unflatten(skel_kwargs, copies)
+        failure: tuple[str, str, str] | None = None
+        try:
+            with torch.inference_mode():
+                out = model(*args, **kwargs)
+        except Exception as exc:
+            failure = (type(exc).__name__, str(exc), traceback.format_exc())
+        if failure is not None:
+            # Raised outside the except block, like the pool's errors: no __context__ holding the model's
+            # frames (and their tensors) alive, only the formatted traceback.
+            err = InferenceError(f"the model raised {failure[0]}: {failure[1]}", remote_type=failure[0])
+            err.__cause__ = RemoteTraceback(failure[2])
+            raise err
+        del args, kwargs, copies
+        produced: list[torch.Tensor] = []
+        try:
+            skel = tp.flatten(out, produced, "output")
+        except tp.UnsupportedValue as exc:
+            raise OutputError(f"the model returned {_describe(out)}, which cannot travel back: {exc}",
+                              remote_type="UnsupportedValue") from None
+        # Outside inference_mode, so that the copies are ordinary tensors, as the pool's are.
+        return tp.unflatten(skel, [t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+                                   for t in produced])
+
+    def status(self) -> dict[str, Any]:
+        worker = self.workers[0]
+        with self._state_lock:
+            return {
+                "started": self.started,
+                "closed": self._closing,
+                "inline": True,
+                "queued": self._waiting,
+                "busy_workers": 1 if worker.running else 0,
+                "arena_bytes": 0,
+                "counters": dict(self.counters),
+                "metrics": self.metrics.snapshot(),
+                "workers": [
+                    {"worker": worker.index, "pid": os.getpid(), "state": worker.state.value,
+                     "device": worker.placement.device, "cores": list(worker.placement.cores),
+                     "threads": worker.placement.threads, "inflight": worker.running,
+                     "calls": worker.calls, "errors": worker.errors, "restarts": 0, "last_exit": None},
+                ],
+            }
+
+
+def _describe(value: Any) -> str:
+    kind = type(value)
+    if kind in (list, tuple, dict):
+        return f"a {kind.__name__} of {len(value)}"
+    return f"a {kind.__module__}.{kind.__qualname__}"

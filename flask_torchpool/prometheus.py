@@ -1,0 +1,136 @@
+"""Prometheus export: a custom collector that reads the pool's status and metrics at scrape time.
+
+Everything is measured in the web process (see :mod:`flask_torchpool.metrics`), so the collector needs no
+multiprocess mode: each scrape takes one :meth:`TorchPool.status` snapshot and turns its counters,
+cumulative-bucket histograms and gauges into metric families. It serves
+``<TORCHPOOL_HEALTH_URL>/metrics`` and can be mounted in any registry::
+
+    from prometheus_client import REGISTRY
+    REGISTRY.register(pool.prometheus_collector(app))
+
+``prometheus_client`` is an optional dependency (``pip install flask_torchpool[metrics]``); this module
+imports it only when metrics are collected or rendered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from .metrics import Metrics
+
+#: Worker states always exported by ``torchpool_workers`` (0 when no worker is in them).
+WORKER_STATES = ("not started", "starting", "ready", "dead", "failed", "stopped")
+
+
+class TorchPoolCollector:
+    """Collects one app's pool metrics when scraped. Get one from :meth:`TorchPool.prometheus_collector`.
+
+    Metrics (every one labelled with ``model``):
+
+    ======================================  ==========  =========================================
+    ``torchpool_calls_total``               counter     calls by ``outcome``
+    ``torchpool_call_latency_seconds``      histogram   submit to result, queueing included
+    ``torchpool_queue_seconds``             histogram   time waiting for a worker
+    ``torchpool_batch_rows``                histogram   rows (dim 0) per batch run by a worker
+    ``torchpool_batch_calls``               histogram   calls per batch run by a worker
+    ``torchpool_queue_depth``               gauge       calls waiting for a worker
+    ``torchpool_inflight_calls``            gauge       calls sent to workers, not yet answered
+    ``torchpool_busy_workers``              gauge       workers with at least one call
+    ``torchpool_workers``                   gauge       workers by ``state``
+    ``torchpool_ready``                     gauge       1 when every worker is ready
+    ``torchpool_worker_restarts_total``     counter     worker respawns since the pool started
+    ``torchpool_shared_memory_bytes``       gauge       bytes of shared-memory arenas mapped
+    ======================================  ==========  =========================================
+    """
+
+    def __init__(self, state: Any) -> None:
+        _require()
+        self._state = state
+
+    def describe(self) -> list[Any]:
+        """The metric families without samples: lets a registry check names without a scrape."""
+        return list(_families(None))
+
+    def collect(self) -> Iterator[Any]:
+        yield from _families(self._state.status())
+
+
+def _require() -> None:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("Prometheus metrics need the prometheus_client package: "
+                          "pip install flask_torchpool[metrics]") from exc
+
+
+def render(state: Any, accept: str = "") -> tuple[bytes, str]:
+    """Encode one scrape of *state*'s pool for a scraper sending *accept*: (body, content type)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import choose_encoder
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TorchPoolCollector(state))
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type
+
+
+def _families(status: dict[str, Any] | None) -> Iterator[Any]:
+    """The metric families of one status snapshot; with None, the families without samples."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    metrics = (status or {}).get("metrics") or Metrics().snapshot()
+    model = str(metrics.get("model", "default"))
+    labels = [model]
+
+    calls = CounterMetricFamily("torchpool_calls", "Calls that ended, by outcome.",
+                                labels=["model", "outcome"])
+    if status is not None:
+        for outcome, n in metrics["calls"].items():
+            calls.add_metric([model, outcome], n)
+    yield calls
+
+    for name, key, doc in (
+        ("torchpool_call_latency_seconds", "latency_seconds",
+         "Seconds from submitting a call to its result, queueing included."),
+        ("torchpool_queue_seconds", "queue_seconds", "Seconds a call waited for a worker."),
+        ("torchpool_batch_rows", "batch_rows", "Rows (along dim 0) of each batch a worker ran."),
+        ("torchpool_batch_calls", "batch_calls", "Calls in each batch a worker ran."),
+    ):
+        family = HistogramMetricFamily(name, doc, labels=["model"])
+        snapshot = metrics.get(key)
+        if status is not None and snapshot is not None:
+            buckets = [(floatToGoString(le), n) for le, n in zip(snapshot["buckets"], snapshot["cumulative"])]
+            buckets.append(("+Inf", snapshot["count"]))
+            family.add_metric(labels, buckets, sum_value=snapshot["sum"])
+        yield family
+
+    workers = (status or {}).get("workers", [])
+
+    def gauge(name: str, doc: str, value: float) -> Any:
+        family = GaugeMetricFamily(name, doc, labels=["model"])
+        if status is not None:
+            family.add_metric(labels, value)
+        return family
+
+    yield gauge("torchpool_queue_depth", "Calls waiting for a worker.", (status or {}).get("queued", 0))
+    yield gauge("torchpool_inflight_calls", "Calls sent to workers and not answered yet.",
+                sum(w.get("inflight", 0) for w in workers))
+    yield gauge("torchpool_busy_workers", "Workers running at least one call.",
+                (status or {}).get("busy_workers", 0))
+    by_state = GaugeMetricFamily("torchpool_workers", "Workers by state.", labels=["model", "state"])
+    if status is not None:
+        states = list(WORKER_STATES) + sorted({w["state"] for w in workers} - set(WORKER_STATES))
+        for state in states:
+            by_state.add_metric([model, state], sum(1 for w in workers if w["state"] == state))
+    yield by_state
+    yield gauge("torchpool_ready", "1 when the pool is started and every worker is ready, else 0.",
+                1 if (status or {}).get("ready") else 0)
+    restarts = CounterMetricFamily("torchpool_worker_restarts", "Worker respawns since the pool started.",
+                                   labels=["model"])
+    if status is not None:
+        restarts.add_metric(labels, sum(w.get("restarts", 0) for w in workers))
+    yield restarts
+    yield gauge("torchpool_shared_memory_bytes", "Bytes of shared-memory arenas mapped by the pool.",
+                (status or {}).get("arena_bytes", 0))
