@@ -30,9 +30,7 @@ from . import transport as tp
 from .config import PoolConfig
 from .errors import (
     InferenceError,
-    InvalidInputError,
     OutputError,
-    PayloadTooLargeError,
     PoolClosedError,
     RemoteTraceback,
     TorchPoolError,
@@ -157,17 +155,7 @@ class InlinePool:
                batch: bool = True) -> Future:
         """Run one call now, in this thread, and return its (completed) future. *timeout* is not
         enforced and *batch* is ignored in inline mode."""
-        tensors: list[torch.Tensor] = []
-        try:
-            skel_args = tp.flatten(tuple(args), tensors, "args")
-            skel_kwargs = tp.flatten(dict(kwargs), tensors, "kwargs")
-        except tp.UnsupportedValue as exc:
-            raise InvalidInputError(f"cannot send {exc.path} to a worker: {exc.reason}") from None
-        nbytes = sum(tp.tensor_nbytes(t) for t in tensors)
-        if nbytes > self.config.max_input_bytes:
-            raise PayloadTooLargeError(
-                f"the call carries {nbytes} bytes of tensors, more than TORCHPOOL_MAX_INPUT_BYTES="
-                f"{self.config.max_input_bytes}")
+        skel_args, skel_kwargs, tensors = tp.flatten_call(args, kwargs, self.config.max_input_bytes)
         self._check_open()
         if not self.started:
             self.start()

@@ -56,7 +56,6 @@ from .errors import (
     InferenceTimeoutError,
     InvalidInputError,
     OutputError,
-    PayloadTooLargeError,
     PoolClosedError,
     PoolOverloadedError,
     RemoteTraceback,
@@ -294,17 +293,7 @@ class Pool:
 
         Input that cannot travel is refused here, in the calling thread, before anything is queued.
         """
-        tensors: list[torch.Tensor] = []
-        try:
-            skel_args = tp.flatten(tuple(args), tensors, "args")
-            skel_kwargs = tp.flatten(dict(kwargs), tensors, "kwargs")
-        except tp.UnsupportedValue as exc:
-            raise InvalidInputError(f"cannot send {exc.path} to a worker: {exc.reason}") from None
-        nbytes = sum(tp.tensor_nbytes(t) for t in tensors)
-        if nbytes > self.config.max_input_bytes:
-            raise PayloadTooLargeError(
-                f"the call carries {nbytes} bytes of tensors, more than TORCHPOOL_MAX_INPUT_BYTES="
-                f"{self.config.max_input_bytes}")
+        skel_args, skel_kwargs, tensors = tp.flatten_call(args, kwargs, self.config.max_input_bytes)
         timeout = self.config.timeout if timeout is None else timeout
         call = _Call(skel_args, skel_kwargs, tensors, Future(),
                      None if timeout is None else time.monotonic() + timeout, self.config.retries)

@@ -383,6 +383,28 @@ def flatten(obj: Any, tensors: list[torch.Tensor], path: str) -> Any:
                                  f"bytes and tuples, lists and dicts of them{hint}")
 
 
+def flatten_call(args: tuple, kwargs: dict, max_input_bytes: int
+                 ) -> tuple[Any, Any, list[torch.Tensor]]:
+    """Validate one call's arguments and return ``(args skeleton, kwargs skeleton, tensors)``.
+
+    Raises :class:`~flask_torchpool.InvalidInputError` for a value that cannot travel and
+    :class:`~flask_torchpool.PayloadTooLargeError` past ``TORCHPOOL_MAX_INPUT_BYTES``."""
+    from .errors import InvalidInputError, PayloadTooLargeError
+
+    tensors: list[torch.Tensor] = []
+    try:
+        skel_args = flatten(tuple(args), tensors, "args")
+        skel_kwargs = flatten(dict(kwargs), tensors, "kwargs")
+    except UnsupportedValue as exc:
+        raise InvalidInputError(f"cannot send {exc.path} to a worker: {exc.reason}") from None
+    nbytes = sum(tensor_nbytes(t) for t in tensors)
+    if nbytes > max_input_bytes:
+        raise PayloadTooLargeError(
+            f"the call carries {nbytes} bytes of tensors, more than TORCHPOOL_MAX_INPUT_BYTES="
+            f"{max_input_bytes}")
+    return skel_args, skel_kwargs, tensors
+
+
 def unflatten(skel: Any, tensors: list[torch.Tensor]) -> Any:
     """Inverse of :func:`flatten`."""
     kind = type(skel)
