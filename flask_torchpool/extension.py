@@ -124,7 +124,9 @@ class _AppState:
             return inline_plan(self.config)
         return compute_plan(self.config)
 
-    def start(self) -> Pool | InlinePool:
+    def start(self, restart: bool = False) -> Pool | InlinePool:
+        """Start this app's pool; with *restart* (``TorchPool.start()``), a pool that was shut down
+        is replaced by a new one. Calls never restart a pool that was shut down."""
         with self.lock:
             if self.inert:
                 raise RuntimeError(
@@ -134,7 +136,7 @@ class _AppState:
             if self.pool is not None and not self.pool.closed:
                 pool = self.pool
             else:
-                if self.pool is not None and self.start_error is None:
+                if self.pool is not None and self.start_error is None and not restart:
                     raise PoolClosedError("the pool was shut down; call TorchPool.start() to start "
                                           "a new one")
                 placements = inline_plan(self.config) if self.config.inline else compute_plan(self.config)
@@ -153,12 +155,13 @@ class _AppState:
 
     def pool_for_call(self) -> Pool | InlinePool:
         pool = self.pool
-        if pool is not None and pool.started:
+        if pool is not None and pool.started and not pool.closed:
             return pool
         if self.start_error is not None:
             raise self.start_error  # don't respawn a failing model on every request; start() retries
         if pool is not None and pool.closed:
-            raise PoolClosedError("the pool is shut down")
+            raise PoolClosedError("the pool is shut down; call TorchPool.start() to start a new one",
+                                  retry_after=self.config.retry_after)
         return self.start()
 
     def start_in_background(self) -> bool:
@@ -289,7 +292,7 @@ class TorchPool:
         """Start the workers now (if they are not running) and return once every one has loaded its
         model. Raises :class:`WorkerStartupError` with the worker's traceback when one fails."""
         # Keep start_error: it is what lets _AppState.start() replace a pool whose start failed.
-        self._state(app).start()
+        self._state(app).start(restart=True)
 
     def shutdown(self, wait: bool = True, app: Flask | None = None,
                  drain_timeout: float | None = None) -> None:

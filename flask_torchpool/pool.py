@@ -271,7 +271,8 @@ class Pool:
             self._closing = True
             if drain == 0:
                 for call in list(self._queue):
-                    self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
+                    self._finish(call, exc=PoolClosedError("the pool shut down before this call ran",
+                                                      retry_after=self.config.retry_after))
                 self._queue.clear()
         self._flush()
         manager = self._manager
@@ -399,7 +400,7 @@ class Pool:
         worker.jobs[job.id] = job
         self._open[call.key] = job
         # Nothing running on the worker: waiting would only add latency (Note [Batching]).
-        if idle and seal_idle:
+        if seal_idle and (idle or not self._batch_delay):
             self._seal(job)
         return job
 
@@ -513,8 +514,8 @@ class Pool:
                 self._queue.popleft()
                 todo.append((job, call))
             for job in {id(j): j for j, _ in todo}.values():
-                if not job.sealed and all(j is job or not (j.sent or j.sealed) or j.expired
-                                          for j in job.worker.jobs.values()):
+                if not job.sealed and (not self._batch_delay or all(
+                        j is job or not (j.sent or j.sealed) or j.expired for j in job.worker.jobs.values())):
                     self._seal(job)
         for job, call in todo:
             self._write(job, call)
@@ -842,7 +843,8 @@ class Pool:
                 # A job that never started on a worker that has not said a word since it was sent,
                 # for the whole deadline, while running nothing: the worker is frozen (SIGSTOP, a
                 # hang outside a call), not busy.
-                frozen = not running and worker.last_reply < job.sent_at
+                frozen = (not running and worker.last_reply < job.sent_at
+                          and not (worker.channel is not None and worker.channel.poll(0)))
                 if stuck or frozen:
                     if worker not in kill:
                         kill.append(worker)
@@ -877,13 +879,15 @@ class Pool:
                 return True
             if self._drain_deadline is not None and now >= self._drain_deadline:
                 for call in list(self._queue):
-                    self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
+                    self._finish(call, exc=PoolClosedError("the pool shut down before this call ran",
+                                                      retry_after=self.config.retry_after))
                 self._queue.clear()
                 for w in self.workers:
                     for job in list(w.jobs.values()):
                         for call in job.members:
                             self._finish(call, exc=PoolClosedError(
-                                "the pool shut down before this call finished (TORCHPOOL_DRAIN_TIMEOUT)"))
+                                "the pool shut down before this call finished (TORCHPOOL_DRAIN_TIMEOUT)",
+                                retry_after=self.config.retry_after))
                 return True
         return False
 
@@ -1061,8 +1065,9 @@ class Pool:
             for worker in self.workers:
                 for job in worker.jobs.values():
                     for call in job.members:
-                        self._finish(call, exc=PoolClosedError("the pool shut down before this call "
-                                                               "finished"))
+                        self._finish(call, exc=PoolClosedError(
+                            "the pool shut down before this call finished",
+                            retry_after=self.config.retry_after))
                     for fd in job.fds:
                         os.close(fd)
                 worker.jobs.clear()
@@ -1076,7 +1081,8 @@ class Pool:
                 worker.channel = worker.process = worker.arena = worker.inputs = None
                 worker.state = WorkerState.STOPPED
             for call in self._queue:
-                self._finish(call, exc=PoolClosedError("the pool shut down before this call ran"))
+                self._finish(call, exc=PoolClosedError("the pool shut down before this call ran",
+                                                      retry_after=self.config.retry_after))
             self._queue.clear()
             self._open.clear()
             self._closing = True

@@ -83,7 +83,10 @@ def load_model(spec: Any, device: str) -> Any:
     if model is None or not callable(model):
         raise TypeError(f"the factory {spec!r} returned {type(model).__qualname__}, not a callable model")
     if isinstance(model, torch.nn.Module):
-        model.eval()
+        try:
+            model.eval()
+        except NotImplementedError:  # torch.export modules: already traced for inference
+            pass
         if device != "cpu":
             model.to(device)
     return model

@@ -209,3 +209,34 @@ def test_one_extension_two_apps(make_pool) -> None:
             ext(1)
     finally:
         ext.shutdown()
+
+
+def test_start_after_shutdown_makes_a_new_pool(make_pool) -> None:
+    from flask_torchpool import PoolClosedError
+
+    app, pool = make_pool()
+    with app.app_context():
+        first = pool(action="pid")
+        pool.shutdown()
+        with pytest.raises(PoolClosedError, match="call TorchPool.start"):
+            pool(1)
+        pool.start()
+        assert pool(action="pid") != first
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "export"])
+def test_model_from_a_file(make_pool, tmp_path, kind: str) -> None:
+    from tests.models import linear
+
+    model = linear().eval()
+    x = torch.randn(3, 4)
+    if kind == "torchscript":
+        path = tmp_path / "model.pt"
+        torch.jit.script(model).save(str(path))
+    else:
+        path = tmp_path / "model.pt2"
+        torch.export.save(torch.export.export(model, (x,)), str(path))
+    app, pool = make_pool(TORCHPOOL_MODEL=str(path), TORCHPOOL_WORKERS=2)
+    with app.app_context():
+        y = pool(x)
+    assert torch.allclose(y, model(x), atol=1e-6)
