@@ -28,6 +28,7 @@ worker. See Note [Batching] for how batches form.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import itertools
@@ -44,7 +45,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing import reduction
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as tmp
@@ -137,6 +138,7 @@ class _Job:
     capacity: int = 0
     slots: list[tuple[int, int]] = field(default_factory=list)  # batch: (offset, bytes per row) a tensor
     blocks: list[int] = field(default_factory=list)   # input blocks to free when the worker is done
+    kept: set[int] = field(default_factory=set)       # of those, blocks zero-copy outputs still use
     fds: list[int] = field(default_factory=list)      # one-off segments of a single call
     refs: tuple[tp.TensorRef, ...] = ()
     writers: int = 0       # members still copying their inputs in
@@ -684,18 +686,15 @@ class Pool:
         if kind is tp.Result or kind is tp.Failure:
             with self._lock:
                 job = worker.jobs.pop(msg.id, None)
-                if job is not None and worker.inputs is not None:
-                    for offset in job.blocks:
-                        worker.inputs.free(offset)
-                    job.blocks = []
                 members = [m for m in job.members if m.state is not _CallState.DONE] if job else []
             if not members:
                 if kind is tp.Result:  # nobody wants it: hand the output blocks straight back
                     for fd in fds:
                         os.close(fd)
                     for ref in msg.refs:
-                        if ref.seg < 0 and ref.nbytes:
+                        if ref.seg == -1 and ref.nbytes:
                             worker.releases(ref.offset)
+                self._free_inputs(worker, job)
             else:
                 worker.calls += len(members)
                 if kind is tp.Result:
@@ -704,6 +703,9 @@ class Pool:
                     worker.errors += 1
                     err = self._failure_error(msg)
                     results = [(None, err)] * len(job.members)
+                # Only now: outputs that are inputs were read from these blocks (Note [Outputs that
+                # are inputs], worker.py); the ones zero-copy views still use stay allocated.
+                self._free_inputs(worker, job)
                 with self._lock:
                     for member, (value, exc) in zip(job.members, results):
                         self._finish(member, value, exc)
@@ -773,11 +775,51 @@ class Pool:
         except OSError:
             pass  # it died; its sentinel says so
 
+    def _free_inputs(self, worker: _Worker, job: _Job | None) -> None:
+        """Free a finished job's input blocks, except those kept for zero-copy outputs."""
+        if job is None or worker.inputs is None:
+            return
+        for offset in job.blocks:
+            if offset not in job.kept:
+                worker.inputs.free(offset)
+        job.blocks = []
+
+    def _input_releaser(self, job: _Job, refs: tuple[tp.TensorRef, ...],
+                        worker: _Worker) -> Callable[[int], None] | None:
+        """For outputs that are views of *job*'s input blocks: mark those blocks kept, and return the
+        callback that frees each block once every view of it is collected."""
+        aliases = [r for r in refs if r.seg == tp.INPUT_ALIAS and r.nbytes >= tp.ZERO_COPY_MIN_BYTES]
+        if not aliases or worker.inputs is None:
+            return None
+        allocator = worker.inputs
+        blocks = sorted(job.blocks)
+
+        def block_of(offset: int) -> int:
+            return blocks[bisect.bisect_right(blocks, offset) - 1]
+
+        counts: dict[int, int] = {}
+        for ref in aliases:
+            block = block_of(ref.offset)
+            counts[block] = counts.get(block, 0) + 1
+        job.kept = set(counts)
+        lock = threading.Lock()
+
+        def release(offset: int) -> None:
+            block = block_of(offset)
+            with lock:  # a leaf lock: garbage collection may call this from any thread
+                counts[block] -= 1
+                last = counts[block] == 0
+            if last:
+                allocator.free_later(block)
+
+        return release
+
     def _split(self, job: _Job, msg: tp.Result, fds: list[int],
                worker: _Worker) -> list[tuple[Any, BaseException | None]]:
         """The result of each member of *job* (a plain call has one member)."""
         try:
-            tensors = tp.read_refs(worker.arena, msg.refs, fds, worker.releases)
+            tensors = tp.read_refs(worker.arena, msg.refs, fds, worker.releases,
+                                   self._input_releaser(job, msg.refs, worker))
         except Exception as err:  # a malformed reply is a worker bug; the calls must not hang
             return [(None, OutputError(f"cannot read the model's output: {err}"))] * len(job.members)
         if job.key is None:

@@ -43,6 +43,8 @@ ALIGN = 64
 #: Outputs at least this large come back as zero-copy views of the arena (see Note [Zero-copy outputs]).
 ZERO_COPY_MIN_BYTES = 64 * 1024
 CTRL_RUNNING = 0  # int64 index in the control words: id of the call the worker is running, 0 when idle
+#: ``TensorRef.seg`` of an output that lies in the call's own inputs (Note [Outputs that are inputs]).
+INPUT_ALIAS = -2
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 
@@ -257,12 +259,26 @@ class Allocator:
         self._free: list[tuple[int, int]] = [(start, size)] if size > 0 else []
         self._used: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._later: deque[int] = deque()
         self.capacity = size
+
+    def free_later(self, offset: int) -> None:
+        """Free *offset* at the next allocation. Safe from a garbage-collection callback, which may run
+        in a thread that holds this allocator's lock."""
+        self._later.append(offset)
+
+    def _drain_later(self) -> None:
+        while self._later:
+            try:
+                self._free_locked(self._later.popleft())
+            except IndexError:  # pragma: no cover - drained by another thread
+                break
 
     def alloc(self, nbytes: int) -> int | None:
         """Offset of a block of at least *nbytes*, or None when no free block is large enough."""
         size = max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN)
         with self._lock:
+            self._drain_later()
             for i, (off, length) in enumerate(self._free):
                 if length >= size:
                     if length == size:
@@ -273,31 +289,40 @@ class Allocator:
                     return off
         return None
 
+    def size_of(self, offset: int) -> int:
+        """Size of the live block at *offset* (0 if none)."""
+        with self._lock:
+            return self._used.get(offset, 0)
+
     def free(self, offset: int) -> None:
         with self._lock:
-            size = self._used.pop(offset, None)
-            if size is None:
-                return
-            free = self._free
-            lo, hi = 0, len(free)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if free[mid][0] < offset:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            free.insert(lo, (offset, size))
-            # merge with the neighbours
-            if lo + 1 < len(free) and free[lo][0] + free[lo][1] == free[lo + 1][0]:
-                free[lo] = (free[lo][0], free[lo][1] + free[lo + 1][1])
-                del free[lo + 1]
-            if lo > 0 and free[lo - 1][0] + free[lo - 1][1] == free[lo][0]:
-                free[lo - 1] = (free[lo - 1][0], free[lo - 1][1] + free[lo][1])
-                del free[lo]
+            self._free_locked(offset)
+
+    def _free_locked(self, offset: int) -> None:
+        size = self._used.pop(offset, None)
+        if size is None:
+            return
+        free = self._free
+        lo, hi = 0, len(free)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if free[mid][0] < offset:
+                lo = mid + 1
+            else:
+                hi = mid
+        free.insert(lo, (offset, size))
+        # merge with the neighbours
+        if lo + 1 < len(free) and free[lo][0] + free[lo][1] == free[lo + 1][0]:
+            free[lo] = (free[lo][0], free[lo][1] + free[lo + 1][1])
+            del free[lo + 1]
+        if lo > 0 and free[lo - 1][0] + free[lo - 1][1] == free[lo][0]:
+            free[lo - 1] = (free[lo - 1][0], free[lo - 1][1] + free[lo][1])
+            del free[lo]
 
     @property
     def used(self) -> int:
         with self._lock:
+            self._drain_later()
             return sum(self._used.values())
 
 
@@ -475,7 +500,8 @@ class Placer:
 
 
 def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
-              on_free: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+              on_free: Callable[[int], None] | None = None,
+              on_input_free: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Tensors for *refs*: views of *segment* or of the passed descriptors (which this closes).
 
     With *on_free* (the web process reading results), small arena tensors are copied out and their
@@ -494,6 +520,11 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
         dtype = dtype_from_name(ref.dtype)
         if ref.seg >= 0:
             out.append(extra[ref.seg].view(0, ref.nbytes, dtype, ref.shape))
+        elif ref.seg == INPUT_ALIAS and on_free is not None and ref.nbytes:
+            if ref.nbytes < ZERO_COPY_MIN_BYTES or on_input_free is None:
+                out.append(segment.view(ref.offset, ref.nbytes, dtype, ref.shape).clone())
+            else:
+                out.append(segment.owned_view(ref.offset, ref.nbytes, dtype, ref.shape, on_input_free))
         elif on_free is None or ref.nbytes == 0:
             out.append(segment.view(ref.offset, ref.nbytes, dtype, ref.shape))
         elif ref.nbytes < ZERO_COPY_MIN_BYTES:

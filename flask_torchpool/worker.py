@@ -259,7 +259,7 @@ class _Server:
         try:
             produced: list[torch.Tensor] = []
             value = tp.flatten(out, produced, "output")
-            refs = tuple(placer.place(t) for t in produced)
+            refs = tuple(self._alias(t) or placer.place(t) for t in produced)
             msg = tp.Result(call_id, value, refs)
         except tp.UnsupportedValue as exc:
             placer.rollback()
@@ -275,6 +275,20 @@ class _Server:
             self.channel.send(msg, tuple(placer.fds))
         finally:
             placer.close_fds()
+
+    def _alias(self, t: torch.Tensor) -> tp.TensorRef | None:
+        """Note [Outputs that are inputs]: an output lying contiguously in this call's inputs (the
+        identity, an in-place op, a view of an input) goes back as a reference to those bytes, not a
+        copy; the web process keeps that input block until the output is collected."""
+        nbytes = tp.tensor_nbytes(t)
+        if nbytes < tp.ZERO_COPY_MIN_BYTES or t.device.type != "cpu" or not t.is_contiguous():
+            return None
+        base = self.arena.bytes.data_ptr()
+        start, size = self.arena.inputs
+        offset = t.data_ptr() - base
+        if offset < start or offset + nbytes > start + size or offset % t.element_size():
+            return None
+        return tp.TensorRef(tp.INPUT_ALIAS, offset, nbytes, str(t.dtype), tuple(t.shape))
 
     def _fail(self, call_id: int, kind: str, exc: BaseException) -> None:
         self.channel.send(tp.Failure(call_id, kind, type(exc).__name__, str(exc), traceback.format_exc()))
