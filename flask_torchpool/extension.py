@@ -264,6 +264,7 @@ class TorchPool:
         if config.handle_sigterm:
             _install_sigterm_handler()
         # Inline mode builds the model on first use unless told "eager" (see TORCHPOOL_INLINE).
+        _guard_reloader_watcher(app, state)
         if config.start == "eager" or (config.start == "auto" and not config.inline and not _defer_start()):
             state.start()
 
@@ -428,6 +429,28 @@ def _register_operations(app: Flask, config: PoolConfig) -> None:
         app.register_blueprint(health.blueprint, url_prefix=config.health_url)
 
 
+def _guard_reloader_watcher(app: Flask, state: _AppState) -> None:
+    """``app.run(debug=True)`` in a script: the process that ran ``TorchPool(app)`` becomes the Werkzeug
+    reloader's watcher, which never serves; its child (``WERKZEUG_RUN_MAIN=true``) does. Nothing says so
+    before ``app.run``, so ``app.run`` stops this process's pool when it is about to become a watcher,
+    leaving one pool, in the serving child."""
+    run = app.run
+
+    @functools.wraps(run)
+    def run_guarded(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", args[2] if len(args) > 2 else None)
+        debug = app.debug if debug is None else bool(debug)
+        reloads = kwargs.get("use_reloader", debug)
+        if reloads and os.environ.get("WERKZEUG_RUN_MAIN") != "true" and state.pool is not None:
+            log.info("torchpool %s: this process becomes the reloader's watcher; its pool stops and "
+                     "the serving child starts its own", state.app_name)
+            state.shutdown(wait=True, drain_timeout=0)
+            state.pool = None  # a later start (in this process) starts afresh
+        return run(*args, **kwargs)
+
+    app.run = run_guarded  # type: ignore[method-assign]
+
+
 def _defer_start() -> bool:
     """``TORCHPOOL_START='auto'``: should this process wait for first use instead of starting now?"""
     # `flask torchpool plan`, `flask routes`, `flask shell`, users' own commands: the `flask` command
@@ -440,7 +463,7 @@ def _defer_start() -> bool:
         if _flask_run_reloads():
             return True
     # gunicorn --preload imports the app in the master, which forks workers later.
-    if "gunicorn" in sys.modules and not _parent_is_gunicorn():
+    if "gunicorn" in sys.modules and not _imported_by_gunicorn_worker():
         return True
     return False
 
@@ -465,12 +488,17 @@ def _flask_run_reloads() -> bool:
     return os.environ.get("FLASK_DEBUG", "").lower() in ("1", "true", "yes")
 
 
-def _parent_is_gunicorn() -> bool:
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            return b"gunicorn" in f.read()
-    except OSError:
-        return False
+def _imported_by_gunicorn_worker() -> bool:
+    """Is the app being loaded by a gunicorn worker (after the fork), rather than by the master
+    (``--preload``)? A worker loads it from ``gunicorn.workers.*`` (``init_process``/``load_wsgi``);
+    the master never runs that code. Command lines prove nothing: a shell that starts gunicorn has
+    "gunicorn" in its own."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith("gunicorn.workers"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _check_resources(config: PoolConfig, workers: int) -> None:

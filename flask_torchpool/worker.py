@@ -160,11 +160,15 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
     _die_with_parent(parent_pid)
     # Ctrl-C in a terminal reaches the whole process group; the web process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGTERM to the whole process group (systemd's KillMode=control-group, a terminal's job
+    # control) must let the web process drain: it stops the workers itself, and PR_SET_PDEATHSIG
+    # still ends them if it dies.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = tp.Channel(conn)
-    fd = arena_fd.detach() if hasattr(arena_fd, "detach") else arena_fd
-    arena = tp.Arena(fd, arena_size)
-    os.close(fd)
     try:
+        fd = arena_fd.detach() if hasattr(arena_fd, "detach") else arena_fd
+        arena = tp.Arena(fd, arena_size)
+        os.close(fd)
         _pin(placement)
         model = load_model(model_spec, placement.device)
         shared = _share_weights(channel, model) if share_weights and placement.device == "cpu" else 0
