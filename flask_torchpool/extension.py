@@ -160,7 +160,8 @@ class _AppState:
         if self.start_error is not None:
             raise self.start_error  # don't respawn a failing model on every request; start() retries
         if pool is not None and pool.closed:
-            raise PoolClosedError("the pool is shut down; call TorchPool.start() to start a new one",
+            raise PoolClosedError("the pool is shut down, or draining before it stops; call "
+                                  "TorchPool.start() to start a new one",
                                   retry_after=self.config.retry_after)
         return self.start()
 

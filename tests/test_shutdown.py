@@ -63,7 +63,7 @@ def test_shutdown_drains_call_in_flight(make_pool: Any, tmp_path: Path) -> None:
     try:
         assert wait_until(lambda: pool.status(app)["closed"], timeout=10)
         # Draining: new calls are refused, the call in flight carries on.
-        assert_closed(app, pool, "shutting down")
+        assert_closed(app, pool, "the pool is shut")
         assert not future.done()
         assert stopper.is_alive()
     finally:
@@ -76,7 +76,7 @@ def test_shutdown_drains_call_in_flight(make_pool: Any, tmp_path: Path) -> None:
     # shutdown(wait=True) returned: every worker has exited and been reaped.
     assert not [pid for pid in pids if pid_alive(pid)]
     assert all(w["state"] == "stopped" for w in pool.status(app)["workers"])
-    assert_closed(app, pool, "shutting down")
+    assert_closed(app, pool, "the pool is shut")
     pool.shutdown(app=app)  # idempotent, also without draining and from other threads
     pool.shutdown(app=app, drain_timeout=0)
     again = [threading.Thread(target=pool.shutdown, kwargs={"app": app}) for _ in range(3)]
@@ -85,7 +85,7 @@ def test_shutdown_drains_call_in_flight(make_pool: Any, tmp_path: Path) -> None:
     for t in again:
         t.join(timeout=10)
         assert not t.is_alive()
-    assert_closed(app, pool, "shutting down")
+    assert_closed(app, pool, "the pool is shut")
     assert not leaked_shm(before_shm)
 
 
@@ -111,7 +111,7 @@ def test_shutdown_without_drain_fails_calls(make_pool: Any, tmp_path: Path) -> N
     err = queued.exception(timeout=0)
     assert isinstance(err, PoolClosedError) and "before this call ran" in str(err)
     assert not pid_alive(pid)
-    assert_closed(app, pool, "shutting down")
+    assert_closed(app, pool, "the pool is shut")
     pool.shutdown(app=app)
     assert not leaked_shm(before_shm)
 
