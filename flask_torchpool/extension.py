@@ -464,7 +464,7 @@ def _defer_start() -> bool:
         if _flask_run_reloads():
             return True
     # gunicorn --preload imports the app in the master, which forks workers later.
-    if "gunicorn" in sys.modules and not _imported_by_gunicorn_worker():
+    if "gunicorn" in sys.modules and _gunicorn_loader() == "master":
         return True
     return False
 
@@ -489,17 +489,21 @@ def _flask_run_reloads() -> bool:
     return os.environ.get("FLASK_DEBUG", "").lower() in ("1", "true", "yes")
 
 
-def _imported_by_gunicorn_worker() -> bool:
-    """Is the app being loaded by a gunicorn worker (after the fork), rather than by the master
-    (``--preload``)? A worker loads it from ``gunicorn.workers.*`` (``init_process``/``load_wsgi``);
-    the master never runs that code. Command lines prove nothing: a shell that starts gunicorn has
-    "gunicorn" in its own."""
+def _gunicorn_loader() -> str | None:
+    """Who is loading the app: ``"worker"`` (a gunicorn worker, after the fork: ``init_process`` /
+    ``load_wsgi`` in ``gunicorn.workers.*``), ``"master"`` (``--preload``: gunicorn code, no worker),
+    or None (not gunicorn; merely importing gunicorn somewhere proves nothing). Command lines prove
+    nothing either: a shell that starts gunicorn has "gunicorn" in its own."""
+    seen_gunicorn = False
     frame = sys._getframe(1)
     while frame is not None:
-        if str(frame.f_globals.get("__name__", "")).startswith("gunicorn.workers"):
-            return True
+        name = str(frame.f_globals.get("__name__", ""))
+        if name.startswith("gunicorn.workers"):
+            return "worker"
+        if name == "gunicorn" or name.startswith("gunicorn."):
+            seen_gunicorn = True
         frame = frame.f_back
-    return False
+    return "master" if seen_gunicorn else None
 
 
 def _check_resources(config: PoolConfig, workers: int) -> None:

@@ -919,6 +919,15 @@ class Pool:
             busy = bool(self._queue) or any(j.alive() for w in self.workers for j in w.jobs.values())
             if not busy:
                 return True
+            if self._queue and not any(w.state is WorkerState.READY for w in self.workers):
+                # Draining with no worker left to run what is queued (they died meanwhile, and are not
+                # respawned while closing): waiting for the drain deadline would change nothing.
+                for call in list(self._queue):
+                    self._finish(call, exc=PoolClosedError(
+                        "the pool shut down before this call ran (no worker was left to run it)",
+                        retry_after=self.config.retry_after))
+                self._queue.clear()
+                return not any(j.alive() for w in self.workers for j in w.jobs.values())
             if self._drain_deadline is not None and now >= self._drain_deadline:
                 for call in list(self._queue):
                     self._finish(call, exc=PoolClosedError("the pool shut down before this call ran",

@@ -388,7 +388,8 @@ def _environment() -> dict[str, Any]:
                 break
     mem = ""
     with contextlib.suppress(OSError):
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+        kib = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
+        mem = f"{kib / (1 << 20):.0f} GiB of memory"
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -397,7 +398,7 @@ def _environment() -> dict[str, Any]:
         "memory": mem,
         "torch_threads_default": torch.get_num_threads(),
         "versions": versions,
-        "wrk": (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else "?",
+        "wrk": (wrk.stdout or wrk.stderr or "wrk ?").splitlines()[0].split(" Copyright")[0].strip(),
     }
 
 
@@ -843,11 +844,14 @@ def _percentile(sorted_values: Sequence[float], p: float) -> float:
 @dataclass
 class Verdict:
     target: str
-    passed: bool | None  # None: not measured
+    passed: bool | None  # None: not measured, or information only
     detail: str
+    info: bool = False  # a figure next to a target, not a target
 
     @property
     def mark(self) -> str:
+        if self.info:
+            return "info"
         return "n/a" if self.passed is None else ("PASS" if self.passed else "MISS")
 
 
@@ -961,9 +965,9 @@ def _verdicts(run: Run) -> list[Verdict]:
                            f"torchpool-batch {ours_rps:,.1f} req/s vs {best[0]} {best[1]:,.1f} = {r:.2f}x"))
         lb = _rps(run, "wide-mlp", "litserve-batch", sat)
         if lb is not None:
-            out.append(Verdict("wide-mlp: (info) vs LitServe with its own batching", None,
+            out.append(Verdict("wide-mlp: against LitServe with its own batching", None,
                                f"torchpool-batch {ours_rps:,.1f} vs litserve-batch {lb:,.1f} = "
-                               f"{ours_rps / lb:.2f}x"))
+                               f"{ours_rps / lb:.2f}x", info=True))
     else:
         out.append(Verdict("wide-mlp: batching req/s >= 3x best peer", None, "not measured"))
     ours_o, gun_o = _outcome(run, "wide-mlp", "torchpool-batch"), _outcome(run, "wide-mlp", "gunicorn")
@@ -974,8 +978,8 @@ def _verdicts(run: Run) -> list[Verdict]:
         copies = _outcome(run, "wide-mlp", "torchpool-copies")
         if copies and copies.cell(sat):
             cp = copies.cells[sat].pss_mib
-            out.append(Verdict("wide-mlp: (info) PSS with weights copied per worker", None,
-                               f"torchpool-copies {cp:,.0f} MiB = {cp / b:.2f}x gunicorn"))
+            out.append(Verdict("wide-mlp: PSS with TORCHPOOL_SHARE_WEIGHTS=False", None,
+                               f"torchpool-copies {cp:,.0f} MiB = {cp / b:.2f}x gunicorn", info=True))
     else:
         out.append(Verdict("wide-mlp: total PSS <= 0.6x gunicorn", None, "not measured"))
 
@@ -1093,8 +1097,9 @@ def _rst(run: Run, plots: list[Path]) -> list[str]:
         f"on {run.started}: {env['cpu']}, {env['cores']} cores, {env['memory']}, python {env['python']}, "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f", {env['wrk']}. "
         f"The full run took {run.wall_s / 60:.1f} minutes. 1-minute load average at the start "
-        f"{la['start'][0]:.2f}, at the end {la['end'][0]:.2f} "
-        "(the machine is shared: other processes ran too). "
+        f"{la['start'][0]:.2f}, "
+        + ", ".join(f"when {k} started {v[0]:.2f}" for k, v in la.items() if k not in ("start", "end"))
+        + f", at the end {la['end'][0]:.2f} (the machine is shared: other processes ran too). "
         f"{run.settings['duration']} s per cell after {run.settings['warmup']} s of warm-up, N = "
         f"{run.settings['workers']} model processes for every server, wrk with one thread.",
         "",
@@ -1153,8 +1158,8 @@ def _plots(run: Run) -> list[Path]:
         heights = [values.get(s) or 0.0 for s in names]
         ax.bar(xs, heights, color=[colors[s] for s in names])
         for x, s, h in zip(xs, names, heights):
-            ax.text(x, h, "n/a" if values.get(s) is None else f"{h:,.3g}", ha="center", va="bottom",
-                    fontsize=7)
+            label = "n/a" if values.get(s) is None else (f"{h:,.0f}" if h >= 100 else f"{h:.3g}")
+            ax.text(x, h, label, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(xs), names, rotation=40, ha="right", fontsize=8)
         ax.set_title(workload, fontsize=10)
         ax.set_ylabel(ylabel, fontsize=8)
@@ -1162,11 +1167,21 @@ def _plots(run: Run) -> list[Path]:
     # throughput at saturation, with the raw limits
     fig, axes = grid(f"Throughput at {sat} connections (2xx req/s); dashed: the model alone in N processes")
     for ax, w in zip(axes, workloads):
-        bars(ax, w, {s: _rps(run, w, s, sat) for s in servers}, "requests / s")
+        rates = {s: _rps(run, w, s, sat) for s in servers}
+        bars(ax, w, rates, "requests / s")
+        top = max((r for r in rates.values() if r), default=1.0)
+        off_scale = []
         for raw, style in zip(run.raw.get(w, []), ("--", ":")):
-            ax.axhline(raw.samples_per_s, color="black", linestyle=style, linewidth=1,
-                       label=f"raw, batch {raw.batch}")
-        ax.legend(fontsize=7)
+            if raw.samples_per_s <= 5 * top:
+                ax.axhline(raw.samples_per_s, color="black", linestyle=style, linewidth=1,
+                           label=f"raw, batch {raw.batch}")
+            else:
+                off_scale.append(f"raw, batch {raw.batch}: {raw.samples_per_s:,.0f}/s")
+        if off_scale:
+            ax.text(0.02, 0.98, "off scale:\n" + "\n".join(off_scale), transform=ax.transAxes, va="top",
+                    fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
     paths.append(_save(fig, "http_throughput.png"))
 
     # latency: p50 at the lowest concurrency, p99 at saturation
