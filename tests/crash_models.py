@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from tests.models import Echo
+from tests.servers import _mapped_shm_names
 
 PROBE = "tests.crash_models:probe"
 
@@ -155,23 +156,8 @@ def leaked_shm(before: set[str], timeout: float = 5.0) -> set[str]:
     from tests.conftest import shm_entries, wait_until
 
     def leaked() -> set[str]:
-        return (shm_entries() - before) - _mapped_shm_names(exclude=os.getpid())
+        return (shm_entries() - before) - _mapped_shm_names({os.getpid()})
 
     if wait_until(lambda: not leaked(), timeout=timeout):
         return set()
     return leaked()
-
-
-def _mapped_shm_names(exclude: int) -> set[str]:
-    names: set[str] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == exclude:
-            continue
-        try:
-            with open(f"/proc/{entry}/maps") as f:
-                for line in f:
-                    if "/dev/shm/" in line:
-                        names.add(line.rsplit("/dev/shm/", 1)[1].split()[0])
-        except OSError:
-            continue
-    return names
