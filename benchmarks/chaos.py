@@ -610,6 +610,11 @@ def run(args: argparse.Namespace) -> int:
         ("every kill respawned", respawns == len(kills), f"{respawns} respawns for {len(kills)} kills"),
         ("nothing outlives the server", not left and code is not None, f"left {sorted(left)}"),
     ]
+    return report_bars(bars)
+
+
+def report_bars(bars: list[tuple[str, bool, str]]) -> int:
+    """Print each bar as ok/FAIL with its detail; 0 if every bar holds, else 1."""
     print()
     held = True
     for name, good, detail in bars:

@@ -44,6 +44,7 @@ from benchmarks.chaos import (  # noqa: E402
     load_average,
     open_fds,
     percentile,
+    report_bars,
     rss_mib,
     server_running,
     stop_server,
@@ -186,13 +187,7 @@ def run(args: argparse.Namespace) -> int:
          f"{growth:+.1f} MiB from the first sample to the last"),
         ("nothing outlives the server", not left and code is not None, f"left {sorted(left)}"),
     ]
-    held = True
-    print()
-    for name, good, detail in bars:
-        held &= good
-        print(f"  [{'ok' if good else 'FAIL'}] {name}: {detail}")
-    print(f"\nbar {'holds' if held else 'DOES NOT hold'} (load average now {load_average()})")
-    return 0 if held else 1
+    return report_bars(bars)
 
 
 def main(argv: list[str] | None = None) -> int:

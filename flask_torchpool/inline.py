@@ -148,9 +148,6 @@ class InlinePool:
             if acquired:
                 self._call_lock.release()
 
-    def wait_stopped(self, timeout: float | None = None) -> bool:
-        return self._stopped.wait(timeout)
-
     def submit(self, args: tuple, kwargs: dict, timeout: float | None = None,
                batch: bool = True) -> Future:
         """Run one call now, in this thread, and return its (completed) future. *timeout* is not

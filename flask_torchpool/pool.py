@@ -285,9 +285,6 @@ class Pool:
         if wait and manager is not threading.current_thread():
             manager.join()
 
-    def wait_stopped(self, timeout: float | None = None) -> bool:
-        return self._stopped.wait(timeout)
-
     # --- calls ----------------------------------------------------------------------------------------
 
     def submit(self, args: tuple, kwargs: dict, timeout: float | None = None,

@@ -289,11 +289,6 @@ class Allocator:
                     return off
         return None
 
-    def size_of(self, offset: int) -> int:
-        """Size of the live block at *offset* (0 if none)."""
-        with self._lock:
-            return self._used.get(offset, 0)
-
     def free(self, offset: int) -> None:
         with self._lock:
             self._free_locked(offset)
