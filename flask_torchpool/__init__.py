@@ -2,28 +2,36 @@
 
 Tensors travel through pre-allocated shared memory; the web process never runs the model and never
 pickles tensor data. See :class:`TorchPool`.
+
+The public names are imported on first use (PEP 562), so that importing a submodule that needs neither
+torch nor Flask (``flask_torchpool.gunicorn``, loaded by a gunicorn master) stays light.
 """
 
 from __future__ import annotations
 
-from .errors import (
-    ConfigError,
-    InferenceError,
-    InferenceTimeoutError,
-    InvalidInputError,
-    OutputError,
-    PayloadTooLargeError,
-    PoolClosedError,
-    PoolOverloadedError,
-    RemoteTraceback,
-    TorchPoolError,
-    WorkerCrashedError,
-    WorkerStartupError,
-)
-from .extension import ModelProxy, TorchPool
-from .placement import Placement
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "TorchPool": "extension",
+    "ModelProxy": "extension",
+    "Placement": "placement",
+    "TorchPoolError": "errors",
+    "ConfigError": "errors",
+    "WorkerStartupError": "errors",
+    "WorkerCrashedError": "errors",
+    "InferenceError": "errors",
+    "OutputError": "errors",
+    "InvalidInputError": "errors",
+    "PayloadTooLargeError": "errors",
+    "InferenceTimeoutError": "errors",
+    "PoolOverloadedError": "errors",
+    "PoolClosedError": "errors",
+    "PoolUnavailableError": "errors",
+    "RemoteTraceback": "errors",
+}
 
 __all__ = [
     "TorchPool",
@@ -40,5 +48,38 @@ __all__ = [
     "InferenceTimeoutError",
     "PoolOverloadedError",
     "PoolClosedError",
+    "PoolUnavailableError",
     "RemoteTraceback",
 ]
+
+if TYPE_CHECKING:
+    from .errors import (
+        ConfigError,
+        InferenceError,
+        InferenceTimeoutError,
+        InvalidInputError,
+        OutputError,
+        PayloadTooLargeError,
+        PoolClosedError,
+        PoolOverloadedError,
+        PoolUnavailableError,
+        RemoteTraceback,
+        TorchPoolError,
+        WorkerCrashedError,
+        WorkerStartupError,
+    )
+    from .extension import ModelProxy, TorchPool
+    from .placement import Placement
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flask_torchpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

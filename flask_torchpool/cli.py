@@ -284,3 +284,20 @@ def _summary(value: Any) -> str:
         return f"a {type(value).__name__} of {len(value)}"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+@torchpool.command("serve")
+@click.option("--socket", "socket_path", metavar="PATH", default=None,
+              help="Unix socket to serve on (default: TORCHPOOL_SOCKET, else a private per-user "
+                   "directory).")
+def serve_command(socket_path: str | None) -> None:
+    """Run the app's pool as a pool server that web processes attach to (TORCHPOOL_MODE = "attach"
+    or "auto"). Stops, after draining, on SIGTERM or Ctrl-C."""
+    from . import extension
+
+    state = _state()
+    extension.SERVING = True
+    try:
+        state.extension.serve(current_app._get_current_object(), socket_path=socket_path)
+    except TorchPoolError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_MAX_BATCH_SIZE": 1,
     "TORCHPOOL_MAX_BATCH_DELAY_MS": 5.0,
     "TORCHPOOL_SHARE_WEIGHTS": True,
+    "TORCHPOOL_MODE": "embedded",
+    "TORCHPOOL_SOCKET": None,
 }
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -81,6 +83,10 @@ class PoolConfig:
     max_batch_size: int = 1
     max_batch_delay_ms: float = 5.0
     share_weights: bool = True
+    #: "embedded" (workers are children of this process), "attach" (use a pool server's) or "auto".
+    mode: str = "embedded"
+    #: The pool server's Unix socket; None: a per-user private directory (see server.default_socket_path).
+    socket: str | None = None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> PoolConfig:
@@ -115,6 +121,8 @@ class PoolConfig:
             max_batch_delay_ms=_seconds("TORCHPOOL_MAX_BATCH_DELAY_MS", get("TORCHPOOL_MAX_BATCH_DELAY_MS"),
                                         zero=True, unit="milliseconds"),
             share_weights=_bool("TORCHPOOL_SHARE_WEIGHTS", get("TORCHPOOL_SHARE_WEIGHTS")),
+            mode=_choice("TORCHPOOL_MODE", get("TORCHPOOL_MODE"), ("embedded", "attach", "auto")),
+            socket=_socket_path("TORCHPOOL_SOCKET", get("TORCHPOOL_SOCKET")),
         )
 
 
@@ -221,3 +229,17 @@ def _url_prefix(key: str, value: Any) -> str | None:
         raise ConfigError(key, f"{value!r} is not allowed; use None (off) or a URL path such as "
                                "'/torchpool'")
     return value.rstrip("/")
+
+
+def _socket_path(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a file path for the pool server's Unix socket, or None, got "
+                               f"{value!r}")
+    if len(os.fsencode(os.path.abspath(value))) > 107:
+        raise ConfigError(key, f"{value!r} is too long for a Unix socket path (107 bytes at most); "
+                               "use a shorter directory")
+    return os.path.abspath(value)

@@ -35,6 +35,7 @@ __all__ = [
     "InferenceTimeoutError",
     "PoolOverloadedError",
     "PoolClosedError",
+    "PoolUnavailableError",
     "RemoteTraceback",
 ]
 
@@ -183,6 +184,15 @@ class PoolOverloadedError(_HTTPError, ServiceUnavailable):
 
 class PoolClosedError(_HTTPError, ServiceUnavailable):
     """The pool is shut down, draining, or has no worker left to serve."""
+
+    code = 503
+    retry_after = 1
+
+
+class PoolUnavailableError(_HTTPError, ServiceUnavailable):
+    """``TORCHPOOL_MODE`` ``"attach"``/``"auto"``: no pool server answers on the socket, or the
+    connection to it was lost (the server stopped, died or restarted) while this call was pending.
+    Carries ``socket``. The next call reconnects; retry after ``Retry-After``."""
 
     code = 503
     retry_after = 1

@@ -33,10 +33,11 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, overload
 
 from flask import Flask, current_app, has_app_context
 
@@ -49,6 +50,9 @@ from .placement import Placement
 from .placement import plan as compute_plan
 from .pool import Pool, _running_pools
 
+if TYPE_CHECKING:
+    from .client import PoolConnection, RemotePool
+
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,6 +63,9 @@ _DEADLINE_GRACE = 5.0
 
 _states: weakref.WeakSet[_AppState] = weakref.WeakSet()
 _states_lock = threading.Lock()
+#: True in a pool server process (``flask torchpool serve``): loading the app starts nothing, and the
+#: server then starts the app's pool embedded, whatever ``TORCHPOOL_MODE`` says.
+SERVING = False
 
 
 class ModelProxy:
@@ -109,7 +116,11 @@ class _AppState:
         self.app_name = app.import_name
         self.config = config
         self.inert = inert
-        self.pool: Pool | InlinePool | None = None
+        self.pool: Pool | InlinePool | RemotePool | None = None
+        #: How to import the app again, when gunicorn loaded it ("module:app"): auto mode starts a pool
+        #: server with it.
+        self.app_import: str | None = None
+        self.connection: PoolConnection | None = None
         self.background_start: threading.Thread | None = None
         self.lock = threading.Lock()
         self.start_error: WorkerStartupError | None = None
@@ -124,7 +135,7 @@ class _AppState:
             return inline_plan(self.config)
         return compute_plan(self.config)
 
-    def start(self, restart: bool = False) -> Pool | InlinePool:
+    def start(self, restart: bool = False, embedded: bool = False) -> Pool | InlinePool | RemotePool:
         """Start this app's pool; with *restart* (``TorchPool.start()``), a pool that was shut down
         is replaced by a new one. Calls never restart a pool that was shut down."""
         with self.lock:
@@ -139,12 +150,7 @@ class _AppState:
                 if self.pool is not None and self.start_error is None and not restart:
                     raise PoolClosedError("the pool was shut down; call TorchPool.start() to start "
                                           "a new one")
-                placements = inline_plan(self.config) if self.config.inline else compute_plan(self.config)
-                for placement in placements:
-                    log.info("torchpool %s: %s", self.app_name, placement.describe())
-                _check_resources(self.config, len(placements))
-                pool_class = InlinePool if self.config.inline else Pool
-                pool = self.pool = pool_class(self.config, placements, name=f"torchpool[{self.app_name}]")
+                pool = self.pool = self._create_pool(embedded or SERVING)
                 self.start_error = None
         try:
             pool.start()
@@ -153,7 +159,64 @@ class _AppState:
             raise
         return pool
 
-    def pool_for_call(self) -> Pool | InlinePool:
+    def _create_pool(self, embedded: bool) -> Pool | InlinePool | RemotePool:
+        name = f"torchpool[{self.app_name}]"
+        if not self.config.inline and not embedded and self._attaches():
+            from .client import RemotePool
+
+            assert self.connection is not None
+            log.info("torchpool %s: attached mode, pool server socket %s", self.app_name,
+                     self.connection.path)
+            return RemotePool(self.config, self.connection, None, name=name)
+        placements = inline_plan(self.config) if self.config.inline else compute_plan(self.config)
+        for placement in placements:
+            log.info("torchpool %s: %s", self.app_name, placement.describe())
+        _check_resources(self.config, len(placements))
+        pool_class = InlinePool if self.config.inline else Pool
+        return pool_class(self.config, placements, name=name)
+
+    def socket_path(self) -> str:
+        from .client import socket_path_for
+
+        return socket_path_for(self.config, self.app_name)
+
+    def _attaches(self) -> bool:
+        """``TORCHPOOL_MODE``: attach to a pool server (starting one in auto mode under gunicorn)?"""
+        mode = self.config.mode
+        if mode == "embedded":
+            return False
+        from . import client, server
+
+        path = self.socket_path()
+        if mode == "auto" and self.app_import is None and not server.server_running(path):
+            return False  # no server, and not a pre-fork server: embedded
+        server.ensure_private_dir(path)
+        if self.connection is None or self.connection.path != path:
+            self.connection = client.PoolConnection(path, self.config.arena_bytes, self.config.retry_after)
+        if mode == "auto" and self.app_import is not None:
+            # The gunicorn master owns the server: it outlives any one web worker (max_requests). A
+            # server that died is started again by the first web worker that misses it.
+            connection = self.connection
+            app_import = self.app_import
+
+            last_spawn = [float("-inf")]
+
+            def start_server() -> None:
+                # At most one start every TORCHPOOL_RESTART_WINDOW / MAX_RESTARTS seconds from this
+                # process: a server that cannot load its model must not be started on every request.
+                now = time.monotonic()
+                if now - last_spawn[0] < self.config.restart_window / max(self.config.max_restarts, 1):
+                    return
+                spawner = client.ensure_server(app_import, path, owner_pid=os.getppid())
+                if spawner is not None:
+                    last_spawn[0] = now
+                    connection.spawner = spawner
+
+            connection.on_missing = start_server
+            start_server()
+        return True
+
+    def pool_for_call(self) -> Pool | InlinePool | RemotePool:
         pool = self.pool
         if pool is not None and pool.started and not pool.closed:
             return pool
@@ -220,6 +283,7 @@ class _AppState:
         self.views_idle = threading.Condition(self.lock)
         self.active_views = 0
         self.pool = None
+        self.connection = None
         self.start_error = None
         self.background_start = None
 
@@ -256,6 +320,7 @@ class TorchPool:
         config = PoolConfig.from_mapping(app.config)
         inert = _in_spawned_child()
         state = _AppState(self, app, config, inert)
+        state.app_import = _gunicorn_app_import()
         app.extensions[EXTENSION_KEY] = state
         _register_operations(app, config)
         if inert:
@@ -266,6 +331,8 @@ class TorchPool:
             _install_sigterm_handler()
         # Inline mode builds the model on first use unless told "eager" (see TORCHPOOL_INLINE).
         _guard_reloader_watcher(app, state)
+        if SERVING:
+            return  # serve() starts the pool, embedded
         if config.start == "eager" or (config.start == "auto" and not config.inline and not _defer_start()):
             state.start()
 
@@ -335,6 +402,38 @@ class TorchPool:
         histograms included), ``latency_quantiles`` and ``plan``; ``error`` after a failed start.
         This is what ``<TORCHPOOL_HEALTH_URL>/status`` answers."""
         return self._state(app).status()
+
+    def serve(self, app: Flask | None = None, *, socket_path: str | None = None,
+              owner_pid: int | None = None, lock_fd: int | None = None,
+              ready_fd: int | None = None) -> None:
+        """Run this app's pool as a pool server (what ``flask torchpool serve`` does): start the workers
+        here, embedded, and serve web processes that attach (``TORCHPOOL_MODE = "attach"`` or
+        ``"auto"``) on the Unix socket *socket_path* (default ``TORCHPOOL_SOCKET``). Blocks until
+        SIGTERM or SIGINT (call it from the main thread) or until process *owner_pid* exits, then
+        drains (``TORCHPOOL_DRAIN_TIMEOUT``) and stops. Raises :class:`TorchPoolError` when another
+        server already holds the socket, :class:`WorkerStartupError` when the model fails to load."""
+        from . import server
+
+        state = self._state(app)
+        path = os.path.abspath(socket_path) if socket_path else state.socket_path()
+        if lock_fd is None:
+            server.ensure_private_dir(path)
+            lock_fd = server.try_lock(path)
+            if lock_fd is None:
+                raise TorchPoolError(f"another pool server already serves {path} (its lock "
+                                     f"{server.lock_path(path)} is held); stop it or set another "
+                                     "TORCHPOOL_SOCKET")
+        if state.pool is not None and not isinstance(state.pool, Pool):
+            state.pool.shutdown(wait=True, drain_timeout=0)  # attached at load (TORCHPOOL_START="eager")
+            state.pool = None
+        try:
+            pool = state.start(restart=True, embedded=True)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        pool_server = server.PoolServer({"default": pool}, path, default_model="default", lock_fd=lock_fd,
+                                        drain_timeout=state.config.drain_timeout)
+        server.serve_forever(pool_server, owner_pid, ready_fd)
 
     def prometheus_collector(self, app: Flask | None = None) -> Any:
         """A ``prometheus_client`` collector of this app's pool metrics, read at scrape time, to mount
@@ -504,6 +603,28 @@ def _gunicorn_loader() -> str | None:
             seen_gunicorn = True
         frame = frame.f_back
     return "master" if seen_gunicorn else None
+
+
+def _gunicorn_app_import() -> str | None:
+    """The import string gunicorn loads the app from (``gunicorn module:app``), read from the loading
+    stack; None when gunicorn is not loading it."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "load_wsgiapp" and \
+                str(frame.f_globals.get("__name__", "")).startswith("gunicorn."):
+            uri = getattr(frame.f_locals.get("self"), "app_uri", None)
+            return uri if isinstance(uri, str) else None
+        frame = frame.f_back
+    return None
+
+
+def extension_of(app: Flask) -> TorchPool:
+    """The :class:`TorchPool` registered on *app*."""
+    state = app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise RuntimeError(f"app {app.import_name!r} has no TorchPool: create it with TorchPool(app) or "
+                           "pool.init_app(app) in the app's module or factory")
+    return state.extension
 
 
 def _check_resources(config: PoolConfig, workers: int) -> None:

@@ -122,8 +122,59 @@ class Failure(NamedTuple):
     tb: str
 
 
+# --- messages between attached web processes and a pool server (server.py, client.py) ---------------
+
+#: Bumped when the attach protocol changes; a client and a server of different versions refuse each other.
+PROTOCOL_VERSION = 1
+
+
+class Hello(NamedTuple):
+    """A web process attaches: its arena is the descriptor sent along (Note [Attached arenas])."""
+
+    version: int
+    pid: int
+    arena_bytes: int
+
+
+class Welcome(NamedTuple):
+    version: int
+    pid: int
+    default_model: str | None
+    models: dict[str, Any]   # name -> {"max_input_bytes", "timeout", "retry_after", "workers": [...]}
+
+
+class RemoteCall(NamedTuple):
+    id: int
+    model: str | None       # None: the server's default model
+    args: Any
+    kwargs: Any
+    refs: tuple[TensorRef, ...]
+    timeout: float | None   # None: the model's TORCHPOOL_TIMEOUT
+    batch: bool
+    releases: tuple[int, ...]  # output blocks of this client's arena it is done with
+
+
+class RemoteError(NamedTuple):
+    id: int
+    type_name: str          # a flask_torchpool.errors class
+    message: str
+    retry_after: int | None
+    extra: dict[str, Any]
+    tb: str | None          # the worker's traceback, when there is one
+
+
+class StatusRequest(NamedTuple):
+    id: int
+
+
+class StatusReply(NamedTuple):
+    id: int
+    status: dict[str, Any]
+
+
 _MESSAGE_TYPES = {cls.__name__: cls for cls in (TensorRef, Slot, Call, Cancel, Stop, Loaded, Adopt, Ready,
-                                                 StartupFailed, Result, Failure)}
+                                                 StartupFailed, Result, Failure, Hello, Welcome,
+                                                 RemoteCall, RemoteError, StatusRequest, StatusReply)}
 
 
 class _Unpickler(pickle.Unpickler):

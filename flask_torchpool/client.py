@@ -1,0 +1,467 @@
+"""Attaching to a pool server: what a web process runs in ``TORCHPOOL_MODE = "attach"`` (or ``"auto"``).
+
+:class:`PoolConnection` is this process's one connection to the pool server on a Unix socket, shared by
+every model and every thread. A call validates its arguments in the calling thread, writes its tensors
+into this process's own arena (Note [Attached arenas] in :mod:`flask_torchpool.server`) and sends a small
+header; one reader thread resolves the futures as results arrive. :class:`RemotePool` is the per-model
+face of it, with the interface of :class:`~flask_torchpool.pool.Pool`, so views, health and metrics work
+unchanged.
+
+Failure handling: when the server goes away, every pending call fails at once with
+:class:`~flask_torchpool.PoolUnavailableError` (503 + ``Retry-After``), and the next call reconnects
+(with a fresh arena). While no server is reachable calls fail fast the same way, except while a server
+is starting (its lock is held, its socket not yet listening): then a call waits for it, within its own
+deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from . import errors
+from . import transport as tp
+from .config import PoolConfig
+from .errors import PoolUnavailableError, RemoteTraceback, TorchPoolError
+from .metrics import Metrics
+from .placement import Placement
+from .server import default_socket_path, lock_path, server_running, try_lock
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+#: How long to wait between connection attempts while a server is starting.
+_CONNECT_BACKOFF = (0.01, 0.25)
+
+
+def socket_path_for(config: PoolConfig, app_name: str) -> str:
+    return config.socket if config.socket else default_socket_path(app_name)
+
+
+@dataclass
+class _Pending:
+    future: Future
+    blocks: list[int]
+
+
+@dataclass(eq=False)
+class _Link:
+    """One connection to a server, with the arena made for it (a reconnect makes both afresh)."""
+
+    channel: tp.Channel
+    arena: tp.Arena
+    inputs: tp.Allocator
+    releases: tp.ReleaseQueue
+    welcome: tp.Welcome
+
+
+class PoolConnection:
+    """This web process's connection to the pool server at *path*. Thread-safe; reconnects on demand."""
+
+    def __init__(self, path: str, arena_bytes: int, retry_after: int = 1) -> None:
+        self.path = path
+        self.arena_bytes = arena_bytes
+        self.retry_after = retry_after
+        self._lock = threading.Lock()        # connecting, and the pending table
+        self._link: _Link | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._statuses: dict[int, Future] = {}
+        self._pid = os.getpid()
+        self.spawner: _ServerSpawner | None = None
+        #: Called (auto mode) when no server holds the socket's lock: starts one.
+        self.on_missing: Callable[[], None] | None = None
+        self.closed = False
+
+    # --- connecting -------------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and self._pid == os.getpid()
+
+    @property
+    def welcome(self) -> tp.Welcome | None:
+        link = self._link
+        return link.welcome if link is not None else None
+
+    def connect(self, wait: float = 0.0) -> tp.Welcome:
+        """Connect if not connected. While a server is starting, wait for it up to *wait* seconds.
+        Raises :class:`PoolUnavailableError` when no server answers."""
+        deadline = time.monotonic() + wait
+        delay = _CONNECT_BACKOFF[0]
+        while True:
+            with self._lock:
+                if self.closed:
+                    raise errors.PoolClosedError("this web process detached from the pool server "
+                                                 "(shutdown); call TorchPool.start() to attach again",
+                                                 retry_after=self.retry_after)
+                if self._pid != os.getpid():
+                    self._forget_parent()
+                if self._link is not None:
+                    return self._link.welcome
+                try:
+                    return self._connect_locked().welcome
+                except (FileNotFoundError, ConnectionRefusedError) as exc:
+                    reason = exc
+                except OSError as exc:
+                    raise self._unavailable(f"cannot attach: {exc}") from None
+            starting = server_running(self.path) or (self.spawner is not None and self.spawner.alive())
+            if not starting and self.on_missing is not None:
+                self.on_missing()
+                starting = server_running(self.path) or (self.spawner is not None and self.spawner.alive())
+            remaining = deadline - time.monotonic()
+            if not starting or remaining <= 0:
+                what = ("is still starting" if starting else
+                        f"is not running ({reason.strerror or reason})")
+                raise self._unavailable(
+                    f"the pool server at {self.path} {what}; start it with `flask torchpool serve` "
+                    "(or use TORCHPOOL_MODE='auto' under gunicorn)")
+            time.sleep(min(delay, remaining))  # polls a socket that is being set up, with backoff
+            delay = min(delay * 2, _CONNECT_BACKOFF[1])
+
+    def _connect_locked(self) -> _Link:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        server_pid, uid, _ = struct.unpack("3i", creds)
+        if uid != os.getuid():  # our tensors go only to a server of our own user
+            sock.close()
+            raise OSError(errno.EPERM, f"the process serving {self.path} (pid {server_pid}) runs as uid "
+                                       f"{uid}, not as this user")
+        channel = tp.Channel(Connection(sock.detach()))
+        fd = tp.create_memfd(self.arena_bytes, "torchpool-client")
+        try:
+            arena = tp.Arena(fd, self.arena_bytes)
+            channel.send(tp.Hello(tp.PROTOCOL_VERSION, os.getpid(), self.arena_bytes), (fd,))
+            if not channel.poll(30.0):
+                raise OSError(errno.ETIMEDOUT, "the pool server did not answer the hello")
+            welcome, fds = channel.recv()
+            for extra in fds:
+                os.close(extra)
+            if not isinstance(welcome, tp.Welcome):
+                raise OSError(errno.EPROTO, f"expected a Welcome, got {type(welcome).__name__}")
+        except (EOFError, OSError) as exc:
+            channel.close()
+            raise OSError(getattr(exc, "errno", None) or errno.ECONNRESET,
+                          f"the pool server closed the connection: {exc}") from None
+        finally:
+            os.close(fd)
+        link = self._link = _Link(channel, arena, tp.Allocator(*arena.inputs), tp.ReleaseQueue(), welcome)
+        threading.Thread(target=self._read_loop, args=(link,), name="torchpool-attach-reader",
+                         daemon=True).start()
+        log.info("torchpool: attached to the pool server at %s (pid %d)", self.path, welcome.pid)
+        return link
+
+    def _forget_parent(self) -> None:
+        # A forked child (gunicorn --preload) inherited its parent's connection: not ours to use.
+        self._lock = threading.Lock()
+        self._link = None
+        self._pending.clear()
+        self._statuses.clear()
+        self.spawner = None
+        self._pid = os.getpid()
+
+    def _unavailable(self, message: str) -> PoolUnavailableError:
+        return PoolUnavailableError(message, retry_after=self.retry_after, socket=self.path)
+
+    def close(self, drain_timeout: float = 0.0) -> None:
+        """Detach: wait up to *drain_timeout* for pending calls, then close. The server keeps running."""
+        deadline = time.monotonic() + drain_timeout
+        with self._lock:
+            self.closed = True
+            pending = [p.future for p in self._pending.values()]
+        for future in pending:
+            with contextlib.suppress(Exception):
+                future.exception(max(0.0, deadline - time.monotonic()))
+        link = self._link
+        if link is not None and self._pid == os.getpid():
+            self._lost(link, "this web process detached from the pool server (shutdown)")
+
+    # --- calls ------------------------------------------------------------------------------------------
+
+    def submit(self, model: str | None, args: tuple, kwargs: dict, timeout: float | None, batch: bool,
+               max_input_bytes: int) -> Future:
+        skel_args, skel_kwargs, tensors = tp.flatten_call(args, kwargs, max_input_bytes)
+        self.connect(wait=timeout if timeout is not None else 60.0)
+        link = self._link
+        if link is None:
+            raise self._unavailable(f"lost the connection to the pool server at {self.path}")
+        placer = tp.Placer(link.arena, link.inputs)
+        try:
+            refs = tuple(placer.place(t) for t in tensors)
+        except BaseException:
+            placer.rollback()
+            raise
+        call_id = next(_ids)
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            if self._link is not link:  # the server went away while we wrote
+                placer.rollback()
+                raise self._unavailable(f"lost the connection to the pool server at {self.path}")
+            self._pending[call_id] = _Pending(future, placer.blocks)
+        try:
+            link.channel.send(tp.RemoteCall(call_id, model, skel_args, skel_kwargs, refs, timeout, batch,
+                                            link.releases.drain()), tuple(placer.fds))
+        except OSError as exc:
+            with self._lock:
+                self._pending.pop(call_id, None)
+            placer.rollback()
+            self._lost(link, f"sending to the pool server failed: {exc}")
+            raise self._unavailable(f"lost the connection to the pool server at {self.path}: {exc}") \
+                from None
+        placer.close_fds()
+        return future
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The server's status (every model); raises :class:`PoolUnavailableError` without a server."""
+        self.connect()
+        with self._lock:
+            link = self._link
+            call_id = next(_ids)
+            future: Future = Future()
+            self._statuses[call_id] = future
+        if link is None:
+            raise self._unavailable(f"not attached to the pool server at {self.path}")
+        try:
+            link.channel.send(tp.StatusRequest(call_id))
+            return future.result(timeout)
+        except (OSError, TimeoutError) as exc:
+            raise self._unavailable(f"the pool server at {self.path} did not answer: {exc}") from None
+        finally:
+            with self._lock:
+                self._statuses.pop(call_id, None)
+
+    # --- the reader thread ------------------------------------------------------------------------------
+
+    def _read_loop(self, link: _Link) -> None:
+        reason = "the pool server closed the connection (it stopped, died or restarted)"
+        while True:
+            try:
+                msg, fds = link.channel.recv()
+            except (EOFError, OSError) as exc:
+                if isinstance(exc, OSError):
+                    reason = f"the connection to the pool server failed: {exc}"
+                break
+            if isinstance(msg, tp.StatusReply):
+                with self._lock:
+                    waiter = self._statuses.pop(msg.id, None)
+                if waiter is not None:
+                    waiter.set_result(msg.status)
+                continue
+            with self._lock:
+                pending = self._pending.pop(msg.id, None)
+            if pending is None:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            for offset in pending.blocks:
+                link.inputs.free(offset)
+            if isinstance(msg, tp.Result):
+                try:
+                    tensors = tp.read_refs(link.arena, msg.refs, fds, on_free=link.releases)
+                    pending.future.set_result(tp.unflatten(msg.value, tensors))
+                except Exception as exc:  # noqa: BLE001 - a bad result fails its call, not the reader
+                    pending.future.set_exception(errors.OutputError(f"cannot read the result: {exc}"))
+            elif isinstance(msg, tp.RemoteError):
+                for fd in fds:
+                    os.close(fd)
+                pending.future.set_exception(_rebuild_error(msg))
+            del pending
+        self._lost(link, reason)
+        link.channel.close()  # only here: closing while this thread reads could reuse the descriptor
+
+    def _lost(self, link: _Link, reason: str) -> None:
+        with self._lock:
+            if self._link is not link:
+                return
+            self._link = None
+            pending, self._pending = self._pending, {}
+            statuses, self._statuses = self._statuses, {}
+        _shutdown(link.channel)  # the reader sees end-of-file and closes it
+        if not self.closed:
+            log.warning("torchpool: %s; %d call(s) failed; the next call reconnects", reason, len(pending))
+        err = self._unavailable(f"{reason}; {self.path}")
+        for p in pending.values():
+            p.future.set_exception(err)
+        for waiter in statuses.values():
+            waiter.set_exception(err)
+
+
+def _shutdown(channel: tp.Channel) -> None:
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(channel.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _rebuild_error(msg: tp.RemoteError) -> TorchPoolError:
+    cls = getattr(errors, msg.type_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors._HTTPError)):
+        cls = errors.InferenceError
+    err = errors._rebuild(cls, msg.message, msg.retry_after, dict(msg.extra))
+    if msg.tb:
+        err.__cause__ = RemoteTraceback(msg.tb)
+    return err
+
+
+# --- the per-model face --------------------------------------------------------------------------------
+
+
+class _RemoteWorker:
+    """What :attr:`RemotePool.workers` lists: the server's placement of one worker."""
+
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+
+    @property
+    def index(self) -> int:
+        return self.placement.worker
+
+
+class RemotePool:
+    """One model of a pool server, with the interface of :class:`~flask_torchpool.pool.Pool`."""
+
+    inline = False
+
+    def __init__(self, config: PoolConfig, connection: PoolConnection, model: str | None = None,
+                 name: str = "torchpool") -> None:
+        self.config = config
+        self.connection = connection
+        self.model = model
+        self.name = name
+        self.metrics = Metrics()   # calls are measured by the server; see status()
+        self._closing = False
+
+    @property
+    def started(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self.connection.closed
+
+    @property
+    def workers(self) -> list[_RemoteWorker]:
+        welcome = self.connection.welcome
+        if welcome is None:
+            return []
+        info = welcome.models.get(self._model_name(welcome))
+        return [_RemoteWorker(Placement(*p)) for p in info["workers"]] if info else []
+
+    def _model_name(self, welcome: tp.Welcome) -> str | None:
+        return self.model if self.model is not None else welcome.default_model
+
+    def start(self) -> None:
+        """Attach now if a server is there (waiting for one that is starting, up to
+        ``TORCHPOOL_START_TIMEOUT``); without one, calls answer 503 until it is reachable."""
+        try:
+            self.connection.connect(wait=self.config.start_timeout)
+        except PoolUnavailableError as exc:
+            log.warning("%s: %s; calls answer 503 until it is reachable", self.name, exc)
+
+    def submit(self, args: tuple, kwargs: dict, timeout: float | None = None,
+               batch: bool = True) -> Future:
+        if self._closing:
+            raise errors.PoolClosedError("the pool is shutting down and takes no new calls",
+                                         retry_after=self.config.retry_after)
+        return self.connection.submit(self.model, args, kwargs, timeout, batch,
+                                      self.config.max_input_bytes)
+
+    def shutdown(self, wait: bool = True, drain_timeout: float | None = None) -> None:
+        """Detach this web process (the server and its workers keep running for the others)."""
+        self._closing = True  # no new calls from here; with wait=False, calls in flight go on
+        if wait:
+            drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
+            self.connection.close(drain)
+
+    def status(self) -> dict[str, Any]:
+        base: dict[str, Any] = {"mode": "attach", "socket": self.connection.path}
+        try:
+            server = self.connection.status()
+        except TorchPoolError as exc:
+            return {**base, "started": False, "closed": self.closed, "queued": 0, "busy_workers": 0,
+                    "arena_bytes": 0, "counters": {}, "metrics": Metrics().snapshot(), "workers": [],
+                    "error": str(exc)}
+        name = self.model if self.model is not None else server["default_model"]
+        model = server["models"].get(name)
+        if model is None:
+            return {**base, "started": False, "closed": self.closed, "queued": 0, "busy_workers": 0,
+                    "arena_bytes": 0, "counters": {}, "metrics": Metrics().snapshot(), "workers": [],
+                    "error": f"the pool server serves no model {name!r}"}
+        return {**model, **base, "closed": self.closed or model["closed"],
+                "server": {"pid": server["pid"], "clients": server["clients"]}}
+
+
+# --- auto mode: the first web process starts the server ------------------------------------------------
+
+
+class _ServerSpawner:
+    """Starts ``python -m flask_torchpool.server`` as its own process (its own session, so that signals
+    for the web workers' process group do not reach it), owned by *owner_pid*: the server stops when
+    that process exits. Only the process that wins the server lock spawns; the lock passes to the
+    server."""
+
+    def __init__(self, app_import: str, path: str, owner_pid: int) -> None:
+        self.app_import = app_import
+        self.path = path
+        self.owner_pid = owner_pid
+        self.process: subprocess.Popen | None = None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def spawn_if_needed(self) -> bool:
+        """Spawn a server unless one holds the lock; True if this call spawned one."""
+        from .server import ensure_private_dir
+
+        ensure_private_dir(self.path)
+        fd = try_lock(self.path)
+        if fd is None:
+            return False
+        try:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "flask_torchpool.server", "--app", self.app_import,
+                 "--socket", self.path, "--owner-pid", str(self.owner_pid), "--lock-fd", str(fd)],
+                pass_fds=(fd,), start_new_session=True, env=env, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(fd)  # the server holds the lock now (same open file description)
+        log.info("torchpool: started the pool server (pid %d) for %s on %s", self.process.pid,
+                 self.app_import, self.path)
+        # Reap it when it exits, so that it does not linger as a zombie of this web process.
+        threading.Thread(target=self.process.wait, name="torchpool-server-reaper", daemon=True).start()
+        return True
+
+
+def ensure_server(app_import: str | None, path: str, owner_pid: int) -> _ServerSpawner | None:
+    """Auto mode: make sure a pool server for *path* runs, starting one (owned by *owner_pid*) if no
+    process holds its lock. Returns the spawner when this process started it."""
+    if server_running(path):
+        return None
+    if app_import is None:
+        raise errors.ConfigError(
+            "TORCHPOOL_MODE", "'auto' found no pool server and cannot tell how to import this app to "
+            "start one (it was not loaded by gunicorn from an import string); start it yourself with "
+            "`flask --app IMPORT torchpool serve`, or use the gunicorn.conf.py hook "
+            "(flask_torchpool.gunicorn)")
+    spawner = _ServerSpawner(app_import, path, owner_pid)
+    return spawner if spawner.spawn_if_needed() else None
+
+
+__all__ = ["PoolConnection", "RemotePool", "ensure_server", "socket_path_for", "lock_path"]

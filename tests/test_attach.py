@@ -1,0 +1,469 @@
+"""One pool per host: a pool server and the web processes that attach to it (TORCHPOOL_MODE).
+
+The first half runs a pool server in this process (a started pool plus :class:`PoolServer` on a socket
+in a temp dir) and an app in ``"attach"`` mode beside it. The second half runs real gunicorn masters
+with several web workers, ``flask torchpool serve`` and the gunicorn.conf.py hook, over real HTTP, and
+kills web workers and the pool server with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from flask import Flask
+
+from flask_torchpool import (
+    ConfigError,
+    InferenceError,
+    InferenceTimeoutError,
+    InvalidInputError,
+    PoolUnavailableError,
+    RemoteTraceback,
+    TorchPool,
+    TorchPoolError,
+)
+from flask_torchpool import transport as tp
+from flask_torchpool.client import PoolConnection, _Pending
+from flask_torchpool.server import PoolServer
+
+from .conftest import make_app, shm_entries, wait_until
+from .servers import (
+    ROOT,
+    Server,
+    all_children,
+    cmdline,
+    free_port,
+    new_shm_entries,
+    pid_alive,
+    pool_workers_below,
+    running,
+    server_env,
+    wait_gone,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# --- a pool server in this process ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def socket_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("attach") / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(socket_dir: Path) -> Iterator[PoolServer]:
+    """A one-worker echo pool served on a socket, as ``flask torchpool serve`` would."""
+    app = make_app(TORCHPOOL_WORKERS=1, TORCHPOOL_ARENA_BYTES=8 << 20)
+    TorchPool(app)
+    pool = app.extensions["torchpool"].start()
+    server = PoolServer({"default": pool}, str(socket_dir / "pool.sock"), default_model="default")
+    server.start()
+    yield server
+    server.stop(drain_timeout=5)
+
+
+@pytest.fixture(scope="module")
+def web(served: PoolServer) -> Iterator[tuple[Flask, TorchPool]]:
+    """An app attached to the server: the same views as an embedded one."""
+    app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=served.path, TORCHPOOL_ARENA_BYTES=4 << 20)
+    pool = TorchPool(app)
+
+    @app.post("/echo")
+    @pool.infer
+    def echo(model):  # type: ignore[no-untyped-def]
+        out = model(torch.arange(6.0).reshape(2, 3), tag="x")
+        return {"args": [a.tolist() for a in out["args"]], "kwargs": out["kwargs"]}
+
+    @app.post("/raise")
+    @pool.infer
+    def fails(model):  # type: ignore[no-untyped-def]
+        return {"out": model(torch.ones(1), action="raise")}
+
+    @app.post("/sleep")
+    @pool.infer(timeout=0.5)
+    def sleeps(model):  # type: ignore[no-untyped-def]
+        return {"out": model(torch.ones(1), action="sleep", seconds=30)}
+
+    @app.post("/bad")
+    @pool.infer
+    def bad(model):  # type: ignore[no-untyped-def]
+        return {"out": model(object())}
+
+    yield app, pool
+    pool.shutdown(app=app)
+
+
+def test_attached_app_serves_through_the_server(web: tuple[Flask, TorchPool], served: PoolServer) -> None:
+    app, pool = web
+    resp = app.test_client().post("/echo")
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.json == {"args": [[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]], "kwargs": {"tag": "x"}}
+    with app.app_context():
+        big = torch.randn(512, 1024)          # 2 MiB: comes back as a zero-copy view of our arena
+        assert torch.equal(pool(big), big)
+        nested = pool({"a": [torch.ones(3), 2.5, "s", None]}, key=(1, torch.zeros(2, dtype=torch.int64)))
+        assert torch.equal(nested["args"][0]["a"][0], torch.ones(3))
+        assert nested["kwargs"]["key"][0] == 1
+        status = pool.status()
+    assert status["mode"] == "attach" and status["ready"] is True, status
+    assert status["server"]["pid"] == os.getpid()
+    assert [w["state"] for w in status["workers"]] == ["ready"]
+    assert served.clients >= 1
+
+
+def test_errors_cross_with_their_class_status_and_traceback(web: tuple[Flask, TorchPool]) -> None:
+    app, pool = web
+    client = app.test_client()
+    resp = client.post("/raise")
+    assert resp.status_code == 500 and resp.json["type"] == "InferenceError", resp.json
+    assert "bad shape" in resp.json["error"]
+    with app.app_context(), pytest.raises(InferenceError) as info:
+        pool(torch.ones(1), action="raise")
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "ValueError" in info.value.__cause__.tb
+    resp = client.post("/sleep")
+    assert resp.status_code == 504 and resp.json["type"] == "InferenceTimeoutError", resp.json
+    resp = client.post("/bad")  # refused in this process: nothing is sent
+    assert resp.status_code == 400 and resp.json["type"] == "InvalidInputError", resp.json
+    with app.app_context():
+        with pytest.raises(InferenceTimeoutError):
+            pool.model(timeout=0.2)(torch.ones(1), action="sleep", seconds=30)
+        assert torch.equal(pool(torch.ones(2)), torch.ones(2))  # still serving
+
+
+def test_a_forged_header_cannot_reach_outside_its_arena(served: PoolServer) -> None:
+    conn = PoolConnection(served.path, 1 << 20)
+    conn.connect()
+    link = conn._link
+    assert link is not None
+    outside = tp.TensorRef(-1, 64 << 20, 4096, "torch.uint8", (4096,))   # past the end of the arena
+    mismatch = tp.TensorRef(-1, link.arena.inputs[0], 4096, "torch.float32", (4096,))
+    for call_id, ref in enumerate((outside, mismatch), start=10**9):
+        forged: Future = Future()
+        forged.set_running_or_notify_cancel()
+        with conn._lock:
+            conn._pending[call_id] = _Pending(forged, [])
+        link.channel.send(tp.RemoteCall(call_id, None, (tp.Slot(0),), {}, (ref,), 5.0, False, ()))
+        with pytest.raises(InvalidInputError, match="outside|does not match"):
+            forged.result(10)
+    assert torch.equal(conn.submit(None, (torch.ones(3),), {}, 5.0, False, 1 << 20).result(10),
+                       torch.ones(3))
+    conn.close()
+
+
+def _client_arenas() -> dict[str, int]:
+    """Inode of each client arena mapped in this process -> how many mappings of it."""
+    found: dict[str, int] = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "memfd:torchpool-client" in line:
+                inode = line.split()[4]
+                found[inode] = found.get(inode, 0) + 1
+    return found
+
+
+def test_a_client_that_goes_away_loses_only_its_calls_and_its_arena_is_unmapped(
+        served: PoolServer, web: tuple[Flask, TorchPool]) -> None:
+    app, pool = web
+    with app.app_context():
+        pool(torch.ones(1))  # the shared web app is attached
+    before, before_clients = _client_arenas(), served.clients
+    conn = PoolConnection(served.path, 1 << 20)
+    slow = conn.submit(None, (torch.ones(1),), {"action": "sleep", "seconds": 1.0}, 10.0, False, 1 << 20)
+    wait_until(lambda: served.clients == before_clients + 1, timeout=10)
+    (arena,) = set(_client_arenas()) - set(before)
+    assert _client_arenas()[arena] == 2     # mapped here by the client and by the server, by no one else
+    conn.close()                            # goes away with a call in flight
+    with pytest.raises(PoolUnavailableError):
+        slow.result(10)
+    with app.app_context():
+        assert torch.equal(pool(torch.ones(2)), torch.ones(2))   # the others are served meanwhile
+    assert wait_until(lambda: served.clients == before_clients, timeout=10)
+    del slow
+    assert wait_until(lambda: arena not in _client_arenas(), timeout=15), "the arena stayed mapped"
+
+
+def test_a_second_server_for_the_same_socket_is_refused(served: PoolServer) -> None:
+    with pytest.raises(TorchPoolError, match="already serves"):
+        PoolServer(served.pools, served.path).start()
+
+
+def test_the_socket_directory_must_be_private(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=str(shared / "p.sock"),
+                   TORCHPOOL_START="lazy")
+    pool = TorchPool(app)
+    with app.app_context(), pytest.raises(ConfigError, match="TORCHPOOL_SOCKET.*accessible"):
+        pool.start()
+    created = tmp_path / "new" / "p.sock"
+    app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=str(created), TORCHPOOL_START="lazy",
+                   TORCHPOOL_START_TIMEOUT=1)
+    pool = TorchPool(app)
+    with app.app_context():
+        pool.start()   # no server there yet: starts detached and answers 503
+    assert stat.S_IMODE(os.stat(created.parent).st_mode) == 0o700
+
+
+def test_without_a_server_calls_answer_503_at_once(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=str(run / "none.sock"))
+    pool = TorchPool(app)  # starts (attaches) now: no server, so it stays detached
+
+    @app.post("/p")
+    @pool.infer
+    def predict(model):  # type: ignore[no-untyped-def]
+        return {"out": model(torch.ones(1)).tolist()}
+
+    resp = app.test_client().post("/p")
+    assert resp.status_code == 503, resp.get_data(as_text=True)
+    assert resp.json["type"] == "PoolUnavailableError" and "not running" in resp.json["error"]
+    assert resp.headers["Retry-After"] == "1"
+    with app.app_context():
+        assert pool.status()["ready"] is False
+
+
+@pytest.mark.parametrize("key, value", [("TORCHPOOL_MODE", "shared"), ("TORCHPOOL_SOCKET", 3),
+                                        ("TORCHPOOL_SOCKET", "/" + "x" * 200)])
+def test_bad_mode_settings_name_the_key(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=key):
+        TorchPool(make_app(**{key: value, "TORCHPOOL_START": "lazy"}))
+
+
+# --- real servers --------------------------------------------------------------------------------------
+
+WORKERS = 2
+
+APP_SOURCE = f'''\
+import os
+
+import torch
+from flask import Flask
+
+from flask_torchpool import TorchPool
+
+app = Flask(__name__)
+app.config["TORCHPOOL_MODEL"] = "tests.models:echo"
+app.config["TORCHPOOL_WORKERS"] = {WORKERS}
+app.config["TORCHPOOL_DEVICES"] = "cpu"
+app.config["TORCHPOOL_ARENA_BYTES"] = 8 << 20
+app.config["TORCHPOOL_MODE"] = os.environ.get("APP_MODE", "auto")
+app.config["TORCHPOOL_SOCKET"] = os.environ["APP_SOCKET"]
+app.config["TORCHPOOL_HEALTH_URL"] = "/torchpool"
+pool = TorchPool(app)
+
+
+@app.get("/pid")
+@pool.infer
+def pid(model):
+    return {{"web": os.getpid(), "worker": model(action="pid")}}
+
+
+@app.get("/sleep")
+@pool.infer
+def sleep(model):
+    return {{"out": model(torch.ones(1), action="sleep", seconds=60).tolist()}}
+'''
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Path]:
+    (tmp_path / "attach_app.py").write_text(APP_SOURCE)
+    (tmp_path / "run").mkdir(mode=0o700)
+    before = shm_entries()
+    yield tmp_path
+    assert not new_shm_entries(before), f"/dev/shm entries leaked: {new_shm_entries(before)}"
+
+
+def _env(project: Path, mode: str) -> dict[str, str]:
+    return server_env(project, APP_MODE=mode, APP_SOCKET=str(project / "run" / "pool.sock"))
+
+
+def _gunicorn(port: int, workers: int, *extra: str) -> list[str]:
+    pytest.importorskip("gunicorn", reason="gunicorn is in the test extra: pip install -e '.[test]'")
+    return [sys.executable, "-m", "gunicorn", "-k", "sync", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+            "--graceful-timeout", "10", *extra, "attach_app:app"]
+
+
+def _pool_servers() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit() and pid_alive(int(p))
+            and "flask_torchpool.server" in cmdline(int(p)) and "--app attach_app" in cmdline(int(p))}
+
+
+def _server_status(server: Server) -> dict:
+    return server.get("/torchpool/status").json()
+
+
+def _wait_ok(server: Server, path: str = "/pid", timeout: float = 90.0) -> dict:
+    def ok() -> dict | None:
+        try:
+            resp = server.get(path, timeout=30)
+        except requests.RequestException:
+            return None
+        return resp.json() if resp.status_code == 200 else None
+
+    answer = wait_until(ok, timeout=timeout, interval=0.1)
+    assert answer, f"{path} never answered 200:\n{server.log()}"
+    return answer
+
+
+def _web_workers(server: Server) -> set[int]:
+    return {p for p in all_children(server.pid) if "gunicorn" in cmdline(p)}
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.timeout(300)
+def test_gunicorn_w3_auto_mode_shares_one_pool(project: Path) -> None:
+    port = free_port()
+    with running(_gunicorn(port, 3), port, project / "server.log", _env(project, "auto")) as server:
+        _wait_ok(server)
+        servers = _pool_servers()
+        assert len(servers) == 1, f"expected one pool server, found {servers}:\n{server.log()}"
+        (pool_server,) = servers
+        try:
+            workers = pool_workers_below(pool_server)
+            assert len(workers) == WORKERS, server.log()
+            # One set of model workers on the host: none below gunicorn, none elsewhere for this app.
+            assert not pool_workers_below(server.pid) - workers, "a web worker started its own pool"
+            webs = wait_until(lambda: len(_web_workers(server)) == 3 and _web_workers(server), timeout=30)
+            assert wait_until(lambda: _server_status(server)["server"]["clients"] == 3, timeout=60), \
+                _server_status(server)
+            with ThreadPoolExecutor(6) as ex:
+                answers = list(ex.map(lambda _: server.get("/pid").json(), range(60)))
+            assert {a["worker"] for a in answers} <= workers
+            assert {a["web"] for a in answers} <= webs
+
+            # kill -9 of one web worker: gunicorn replaces it, the server forgets it and serves on.
+            fds_before = _fds(pool_server)
+            victim = next(iter(webs))
+            os.kill(victim, signal.SIGKILL)
+            assert wait_until(lambda: victim not in _web_workers(server)
+                              and len(_web_workers(server)) == 3, timeout=60), server.log()
+            _wait_ok(server)
+            assert wait_until(lambda: _server_status(server)["server"]["clients"] == 3, timeout=60)
+            assert wait_until(lambda: _fds(pool_server) == fds_before, timeout=30), \
+                "the dead web worker's connection or arena was not reclaimed"
+            assert pool_workers_below(pool_server) == workers, "the model workers were disturbed"
+
+            # kill -9 of the pool server: a call in flight fails at once with 503, and the next call
+            # starts a new server (auto mode) and is served by it.
+            with ThreadPoolExecutor(1) as ex:
+                slow = ex.submit(server.get, "/sleep")
+                assert wait_until(lambda: any(w["inflight"] for w in _server_status(server)["workers"]),
+                                  timeout=30)
+                os.kill(pool_server, signal.SIGKILL)
+                resp = slow.result(30)
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["type"] == "PoolUnavailableError" and resp.headers["Retry-After"]
+            assert not wait_gone(workers), "the dead server's model workers outlived it"
+            answer = _wait_ok(server)
+            (new_server,) = wait_until(lambda: len(_pool_servers()) == 1 and _pool_servers(), timeout=30)
+            assert new_server != pool_server
+            assert answer["worker"] in pool_workers_below(new_server)
+            pool_server = new_server
+            workers = pool_workers_below(new_server)
+        finally:
+            server.proc.send_signal(signal.SIGTERM)
+            server.wait_exit(60)
+        # The server is owned by the master: it drains and exits with it, workers and all.
+        assert not wait_gone({pool_server} | workers, timeout=60), f"outlived gunicorn:\n{server.log()}"
+
+
+GUNICORN_CONF = "from flask_torchpool.gunicorn import on_exit, on_starting  # noqa: F401\n"
+
+
+@pytest.mark.timeout(300)
+def test_gunicorn_hook_starts_the_server_in_the_master_before_fork(project: Path) -> None:
+    (project / "gunicorn.conf.py").write_text(GUNICORN_CONF)
+    port = free_port()
+    argv = _gunicorn(port, 2, "-c", str(project / "gunicorn.conf.py"))
+    with running(argv, port, project / "server.log", _env(project, "attach"), cwd=project) as server:
+        _wait_ok(server)
+        (pool_server,) = _pool_servers()
+        try:
+            children = all_children(server.pid)
+            assert pool_server in children, "the hook's server is not the master's child"
+            assert len(children - {pool_server}) == 2, children
+            # The master loaded neither torch nor the app: nothing to break across fork.
+            with open(f"/proc/{server.pid}/maps") as f:
+                assert "libtorch" not in f.read(), "the gunicorn master mapped torch"
+            assert len(pool_workers_below(pool_server)) == WORKERS
+            assert not pool_workers_below(server.pid) - pool_workers_below(pool_server)
+            assert wait_until(lambda: _server_status(server)["server"]["clients"] == 2, timeout=60), \
+                _server_status(server)
+            workers = pool_workers_below(pool_server)
+        finally:
+            server.proc.send_signal(signal.SIGTERM)
+            code = server.wait_exit(60)
+        assert code == 0, server.log()
+        assert not wait_gone({pool_server} | workers, timeout=30), server.log()
+        assert "serves" in server.log()
+
+
+@pytest.mark.timeout(300)
+def test_flask_torchpool_serve_restart_and_reconnect(project: Path) -> None:
+    env = _env(project, "attach")
+    port = free_port()
+    serve = [sys.executable, "-m", "flask", "--app", "attach_app", "torchpool", "serve"]
+    sock = project / "run" / "pool.sock"
+    with running(serve, 0, project / "serve.log", env, cwd=project) as pool_proc, \
+            running(_gunicorn(port, 2), port, project / "server.log", env, cwd=project) as web:
+        wait_until(lambda: _connectable(sock) or pool_proc.proc.poll() is not None, timeout=90)
+        assert pool_proc.proc.poll() is None, pool_proc.log()
+        first = _wait_ok(web)
+        workers = pool_workers_below(pool_proc.pid)
+        assert first["worker"] in workers and len(workers) == WORKERS
+        assert not pool_workers_below(web.pid), "a web worker started its own pool"
+
+        os.kill(pool_proc.pid, signal.SIGKILL)
+        assert not wait_gone(workers), "model workers outlived their server"
+        resp = web.get("/pid")
+        assert resp.status_code == 503 and resp.json()["type"] == "PoolUnavailableError", resp.text
+        assert resp.headers["Retry-After"] == "1"
+
+        with running(serve, 0, project / "serve2.log", env, cwd=project) as again:
+            answer = _wait_ok(web)
+            assert answer["worker"] in pool_workers_below(again.pid)
+            again.proc.send_signal(signal.SIGTERM)
+            assert again.wait_exit(60) == 0, again.log()
+        assert not sock.exists(), "the server left its socket behind"
+        web.proc.send_signal(signal.SIGTERM)
+        assert web.wait_exit(60) == 0, web.log()
+
+
+def _connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def test_the_gunicorn_hook_module_imports_no_torch() -> None:
+    code = "import sys, flask_torchpool.gunicorn; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
