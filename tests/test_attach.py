@@ -198,6 +198,30 @@ def test_a_client_that_goes_away_loses_only_its_calls_and_its_arena_is_unmapped(
     assert wait_until(lambda: arena not in _client_arenas(), timeout=15), "the arena stayed mapped"
 
 
+def test_batches_mix_calls_from_different_web_processes(socket_dir: Path) -> None:
+    app = make_app(TORCHPOOL_MODEL="tests.models:batch_probe", TORCHPOOL_MAX_BATCH_SIZE=8,
+                   TORCHPOOL_MAX_BATCH_DELAY_MS=10_000, TORCHPOOL_ARENA_BYTES=8 << 20)
+    pool = TorchPool(app)
+    server = PoolServer({"default": app.extensions["torchpool"].pool}, str(socket_dir / "batch.sock"))
+    server.start()
+    a, b = PoolConnection(server.path, 1 << 20), PoolConnection(server.path, 1 << 20)
+    try:
+        hold = a.submit(None, (), {"action": "sleep", "seconds": 1.0}, 30.0, True, 1 << 20)
+        futures = [conn.submit(None, (torch.full((1, 3), float(i)),), {}, 30.0, True, 1 << 20)
+                   for i in range(4) for conn in (a, b)]
+        hold.result(30)
+        results = [f.result(30) for f in futures]
+        # One batch of 8 rows: four from each connection, split back to the right callers.
+        assert [int(r["n"][0]) for r in results] == [8] * 8
+        for i, r in enumerate(results):
+            assert torch.equal(r["y"], torch.full((1, 3), float(i // 2) + 1))
+    finally:
+        a.close()
+        b.close()
+        server.stop(drain_timeout=5)
+        pool.shutdown(app=app)
+
+
 def test_a_second_server_for_the_same_socket_is_refused(served: PoolServer) -> None:
     with pytest.raises(TorchPoolError, match="already serves"):
         PoolServer(served.pools, served.path).start()
