@@ -45,6 +45,7 @@ import fcntl
 import functools
 import logging
 import os
+import pickle
 import queue
 import select
 import signal
@@ -237,15 +238,29 @@ class PoolServer:
                     return
                 log.exception("torchpool server: accept failed")
                 continue
-            try:
-                client = self._welcome(sock)
-            except (OSError, EOFError, ValueError, TorchPoolError) as exc:
-                log.warning("torchpool server: refused a client: %s", exc)
-                sock.close()
-                continue
-            with self._clients_lock:
-                self._clients.add(client)
-            client.start()
+            # The handshake runs in the connection's own thread: a client slow to say hello (or one
+            # that only probes the socket) must not hold up the others.
+            threading.Thread(target=self._serve_connection, args=(sock,), name="torchpool-server-conn",
+                             daemon=True).start()
+
+    def _serve_connection(self, sock: socket.socket) -> None:
+        try:
+            client = self._welcome(sock)
+        except (OSError, EOFError, ValueError, pickle.UnpicklingError, TorchPoolError) as exc:
+            log.info("torchpool server: refused a connection: %s", exc or type(exc).__name__)
+            sock.close()
+            return
+        except Exception:
+            log.exception("torchpool server: the handshake of a connection failed")
+            sock.close()
+            return
+        with self._clients_lock:
+            if self._stopped.is_set() or self._listener is None:
+                client.close()
+                client.channel.close()
+                return
+            self._clients.add(client)
+        client.start()
 
     def _welcome(self, sock: socket.socket) -> _Client:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -254,6 +269,7 @@ class PoolServer:
             raise TorchPoolError(f"pid {pid} runs as uid {uid}, not as this server's user")
         _recv_timeout(sock.fileno(), 10.0)  # the hello follows the connect at once
         channel = tp.Channel(Connection(sock.detach()))
+        fds: list[int] = []
         try:
             msg, fds = channel.recv()
             if not isinstance(msg, tp.Hello) or len(fds) != 1:

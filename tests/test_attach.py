@@ -207,6 +207,10 @@ def test_batches_mix_calls_from_different_web_processes(socket_dir: Path) -> Non
     a, b = PoolConnection(server.path, 1 << 20), PoolConnection(server.path, 1 << 20)
     try:
         hold = a.submit(None, (), {"action": "sleep", "seconds": 1.0}, 30.0, True, 1 << 20)
+        # The worker must be busy before the others arrive (each connection has its own reader thread
+        # in the server, so nothing orders calls from different connections).
+        assert wait_until(lambda: app.extensions["torchpool"].pool.status()["busy_workers"] == 1,
+                          timeout=10, interval=0.005)
         futures = [conn.submit(None, (torch.full((1, 3), float(i)),), {}, 30.0, True, 1 << 20)
                    for i in range(4) for conn in (a, b)]
         hold.result(30)
@@ -335,7 +339,7 @@ def _server_status(server: Server) -> dict:
     return server.get("/torchpool/status").json()
 
 
-def _wait_ok(server: Server, path: str = "/pid", timeout: float = 90.0) -> dict:
+def _wait_ok(server: Server, path: str = "/pid", timeout: float = 90.0, also: Server | None = None) -> dict:
     def ok() -> dict | None:
         try:
             resp = server.get(path, timeout=30)
@@ -344,7 +348,7 @@ def _wait_ok(server: Server, path: str = "/pid", timeout: float = 90.0) -> dict:
         return resp.json() if resp.status_code == 200 else None
 
     answer = wait_until(ok, timeout=timeout, interval=0.1)
-    assert answer, f"{path} never answered 200:\n{server.log()}"
+    assert answer, f"{path} never answered 200:\n{server.log()}\n{also.log() if also else ''}"
     return answer
 
 
@@ -454,7 +458,7 @@ def test_flask_torchpool_serve_restart_and_reconnect(project: Path) -> None:
             running(_gunicorn(port, 2), port, project / "server.log", env, cwd=project) as web:
         wait_until(lambda: _connectable(sock) or pool_proc.proc.poll() is not None, timeout=90)
         assert pool_proc.proc.poll() is None, pool_proc.log()
-        first = _wait_ok(web)
+        first = _wait_ok(web, also=pool_proc)
         workers = pool_workers_below(pool_proc.pid)
         assert first["worker"] in workers and len(workers) == WORKERS
         assert not pool_workers_below(web.pid), "a web worker started its own pool"
