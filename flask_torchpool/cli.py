@@ -46,7 +46,7 @@ def plan_command(as_json: bool) -> None:
     placements = state.plan
     if as_json:
         click.echo(json.dumps([{"worker": p.worker, "device": p.device, "cores": list(p.cores),
-                                "threads": p.threads} for p in placements], indent=2))
+                                "threads": p.threads, "model": p.model} for p in placements], indent=2))
         return
     mode = "inline, in the web process" if state.config.inline else "spawned processes"
     click.echo(f"model: {state.config.model!r}")
@@ -84,7 +84,7 @@ def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) 
             raise click.UsageError("--probe needs an example input: set TORCHPOOL_EXAMPLE_INPUT to a "
                                    "value (a tuple is spread as arguments) or to a function returning one")
         app = current_app._get_current_object()  # type: ignore[attr-defined]
-        started_here = state.pool is None or not state.pool.started
+        started_here = not state.pools or not all(pool.started for pool in state.pools.values())
         try:
             state.extension.start(app)
         except TorchPoolError as exc:
@@ -96,7 +96,7 @@ def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) 
         finally:
             if started_here:
                 state.shutdown(wait=True)
-                state.pool = None  # back to "not started": the next use starts a fresh pool
+                state.pools = {}  # back to "not started": the next use starts a fresh pool
     if as_json:
         click.echo(json.dumps(status, indent=2))
     else:
