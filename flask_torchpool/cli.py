@@ -6,6 +6,10 @@
     flask --app myapp torchpool status --url http://127.0.0.1:5000    # a running server's pool
     flask --app myapp torchpool status --probe        # start the pool here, make one call, show it
     flask --app myapp torchpool tune                  # sweep workers x batch sizes, recommend, plot
+    flask --app myapp torchpool tune --model resnet   # the same for one of several models
+
+With several models (``TORCHPOOL_MODELS``), ``plan`` and ``status`` show every model's workers, with a
+``model`` column.
 
 Loading the app for a ``flask`` command other than ``flask run`` never starts the workers, whatever
 ``TORCHPOOL_START`` says (see ``_defer_start`` in :mod:`flask_torchpool.extension`): ``plan`` only
@@ -46,13 +50,20 @@ def plan_command(as_json: bool) -> None:
     placements = state.plan
     if as_json:
         click.echo(json.dumps([{"worker": p.worker, "device": p.device, "cores": list(p.cores),
-                                "threads": p.threads} for p in placements], indent=2))
+                                "threads": p.threads, "model": p.model} for p in placements], indent=2))
         return
     mode = "inline, in the web process" if state.config.inline else "spawned processes"
-    click.echo(f"model: {state.config.model!r}")
+    headers = ["worker", "device", "cores", "threads"]
+    rows = [[p.worker, p.device, _ranges(p.cores), p.threads] for p in placements]
+    if len(state.configs) > 1:
+        for name, config in state.configs.items():
+            click.echo(f"model {name}: {config.model!r}")
+        headers = ["model"] + headers
+        rows = [[p.model] + row for p, row in zip(placements, rows)]
+    else:
+        click.echo(f"model: {state.config.model!r}")
     click.echo(f"{len(placements)} worker(s), {mode}")
-    click.echo(_table(["worker", "device", "cores", "threads"],
-                      [[p.worker, p.device, _ranges(p.cores), p.threads] for p in placements]))
+    click.echo(_table(headers, rows))
 
 
 @torchpool.command("status")
@@ -60,14 +71,14 @@ def plan_command(as_json: bool) -> None:
               help="Base URL of a running server, e.g. http://127.0.0.1:5000: read its "
                    "<URL><TORCHPOOL_HEALTH_URL>/status instead of starting a pool here.")
 @click.option("--probe", is_flag=True,
-              help="In-process only: call the model once with TORCHPOOL_EXAMPLE_INPUT before showing "
-                   "the status.")
+              help="In-process only: call the model (each model that has one) once with "
+                   "TORCHPOOL_EXAMPLE_INPUT before showing the status.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait for the server (--url).")
 def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) -> None:
-    """Show a pool's state: per worker pid, state, device, cores, calls, errors, restarts; the queue,
-    counters and latency.
+    """Show a pool's state: per worker (and model) pid, state, device, cores, calls, errors, restarts;
+    the queue, counters and latency.
 
     With --url, the status of a running server (its TORCHPOOL_HEALTH_URL must be set). Without it, the
     app's pool is started in this process (and stopped again afterwards if it was not running).
@@ -80,23 +91,25 @@ def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) 
                                    "with --url")
         status = _fetch_status(url, state.config.health_url, timeout)
     else:
-        if probe and state.config.example_input is None:
+        probed = [name for name, config in state.configs.items() if config.example_input is not None]
+        if probe and not probed:
             raise click.UsageError("--probe needs an example input: set TORCHPOOL_EXAMPLE_INPUT to a "
                                    "value (a tuple is spread as arguments) or to a function returning one")
         app = current_app._get_current_object()  # type: ignore[attr-defined]
-        started_here = state.pool is None or not state.pool.started
+        started_here = not state.pools or not all(pool.started for pool in state.pools.values())
         try:
             state.extension.start(app)
         except TorchPoolError as exc:
             raise click.ClickException(f"the pool could not start: {type(exc).__name__}: {exc}") from exc
         try:
             if probe:
-                probe_error = _probe(state, app)
+                errors = [_probe(state, app, name) for name in probed]
+                probe_error = "; ".join(e for e in errors if e is not None) or None
             status = state.status()
         finally:
             if started_here:
                 state.shutdown(wait=True)
-                state.pool = None  # back to "not started": the next use starts a fresh pool
+                state.pools = {}  # back to "not started": the next use starts a fresh pool
     if as_json:
         click.echo(json.dumps(status, indent=2))
     else:
@@ -120,25 +133,34 @@ def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) 
               help="Seconds of calls before measuring each pair.")
 @click.option("--plot", "plot_path", default="torchpool-tune.png", show_default=True,
               help="Where to write the PNG plot; '' for none.")
+@click.option("--model", "model_name", metavar="NAME",
+              help="The model to tune, by its name in TORCHPOOL_MODELS.  [default: the default model]")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency: int | None,
-                 duration: float, warmup: float, plot_path: str, as_json: bool) -> None:
+                 duration: float, warmup: float, plot_path: str, model_name: str | None,
+                 as_json: bool) -> None:
     """Measure throughput and latency for a sweep of worker counts and batch sizes, and recommend a
     configuration.
 
-    Each pair gets a fresh pool built from the app's configuration, driven with TORCHPOOL_EXAMPLE_INPUT
-    by --concurrency client threads; one pool runs at a time. The app's own pool is not touched.
+    Each pair gets a fresh pool built from the model's configuration, driven with its
+    TORCHPOOL_EXAMPLE_INPUT by --concurrency client threads; one pool runs at a time. The app's own
+    pools are not touched.
     """
     from . import tune
+    from .errors import ConfigError
 
     state = _state()
     try:
-        args = tune.example_args(state.config)
+        config = state.configs[state.model_name(model_name)]
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    try:
+        args = tune.example_args(config)
     except TorchPoolError as exc:
         raise click.UsageError(f"tune needs an example input: {exc}") from None
     rows = tune.rows_per_call(args)
     has_tensor = any(_is_tensor(a) for a in args)
-    workers = _int_list(worker_counts, "--workers") or tune.default_workers(state.config)
+    workers = _int_list(worker_counts, "--workers") or tune.default_workers(config)
     batches = _int_list(batch_sizes, "--batch-sizes") or tune.default_batch_sizes(rows, has_tensor)
     if concurrency is None:
         concurrency = min(64, max(2, 2 * max(workers) * max(1, max(batches) // rows)))
@@ -150,14 +172,14 @@ def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency
     with click.progressbar(pairs, label="tune", file=stderr,
                            item_show_func=lambda p: p and f"workers={p[0]} batch={p[1]}") as bar:
         for w, b in bar:
-            results.append(tune.measure(state.config, w, b, args, concurrency=concurrency,
+            results.append(tune.measure(config, w, b, args, concurrency=concurrency,
                                         duration=duration, warmup=warmup))
     best = tune.recommend(results)
     if as_json:
         click.echo(json.dumps({"results": [r.as_dict() for r in results],
                                "recommended": None if best is None else
-                               {"TORCHPOOL_WORKERS": best.workers,
-                                "TORCHPOOL_MAX_BATCH_SIZE": best.batch_size}}, indent=2))
+                               {_setting_key(config, "workers"): best.workers,
+                                _setting_key(config, "max_batch_size"): best.batch_size}}, indent=2))
     else:
         click.echo(_table(
             ["workers", "batch", "calls/s", "rows/s", "p50", "p99", "errors"],
@@ -165,8 +187,9 @@ def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency
               _ms(r.latency(0.5)) if r.calls else "-", _ms(r.latency(0.99)) if r.calls else "-",
               r.errors if r.error is None else r.error] for r in results]))
         if best is not None:
-            click.echo(f"\nrecommended: TORCHPOOL_WORKERS = {best.workers}, TORCHPOOL_MAX_BATCH_SIZE = "
-                       f"{best.batch_size}  ({best.rows_per_second:.1f} rows/s, p99 "
+            click.echo(f"\nrecommended: {_setting_key(config, 'workers')} = {best.workers}, "
+                       f"{_setting_key(config, 'max_batch_size')} = {best.batch_size}  "
+                       f"({best.rows_per_second:.1f} rows/s, p99 "
                        f"{_ms(best.latency(0.99) or 0.0)})")
     if best is None:
         raise click.ClickException("no configuration answered a call: see the errors above")
@@ -177,6 +200,14 @@ def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency
             click.echo("no plot: it needs matplotlib (pip install flask_torchpool[tune])", err=True)
         else:
             click.echo(f"plot: {plot_path}", err=True)
+
+
+def _setting_key(config: Any, setting: str) -> str:
+    """Where to set *setting* for this model alone: ``TORCHPOOL_WORKERS`` for ``TORCHPOOL_MODEL``'s,
+    ``TORCHPOOL_MODELS["name"]["workers"]`` for a model of ``TORCHPOOL_MODELS``."""
+    if config.source == "TORCHPOOL_MODEL":
+        return f"TORCHPOOL_{setting.upper()}"
+    return f'{config.source}["{setting}"]'
 
 
 def _int_list(value: str | None, option: str) -> list[int]:
@@ -192,18 +223,20 @@ def _int_list(value: str | None, option: str) -> list[int]:
     return sorted(set(numbers))
 
 
-def _probe(state: Any, app: Any) -> str | None:
-    """Call the model once with ``TORCHPOOL_EXAMPLE_INPUT``; returns an error message or None."""
-    example = state.config.example_input
+def _probe(state: Any, app: Any, name: str) -> str | None:
+    """Call model *name* once with its ``TORCHPOOL_EXAMPLE_INPUT``; returns an error message or None."""
+    example = state.configs[name].example_input
     value = example() if callable(example) and not _is_tensor(example) else example
     args = value if isinstance(value, tuple) else (value,)
+    label, call = ("probe", "the probe call") if len(state.configs) == 1 else (
+        f"probe {name}", f"the probe call of model {name!r}")
     begin = time.perf_counter()
     try:
-        out = state.extension.model(app=app)(*args)
+        out = state.extension.model(name, app=app)(*args)
     except TorchPoolError as exc:
-        click.echo(f"probe: failed after {_ms(time.perf_counter() - begin)}", err=True)
-        return f"the probe call failed: {type(exc).__name__}: {exc}"
-    click.echo(f"probe: ok in {_ms(time.perf_counter() - begin)}, returned {_summary(out)}")
+        click.echo(f"{label}: failed after {_ms(time.perf_counter() - begin)}", err=True)
+        return f"{call} failed: {type(exc).__name__}: {exc}"
+    click.echo(f"{label}: ok in {_ms(time.perf_counter() - begin)}, returned {_summary(out)}")
     return None
 
 
@@ -230,12 +263,12 @@ def _fetch_status(url: str, health_url: str | None, timeout: float) -> dict[str,
 
 
 def _format_status(status: dict[str, Any]) -> str:
-    state = ("ready" if status.get("ready") else "closed" if status.get("closed")
-             else "started, not ready" if status.get("started") else "not started")
     workers = status.get("workers", [])
+    models = status.get("models") or {}
+    several = len(models) > 1
     lines = [
-        f"pool: {state}{' (inline)' if status.get('inline') else ''}   queued: {status.get('queued', 0)}   "
-        f"busy workers: {status.get('busy_workers', 0)}/{len(workers)}   "
+        f"pool: {_state_word(status)}{' (inline)' if status.get('inline') else ''}   "
+        f"queued: {status.get('queued', 0)}   busy workers: {status.get('busy_workers', 0)}/{len(workers)}   "
         f"shared memory: {status.get('arena_bytes', 0) / (1 << 20):.0f} MiB",
     ]
     if status.get("error"):
@@ -245,18 +278,40 @@ def _format_status(status: dict[str, Any]) -> str:
         lines.append("counters: " + "  ".join(f"{k}={v}" for k, v in counters.items()))
     quantiles = status.get("latency_quantiles") or {}
     if any(v is not None for v in quantiles.values()):
-        lines.append("latency: " + "  ".join(f"p{float(q) * 100:g}={_ms(v)}" for q, v in quantiles.items()
-                                              if v is not None))
+        lines.append("latency: " + _quantiles(quantiles))
+    if several:
+        for name, model in models.items():
+            counts = model.get("counters") or {}
+            line = (f"model {name}: {_state_word(model)}   queued: {model.get('queued', 0)}   busy workers: "
+                    f"{model.get('busy_workers', 0)}/{len(model.get('workers', []))}   "
+                    f"ok: {counts.get('ok', 0)}   errors: {counts.get('errors', 0)}")
+            if any(v is not None for v in (model.get("latency_quantiles") or {}).values()):
+                line += "   latency: " + _quantiles(model["latency_quantiles"])
+            lines.append(line)
     lines.append("")
-    lines.append(_table(
-        ["worker", "pid", "state", "device", "cores", "threads", "inflight", "calls", "errors", "restarts"],
-        [[w.get("worker"), w.get("pid") or "-", w.get("state"), w.get("device"),
-          _ranges(tuple(w.get("cores") or ())), w.get("threads"), w.get("inflight", 0), w.get("calls", 0),
-          w.get("errors", 0), w.get("restarts", 0)] for w in workers]))
-    exits = [f"worker {w['worker']}: {w['last_exit']}" for w in workers if w.get("last_exit")]
+    headers = ["worker", "pid", "state", "device", "cores", "threads", "inflight", "calls", "errors",
+               "restarts"]
+    rows = [[w.get("worker"), w.get("pid") or "-", w.get("state"), w.get("device"),
+             _ranges(tuple(w.get("cores") or ())), w.get("threads"), w.get("inflight", 0), w.get("calls", 0),
+             w.get("errors", 0), w.get("restarts", 0)] for w in workers]
+    if several:
+        headers = ["model"] + headers
+        rows = [[w.get("model")] + row for w, row in zip(workers, rows)]
+    lines.append(_table(headers, rows))
+    exits = [f"{w['model'] + ' ' if several else ''}worker {w['worker']}: {w['last_exit']}"
+             for w in workers if w.get("last_exit")]
     if exits:
         lines.append("last exits: " + "; ".join(exits))
     return "\n".join(lines)
+
+
+def _state_word(status: dict[str, Any]) -> str:
+    return ("ready" if status.get("ready") else "closed" if status.get("closed")
+            else "started, not ready" if status.get("started") else "not started")
+
+
+def _quantiles(quantiles: dict[str, float | None]) -> str:
+    return "  ".join(f"p{float(q) * 100:g}={_ms(v)}" for q, v in quantiles.items() if v is not None)
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -1,8 +1,12 @@
-"""Configuration: the ``TORCHPOOL_*`` keys, their defaults, and one frozen :class:`PoolConfig`.
+"""Configuration: the ``TORCHPOOL_*`` keys, their defaults, and one frozen :class:`PoolConfig` per model.
 
 ``init_app`` reads the keys once and validates them here; a bad value raises :class:`ConfigError` naming
 the key and what is allowed. Nothing is imported or started while validating: a model import path is only
 checked for its form (the worker imports it, and reports a failure as ``WorkerStartupError``).
+
+An app serves one model (``TORCHPOOL_MODEL``, named ``"default"``) or several (``TORCHPOOL_MODELS``, a
+dict of names to models); :meth:`PoolConfig.models_from_mapping` gives every model its own complete
+:class:`PoolConfig`: the top-level keys, with the per-model overrides of its ``TORCHPOOL_MODELS`` entry.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ MiB = 1 << 20
 #: Every key with its default. ``init_app`` applies them with ``app.config.setdefault``.
 DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_MODEL": None,
+    "TORCHPOOL_MODELS": None,
     "TORCHPOOL_WORKERS": "auto",
     "TORCHPOOL_DEVICES": "auto",
     "TORCHPOOL_THREADS_PER_WORKER": None,
@@ -49,6 +54,16 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_SOCKET": None,
 }
 
+#: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
+DEFAULT_MODEL = "default"
+
+#: The keys a ``TORCHPOOL_MODELS`` entry may set besides ``model``: the lowercase suffixes of the
+#: ``TORCHPOOL_*`` keys that make sense per model. The others are the app's (start, shutdown, health).
+MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
+                   "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
+                   "max_batch_delay_ms", "share_weights", "example_input")
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
 _MODEL_FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".ts", ".jit")
@@ -88,49 +103,82 @@ class PoolConfig:
     #: The pool server's Unix socket; None: a per-user private directory (see server.default_socket_path).
     socket: str | None = None
 
+    #: The model's name: ``"default"`` for ``TORCHPOOL_MODEL``, else its key in ``TORCHPOOL_MODELS``.
+    name: str = DEFAULT_MODEL
+    #: The key of the model's entry (``TORCHPOOL_MODEL`` or ``TORCHPOOL_MODELS["name"]``) and the fields
+    #: that entry set, so that errors found later (e.g. a missing GPU) name the key the value came from.
+    source: str = field(default="TORCHPOOL_MODEL", compare=False, repr=False)
+    overrides: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def key(self, setting: str) -> str:
+        """The config key this model's *setting* (a field name) came from, e.g. ``TORCHPOOL_WORKERS`` or
+        ``TORCHPOOL_MODELS["resnet"]["workers"]``."""
+        if setting in self.overrides:
+            return f'{self.source}["{setting}"]'
+        if setting == "model":
+            return self.source
+        return f"TORCHPOOL_{setting.upper()}"
+
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> PoolConfig:
-        """Validate the ``TORCHPOOL_*`` keys of *config* (missing keys take their defaults)."""
+        """Validate the ``TORCHPOOL_*`` keys of *config* (missing keys take their defaults) and return the
+        configuration of the default model: ``TORCHPOOL_MODEL``'s, or the first of ``TORCHPOOL_MODELS``.
+        See :meth:`models_from_mapping` for every model's."""
+        return next(iter(cls.models_from_mapping(config).values()))
+
+    @classmethod
+    def models_from_mapping(cls, config: Mapping[str, Any]) -> dict[str, PoolConfig]:
+        """Validate the ``TORCHPOOL_*`` keys of *config* and return every model's configuration by name,
+        in order: ``"default"`` (``TORCHPOOL_MODEL``) first, then ``TORCHPOOL_MODELS`` in its order."""
 
         def get(key: str) -> Any:
             return config.get(key, DEFAULTS[key])
 
-        return cls(
-            model=_model(get("TORCHPOOL_MODEL")),
-            workers=_workers(get("TORCHPOOL_WORKERS")),
-            devices=_devices(get("TORCHPOOL_DEVICES")),
-            threads_per_worker=_int("TORCHPOOL_THREADS_PER_WORKER", get("TORCHPOOL_THREADS_PER_WORKER"),
-                                    minimum=1, allow_none=True),
-            arena_bytes=_int("TORCHPOOL_ARENA_BYTES", get("TORCHPOOL_ARENA_BYTES"), minimum=1 * MiB),
-            pipeline_depth=_int("TORCHPOOL_PIPELINE_DEPTH", get("TORCHPOOL_PIPELINE_DEPTH"), minimum=1),
-            timeout=_seconds("TORCHPOOL_TIMEOUT", get("TORCHPOOL_TIMEOUT"), allow_none=True),
-            start_timeout=_seconds("TORCHPOOL_START_TIMEOUT", get("TORCHPOOL_START_TIMEOUT")),
-            max_queue=_int("TORCHPOOL_MAX_QUEUE", get("TORCHPOOL_MAX_QUEUE"), minimum=0),
-            max_input_bytes=_int("TORCHPOOL_MAX_INPUT_BYTES", get("TORCHPOOL_MAX_INPUT_BYTES"), minimum=1),
-            retries=_int("TORCHPOOL_RETRIES", get("TORCHPOOL_RETRIES"), minimum=0),
-            max_restarts=_int("TORCHPOOL_MAX_RESTARTS", get("TORCHPOOL_MAX_RESTARTS"), minimum=0),
-            restart_window=_seconds("TORCHPOOL_RESTART_WINDOW", get("TORCHPOOL_RESTART_WINDOW")),
-            drain_timeout=_seconds("TORCHPOOL_DRAIN_TIMEOUT", get("TORCHPOOL_DRAIN_TIMEOUT"), zero=True),
-            start=_choice("TORCHPOOL_START", get("TORCHPOOL_START"), ("auto", "eager", "lazy")),
-            handle_sigterm=_bool("TORCHPOOL_HANDLE_SIGTERM", get("TORCHPOOL_HANDLE_SIGTERM")),
-            retry_after=_int("TORCHPOOL_RETRY_AFTER", get("TORCHPOOL_RETRY_AFTER"), minimum=0),
-            health_url=_url_prefix("TORCHPOOL_HEALTH_URL", get("TORCHPOOL_HEALTH_URL")),
-            inline=_bool("TORCHPOOL_INLINE", get("TORCHPOOL_INLINE")),
-            example_input=get("TORCHPOOL_EXAMPLE_INPUT"),
-            max_batch_size=_int("TORCHPOOL_MAX_BATCH_SIZE", get("TORCHPOOL_MAX_BATCH_SIZE"), minimum=1),
-            max_batch_delay_ms=_seconds("TORCHPOOL_MAX_BATCH_DELAY_MS", get("TORCHPOOL_MAX_BATCH_DELAY_MS"),
-                                        zero=True, unit="milliseconds"),
-            share_weights=_bool("TORCHPOOL_SHARE_WEIGHTS", get("TORCHPOOL_SHARE_WEIGHTS")),
-            mode=_choice("TORCHPOOL_MODE", get("TORCHPOOL_MODE"), ("embedded", "attach", "auto")),
-            socket=_socket_path("TORCHPOOL_SOCKET", get("TORCHPOOL_SOCKET")),
-        )
+        common = {name: check(f"TORCHPOOL_{name.upper()}", get(f"TORCHPOOL_{name.upper()}"))
+                  for name, check in _FIELDS.items()}
+        single, several = get("TORCHPOOL_MODEL"), get("TORCHPOOL_MODELS")
+        if several is not None and not isinstance(several, Mapping):
+            raise ConfigError("TORCHPOOL_MODELS", f"{several!r} is not allowed; use None or a dict of "
+                                                  "model names to models")
+        models: dict[str, PoolConfig] = {}
+        if single is not None or not several:
+            models[DEFAULT_MODEL] = cls(model=_model("TORCHPOOL_MODEL", single), **common)
+        for name, entry in (several or {}).items():
+            if not isinstance(name, str) or not _MODEL_NAME.match(name):
+                raise ConfigError("TORCHPOOL_MODELS", f"the name {name!r} is not allowed; use a non-empty "
+                                                      "string of letters, digits, '_', '.' and '-'")
+            source = f'TORCHPOOL_MODELS["{name}"]'
+            if name in models:
+                raise ConfigError(source, "'default' is the name of the model of TORCHPOOL_MODEL; "
+                                          "rename this one, or move TORCHPOOL_MODEL into TORCHPOOL_MODELS "
+                                          "as 'default'")
+            models[name] = _model_entry(cls, name, source, entry, common)
+        return models
 
 
-def _model(value: Any) -> ModelSpec:
-    key = "TORCHPOOL_MODEL"
+def _model_entry(cls: type[PoolConfig], name: str, source: str, entry: Any,
+                 common: dict[str, Any]) -> PoolConfig:
+    """One ``TORCHPOOL_MODELS`` entry: a model spec, or a dict of ``model`` and per-model overrides."""
+    if not isinstance(entry, Mapping):
+        return cls(model=_model(source, entry), name=name, source=source, **common)
+    values = dict(common)
+    for field_name in entry:
+        if field_name != "model" and field_name not in MODEL_OVERRIDES:
+            key = f'{source}["{field_name}"]' if isinstance(field_name, str) else source
+            raise ConfigError(key, f"{field_name!r} is not a per-model setting; use 'model' and any of "
+                                   f"{', '.join(map(repr, MODEL_OVERRIDES))}")
+    for field_name in MODEL_OVERRIDES:
+        if field_name in entry:
+            values[field_name] = _FIELDS[field_name](f'{source}["{field_name}"]', entry[field_name])
+    model = _model(f'{source}["model"]', entry.get("model"))
+    return cls(model=model, name=name, source=source, overrides=frozenset(entry), **values)
+
+
+def _model(key: str, value: Any) -> ModelSpec:
     if value is None:
+        several = " (or name several models in TORCHPOOL_MODELS)" if key == "TORCHPOOL_MODEL" else ""
         raise ConfigError(key, "is not set; give a factory as 'package.module:callable', a top-level "
-                               "callable, or a path to a TorchScript .pt / torch.export .pt2 file")
+                               "callable, or a path to a TorchScript .pt / torch.export .pt2 file" + several)
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if isinstance(value, str):
@@ -162,14 +210,13 @@ def _model(value: Any) -> ModelSpec:
     return value
 
 
-def _workers(value: Any) -> int | str:
+def _workers(key: str, value: Any) -> int | str:
     if value == "auto":
         return "auto"
-    return _int("TORCHPOOL_WORKERS", value, minimum=1, extra="or 'auto'")
+    return _int(key, value, minimum=1, extra="or 'auto'")
 
 
-def _devices(value: Any) -> tuple[str, ...] | str:
-    key = "TORCHPOOL_DEVICES"
+def _devices(key: str, value: Any) -> tuple[str, ...] | str:
     allowed = "'cpu', 'cuda', 'cuda:N', a comma-separated list or list of those, or 'auto'"
     if isinstance(value, str):
         items = [v.strip() for v in value.split(",") if v.strip()]
@@ -243,3 +290,34 @@ def _socket_path(key: str, value: Any) -> str | None:
         raise ConfigError(key, f"{value!r} is too long for a Unix socket path (107 bytes at most); "
                                "use a shorter directory")
     return os.path.abspath(value)
+def _passthrough(key: str, value: Any) -> Any:
+    return value
+
+
+#: Every field of :class:`PoolConfig` but ``model`` and the name, with its validator ``(key, value)``.
+_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "workers": _workers,
+    "devices": _devices,
+    "threads_per_worker": lambda k, v: _int(k, v, minimum=1, allow_none=True),
+    "arena_bytes": lambda k, v: _int(k, v, minimum=1 * MiB),
+    "pipeline_depth": lambda k, v: _int(k, v, minimum=1),
+    "timeout": lambda k, v: _seconds(k, v, allow_none=True),
+    "start_timeout": _seconds,
+    "max_queue": lambda k, v: _int(k, v, minimum=0),
+    "max_input_bytes": lambda k, v: _int(k, v, minimum=1),
+    "retries": lambda k, v: _int(k, v, minimum=0),
+    "max_restarts": lambda k, v: _int(k, v, minimum=0),
+    "restart_window": _seconds,
+    "drain_timeout": lambda k, v: _seconds(k, v, zero=True),
+    "start": lambda k, v: _choice(k, v, ("auto", "eager", "lazy")),
+    "handle_sigterm": _bool,
+    "retry_after": lambda k, v: _int(k, v, minimum=0),
+    "health_url": _url_prefix,
+    "inline": _bool,
+    "example_input": _passthrough,
+    "max_batch_size": lambda k, v: _int(k, v, minimum=1),
+    "max_batch_delay_ms": lambda k, v: _seconds(k, v, zero=True, unit="milliseconds"),
+    "share_weights": _bool,
+    "mode": lambda k, v: _choice(k, v, ("embedded", "attach", "auto")),
+    "socket": _socket_path,
+}

@@ -18,6 +18,10 @@ When the workers start (``TORCHPOOL_START``):
 
 With ``TORCHPOOL_INLINE`` the "pool" is an :class:`~flask_torchpool.inline.InlinePool` that runs the
 model in this process (for tests); ``"auto"`` then builds the model on first use.
+
+Several models (``TORCHPOOL_MODELS``) get one pool each, with its own workers, queue, batching and
+restart budget; they start and stop together, and a call goes to the pool of the model it names
+(``@pool.infer("name")``, ``pool.model("name")``), or to the default model's.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import inspect
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -41,13 +46,19 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, overload
 
 from flask import Flask, current_app, has_app_context
 
-from .config import DEFAULTS, PoolConfig
-from .errors import InferenceTimeoutError, PoolClosedError, TorchPoolError, WorkerStartupError
+from .config import DEFAULT_MODEL, DEFAULTS, PoolConfig
+from .errors import (
+    ConfigError,
+    InferenceTimeoutError,
+    PoolClosedError,
+    RemoteTraceback,
+    TorchPoolError,
+    WorkerStartupError,
+)
 from .inline import InlinePool
 from .inline import plan as inline_plan
-from .metrics import Metrics
-from .placement import Placement
-from .placement import plan as compute_plan
+from .metrics import Metrics, merge
+from .placement import Placement, plan_models
 from .pool import Pool, _running_pools
 
 if TYPE_CHECKING:
@@ -77,22 +88,26 @@ class ModelProxy:
     ``bytes`` and tuples, lists and dicts of them.
     """
 
-    __slots__ = ("_state", "timeout", "batch")
+    __slots__ = ("_state", "timeout", "batch", "name")
 
-    def __init__(self, state: _AppState, timeout: float | None = None, batch: bool = True) -> None:
+    def __init__(self, state: _AppState, timeout: float | None = None, batch: bool = True,
+                 name: str | None = None) -> None:
         self._state = state
-        #: Deadline of each call in seconds (queueing plus execution); None means ``TORCHPOOL_TIMEOUT``.
+        #: Deadline of each call in seconds (queueing plus execution); None means the model's
+        #: ``TORCHPOOL_TIMEOUT``.
         self.timeout = timeout
         #: Whether calls may be batched with other callers' (``TORCHPOOL_MAX_BATCH_SIZE``).
         self.batch = batch
+        #: The name of the model its calls go to (``"default"`` for ``TORCHPOOL_MODEL``).
+        self.name = state.model_name(name)
 
     def submit(self, *args: Any, **kwargs: Any) -> Future:
         """Start a call and return its future. Invalid input raises here, in the calling thread."""
-        return self._state.pool_for_call().submit(args, kwargs, self.timeout, self.batch)
+        return self._state.pool_for_call(self.name).submit(args, kwargs, self.timeout, self.batch)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         future = self.submit(*args, **kwargs)
-        timeout = self.timeout if self.timeout is not None else self._state.config.timeout
+        timeout = self.timeout if self.timeout is not None else self._state.configs[self.name].timeout
         try:
             return future.result(None if timeout is None else timeout + _DEADLINE_GRACE)
         except FutureTimeout:
@@ -105,18 +120,30 @@ class ModelProxy:
         return await asyncio.wrap_future(self.submit(*args, **kwargs))
 
     def __repr__(self) -> str:
-        return f"<ModelProxy {self._state.config.model!r} timeout={self.timeout}>"
+        return (f"<ModelProxy {self.name!r}: {self._state.configs[self.name].model!r} "
+                f"timeout={self.timeout}>")
 
 
 class _AppState:
-    """Everything one app's pool needs; stored in ``app.extensions["torchpool"]``."""
+    """Everything one app's pools need (one pool per model); stored in ``app.extensions["torchpool"]``."""
 
-    def __init__(self, extension: TorchPool, app: Flask, config: PoolConfig, inert: bool) -> None:
+    def __init__(self, extension: TorchPool, app: Flask, configs: dict[str, PoolConfig],
+                 inert: bool) -> None:
         self.extension = extension
         self.app_name = app.import_name
-        self.config = config
+        #: Every model's configuration, by name, in order (``"default"`` first when it is configured).
+        self.configs = configs
+        #: The model of calls that name none: ``"default"``, or the only model; None when there are
+        #: several and none is named ``"default"``.
+        self.default_model = (DEFAULT_MODEL if DEFAULT_MODEL in configs
+                              else next(iter(configs)) if len(configs) == 1 else None)
+        #: The app's own keys (start, shutdown, health, inline) are the same in every model's
+        #: configuration: this is the default model's (or the first model's).
+        self.config = configs[self.default_model or next(iter(configs))]
         self.inert = inert
-        self.pool: Pool | InlinePool | RemotePool | None = None
+        #: The pool of every model, once started (closed pools stay until the next start); in attach
+        #: mode, RemotePools of the pool server's models.
+        self.pools: dict[str, Pool | InlinePool | RemotePool] = {}
         #: How to import the app again, when gunicorn loaded it ("module:app"): auto mode starts a pool
         #: server with it.
         self.app_import: str | None = None
@@ -128,52 +155,89 @@ class _AppState:
         self.views_idle = threading.Condition(self.lock)
 
     @property
-    def plan(self) -> list[Placement]:
-        if self.pool is not None:
-            return [w.placement for w in self.pool.workers]
-        if self.config.inline:
-            return inline_plan(self.config)
-        return compute_plan(self.config)
+    def pool(self) -> Pool | InlinePool | None:
+        """The default model's pool (or the first model's); None before the first start."""
+        return self.pools.get(self.default_model or next(iter(self.configs)))
 
-    def start(self, restart: bool = False, embedded: bool = False) -> Pool | InlinePool | RemotePool:
-        """Start this app's pool; with *restart* (``TorchPool.start()``), a pool that was shut down
-        is replaced by a new one. Calls never restart a pool that was shut down."""
+    def model_name(self, name: str | None) -> str:
+        """The model that a call for *name* (None: no name given) goes to. Raises :class:`ConfigError`,
+        listing the models, for a name that is not configured, or for no name when there are several
+        models and none is named ``"default"``."""
+        names = ", ".join(map(repr, self.configs))
+        if name is None:
+            if self.default_model is None:
+                first = next(iter(self.configs))
+                raise ConfigError("TORCHPOOL_MODELS", f"names several models ({names}) and none is "
+                                                      f"'default': name the model to call, e.g. "
+                                                      f"@pool.infer({first!r}) or pool.model({first!r})")
+            return self.default_model
+        if name not in self.configs:
+            raise ConfigError("TORCHPOOL_MODELS", f"has no model named {name!r}; this app's models are "
+                                                  f"{names}")
+        return name
+
+    @property
+    def plan(self) -> list[Placement]:
+        if self.pools:
+            return [w.placement for pool in self.pools.values() for w in pool.workers]
+        return self._compute_plan()
+
+    def _compute_plan(self) -> list[Placement]:
+        if self.config.inline:
+            return [p for config in self.configs.values() for p in inline_plan(config)]
+        return plan_models(self.configs)
+
+    def _create_pool(self, name: str, config: PoolConfig, placements: list[Placement],
+                     attach: bool = False) -> Pool | InlinePool | RemotePool:
+        """Make (not start) the pool of model *name*: the one place where pools are made. With
+        *attach*, a :class:`~flask_torchpool.client.RemotePool` of the pool server's model *name*."""
+        label = self.app_name if name == DEFAULT_MODEL else f"{self.app_name}:{name}"
+        if attach:
+            from .client import RemotePool
+
+            assert self.connection is not None
+            return RemotePool(config, self.connection, name, name=f"torchpool[{label}]")
+        pool_class = InlinePool if config.inline else Pool
+        return pool_class(config, placements, name=f"torchpool[{label}]")
+
+    def start(self, restart: bool = False,
+              embedded: bool = False) -> dict[str, Pool | InlinePool | RemotePool]:
+        """Start this app's pools; with *restart* (``TorchPool.start()``), pools that were shut down are
+        replaced by new ones. Calls never restart a pool that was shut down. With *embedded* (the pool
+        server), the workers start here whatever ``TORCHPOOL_MODE`` says."""
         with self.lock:
             if self.inert:
                 raise RuntimeError(
                     "this process is a flask_torchpool worker, or is being spawned as one, and cannot "
                     "start a pool. Spawned workers re-import your main script: put code that calls the "
                     "model at import time under `if __name__ == '__main__':`")
-            if self.pool is not None and not self.pool.closed:
-                pool = self.pool
-            else:
-                if self.pool is not None and self.start_error is None and not restart:
+            pools = self.pools
+            if not pools or any(pool.closed for pool in pools.values()):
+                if pools and self.start_error is None and not restart:
                     raise PoolClosedError("the pool was shut down; call TorchPool.start() to start "
                                           "a new one")
-                pool = self.pool = self._create_pool(embedded or SERVING)
+                for pool in pools.values():  # the models all start and stop together
+                    pool.shutdown(wait=False, drain_timeout=0)
+                if not self.config.inline and not (embedded or SERVING) and self._attaches():
+                    log.info("torchpool %s: attached mode, pool server socket %s", self.app_name,
+                             self.socket_path())
+                    pools = self.pools = {name: self._create_pool(name, config, [], attach=True)
+                                          for name, config in self.configs.items()}
+                else:
+                    placements = self._compute_plan()
+                    for placement in placements:
+                        log.info("torchpool %s: %s", self.app_name, placement.describe())
+                    _check_resources(self.config, len(placements))
+                    pools = self.pools = {
+                        name: self._create_pool(name, config, [p for p in placements if p.model == name])
+                        for name, config in self.configs.items()}
                 self.start_error = None
         try:
-            pool.start()
+            self._start_pools(pools)
         except WorkerStartupError as exc:
             self.start_error = exc
             raise
-        return pool
-
-    def _create_pool(self, embedded: bool) -> Pool | InlinePool | RemotePool:
-        name = f"torchpool[{self.app_name}]"
-        if not self.config.inline and not embedded and self._attaches():
-            from .client import RemotePool
-
-            assert self.connection is not None
-            log.info("torchpool %s: attached mode, pool server socket %s", self.app_name,
-                     self.connection.path)
-            return RemotePool(self.config, self.connection, None, name=name)
-        placements = inline_plan(self.config) if self.config.inline else compute_plan(self.config)
-        for placement in placements:
-            log.info("torchpool %s: %s", self.app_name, placement.describe())
-        _check_resources(self.config, len(placements))
-        pool_class = InlinePool if self.config.inline else Pool
-        return pool_class(self.config, placements, name=name)
+        return pools
 
     def socket_path(self) -> str:
         from .client import socket_path_for
@@ -216,8 +280,49 @@ class _AppState:
             start_server()
         return True
 
-    def pool_for_call(self) -> Pool | InlinePool | RemotePool:
-        pool = self.pool
+    def _start_pools(self, pools: dict[str, Pool | InlinePool | RemotePool]) -> None:
+        """Start every model's pool at once, so that starting takes as long as the slowest model. When
+        one fails, the others are stopped and its error is raised, naming the model."""
+        if len(pools) == 1:
+            next(iter(pools.values())).start()
+            return
+        results: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
+
+        def start(name: str, pool: Pool | InlinePool | RemotePool) -> None:
+            try:
+                pool.start()
+            except BaseException as exc:  # reported to the starting thread below
+                results.put((name, exc))
+            else:
+                results.put((name, None))
+
+        for name, pool in pools.items():
+            threading.Thread(target=start, args=(name, pool), daemon=True,
+                             name=f"torchpool[{self.app_name}]-start-{name}").start()
+        failed: tuple[str, BaseException] | None = None
+        for _ in pools:
+            name, exc = results.get()
+            if exc is not None and failed is None:
+                failed = (name, exc)
+                # The other models stop loading at once: their start() returns, or fails, promptly.
+                for pool in pools.values():
+                    pool.shutdown(wait=False, drain_timeout=0)
+        if failed is None:
+            return
+        for pool in pools.values():
+            pool.shutdown(wait=True, drain_timeout=0)
+        name, exc = failed
+        if not isinstance(exc, WorkerStartupError):
+            raise exc
+        err = WorkerStartupError(f"model {name!r} did not start: {exc}; the workers of the other models "
+                                 "were stopped")
+        err.__cause__ = exc.__cause__ if isinstance(exc.__cause__, RemoteTraceback) else exc
+        raise err
+
+    def pool_for_call(self, name: str) -> Pool | InlinePool | RemotePool:
+        """The started pool of model *name* (a name :meth:`model_name` returned), starting the pools on
+        first use."""
+        pool = self.pools.get(name)
         if pool is not None and pool.started and not pool.closed:
             return pool
         if self.start_error is not None:
@@ -226,13 +331,13 @@ class _AppState:
             raise PoolClosedError("the pool is shut down, or draining before it stops; call "
                                   "TorchPool.start() to start a new one",
                                   retry_after=self.config.retry_after)
-        return self.start()
+        return self.start()[name]
 
     def start_in_background(self) -> bool:
-        """Start a pool that is waiting for first use, in a thread (for the readiness probe). Does
+        """Start pools that are waiting for first use, in a thread (for the readiness probe). Does
         nothing after a shutdown or a failed start, or when a start is already under way."""
         with self.lock:
-            if (self.inert or self.pool is not None or self.start_error is not None
+            if (self.inert or self.pools or self.start_error is not None
                     or self.background_start is not None):
                 return False
 
@@ -251,41 +356,83 @@ class _AppState:
 
     def status(self) -> dict[str, Any]:
         """See :meth:`TorchPool.status`."""
-        pool = self.pool
+        pools = self.pools
         plan = self.plan
+        models = {name: self._model_status(name, pools.get(name), [p for p in plan if p.model == name])
+                  for name in self.configs}
+        status = dict(next(iter(models.values()))) if len(models) == 1 else _aggregate(models)
+        status["inline"] = self.config.inline
+        status["models"] = models
+        if self.start_error is not None:
+            status["error"] = str(self.start_error)
+        return status
+
+    def _model_status(self, name: str, pool: Pool | InlinePool | None,
+                      plan: list[Placement]) -> dict[str, Any]:
         if pool is None:
             status: dict[str, Any] = {
                 "started": False, "closed": False, "queued": 0, "busy_workers": 0, "arena_bytes": 0,
-                "counters": {}, "metrics": Metrics().snapshot(),
+                "counters": {}, "metrics": Metrics(name).snapshot(),
                 "workers": [{"worker": p.worker, "pid": None, "state": "not started", "device": p.device,
                              "cores": list(p.cores), "threads": p.threads, "inflight": 0, "calls": 0,
                              "errors": 0, "restarts": 0, "last_exit": None} for p in plan]}
         else:
             status = pool.status()
-        status["inline"] = self.config.inline
+        for worker in status["workers"]:
+            worker["model"] = name
         status["ready"] = bool(status["started"] and not status["closed"] and status["workers"]
                                and all(w["state"] == "ready" for w in status["workers"]))
         status["latency_quantiles"] = status.get("metrics", {}).get("latency_quantiles", {})
         status["plan"] = [{"worker": p.worker, "device": p.device, "cores": list(p.cores),
-                           "threads": p.threads} for p in plan]
-        if self.start_error is not None:
-            status["error"] = str(self.start_error)
+                           "threads": p.threads, "model": p.model} for p in plan]
         return status
 
     def shutdown(self, wait: bool = True, drain_timeout: float | None = None) -> None:
-        pool = self.pool
-        if pool is not None:
-            pool.shutdown(wait=wait, drain_timeout=drain_timeout)
+        pools = list(self.pools.values())
+        # Every model stops taking calls and drains at once; then wait for each to stop.
+        for pool in pools:
+            pool.shutdown(wait=False, drain_timeout=drain_timeout)
+        if wait:
+            for pool in pools:
+                pool.shutdown(wait=True, drain_timeout=drain_timeout)
 
     def _after_fork_in_child(self) -> None:
         # The parent's workers, threads and locks are not ours: start afresh on first use.
         self.lock = threading.Lock()
         self.views_idle = threading.Condition(self.lock)
         self.active_views = 0
-        self.pool = None
+        self.pools = {}
         self.connection = None
         self.start_error = None
         self.background_start = None
+
+
+def _aggregate(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The app-wide status of several models: counts added up, workers and plans one after another."""
+    parts = list(models.values())
+    counters: dict[str, int] = {}
+    for part in parts:
+        for key, n in part["counters"].items():
+            counters[key] = counters.get(key, 0) + n
+    metrics = merge([part["metrics"] for part in parts])
+    status: dict[str, Any] = {
+        "started": all(part["started"] for part in parts),
+        "closed": any(part["closed"] for part in parts),
+        "queued": sum(part["queued"] for part in parts),
+        "busy_workers": sum(part["busy_workers"] for part in parts),
+        "arena_bytes": sum(part["arena_bytes"] for part in parts),
+    }
+    if any("shared_weight_bytes" in part for part in parts):
+        status["shared_weight_bytes"] = sum(part.get("shared_weight_bytes", 0) for part in parts)
+    status.update({
+        "counters": counters,
+        "metrics": metrics,
+        "workers": [worker for part in parts for worker in part["workers"]],
+        "ready": all(part["ready"] for part in parts),
+        "latency_quantiles": metrics["latency_quantiles"],
+        "plan": [entry for part in parts for entry in part["plan"]],
+    })
+    return status
 
 
 class TorchPool:
@@ -317,10 +464,11 @@ class TorchPool:
                                "(app.extensions['torchpool'].extension) instead of creating another")
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
-        config = PoolConfig.from_mapping(app.config)
+        configs = PoolConfig.models_from_mapping(app.config)
         inert = _in_spawned_child()
-        state = _AppState(self, app, config, inert)
+        state = _AppState(self, app, configs, inert)
         state.app_import = _gunicorn_app_import()
+        config = state.config
         app.extensions[EXTENSION_KEY] = state
         _register_operations(app, config)
         if inert:
@@ -358,8 +506,9 @@ class TorchPool:
     # --- public API -----------------------------------------------------------------------------------
 
     def start(self, app: Flask | None = None) -> None:
-        """Start the workers now (if they are not running) and return once every one has loaded its
-        model. Raises :class:`WorkerStartupError` with the worker's traceback when one fails."""
+        """Start the workers of every model now (if they are not running) and return once every one has
+        loaded its model. Raises :class:`WorkerStartupError` with the worker's traceback when one fails
+        (naming the model when there are several; the other models' workers are stopped then)."""
         # Keep start_error: it is what lets _AppState.start() replace a pool whose start failed.
         self._state(app).start(restart=True)
 
@@ -375,32 +524,40 @@ class TorchPool:
         for state in states:
             state.shutdown(wait=wait, drain_timeout=drain_timeout)
 
-    def model(self, timeout: float | None = None, app: Flask | None = None,
+    def model(self, name: str | None = None, *, timeout: float | None = None, app: Flask | None = None,
               batch: bool = True) -> ModelProxy:
-        """A :class:`ModelProxy` whose calls have deadline *timeout* (default ``TORCHPOOL_TIMEOUT``);
-        ``batch=False`` keeps its calls out of dynamic batches."""
-        return ModelProxy(self._state(app), timeout, batch)
+        """A :class:`ModelProxy` of the model *name* (default: the default model, see :meth:`infer`)
+        whose calls have deadline *timeout* (default: the model's ``TORCHPOOL_TIMEOUT``);
+        ``batch=False`` keeps its calls out of dynamic batches. An unknown name raises
+        :class:`ConfigError`, listing the models."""
+        if isinstance(name, (int, float)) and not isinstance(name, bool) and timeout is None:
+            name, timeout = None, name  # pool.model(5.0): the timeout, as before names existed
+        return ModelProxy(self._state(app), timeout, batch, name)
 
     def submit(self, *args: Any, **kwargs: Any) -> Future:
-        """Run ``model(*args, **kwargs)`` in a worker; returns a :class:`~concurrent.futures.Future`."""
+        """Run ``model(*args, **kwargs)`` in a worker of the default model; returns a
+        :class:`~concurrent.futures.Future`. ``pool.model("name").submit(...)`` calls another model."""
         return self.model().submit(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run ``model(*args, **kwargs)`` in a worker and return its output (blocking)."""
+        """Run ``model(*args, **kwargs)`` in a worker of the default model and return its output
+        (blocking). ``pool.model("name")(...)`` calls another model."""
         return self.model()(*args, **kwargs)
 
     @property
     def plan(self) -> list[Placement]:
-        """Where each worker runs (device, cores, threads); computed without starting anything."""
+        """Where each worker of each model runs (model, device, cores, threads); computed without
+        starting anything."""
         return self._state().plan
 
     def status(self, app: Flask | None = None) -> dict[str, Any]:
         """A JSON-ready snapshot, computed without starting anything: ``started``, ``closed``,
-        ``ready`` (started and every worker ready), ``inline``, ``queued`` (calls waiting for a worker),
-        ``busy_workers``, ``arena_bytes``, ``counters``, ``workers`` (per worker: pid, state, device,
-        cores, threads, inflight, calls, errors, restarts, last exit), ``metrics`` (the call metrics,
-        histograms included), ``latency_quantiles`` and ``plan``; ``error`` after a failed start.
-        This is what ``<TORCHPOOL_HEALTH_URL>/status`` answers."""
+        ``ready`` (started and every worker of every model ready), ``inline``, ``queued`` (calls waiting
+        for a worker), ``busy_workers``, ``arena_bytes``, ``counters``, ``workers`` (per worker: model,
+        pid, state, device, cores, threads, inflight, calls, errors, restarts, last exit), ``metrics``
+        (the call metrics, histograms included), ``latency_quantiles`` and ``plan``, all of them for
+        every model together; ``models``: the same keys for each model, by name; ``error`` after a
+        failed start. This is what ``<TORCHPOOL_HEALTH_URL>/status`` answers."""
         return self._state(app).status()
 
     def serve(self, app: Flask | None = None, *, socket_path: str | None = None,
@@ -423,15 +580,15 @@ class TorchPool:
                 raise TorchPoolError(f"another pool server already serves {path} (its lock "
                                      f"{server.lock_path(path)} is held); stop it or set another "
                                      "TORCHPOOL_SOCKET")
-        if state.pool is not None and not isinstance(state.pool, Pool):
-            state.pool.shutdown(wait=True, drain_timeout=0)  # attached at load (TORCHPOOL_START="eager")
-            state.pool = None
+        if any(not isinstance(p, (Pool, InlinePool)) for p in state.pools.values()):
+            state.shutdown(wait=True, drain_timeout=0)  # attached at load (TORCHPOOL_START="eager")
+            state.pools = {}
         try:
-            pool = state.start(restart=True, embedded=True)
+            pools = state.start(restart=True, embedded=True)
         except BaseException:
             os.close(lock_fd)
             raise
-        pool_server = server.PoolServer({"default": pool}, path, default_model="default", lock_fd=lock_fd,
+        pool_server = server.PoolServer(pools, path, default_model=state.default_model, lock_fd=lock_fd,
                                         drain_timeout=state.config.drain_timeout)
         server.serve_forever(pool_server, owner_pid, ready_fd)
 
@@ -447,25 +604,37 @@ class TorchPool:
     def infer(self, view: F) -> F: ...
 
     @overload
-    def infer(self, view: None = None, *, timeout: float | None = None,
+    def infer(self, view: str | None = None, /, *, model: str | None = None, timeout: float | None = None,
               batch: bool = True) -> Callable[[F], F]: ...
 
-    def infer(self, view: F | None = None, *, timeout: float | None = None, batch: bool = True) -> Any:
+    def infer(self, view: F | str | None = None, *, model: str | None = None, timeout: float | None = None,
+              batch: bool = True) -> Any:
         """Decorate a view so that it receives a :class:`ModelProxy` as its first argument.
 
-        Use as ``@pool.infer`` or ``@pool.infer(timeout=2.0, batch=False)``. URL variables follow the
-        proxy; ``batch=False`` keeps the view's calls out of dynamic batches. Pool
-        errors raised in the view become JSON answers (see the errors docs); override them with
-        ``app.errorhandler``.
+        Use as ``@pool.infer``, ``@pool.infer("name")`` or ``@pool.infer(model="name", timeout=2.0,
+        batch=False)``. Without a name the view calls the default model: the one named ``"default"``
+        (:data:`TORCHPOOL_MODEL`), or the only model of :data:`TORCHPOOL_MODELS`. An unknown name raises
+        :class:`ConfigError` here when the app's configuration is known (the pool was registered on an
+        app), else at the view's first call. URL variables follow the proxy; ``batch=False`` keeps the
+        view's calls out of dynamic batches. Pool errors raised in the view become JSON answers (see
+        the errors docs); override them with ``app.errorhandler``.
         """
+        if isinstance(view, str):
+            if model is not None and model != view:
+                raise TypeError(f"infer() got two model names, {view!r} and model={model!r}")
+            view, model = None, view
         if view is None:
-            return functools.partial(self.infer, timeout=timeout, batch=batch)
+            return functools.partial(self.infer, model=model, timeout=timeout, batch=batch)
+        if not callable(view):
+            raise TypeError(f"@pool.infer takes a view function or a model's name, not {view!r}")
+        self._check_model_name(model)
         if inspect.iscoroutinefunction(view):
             @functools.wraps(view)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 state = self._state()
+                proxy = ModelProxy(state, timeout, batch, model)
                 with _ActiveView(state):
-                    return await view(ModelProxy(state, timeout, batch), *args, **kwargs)
+                    return await view(proxy, *args, **kwargs)
 
             _hide_first_parameter(async_wrapper, view)
             return async_wrapper
@@ -473,11 +642,31 @@ class TorchPool:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             state = self._state()
+            proxy = ModelProxy(state, timeout, batch, model)
             with _ActiveView(state):
-                return view(ModelProxy(state, timeout, batch), *args, **kwargs)
+                return view(proxy, *args, **kwargs)
 
         _hide_first_parameter(wrapper, view)
         return wrapper
+
+    def _check_model_name(self, name: str | None) -> None:
+        """At decoration: raise :class:`ConfigError` if no app this pool is registered on (or the
+        current app) has the model *name*. Says nothing when no app is registered yet."""
+        current = current_app.extensions.get(EXTENSION_KEY) if has_app_context() else None
+        if isinstance(current, _AppState) and current.extension is self:
+            states = [current]
+        else:
+            with _states_lock:
+                states = [s for s in _states if s.extension is self]
+        errors = []
+        for state in states:
+            try:
+                state.model_name(name)
+                return
+            except ConfigError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 def _hide_first_parameter(wrapper: Callable[..., Any], view: Callable[..., Any]) -> None:
@@ -541,11 +730,11 @@ def _guard_reloader_watcher(app: Flask, state: _AppState) -> None:
         debug = kwargs.get("debug", args[2] if len(args) > 2 else None)
         debug = app.debug if debug is None else bool(debug)
         reloads = kwargs.get("use_reloader", debug)
-        if reloads and os.environ.get("WERKZEUG_RUN_MAIN") != "true" and state.pool is not None:
+        if reloads and os.environ.get("WERKZEUG_RUN_MAIN") != "true" and state.pools:
             log.info("torchpool %s: this process becomes the reloader's watcher; its pool stops and "
                      "the serving child starts its own", state.app_name)
             state.shutdown(wait=True, drain_timeout=0)
-            state.pool = None  # a later start (in this process) starts afresh
+            state.pools = {}  # a later start (in this process) starts afresh
         return run(*args, **kwargs)
 
     app.run = run_guarded  # type: ignore[method-assign]
@@ -673,8 +862,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         states = list(_states)
     # Stop taking calls everywhere first, then wait for the calls and the views that made them.
     for state in states:
-        if state.pool is not None:
-            state.pool.shutdown(wait=False)
+        state.shutdown(wait=False)
     for state in states:
         state.shutdown(wait=True)
         with state.lock:

@@ -3,7 +3,7 @@
 Registered by ``init_app`` at ``TORCHPOOL_HEALTH_URL`` (e.g. ``/torchpool``) when that key is set::
 
     GET /torchpool/live      200 {"status": "alive"} whenever the web process answers
-    GET /torchpool/ready     200 when the pool is started and every worker is ready, else 503
+    GET /torchpool/ready     200 when the pool is started and every worker (of every model) is ready, else 503
     GET /torchpool/status    200 TorchPool.status(): workers, queue, counters, latency, plan
     GET /torchpool/metrics   Prometheus text exposition (501 without prometheus_client)
 
@@ -42,10 +42,12 @@ def live() -> Response:
 
 @blueprint.get("/ready")
 def ready() -> Response:
-    """Readiness: 200 when every worker has loaded the model, 503 with the reason otherwise."""
+    """Readiness: 200 when every worker of every model has loaded its model, 503 with the reason
+    otherwise."""
     state = _state()
     status = state.status()
-    workers = [{"worker": w["worker"], "pid": w["pid"], "state": w["state"]} for w in status["workers"]]
+    workers = [{"model": w["model"], "worker": w["worker"], "pid": w["pid"], "state": w["state"]}
+               for w in status["workers"]]
     if status["ready"]:
         return _json({"status": "ready", "workers": workers})
     if "error" in status:
@@ -55,9 +57,14 @@ def ready() -> Response:
     elif not status["started"]:
         state.start_in_background()
         reason = "the pool is starting"
-    else:
+    elif len(status["models"]) == 1:
         waiting = [w["worker"] for w in status["workers"] if w["state"] != "ready"]
         reason = f"worker(s) {waiting} are not ready (starting or restarting)"
+    else:
+        reason = "; ".join(
+            f"model {name!r}: worker(s) {[w['worker'] for w in model['workers'] if w['state'] != 'ready']} "
+            "are not ready (starting or restarting)"
+            for name, model in status["models"].items() if not model["ready"])
     return _json({"status": "not ready", "reason": reason, "workers": workers}, 503)
 
 

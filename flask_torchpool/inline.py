@@ -53,10 +53,10 @@ class InlineState(enum.Enum):
 
 
 def plan(config: PoolConfig) -> list[Placement]:
-    """The one placement of inline mode: the web process, its first configured device, all its cores
-    and torch's current thread count (inline mode changes neither)."""
+    """The one placement of a model in inline mode: the web process, the model's first configured
+    device, all its cores and torch's current thread count (inline mode changes neither)."""
     return [Placement(worker=0, device=resolve_devices(config)[0], cores=tuple(usable_cores()),
-                      threads=torch.get_num_threads())]
+                      threads=torch.get_num_threads(), model=config.name)]
 
 
 @dataclass(eq=False)
@@ -82,7 +82,7 @@ class InlinePool:
         self.config = config
         self.name = name
         self.workers = [_InlineWorker((placements or plan(config))[0])]
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.name)
         self.counters = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "crashes": 0, "overloaded": 0,
                          "retries": 0}
         self._model: Any = None

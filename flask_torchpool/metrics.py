@@ -94,8 +94,33 @@ class Metrics:
                 "queue_seconds": self.queue_time.snapshot(),
                 "batch_rows": self.batch_rows.snapshot(),
                 "batch_calls": self.batch_calls.snapshot(),
-                "latency_quantiles": {str(q): self.latency.quantile(q) for q in (0.5, 0.9, 0.99)},
+                "latency_quantiles": _quantiles(self.latency),
             }
+
+
+def merge(snapshots: list[dict[str, Any]], model: str | None = None) -> dict[str, Any]:
+    """One snapshot of several pools' metrics (several models), their counts added up; the quantiles
+    are estimated from the added latency histograms. *model* becomes its ``model``."""
+    calls: dict[str, int] = {}
+    for snapshot in snapshots:
+        for outcome, n in snapshot["calls"].items():
+            calls[outcome] = calls.get(outcome, 0) + n
+    merged: dict[str, Any] = {"model": model, "calls": calls}
+    for key in ("latency_seconds", "queue_seconds", "batch_rows", "batch_calls"):
+        parts = [snapshot[key] for snapshot in snapshots]
+        merged[key] = {"buckets": list(parts[0]["buckets"]),
+                       "cumulative": [sum(column) for column in zip(*(p["cumulative"] for p in parts))],
+                       "sum": sum(p["sum"] for p in parts), "count": sum(p["count"] for p in parts)}
+    latency = Histogram(tuple(merged["latency_seconds"]["buckets"]))
+    cumulative = merged["latency_seconds"]["cumulative"]
+    latency.counts = [n - (cumulative[i - 1] if i else 0) for i, n in enumerate(cumulative)]
+    latency.count = merged["latency_seconds"]["count"]
+    merged["latency_quantiles"] = _quantiles(latency)
+    return merged
+
+
+def _quantiles(histogram: Histogram) -> dict[str, float | None]:
+    return {str(q): histogram.quantile(q) for q in (0.5, 0.9, 0.99)}
 
 
 def outcome_of(exc: BaseException | None) -> str:

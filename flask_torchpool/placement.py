@@ -4,16 +4,19 @@ On CPU the usable cores (``os.sched_getaffinity``) are split into disjoint, cont
 worker, and each worker runs ``len(cores)`` intra-op threads (or ``TORCHPOOL_THREADS_PER_WORKER``) and one
 inter-op thread, so N workers never oversubscribe the machine. On GPUs workers go round-robin over the
 devices (several workers per GPU are allowed); the cores are still split so that each worker's
-pre/post-processing threads stay off its neighbours' cores. The plan is logged at start and exposed as
-``TorchPool.plan``.
+pre/post-processing threads stay off its neighbours' cores. With several models
+(``TORCHPOOL_MODELS``) the cores are split across the workers of every model together, and each model's
+workers go over its own devices. The plan is logged at start and exposed as ``TorchPool.plan``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import NamedTuple
 
-from .config import PoolConfig
+from .config import DEFAULT_MODEL, PoolConfig
+from .errors import ConfigError
 
 
 class Placement(NamedTuple):
@@ -23,9 +26,11 @@ class Placement(NamedTuple):
     device: str
     cores: tuple[int, ...]
     threads: int
+    model: str = DEFAULT_MODEL
 
     def describe(self) -> str:
-        return (f"worker {self.worker}: device={self.device} cores={_ranges(self.cores)} "
+        model = "" if self.model == DEFAULT_MODEL else f"model {self.model} "
+        return (f"{model}worker {self.worker}: device={self.device} cores={_ranges(self.cores)} "
                 f"threads={self.threads}")
 
 
@@ -74,29 +79,53 @@ def auto_workers(devices: list[str], cores: list[int]) -> int:
 
 def plan(config: PoolConfig, *, cores: list[int] | None = None,
          gpu_count: int | None = None) -> list[Placement]:
-    """Compute the placement of every worker. Pure: starts nothing, touches no device."""
-    cores = usable_cores() if cores is None else sorted(cores)
-    devices = resolve_devices(config, gpu_count)
-    if not devices:
-        from .errors import ConfigError
+    """Compute the placement of every worker of one model, alone on the cores. Pure: starts nothing,
+    touches no device."""
+    return plan_models({config.name: config}, cores=cores, gpu_count=gpu_count)
 
-        raise ConfigError("TORCHPOOL_DEVICES", f"{config.devices!r} names CUDA devices, but none is "
-                                               "visible; use 'cpu' or 'auto'")
+
+def plan_models(configs: Mapping[str, PoolConfig], *, cores: list[int] | None = None,
+                gpu_count: int | None = None) -> list[Placement]:
+    """Compute the placement of every worker of every model, in model order, each model's workers
+    numbered from 0. The cores are split across all the workers; each model's workers go round-robin
+    over its own devices. Models whose ``workers`` is ``"auto"`` on CPU share the automatic count: each
+    gets an equal part of it, at least 1. Pure: starts nothing, touches no device."""
+    cores = usable_cores() if cores is None else sorted(cores)
+    devices = {name: _devices(config, gpu_count) for name, config in configs.items()}
+    auto_cpu = [name for name, config in configs.items()
+                if not isinstance(config.workers, int) and devices[name] == ["cpu"]]
+    counts = {}
+    for name, config in configs.items():
+        if isinstance(config.workers, int):
+            counts[name] = config.workers
+        elif devices[name] != ["cpu"]:
+            counts[name] = auto_workers(devices[name], cores)
+        else:
+            counts[name] = max(1, auto_workers(["cpu"], cores) // len(auto_cpu))
+    core_sets = iter(split_cores(cores, sum(counts.values())))
+    placements = []
+    for name, config in configs.items():
+        for i in range(counts[name]):
+            core_set = next(core_sets)
+            placements.append(Placement(worker=i, device=devices[name][i % len(devices[name])],
+                                        cores=core_set, threads=config.threads_per_worker or len(core_set),
+                                        model=name))
+    return placements
+
+
+def _devices(config: PoolConfig, gpu_count: int | None) -> list[str]:
+    """The concrete devices of one model, checked against the visible GPUs."""
+    devices = resolve_devices(config, gpu_count)
+    key = config.key("devices")
+    if not devices:
+        raise ConfigError(key, f"{config.devices!r} names CUDA devices, but none is visible; use 'cpu' or "
+                               "'auto'")
     if gpu_count is not None or config.devices not in ("auto", ("cpu",)):
         visible = gpu_count if gpu_count is not None else cuda_device_count()
         for device in devices:
             if device.startswith("cuda:") and int(device[5:]) >= visible:
-                from .errors import ConfigError
-
-                raise ConfigError("TORCHPOOL_DEVICES", f"{device} does not exist: {visible} CUDA "
-                                                       "device(s) visible")
-    n = config.workers if isinstance(config.workers, int) else auto_workers(devices, cores)
-    core_sets = split_cores(cores, n)
-    return [
-        Placement(worker=i, device=devices[i % len(devices)], cores=core_sets[i],
-                  threads=config.threads_per_worker or len(core_sets[i]))
-        for i in range(n)
-    ]
+                raise ConfigError(key, f"{device} does not exist: {visible} CUDA device(s) visible")
+    return devices
 
 
 def split_cores(cores: list[int], n: int) -> list[tuple[int, ...]]:

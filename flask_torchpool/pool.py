@@ -221,7 +221,7 @@ class Pool:
         self._weights_filled = False
         self._weights_filler: _Worker | None = None
         self._weights_waiting: list[_Worker] = []
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.name)
         self.counters = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "crashes": 0, "overloaded": 0,
                          "retries": 0, "batches": 0}
 

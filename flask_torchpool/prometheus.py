@@ -2,7 +2,8 @@
 
 Everything is measured in the web process (see :mod:`flask_torchpool.metrics`), so the collector needs no
 multiprocess mode: each scrape takes one :meth:`TorchPool.status` snapshot and turns its counters,
-cumulative-bucket histograms and gauges into metric families. It serves
+cumulative-bucket histograms and gauges into metric families, with one sample per model (the ``model``
+label; several with ``TORCHPOOL_MODELS``). It serves
 ``<TORCHPOOL_HEALTH_URL>/metrics`` and can be mounted in any registry::
 
     from prometheus_client import REGISTRY
@@ -14,7 +15,7 @@ imports it only when metrics are collected or rendered.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .metrics import Metrics
@@ -75,19 +76,27 @@ def render(state: Any, accept: str = "") -> tuple[bytes, str]:
     return encoder(registry), content_type
 
 
+def _models(status: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(name, status) of every model of one app status; none for the families without samples."""
+    if status is None:
+        return []
+    if status.get("models"):
+        return list(status["models"].items())
+    return [(str((status.get("metrics") or {}).get("model", "default")), status)]
+
+
 def _families(status: dict[str, Any] | None) -> Iterator[Any]:
-    """The metric families of one status snapshot; with None, the families without samples."""
+    """The metric families of one status snapshot, a sample per model; with None, the families without
+    samples."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from prometheus_client.utils import floatToGoString
 
-    metrics = (status or {}).get("metrics") or Metrics().snapshot()
-    model = str(metrics.get("model", "default"))
-    labels = [model]
+    models = _models(status)
 
     calls = CounterMetricFamily("torchpool_calls", "Calls that ended, by outcome.",
                                 labels=["model", "outcome"])
-    if status is not None:
-        for outcome, n in metrics["calls"].items():
+    for model, part in models:
+        for outcome, n in (part.get("metrics") or Metrics().snapshot())["calls"].items():
             calls.add_metric([model, outcome], n)
     yield calls
 
@@ -99,38 +108,41 @@ def _families(status: dict[str, Any] | None) -> Iterator[Any]:
         ("torchpool_batch_calls", "batch_calls", "Calls in each batch a worker ran."),
     ):
         family = HistogramMetricFamily(name, doc, labels=["model"])
-        snapshot = metrics.get(key)
-        if status is not None and snapshot is not None:
-            buckets = [(floatToGoString(le), n) for le, n in zip(snapshot["buckets"], snapshot["cumulative"])]
-            buckets.append(("+Inf", snapshot["count"]))
-            family.add_metric(labels, buckets, sum_value=snapshot["sum"])
+        for model, part in models:
+            snapshot = (part.get("metrics") or {}).get(key)
+            if snapshot is not None:
+                buckets = [(floatToGoString(le), n) for le, n in zip(snapshot["buckets"],
+                                                                     snapshot["cumulative"])]
+                buckets.append(("+Inf", snapshot["count"]))
+                family.add_metric([model], buckets, sum_value=snapshot["sum"])
         yield family
 
-    workers = (status or {}).get("workers", [])
-
-    def gauge(name: str, doc: str, value: float) -> Any:
+    def gauge(name: str, doc: str, value: Callable[[dict[str, Any]], float]) -> Any:
         family = GaugeMetricFamily(name, doc, labels=["model"])
-        if status is not None:
-            family.add_metric(labels, value)
+        for model, part in models:
+            family.add_metric([model], value(part))
         return family
 
-    yield gauge("torchpool_queue_depth", "Calls waiting for a worker.", (status or {}).get("queued", 0))
+    def workers(part: dict[str, Any]) -> list[dict[str, Any]]:
+        return part.get("workers", [])
+
+    yield gauge("torchpool_queue_depth", "Calls waiting for a worker.", lambda p: p.get("queued", 0))
     yield gauge("torchpool_inflight_calls", "Calls sent to workers and not answered yet.",
-                sum(w.get("inflight", 0) for w in workers))
+                lambda p: sum(w.get("inflight", 0) for w in workers(p)))
     yield gauge("torchpool_busy_workers", "Workers running at least one call.",
-                (status or {}).get("busy_workers", 0))
+                lambda p: p.get("busy_workers", 0))
     by_state = GaugeMetricFamily("torchpool_workers", "Workers by state.", labels=["model", "state"])
-    if status is not None:
-        states = list(WORKER_STATES) + sorted({w["state"] for w in workers} - set(WORKER_STATES))
+    for model, part in models:
+        states = list(WORKER_STATES) + sorted({w["state"] for w in workers(part)} - set(WORKER_STATES))
         for state in states:
-            by_state.add_metric([model, state], sum(1 for w in workers if w["state"] == state))
+            by_state.add_metric([model, state], sum(1 for w in workers(part) if w["state"] == state))
     yield by_state
     yield gauge("torchpool_ready", "1 when the pool is started and every worker is ready, else 0.",
-                1 if (status or {}).get("ready") else 0)
+                lambda p: 1 if p.get("ready") else 0)
     restarts = CounterMetricFamily("torchpool_worker_restarts", "Worker respawns since the pool started.",
                                    labels=["model"])
-    if status is not None:
-        restarts.add_metric(labels, sum(w.get("restarts", 0) for w in workers))
+    for model, part in models:
+        restarts.add_metric([model], sum(w.get("restarts", 0) for w in workers(part)))
     yield restarts
     yield gauge("torchpool_shared_memory_bytes", "Bytes of shared-memory arenas mapped by the pool.",
-                (status or {}).get("arena_bytes", 0))
+                lambda p: p.get("arena_bytes", 0))

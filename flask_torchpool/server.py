@@ -288,9 +288,13 @@ class PoolServer:
         finally:
             for fd in fds:
                 os.close(fd)
-        _recv_timeout(channel.fileno(), 0.0)
-        client = _Client(self, channel, arena, msg.pid)
-        channel.send(tp.Welcome(tp.PROTOCOL_VERSION, os.getpid(), self.default_model, self._models()))
+        try:
+            _recv_timeout(channel.fileno(), 0.0)
+            client = _Client(self, channel, arena, msg.pid)
+            channel.send(tp.Welcome(tp.PROTOCOL_VERSION, os.getpid(), self.default_model, self._models()))
+        except BaseException:
+            channel.close()
+            raise
         log.info("torchpool server: web process %d attached", msg.pid)
         return client
 

@@ -1,11 +1,12 @@
 """Tuning: measure the app's model under load for a sweep of worker counts and batch sizes.
 
 ``flask torchpool tune`` (see :mod:`flask_torchpool.cli`) runs, for every (workers, max batch size) pair,
-a fresh :class:`~flask_torchpool.pool.Pool` built from the app's configuration with those two values
-changed; a fixed number of client threads call it with ``TORCHPOOL_EXAMPLE_INPUT`` for a few seconds
-after a warm-up, and the calls' throughput and latency are recorded. One pool runs at a time, so the
-measurements do not compete for the cores. The recommendation is the pair with the lowest 99th
-percentile latency among those within 5% of the best throughput (in rows per second).
+a fresh :class:`~flask_torchpool.pool.Pool` built from one model's configuration (the default model's, or
+``--model``'s) with those two values changed, alone on the cores; a fixed number of client threads call
+it with ``TORCHPOOL_EXAMPLE_INPUT`` for a few seconds after a warm-up, and the calls' throughput and
+latency are recorded. One pool runs at a time, so the measurements do not compete for the cores. The
+recommendation is the pair with the lowest 99th percentile latency among those within 5% of the best
+throughput (in rows per second).
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def example_args(config: PoolConfig) -> tuple[Any, ...]:
     argument; a callable is called first)."""
     example = config.example_input
     if example is None:
-        raise ConfigError("TORCHPOOL_EXAMPLE_INPUT", "is not set; give a value the model accepts (a tuple "
-                                                     "is spread as arguments) or a function returning one")
+        raise ConfigError(config.key("example_input"), "is not set; give a value the model accepts (a "
+                                                       "tuple is spread as arguments) or a function "
+                                                       "returning one")
     value = example() if callable(example) and not isinstance(example, torch.Tensor) else example
     return value if isinstance(value, tuple) else (value,)
 

@@ -101,3 +101,11 @@ class BigLinear(nn.Module):
 
 def big_linear():
     return BigLinear()
+
+
+def gated():
+    """``linear()``, once the test lets it: loading blocks on the FIFO at ``$TORCHPOOL_TEST_GATE`` until
+    the test opens it for writing and closes it (a model that is slow to load, without any sleep)."""
+    with open(os.environ["TORCHPOOL_TEST_GATE"]) as gate:
+        gate.read()
+    return linear()

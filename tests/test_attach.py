@@ -70,8 +70,8 @@ def served(socket_dir: Path) -> Iterator[PoolServer]:
     """A one-worker echo pool served on a socket, as ``flask torchpool serve`` would."""
     app = make_app(TORCHPOOL_WORKERS=1, TORCHPOOL_ARENA_BYTES=8 << 20)
     TorchPool(app)
-    pool = app.extensions["torchpool"].start()
-    server = PoolServer({"default": pool}, str(socket_dir / "pool.sock"), default_model="default")
+    pools = app.extensions["torchpool"].start()
+    server = PoolServer(pools, str(socket_dir / "pool.sock"), default_model="default")
     server.start()
     yield server
     server.stop(drain_timeout=5)
@@ -224,6 +224,32 @@ def test_batches_mix_calls_from_different_web_processes(socket_dir: Path) -> Non
         b.close()
         server.stop(drain_timeout=5)
         pool.shutdown(app=app)
+
+
+def test_several_models_are_served_by_name(socket_dir: Path) -> None:
+    models = {"echo": {"model": "tests.models:echo", "workers": 1},
+              "linear": {"model": "tests.models:linear", "workers": 1}}
+    app = make_app(TORCHPOOL_MODEL=None, TORCHPOOL_MODELS=models, TORCHPOOL_ARENA_BYTES=8 << 20)
+    TorchPool(app)
+    server = PoolServer(app.extensions["torchpool"].start(), str(socket_dir / "models.sock"))
+    server.start()
+    web = make_app(TORCHPOOL_MODEL=None, TORCHPOOL_MODELS=models, TORCHPOOL_MODE="attach",
+                   TORCHPOOL_SOCKET=server.path, TORCHPOOL_ARENA_BYTES=4 << 20)
+    web_pool = TorchPool(web)
+    try:
+        x = torch.randn(2, 4)
+        with web.app_context():
+            assert torch.equal(web_pool.model("echo")(x), x)
+            from .models import linear
+
+            assert torch.allclose(web_pool.model("linear")(x), linear()(x))
+            status = web_pool.status()
+        assert set(status["models"]) == {"echo", "linear"}
+        assert status["ready"] is True, status
+        assert {w["model"] for w in status["workers"]} == {"echo", "linear"}
+    finally:
+        web_pool.shutdown(app=web)
+        server.stop(drain_timeout=5)
 
 
 def test_a_second_server_for_the_same_socket_is_refused(served: PoolServer) -> None:

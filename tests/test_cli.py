@@ -52,8 +52,8 @@ def test_plan_json() -> None:
     assert result.exit_code == 0, result.output
     with app.app_context():
         assert json.loads(result.output) == [
-            {"worker": p.worker, "device": p.device, "cores": list(p.cores), "threads": p.threads}
-            for p in pool.plan]
+            {"worker": p.worker, "device": p.device, "cores": list(p.cores), "threads": p.threads,
+             "model": "default"} for p in pool.plan]
 
 
 def test_plan_inline() -> None:
@@ -88,7 +88,8 @@ def test_status_json(make_pool: Any) -> None:
     assert result.exit_code == 0, result.output
     body = json.loads(result.output)
     assert body["ready"] is True and body["workers"][0]["state"] == "ready"
-    assert body["plan"] == [{k: body["workers"][0][k] for k in ("worker", "device", "cores", "threads")}]
+    assert body["plan"] == [{k: body["workers"][0][k]
+                             for k in ("worker", "device", "cores", "threads", "model")}]
 
 
 @pytest.mark.timeout(90)

@@ -78,7 +78,7 @@ def test_status_json(health_app: Flask) -> None:
     assert set(body["latency_quantiles"]) == {"0.5", "0.9", "0.99"}
     assert all(v is not None and v > 0 for v in body["latency_quantiles"].values())
     assert body["plan"] == [{"worker": 0, "device": "cpu", "cores": worker["cores"],
-                             "threads": worker["threads"]}]
+                             "threads": worker["threads"], "model": "default"}]
     assert body["metrics"]["latency_seconds"]["count"] == 4
 
 
@@ -188,7 +188,8 @@ def test_ready_before_a_lazy_start_and_after_shutdown(make_pool: Any) -> None:
     response = client.get(f"{URL}/ready")
     assert response.status_code == 503
     assert response.json["status"] == "not ready" and response.json["reason"] == "the pool is starting"
-    assert response.json["workers"] == [{"worker": 0, "pid": None, "state": "not started"}]
+    assert response.json["workers"] == [{"model": "default", "worker": 0, "pid": None,
+                                         "state": "not started"}]
     # The probe started the pool in the background: it becomes ready without any call.
     assert wait_until(lambda: client.get(f"{URL}/ready").status_code == 200, timeout=60)
     pool.shutdown(app=app)
