@@ -7,6 +7,7 @@ checked for its form (the worker imports it, and reports a failure as ``WorkerSt
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -45,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_MAX_BATCH_SIZE": 1,
     "TORCHPOOL_MAX_BATCH_DELAY_MS": 5.0,
     "TORCHPOOL_SHARE_WEIGHTS": True,
+    "TORCHPOOL_WORKER_LOG_LEVEL": "INFO",
 }
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -81,6 +83,8 @@ class PoolConfig:
     max_batch_size: int = 1
     max_batch_delay_ms: float = 5.0
     share_weights: bool = True
+    #: The level (a number) below which the workers' log records are not sent to the web process.
+    worker_log_level: int = logging.INFO
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> PoolConfig:
@@ -115,6 +119,7 @@ class PoolConfig:
             max_batch_delay_ms=_seconds("TORCHPOOL_MAX_BATCH_DELAY_MS", get("TORCHPOOL_MAX_BATCH_DELAY_MS"),
                                         zero=True, unit="milliseconds"),
             share_weights=_bool("TORCHPOOL_SHARE_WEIGHTS", get("TORCHPOOL_SHARE_WEIGHTS")),
+            worker_log_level=_log_level("TORCHPOOL_WORKER_LOG_LEVEL", get("TORCHPOOL_WORKER_LOG_LEVEL")),
         )
 
 
@@ -212,6 +217,17 @@ def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"{value!r} is not allowed; use True or False")
     return value
+
+
+def _log_level(key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        level = logging.getLevelName(value.strip().upper())  # a number for a known level name
+        if isinstance(level, int):
+            return level
+    raise ConfigError(key, f"{value!r} is not allowed; use a logging level: a name such as 'INFO' or "
+                           "'WARNING', or a number >= 0 such as logging.DEBUG")
 
 
 def _url_prefix(key: str, value: Any) -> str | None:
