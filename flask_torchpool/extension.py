@@ -107,6 +107,7 @@ class _AppState:
     def __init__(self, extension: TorchPool, app: Flask, config: PoolConfig, inert: bool) -> None:
         self.extension = extension
         self.app_name = app.import_name
+        self.logger_name = app.name  # app.logger's name: the workers' logs go there
         self.config = config
         self.inert = inert
         self.pool: Pool | InlinePool | None = None
@@ -144,7 +145,8 @@ class _AppState:
                     log.info("torchpool %s: %s", self.app_name, placement.describe())
                 _check_resources(self.config, len(placements))
                 pool_class = InlinePool if self.config.inline else Pool
-                pool = self.pool = pool_class(self.config, placements, name=f"torchpool[{self.app_name}]")
+                pool = self.pool = pool_class(self.config, placements, name=f"torchpool[{self.app_name}]",
+                                              logger_name=self.logger_name)
                 self.start_error = None
         try:
             pool.start()
