@@ -11,6 +11,7 @@ dict of names to models); :meth:`PoolConfig.models_from_mapping` gives every mod
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_SHARE_WEIGHTS": True,
     "TORCHPOOL_MODE": "embedded",
     "TORCHPOOL_SOCKET": None,
+    "TORCHPOOL_WORKER_LOG_LEVEL": "INFO",
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
@@ -98,6 +100,8 @@ class PoolConfig:
     max_batch_size: int = 1
     max_batch_delay_ms: float = 5.0
     share_weights: bool = True
+    #: The level (a number) below which the workers' log records are not sent to the web process.
+    worker_log_level: int = logging.INFO
     #: "embedded" (workers are children of this process), "attach" (use a pool server's) or "auto".
     mode: str = "embedded"
     #: The pool server's Unix socket; None: a per-user private directory (see server.default_socket_path).
@@ -269,6 +273,17 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
+def _log_level(key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        level = logging.getLevelName(value.strip().upper())  # a number for a known level name
+        if isinstance(level, int):
+            return level
+    raise ConfigError(key, f"{value!r} is not allowed; use a logging level: a name such as 'INFO' or "
+                           "'WARNING', or a number >= 0 such as logging.DEBUG")
+
+
 def _url_prefix(key: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -320,4 +335,5 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "share_weights": _bool,
     "mode": lambda k, v: _choice(k, v, ("embedded", "attach", "auto")),
     "socket": _socket_path,
+    "worker_log_level": _log_level,
 }

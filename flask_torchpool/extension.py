@@ -140,6 +140,7 @@ class _AppState:
         #: The app's own keys (start, shutdown, health, inline) are the same in every model's
         #: configuration: this is the default model's (or the first model's).
         self.config = configs[self.default_model or next(iter(configs))]
+        self.logger_name = app.name  # app.logger's name: the workers' logs go there
         self.inert = inert
         #: The pool of every model, once started (closed pools stay until the next start); in attach
         #: mode, RemotePools of the pool server's models.
@@ -197,8 +198,9 @@ class _AppState:
 
             assert self.connection is not None
             return RemotePool(config, self.connection, name, name=f"torchpool[{label}]")
-        pool_class = InlinePool if config.inline else Pool
-        return pool_class(config, placements, name=f"torchpool[{label}]")
+        if config.inline:
+            return InlinePool(config, placements, name=f"torchpool[{label}]")
+        return Pool(config, placements, name=f"torchpool[{label}]", logger_name=self.logger_name)
 
     def start(self, restart: bool = False,
               embedded: bool = False) -> dict[str, Pool | InlinePool | RemotePool]:

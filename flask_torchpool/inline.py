@@ -78,7 +78,8 @@ class InlinePool:
     inline = True
 
     def __init__(self, config: PoolConfig, placements: list[Placement] | None = None,
-                 name: str = "torchpool") -> None:
+                 name: str = "torchpool", logger_name: str | None = None) -> None:
+        # logger_name: the pool's workers log there; here the model logs in this process as it likes.
         self.config = config
         self.name = name
         self.workers = [_InlineWorker((placements or plan(config))[0])]

@@ -17,7 +17,9 @@ worker's process sentinel and a wakeup pipe, with a timeout that is the next dea
 never polls. It receives results, fails calls whose deadline passed, handles deaths (fail or retry the
 calls that were on the worker, respawn with backoff within a restart budget) and runs the shutdown
 sequence. It is also the only thread that spawns processes: ``PR_SET_PDEATHSIG`` fires when the *thread*
-that forked exits, so workers must be children of a thread that lives as long as the pool.
+that forked exits, so workers must be children of a thread that lives as long as the pool. The same
+selector holds each worker's stdout and stderr pipes: the manager forwards what workers log and print
+to the app's logger (:mod:`flask_torchpool.logs`).
 
 What a worker runs is a *job*: one call, or a batch of calls (``TORCHPOOL_MAX_BATCH_SIZE``) whose inputs
 agree on everything but dim 0. Callers place their own call when a worker has room
@@ -64,6 +66,7 @@ from .errors import (
     WorkerCrashedError,
     WorkerStartupError,
 )
+from .logs import WorkerOutput
 from .metrics import Metrics, outcome_of
 from .placement import Placement
 
@@ -160,6 +163,7 @@ class _Worker:
     state: WorkerState = WorkerState.STOPPED
     process: Any = None
     channel: tp.Channel | None = None
+    output: list[WorkerOutput] = field(default_factory=list)   # its stdout and stderr pipes
     arena: tp.Arena | None = None
     inputs: tp.Allocator | None = None
     releases: tp.ReleaseQueue = field(default_factory=tp.ReleaseQueue)
@@ -191,9 +195,12 @@ class _Worker:
 class Pool:
     """A pool of model workers. Thread-safe; one per app (see :class:`~flask_torchpool.TorchPool`)."""
 
-    def __init__(self, config: PoolConfig, placements: list[Placement], name: str = "torchpool") -> None:
+    def __init__(self, config: PoolConfig, placements: list[Placement], name: str = "torchpool",
+                 logger_name: str = "flask_torchpool.worker") -> None:
         self.config = config
         self.name = name
+        #: The logger that what the workers log and print goes to (the Flask app's logger).
+        self.logger_name = logger_name
         self.workers = [_Worker(p) for p in placements]
         self._lock = threading.Lock()
         self._queue: deque[_Call] = deque()
@@ -599,6 +606,12 @@ class Pool:
                     self._workers_changed = False
                     self._sync_selector(selector, registered)
                 events = selector.select(max(0.0, timers_due - time.monotonic()))
+                # Output first: what a worker logged before it answered is logged before the caller
+                # gets the answer (both are ready in the same wake-up, as the log was written first).
+                for key, _ in events:
+                    owner = key.data
+                    if owner is not None and owner[1] == "output" and not owner[2].read():
+                        self._workers_changed = True  # its end: stop waiting on it
                 dead = []
                 for key, _ in events:
                     owner = key.data
@@ -608,7 +621,7 @@ class Pool:
                         timers_due = 0.0  # a new, earlier deadline or a shutdown: recompute
                     elif owner[1] == "conn":
                         self._receive(owner[0])
-                    else:
+                    elif owner[1] == "sentinel":
                         dead.append(owner[0])
                 for worker in dead:
                     if worker.process is not None:
@@ -626,6 +639,9 @@ class Pool:
                 wanted[w.channel.fileno()] = (w, "conn", w.channel)
             if w.process is not None:
                 wanted[w.process.sentinel] = (w, "sentinel", w.process)
+            for out in w.output:
+                if out.fd is not None and not out.eof:
+                    wanted[out.fd] = (w, "output", out)
         for fd, owner in list(registered.items()):
             if wanted.get(fd, (None, None, None))[2] is not owner[2]:
                 try:
@@ -738,8 +754,10 @@ class Pool:
                     self._drain_deadline = time.monotonic()
                     self._started.set()
                     return
-            log.error("%s: worker %d failed to load the model on restart: %s\n%s", self.name,
-                      worker.index, msg.message, msg.tb)
+            # The worker logged its traceback itself, just before this, unless its level hides it.
+            tb = f"\n{msg.tb}" if self.config.worker_log_level > logging.ERROR else ""
+            log.error("%s: worker %d failed to load the model on restart: %s%s", self.name,
+                      worker.index, msg.message, tb)
             worker.killed_for = "its model failed to load"
 
     def _on_loaded(self, worker: _Worker, msg: tp.Loaded) -> None:
@@ -944,23 +962,37 @@ class Pool:
     def _spawn(self, worker: _Worker) -> None:
         size = self.config.arena_bytes
         fd = tp.create_memfd(size, f"torchpool-w{worker.index}")
+        pipes: list[tuple[int, int]] = []
         try:
             arena = tp.Arena(fd, size)
+            for _ in ("stdout", "stderr"):
+                pipes.append(os.pipe())
             parent_end, child_end = _SPAWN.Pipe(duplex=True)
             from .worker import worker_main
 
+            name = f"{self.name}-worker-{worker.index}"
             process = _SPAWN.Process(
-                target=worker_main, name=f"{self.name}-worker-{worker.index}", daemon=True,
+                target=worker_main, name=name, daemon=True,
                 args=(worker.placement, self.config.model, child_end, _InheritedFd(fd), size,
-                      os.getpid(), self.config.share_weights))
+                      os.getpid(), self.config.share_weights,
+                      tuple(_InheritedFd(w) for _, w in pipes), self.config.worker_log_level))
             process.start()
+        except BaseException:
+            for r, _ in pipes:
+                os.close(r)
+            raise
         finally:
             os.close(fd)
+            for _, w in pipes:
+                os.close(w)  # the worker's copies are the only writers left: its death ends the streams
         child_end.close()
+        output = [WorkerOutput(r, stream, self.logger_name, worker.index, process.pid, name)
+                  for (r, _), stream in zip(pipes, ("stdout", "stderr"))]
         with self._lock:
             worker.process = process
             worker.pid = process.pid
             worker.channel = tp.Channel(parent_end)
+            worker.output = output
             worker.arena = arena
             worker.inputs = tp.Allocator(*arena.inputs)
             worker.releases = tp.ReleaseQueue()
@@ -975,6 +1007,9 @@ class Pool:
         process = worker.process
         # The sentinel closes while the process exits, a moment before it can be reaped.
         process.join(5.0)
+        # What it wrote last (the line before os._exit, a traceback, a native crash's stack) is logged
+        # before its death is, and before the callers hear of it.
+        self._close_output(worker)
         exitcode = process.exitcode
         cause = worker.killed_for or _likely_cause(exitcode)
         signame = _signal_name(exitcode)
@@ -1058,6 +1093,41 @@ class Pool:
             self._fail_queue(PoolClosedError("no worker is left to serve (crash loop); see the log",
                                              retry_after=int(self.config.restart_window)))
 
+    def _close_output(self, worker: _Worker) -> None:
+        """Forward what is left in a gone worker's pipes and close them."""
+        output, worker.output = worker.output, []
+        for out in output:
+            try:
+                out.close()
+            except Exception:  # a failing log handler must not keep the pool from handling a death
+                log.exception("%s: cannot forward the output of worker %d", self.name, worker.index)
+        if output:
+            self._workers_changed = True
+
+    def _wait_exits(self, deadline: float) -> None:
+        """Wait until every worker process has exited or *deadline* passed, forwarding their output
+        meanwhile: a worker that logs while it stops could otherwise block on a full pipe."""
+        with selectors.DefaultSelector() as selector:
+            alive = 0
+            for worker in self.workers:
+                if worker.process is None:
+                    continue
+                selector.register(worker.process.sentinel, selectors.EVENT_READ, None)
+                alive += 1
+                for out in worker.output:
+                    if out.fd is not None and not out.eof:
+                        selector.register(out, selectors.EVENT_READ, out)
+            while alive:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                for key, _ in selector.select(left):
+                    if key.data is None:
+                        alive -= 1
+                        selector.unregister(key.fileobj)
+                    elif not key.data.read():
+                        selector.unregister(key.fileobj)
+
     def _schedule_respawn(self, worker: _Worker) -> None:
         now = time.monotonic()
         while worker.restarts and worker.restarts[0] < now - self.config.restart_window:
@@ -1099,6 +1169,7 @@ class Pool:
                 except OSError:
                     pass
         deadline = time.monotonic() + 2.0
+        self._wait_exits(deadline)
         for worker in self.workers:
             if worker.process is not None:
                 worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -1109,6 +1180,8 @@ class Pool:
             if worker.process is not None and worker.process.is_alive():
                 _kill(worker.process)
                 worker.process.join(1.0)
+        for worker in self.workers:
+            self._close_output(worker)
         with self._lock:
             for worker in self.workers:
                 for job in worker.jobs.values():

@@ -1,10 +1,11 @@
 """The worker process: pin, load the model, serve calls from the arena until told to stop.
 
-``worker_main`` is the spawn target. It first arranges to die with its parent (``PR_SET_PDEATHSIG`` plus a
-check that the parent is still the one that spawned it), pins itself to its cores, sets torch's thread
-counts and, on a GPU, selects the device before CUDA initialises. Then it builds the model (``.eval()``,
-moved to the device), reports :class:`~flask_torchpool.transport.Ready` (or ``StartupFailed`` with its
-traceback) and serves.
+``worker_main`` is the spawn target. It first makes the pipes it was given its stdout and stderr and
+sends its log records there (:mod:`flask_torchpool.logs`). Then it arranges to die with its parent
+(``PR_SET_PDEATHSIG`` plus a check that the parent is still the one that spawned it), pins itself to its
+cores, sets torch's thread counts and, on a GPU, selects the device before CUDA initialises. Then it
+builds the model (``.eval()``, moved to the device), reports :class:`~flask_torchpool.transport.Ready`
+(or ``StartupFailed`` with its traceback) and serves.
 
 The serve loop reads every message already waiting before it runs the next call, so a ``Cancel`` for a
 call that has not started yet removes it, and output blocks released by the web process are reused at
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from . import transport as tp
+from .logs import flush_c_streams, redirect_output
 from .placement import Placement
 
 log = logging.getLogger(__name__)
@@ -153,10 +155,13 @@ def _share_weights(channel: tp.Channel, model: Any) -> int:
 
 
 def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_fd: Any,
-                arena_size: int, parent_pid: int, share_weights: bool = False) -> None:
+                arena_size: int, parent_pid: int, share_weights: bool = False,
+                output_fds: tuple[Any, Any] | None = None, log_level: int = logging.INFO) -> None:
     """Entry point of a worker process (the target given to the spawn context)."""
     global IN_WORKER
     IN_WORKER = True
+    if output_fds is not None:
+        redirect_output(*(fd.detach() if hasattr(fd, "detach") else fd for fd in output_fds), log_level)
     _die_with_parent(parent_pid)
     # Ctrl-C in a terminal reaches the whole process group; the web process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -173,16 +178,25 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
         model = load_model(model_spec, placement.device)
         shared = _share_weights(channel, model) if share_weights and placement.device == "cpu" else 0
     except BaseException as exc:
+        log.error("worker %d could not load the model %r", placement.worker, model_spec, exc_info=True)
+        flush_c_streams()
         channel.send(tp.StartupFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         os._exit(3)
     channel.send(tp.Ready(os.getpid(), {"device": placement.device, "cores": list(placement.cores),
                                         "threads": torch.get_num_threads(),
                                         "shared_weight_bytes": shared}))
-    _Server(channel, arena, model, placement.device).serve()
+    try:
+        _Server(channel, arena, model, placement.device).serve()
+    except Exception:
+        # One record with the traceback (multiprocessing would print it line by line), same exit code.
+        log.critical("worker %d: the serve loop failed", placement.worker, exc_info=True)
+        flush_c_streams()
+        os._exit(1)
     # Nothing to clean up that the kernel does not: skip the interpreter's teardown of torch, which
     # takes seconds and would make every shutdown wait for it.
     sys.stdout.flush()
     sys.stderr.flush()
+    flush_c_streams()
     os._exit(0)
 
 
