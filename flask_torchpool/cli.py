@@ -353,6 +353,7 @@ def serve_command(socket_path: str | None) -> None:
     state = _state()
     extension.SERVING = True
     try:
-        state.extension.serve(current_app._get_current_object(), socket_path=socket_path)
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        state.extension.serve(app, socket_path=socket_path)
     except TorchPoolError as exc:
         raise click.ClickException(str(exc)) from None

@@ -53,7 +53,7 @@ def socket_path_for(config: PoolConfig, app_name: str) -> str:
 
 @dataclass
 class _Pending:
-    future: Future
+    future: Future[Any]
     blocks: list[int]
 
 
@@ -78,7 +78,7 @@ class PoolConnection:
         self._lock = threading.Lock()        # connecting, and the pending table
         self._link: _Link | None = None
         self._pending: dict[int, _Pending] = {}
-        self._statuses: dict[int, Future] = {}
+        self._statuses: dict[int, Future[Any]] = {}
         self._pid = os.getpid()
         self.spawner: _ServerSpawner | None = None
         #: Called (auto mode) when no server holds the socket's lock: starts one.
@@ -195,8 +195,8 @@ class PoolConnection:
 
     # --- calls ------------------------------------------------------------------------------------------
 
-    def submit(self, model: str | None, args: tuple, kwargs: dict, timeout: float | None, batch: bool,
-               max_input_bytes: int) -> Future:
+    def submit(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+               timeout: float | None, batch: bool, max_input_bytes: int) -> Future[Any]:
         skel_args, skel_kwargs, tensors = tp.flatten_call(args, kwargs, max_input_bytes)
         self.connect(wait=timeout if timeout is not None else 60.0)
         link = self._link
@@ -209,7 +209,7 @@ class PoolConnection:
             placer.rollback()
             raise
         call_id = next(_ids)
-        future: Future = Future()
+        future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         with self._lock:
             if self._link is not link:  # the server went away while we wrote
@@ -235,13 +235,14 @@ class PoolConnection:
         with self._lock:
             link = self._link
             call_id = next(_ids)
-            future: Future = Future()
+            future: Future[Any] = Future()
             self._statuses[call_id] = future
         if link is None:
             raise self._unavailable(f"not attached to the pool server at {self.path}")
         try:
             link.channel.send(tp.StatusRequest(call_id))
-            return future.result(timeout)
+            status: dict[str, Any] = future.result(timeout)
+            return status
         except (OSError, TimeoutError) as exc:
             raise self._unavailable(f"the pool server at {self.path} did not answer: {exc}") from None
         finally:
@@ -360,7 +361,7 @@ class RemotePool:
         welcome = self.connection.welcome
         if welcome is None:
             return []
-        info = welcome.models.get(self._model_name(welcome))
+        info = welcome.models.get(self._model_name(welcome) or "")
         return [_RemoteWorker(Placement(*p)) for p in info["workers"]] if info else []
 
     def _model_name(self, welcome: tp.Welcome) -> str | None:
@@ -374,8 +375,8 @@ class RemotePool:
         except PoolUnavailableError as exc:
             log.warning("%s: %s; calls answer 503 until it is reachable", self.name, exc)
 
-    def submit(self, args: tuple, kwargs: dict, timeout: float | None = None,
-               batch: bool = True) -> Future:
+    def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               batch: bool = True) -> Future[Any]:
         if self._closing:
             raise errors.PoolClosedError("the pool is shutting down and takes no new calls",
                                          retry_after=self.config.retry_after)
@@ -420,7 +421,7 @@ class _ServerSpawner:
         self.app_import = app_import
         self.path = path
         self.owner_pid = owner_pid
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

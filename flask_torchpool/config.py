@@ -211,13 +211,15 @@ def _model(key: str, value: Any) -> ModelSpec:
         raise ConfigError(key, f"{value!r} cannot be sent to a worker process ({exc}); use a function "
                                "defined at the top level of a module, or 'package.module:callable'"
                           ) from None
-    return value
+    factory: Callable[[], Any] = value
+    return factory
 
 
 def _workers(key: str, value: Any) -> int | str:
     if value == "auto":
         return "auto"
-    return _int(key, value, minimum=1, extra="or 'auto'")
+    count: int = _int(key, value, minimum=1, extra="or 'auto'")
+    return count
 
 
 def _devices(key: str, value: Any) -> tuple[str, ...] | str:

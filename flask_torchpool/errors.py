@@ -107,7 +107,7 @@ class ConfigError(TorchPoolError, ValueError):
         self.key = key
 
 
-class WorkerStartupError(_HTTPError, ServiceUnavailable):
+class WorkerStartupError(_HTTPError, ServiceUnavailable):  # type: ignore[misc]
     """A worker could not start: its model failed to load or it died while loading.
 
     ``__cause__`` is a :class:`RemoteTraceback` with the worker's own traceback when there is one.

@@ -42,6 +42,7 @@ import time
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, overload
 
 from flask import Flask, current_app, has_app_context
@@ -101,7 +102,7 @@ class ModelProxy:
         #: The name of the model its calls go to (``"default"`` for ``TORCHPOOL_MODEL``).
         self.name = state.model_name(name)
 
-    def submit(self, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """Start a call and return its future. Invalid input raises here, in the calling thread."""
         return self._state.pool_for_call(self.name).submit(args, kwargs, self.timeout, self.batch)
 
@@ -156,7 +157,7 @@ class _AppState:
         self.views_idle = threading.Condition(self.lock)
 
     @property
-    def pool(self) -> Pool | InlinePool | None:
+    def pool(self) -> Pool | InlinePool | RemotePool | None:
         """The default model's pool (or the first model's); None before the first start."""
         return self.pools.get(self.default_model or next(iter(self.configs)))
 
@@ -369,7 +370,7 @@ class _AppState:
             status["error"] = str(self.start_error)
         return status
 
-    def _model_status(self, name: str, pool: Pool | InlinePool | None,
+    def _model_status(self, name: str, pool: Pool | InlinePool | RemotePool | None,
                       plan: list[Placement]) -> dict[str, Any]:
         if pool is None:
             status: dict[str, Any] = {
@@ -496,7 +497,7 @@ class TorchPool:
             if state is None or state.extension is not self:
                 raise RuntimeError(f"this TorchPool is not registered on app {app.import_name!r}; "
                                    "call pool.init_app(app) first")
-            return state
+            return state  # type: ignore[no-any-return]
         with _states_lock:
             mine = [s for s in _states if s.extension is self]
         if len(mine) == 1:
@@ -536,7 +537,7 @@ class TorchPool:
             name, timeout = None, name  # pool.model(5.0): the timeout, as before names existed
         return ModelProxy(self._state(app), timeout, batch, name)
 
-    def submit(self, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run ``model(*args, **kwargs)`` in a worker of the default model; returns a
         :class:`~concurrent.futures.Future`. ``pool.model("name").submit(...)`` calls another model."""
         return self.model().submit(*args, **kwargs)
@@ -785,7 +786,7 @@ def _gunicorn_loader() -> str | None:
     or None (not gunicorn; merely importing gunicorn somewhere proves nothing). Command lines prove
     nothing either: a shell that starts gunicorn has "gunicorn" in its own."""
     seen_gunicorn = False
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         name = str(frame.f_globals.get("__name__", ""))
         if name.startswith("gunicorn.workers"):
@@ -799,7 +800,7 @@ def _gunicorn_loader() -> str | None:
 def _gunicorn_app_import() -> str | None:
     """The import string gunicorn loads the app from (``gunicorn module:app``), read from the loading
     stack; None when gunicorn is not loading it."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "load_wsgiapp" and \
                 str(frame.f_globals.get("__name__", "")).startswith("gunicorn."):
@@ -815,7 +816,8 @@ def extension_of(app: Flask) -> TorchPool:
     if state is None:
         raise RuntimeError(f"app {app.import_name!r} has no TorchPool: create it with TorchPool(app) or "
                            "pool.init_app(app) in the app's module or factory")
-    return state.extension
+    extension: TorchPool = state.extension
+    return extension
 
 
 def _check_resources(config: PoolConfig, workers: int) -> None:
@@ -868,10 +870,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     for state in states:
         state.shutdown(wait=True)
         with state.lock:
-            state.views_idle.wait_for(lambda s=state: s.active_views == 0, state.config.drain_timeout)
+            state.views_idle.wait_for(functools.partial(_views_done, state), state.config.drain_timeout)
     # Die of SIGTERM, as a process manager expects, now that the pools are stopped.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _views_done(state: _AppState) -> bool:
+    return state.active_views == 0
 
 
 def _shutdown_all_at_exit() -> None:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 #: Seconds the master waits for the server to load its models and listen.
 START_TIMEOUT = float(os.environ.get("TORCHPOOL_GUNICORN_START_TIMEOUT", "300"))
 
-_server: subprocess.Popen | None = None
+_server: subprocess.Popen[bytes] | None = None
 
 
 def on_starting(server: Any) -> None:

@@ -149,15 +149,15 @@ class InlinePool:
             if acquired:
                 self._call_lock.release()
 
-    def submit(self, args: tuple, kwargs: dict, timeout: float | None = None,
-               batch: bool = True) -> Future:
+    def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               batch: bool = True) -> Future[Any]:
         """Run one call now, in this thread, and return its (completed) future. *timeout* is not
         enforced and *batch* is ignored in inline mode."""
         skel_args, skel_kwargs, tensors = tp.flatten_call(args, kwargs, self.config.max_input_bytes)
         self._check_open()
         if not self.started:
             self.start()
-        future: Future = Future()
+        future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         enqueued = time.monotonic()
         with self._state_lock:

@@ -283,7 +283,8 @@ class WorkerOutput:
                        (created, pathname, lineno, func),
                        {"torchpool_stream": "logging", "torchpool_logger": name})
 
-    def _emit(self, level: int, msg: str, args: tuple, origin: tuple | None, extra: dict) -> None:
+    def _emit(self, level: int, msg: str, args: tuple[Any, ...], origin: tuple[Any, ...] | None,
+              extra: dict[str, Any]) -> None:
         extra = {"torchpool_worker": self._worker, "torchpool_pid": self._pid, **extra}
         pathname, lineno, func = ("(torchpool worker)", 0, None) if origin is None else origin[1:]
         record = self._logger.makeRecord(self._logger.name, level, pathname, lineno, msg, args, None,

@@ -47,7 +47,7 @@ def cuda_device_count() -> int:
     try:
         import torch
 
-        if not torch.backends.cuda.is_built():
+        if not torch.backends.cuda.is_built():  # type: ignore[no-untyped-call]
             return 0
         return int(torch.cuda.device_count())
     except Exception:  # pragma: no cover - broken driver installs

@@ -116,7 +116,7 @@ class _Call:
     args: Any
     kwargs: Any
     tensors: list[torch.Tensor]
-    future: Future | None  # None once finished
+    future: Future[Any] | None  # None once finished
     deadline: float | None
     retries: int
     key: Any = None        # batch key, None when not batchable
@@ -169,7 +169,7 @@ class _Worker:
     releases: tp.ReleaseQueue = field(default_factory=tp.ReleaseQueue)
     jobs: dict[int, _Job] = field(default_factory=dict)   # opened, sent or running
     pid: int | None = None
-    restarts: deque = field(default_factory=deque)   # monotonic times of recent restarts
+    restarts: deque[float] = field(default_factory=deque[float])   # monotonic times of recent restarts
     total_restarts: int = 0
     calls: int = 0
     errors: int = 0
@@ -219,7 +219,7 @@ class Pool:
         self._workers_changed = True  # the manager re-registers sockets and sentinels
         # Futures are resolved outside the lock (a done-callback may submit again): _finish queues them
         # here and _flush resolves them once the lock is released.
-        self._done: deque[tuple[Future, Any, BaseException | None]] = deque()
+        self._done: deque[tuple[Future[Any], Any, BaseException | None]] = deque()
         self._outbox: deque[_Job] = deque()  # jobs claimed for sending, sent by _flush likewise
         self._batch_delay = config.max_batch_delay_ms / 1000.0
         # Note [Shared weights] (worker.py): the segment, its layout, who fills it, who waits for it.
@@ -294,19 +294,19 @@ class Pool:
 
     # --- calls ----------------------------------------------------------------------------------------
 
-    def submit(self, args: tuple, kwargs: dict, timeout: float | None = None,
-               batch: bool = True) -> Future:
+    def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               batch: bool = True) -> Future[Any]:
         """Queue one call; the returned future holds the model's output or a :class:`TorchPoolError`.
 
         Input that cannot travel is refused here, in the calling thread, before anything is queued.
         """
         skel_args, skel_kwargs, tensors = tp.flatten_call(args, kwargs, self.config.max_input_bytes)
         timeout = self.config.timeout if timeout is None else timeout
-        call = _Call(skel_args, skel_kwargs, tensors, Future(),
+        future: Future[Any] = Future()
+        call = _Call(skel_args, skel_kwargs, tensors, future,
                      None if timeout is None else time.monotonic() + timeout, self.config.retries)
         if batch and self.config.max_batch_size > 1:
             call.key, call.rows = _batch_key(call)
-        future = call.future
         future.set_running_or_notify_cancel()
         with self._lock:
             self._check_open()
@@ -391,7 +391,8 @@ class Pool:
         when the arena has no room for that (the call then runs alone)."""
         capacity = max(self.config.max_batch_size, call.rows)
         assert worker.inputs is not None
-        slots, blocks = [], []
+        slots: list[tuple[int, int]] = []
+        blocks: list[int] = []
         for t in call.tensors:
             row_bytes = tp.tensor_nbytes(t) // call.rows
             offset = worker.inputs.alloc(row_bytes * capacity)
@@ -435,6 +436,7 @@ class Pool:
             if arena is None:
                 pass  # the worker died meanwhile; its death requeued the call
             elif job.key is None:
+                assert worker.inputs is not None
                 placer = tp.Placer(arena, worker.inputs)
                 job.refs = tuple(placer.place(t) for t in call.tensors)
             else:
@@ -539,7 +541,8 @@ class Pool:
         # The call may linger (the deadline heap drops finished calls lazily): it must not keep the
         # future, and so the result, alive, or zero-copy outputs would never go back to the worker.
         future, call.future = call.future, None
-        self._done.append((future, result, exc))
+        if future is not None:
+            self._done.append((future, result, exc))
 
     def _flush(self) -> None:
         """Send the jobs :meth:`_maybe_send` claimed and resolve the futures :meth:`_finish` queued.
@@ -709,6 +712,7 @@ class Pool:
                             worker.releases(ref.offset)
                 self._free_inputs(worker, job)
             else:
+                assert job is not None
                 worker.calls += len(members)
                 if kind is tp.Result:
                     results = self._split(job, msg, fds, worker)
@@ -833,6 +837,7 @@ class Pool:
                worker: _Worker) -> list[tuple[Any, BaseException | None]]:
         """The result of each member of *job* (a plain call has one member)."""
         try:
+            assert worker.arena is not None
             tensors = tp.read_refs(worker.arena, msg.refs, fds, worker.releases,
                                    self._input_releaser(job, msg.refs, worker))
         except Exception as err:  # a malformed reply is a worker bug; the calls must not hang
@@ -841,12 +846,12 @@ class Pool:
             return [(tp.unflatten(msg.value, tensors), None)]
         for t in tensors:
             if t.dim() == 0 or t.shape[0] != job.rows:
-                err = OutputError(
+                mismatch = OutputError(
                     f"the model returned a tensor of shape {tuple(t.shape)} for a batch of {job.rows} "
                     "rows; batched outputs must keep dim 0 aligned with the inputs. Turn batching off "
                     "for this view (@pool.infer(batch=False)) or return per-row outputs")
-                return [(None, err)] * len(job.members)
-        out = []
+                return [(None, mismatch)] * len(job.members)
+        out: list[tuple[Any, BaseException | None]] = []
         for member, start in zip(job.members, job.starts):
             part = [t[start:start + member.rows] for t in tensors]
             out.append((tp.unflatten(msg.value, part), None))
@@ -986,6 +991,7 @@ class Pool:
             for _, w in pipes:
                 os.close(w)  # the worker's copies are the only writers left: its death ends the streams
         child_end.close()
+        assert process.pid is not None
         output = [WorkerOutput(r, stream, self.logger_name, worker.index, process.pid, name)
                   for (r, _), stream in zip(pipes, ("stdout", "stderr"))]
         with self._lock:
@@ -1086,7 +1092,7 @@ class Pool:
         level = logging.ERROR if was_ready else logging.WARNING
         log.log(level, "%s: worker %d (pid %s) died, %s; %d call(s) affected; %s", self.name,
                 worker.index, worker.pid, worker.last_exit, affected,
-                f"respawning in {worker.respawn_at - time.monotonic():.2g}s"
+                f"respawning in {(worker.respawn_at or time.monotonic()) - time.monotonic():.2g}s"
                 if worker.state is WorkerState.DEAD else
                 f"restart budget spent, retrying in {self.config.restart_window:g}s")
         if all(w.state is WorkerState.FAILED for w in self.workers):

@@ -111,7 +111,8 @@ def _families(status: dict[str, Any] | None) -> Iterator[Any]:
         for model, part in models:
             snapshot = (part.get("metrics") or {}).get(key)
             if snapshot is not None:
-                buckets = [(floatToGoString(le), n) for le, n in zip(snapshot["buckets"],
+                buckets = [(floatToGoString(le), n)  # type: ignore[no-untyped-call]
+                           for le, n in zip(snapshot["buckets"],
                                                                      snapshot["cumulative"])]
                 buckets.append(("+Inf", snapshot["count"]))
                 family.add_metric([model], buckets, sum_value=snapshot["sum"])
@@ -124,7 +125,8 @@ def _families(status: dict[str, Any] | None) -> Iterator[Any]:
         return family
 
     def workers(part: dict[str, Any]) -> list[dict[str, Any]]:
-        return part.get("workers", [])
+        workers: list[dict[str, Any]] = part.get("workers", [])
+        return workers
 
     yield gauge("torchpool_queue_depth", "Calls waiting for a worker.", lambda p: p.get("queued", 0))
     yield gauge("torchpool_inflight_calls", "Calls sent to workers and not answered yet.",

@@ -59,6 +59,8 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
+import torch
+
 from . import transport as tp
 from .errors import (
     ConfigError,
@@ -407,7 +409,7 @@ class _Client:
             return
         future.add_done_callback(functools.partial(self._done, msg.id))
 
-    def _done(self, call_id: int, future: Future) -> None:
+    def _done(self, call_id: int, future: Future[Any]) -> None:
         if self.closed:  # the client is gone: drop the result (its blocks go back to the worker)
             with self.idle:
                 self.pending -= 1
@@ -415,7 +417,7 @@ class _Client:
             return
         self.replies.put((call_id, future))
 
-    def _reply(self, call_id: int, future: Future | None, exc: BaseException | None = None) -> None:
+    def _reply(self, call_id: int, future: Future[Any] | None, exc: BaseException | None = None) -> None:
         self.replies.put((call_id, future) if exc is None else (call_id, exc))
 
     def _write_loop(self) -> None:
@@ -504,7 +506,7 @@ def _read_inputs(arena: tp.Arena, refs: tuple[tp.TensorRef, ...], fds: list[int]
                 if not isinstance(dim, int) or dim < 0:
                     raise InvalidInputError(f"bad tensor shape {ref.shape!r} in a call header")
                 numel *= dim
-            itemsize = tp.torch.empty(0, dtype=dtype).element_size()
+            itemsize = torch.empty(0, dtype=dtype).element_size()
             if ref.nbytes != numel * itemsize:
                 raise InvalidInputError("a tensor reference's size does not match its shape")
             if ref.nbytes == 0:

@@ -65,7 +65,7 @@ class TensorRef(NamedTuple):
 class Slot(NamedTuple):
     """Stands in a skeleton for the tensor ``refs[index]``."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, which no one calls on a Slot
 
 
 class Call(NamedTuple):
@@ -454,7 +454,7 @@ def flatten(obj: Any, tensors: list[torch.Tensor], path: str) -> Any:
                                  f"bytes and tuples, lists and dicts of them{hint}")
 
 
-def flatten_call(args: tuple, kwargs: dict, max_input_bytes: int
+def flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any], max_input_bytes: int
                  ) -> tuple[Any, Any, list[torch.Tensor]]:
     """Validate one call's arguments and return ``(args skeleton, kwargs skeleton, tensors)``.
 

@@ -73,7 +73,7 @@ def load_model(spec: Any, device: str) -> Any:
     if isinstance(spec, str) and spec.endswith(".pt2"):
         model = torch.export.load(spec).module()
     elif isinstance(spec, str) and spec.endswith((".pt", ".pth", ".ts", ".jit")):
-        model = torch.jit.load(spec, map_location=device)
+        model = torch.jit.load(spec, map_location=device)  # type: ignore[no-untyped-call]
     elif isinstance(spec, str):
         module_name, _, attr = spec.partition(":")
         obj: Any = importlib.import_module(module_name)
@@ -161,7 +161,8 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
     global IN_WORKER
     IN_WORKER = True
     if output_fds is not None:
-        redirect_output(*(fd.detach() if hasattr(fd, "detach") else fd for fd in output_fds), log_level)
+        out_fd, err_fd = (fd.detach() if hasattr(fd, "detach") else fd for fd in output_fds)
+        redirect_output(out_fd, err_fd, log_level)
     _die_with_parent(parent_pid)
     # Ctrl-C in a terminal reaches the whole process group; the web process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -316,7 +317,8 @@ def _pin_host_memory(arena: tp.Arena) -> None:
     """Page-lock the arena so host-to-device copies of inputs run at full speed and asynchronously
     (``non_blocking=True``) and device-to-host copies of outputs land in it directly."""
     try:
-        err = torch.cuda.cudart().cudaHostRegister(arena.bytes.data_ptr(), arena.size, 0)
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        err = cudart.cudaHostRegister(arena.bytes.data_ptr(), arena.size, 0)
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister returned {err}")
     except Exception as exc:  # pinning is an optimisation: serve without it
