@@ -50,7 +50,9 @@ def ready() -> Response:
                for w in status["workers"]]
     if status["ready"]:
         return _json({"status": "ready", "workers": workers})
-    if "error" in status:
+    if "error" in status and status.get("mode") == "attach":
+        reason = f"no pool server serves this app: {status['error']}"
+    elif "error" in status:
         reason = f"the workers failed to start: {status['error']}"
     elif status["closed"]:
         reason = "the pool is shut down"

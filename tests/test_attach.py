@@ -80,7 +80,8 @@ def served(socket_dir: Path) -> Iterator[PoolServer]:
 @pytest.fixture(scope="module")
 def web(served: PoolServer) -> Iterator[tuple[Flask, TorchPool]]:
     """An app attached to the server: the same views as an embedded one."""
-    app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=served.path, TORCHPOOL_ARENA_BYTES=4 << 20)
+    app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=served.path, TORCHPOOL_ARENA_BYTES=4 << 20,
+                   TORCHPOOL_HEALTH_URL="/torchpool")
     pool = TorchPool(app)
 
     @app.post("/echo")
@@ -124,6 +125,23 @@ def test_attached_app_serves_through_the_server(web: tuple[Flask, TorchPool], se
     assert status["server"]["pid"] == os.getpid()
     assert [w["state"] for w in status["workers"]] == ["ready"]
     assert served.clients >= 1
+
+
+def test_health_and_metrics_report_the_servers_pool(web: tuple[Flask, TorchPool],
+                                                     served: PoolServer) -> None:
+    app, pool = web
+    client = app.test_client()
+    with app.app_context():
+        pool(torch.ones(1))
+    ready = client.get("/torchpool/ready")
+    assert ready.status_code == 200, ready.json
+    status = client.get("/torchpool/status").json
+    assert status["mode"] == "attach" and status["server"]["pid"] == os.getpid()
+    assert status["workers"][0]["pid"] == served.pools["default"].workers[0].pid
+    metrics = client.get("/torchpool/metrics").get_data(as_text=True)
+    calls = [line for line in metrics.splitlines()
+             if line.startswith("torchpool_calls_total{") and 'outcome="ok"' in line]
+    assert calls and float(calls[0].rsplit(" ", 1)[1]) >= 1, metrics
 
 
 def test_errors_cross_with_their_class_status_and_traceback(web: tuple[Flask, TorchPool]) -> None:
@@ -278,7 +296,8 @@ def test_the_socket_directory_must_be_private(tmp_path: Path) -> None:
 def test_without_a_server_calls_answer_503_at_once(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
-    app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=str(run / "none.sock"))
+    app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=str(run / "none.sock"),
+                   TORCHPOOL_HEALTH_URL="/torchpool")
     pool = TorchPool(app)  # starts (attaches) now: no server, so it stays detached
 
     @app.post("/p")
@@ -290,6 +309,8 @@ def test_without_a_server_calls_answer_503_at_once(tmp_path: Path) -> None:
     assert resp.status_code == 503, resp.get_data(as_text=True)
     assert resp.json["type"] == "PoolUnavailableError" and "not running" in resp.json["error"]
     assert resp.headers["Retry-After"] == "1"
+    ready = app.test_client().get("/torchpool/ready")
+    assert ready.status_code == 503 and "no pool server serves this app" in ready.json["reason"], ready.json
     with app.app_context():
         assert pool.status()["ready"] is False
 
