@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from example_app.decoding import MAX_BATCH, image_from_bytes, images_from_json
+from example_app.model import example_input
 from flask_torchpool import InvalidInputError, ModelProxy, TorchPool, TorchPoolError
 
 pool = TorchPool()
@@ -33,6 +34,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "TORCHPOOL_MODEL": "example_app.model:build_classifier",
     "TORCHPOOL_WORKERS": 2,
     "TORCHPOOL_DEVICES": "cpu",
+    "TORCHPOOL_EXAMPLE_INPUT": example_input,
     "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
     "EXAMPLE_MAX_BATCH": MAX_BATCH,
 }

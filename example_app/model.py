@@ -71,3 +71,9 @@ def build_classifier() -> nn.Module:
 def build_mlp() -> nn.Module:
     """Return the tiny MLP with its fixed seed-0 weights, in eval mode."""
     return _build(DigitMLP)
+
+
+def example_input() -> torch.Tensor:
+    """One random ``(1, 1, 28, 28)`` image: what ``flask torchpool status --probe`` and ``flask
+    torchpool tune`` call the model with (``TORCHPOOL_EXAMPLE_INPUT``)."""
+    return torch.rand(1, 1, 28, 28)
