@@ -203,11 +203,7 @@ class PoolConnection:
         if link is None:
             raise self._unavailable(f"lost the connection to the pool server at {self.path}")
         placer = tp.Placer(link.arena, link.inputs)
-        try:
-            refs = tuple(placer.place(t) for t in tensors)
-        except BaseException:
-            placer.rollback()
-            raise
+        refs = placer.place_all(tensors)
         call_id = next(_ids)
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()

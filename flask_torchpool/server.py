@@ -458,11 +458,7 @@ class _Client:
             self._send_error(call_id, InferenceError(f"the output cannot travel: {exc}"))
             return
         placer = tp.Placer(self.arena, self.outputs)
-        try:
-            refs = tuple(placer.place(t) for t in tensors)
-        except BaseException:
-            placer.rollback()
-            raise
+        refs = placer.place_all(tensors)
         del tensors, result
         try:
             self._send(tp.Result(call_id, skel, refs), tuple(placer.fds))

@@ -533,6 +533,14 @@ class Placer:
         copy_into(Segment(fd, nbytes).view(0, nbytes, dtype, shape), t)
         return TensorRef(len(self.fds) - 1, 0, nbytes, str(dtype), shape)
 
+    def place_all(self, tensors: list[torch.Tensor]) -> tuple[TensorRef, ...]:
+        """:meth:`place` every tensor; if one fails, free what was placed and re-raise."""
+        try:
+            return tuple(self.place(t) for t in tensors)
+        except BaseException:
+            self.rollback()
+            raise
+
     def rollback(self) -> None:
         for offset in self.blocks:
             self.allocator.free(offset)

@@ -519,9 +519,7 @@ def _server(name: str, workload: Workload, settings: Settings) -> Server:
                   "TORCHPOOL_ARENA_BYTES": max(64 * MIB, 8 * workload.body_bytes)}
         label = f"gunicorn -w {n} -k sync attached to one flask_torchpool server, {n} workers"
         if name in ("attach-batch", "attach-gthread-batch"):
-            config["TORCHPOOL_MAX_BATCH_SIZE"] = settings.batch_size
-            config["TORCHPOOL_MAX_BATCH_DELAY_MS"] = settings.batch_delay_ms
-            label += f", batch {settings.batch_size}/{settings.batch_delay_ms:g} ms"
+            label += _batching(config, settings)
         worker_class = ["-k", "sync"]
         if name == "attach-gthread-batch":
             worker_class = ["-k", "gthread", "--threads", "16"]
@@ -535,9 +533,7 @@ def _server(name: str, workload: Workload, settings: Settings) -> Server:
                                   "TORCHPOOL_ARENA_BYTES": max(256 * MIB, 8 * workload.body_bytes)}
         label = f"flask_torchpool, {n} workers"
         if name in ("torchpool-batch", "torchpool-copies"):
-            config["TORCHPOOL_MAX_BATCH_SIZE"] = settings.batch_size
-            config["TORCHPOOL_MAX_BATCH_DELAY_MS"] = settings.batch_delay_ms
-            label += f", batch {settings.batch_size}/{settings.batch_delay_ms:g} ms"
+            label += _batching(config, settings)
         if _has_share_weights():
             config["TORCHPOOL_SHARE_WEIGHTS"] = name != "torchpool-copies"
             label += ", weights shared" if name != "torchpool-copies" else ", weights copied"
@@ -552,6 +548,13 @@ def _server(name: str, workload: Workload, settings: Settings) -> Server:
         return Server(name, label, argv, _child_env(**base, BENCH_MODE="torchpool",
                                                     BENCH_TORCHPOOL_CONFIG=json.dumps(config)))
     raise ValueError(name)
+
+
+def _batching(config: dict[str, Any], settings: Settings) -> str:
+    """Turn batching on in *config*; the words for the server's label."""
+    config["TORCHPOOL_MAX_BATCH_SIZE"] = settings.batch_size
+    config["TORCHPOOL_MAX_BATCH_DELAY_MS"] = settings.batch_delay_ms
+    return f", batch {settings.batch_size}/{settings.batch_delay_ms:g} ms"
 
 
 def _bench_server(server: Server, workload: Workload, settings: Settings, script: Path,
