@@ -357,3 +357,6 @@ def serve_command(socket_path: str | None) -> None:
         state.extension.serve(app, socket_path=socket_path)
     except TorchPoolError as exc:
         raise click.ClickException(str(exc)) from None
+    from .server import exit_now
+
+    exit_now(0)

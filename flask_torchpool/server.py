@@ -604,7 +604,20 @@ def main(argv: list[str] | None = None) -> int:
     pool = extension.extension_of(app)
     pool.serve(app, socket_path=args.socket, owner_pid=args.owner_pid, lock_fd=args.lock_fd,
                ready_fd=args.ready_fd)
+    exit_now(0)
     return 0
+
+
+def exit_now(code: int) -> None:
+    """End a pool server process once it has stopped, without the interpreter's teardown: daemon
+    threads (connections, the owner watch) may still be inside torch, and torch's static destructors
+    then abort the process ("terminate called without an active exception", exit by SIGABRT) instead
+    of letting it exit with *code*. Workers end the same way (worker.py)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
