@@ -19,6 +19,7 @@ computes the placement, and ``status`` starts a pool in-process only when it is 
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -166,7 +167,7 @@ def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency
         concurrency = min(64, max(2, 2 * max(workers) * max(1, max(batches) // rows)))
     pairs = [(w, b) for b in batches for w in workers]
     results: list[Any] = []
-    stderr = click.get_text_stream("stderr")
+    stderr = sys.stderr  # not click.get_text_stream: deprecated in Click 8.5
     click.echo(f"tuning {len(pairs)} configurations, {duration:g} s each with {concurrency} clients; "
                f"{rows} row(s) per call", err=True)
     with click.progressbar(pairs, label="tune", file=stderr,
