@@ -117,10 +117,10 @@ class PoolConnection:
                     reason = exc
                 except OSError as exc:
                     raise self._unavailable(f"cannot attach: {exc}") from None
-            starting = server_running(self.path) or (self.spawner is not None and self.spawner.alive())
+            starting = self.starting()
             if not starting and self.on_missing is not None:
                 self.on_missing()
-                starting = server_running(self.path) or (self.spawner is not None and self.spawner.alive())
+                starting = self.starting()
             remaining = deadline - time.monotonic()
             if not starting or remaining <= 0:
                 what = ("is still starting" if starting else
@@ -130,6 +130,10 @@ class PoolConnection:
                     "(or use TORCHPOOL_MODE='auto' under gunicorn)")
             time.sleep(min(delay, remaining))  # polls a socket that is being set up, with backoff
             delay = min(delay * 2, _CONNECT_BACKOFF[1])
+
+    def starting(self) -> bool:
+        """Whether a server for this socket is running or starting (its lock is held)."""
+        return server_running(self.path) or (self.spawner is not None and self.spawner.alive())
 
     def _connect_locked(self) -> _Link:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -364,12 +368,27 @@ class RemotePool:
         return self.model if self.model is not None else welcome.default_model
 
     def start(self) -> None:
-        """Attach now if a server is there (waiting for one that is starting, up to
-        ``TORCHPOOL_START_TIMEOUT``); without one, calls answer 503 until it is reachable."""
+        """Attach now if a server listens. One that is still loading its model is waited for in the
+        background (up to ``TORCHPOOL_START_TIMEOUT``), not here: a gunicorn worker that does not
+        finish booting within gunicorn's ``--timeout`` is killed. Calls meanwhile wait for the server
+        within their deadline; without any server they answer 503 until one is reachable."""
         try:
-            self.connection.connect(wait=self.config.start_timeout)
+            self.connection.connect()
+            return
         except PoolUnavailableError as exc:
-            log.warning("%s: %s; calls answer 503 until it is reachable", self.name, exc)
+            if not self.connection.starting():
+                log.warning("%s: %s; calls answer 503 until it is reachable", self.name, exc)
+                return
+        log.info("%s: the pool server at %s is starting; attaching when it listens", self.name,
+                 self.connection.path)
+
+        def attach() -> None:
+            try:
+                self.connection.connect(wait=self.config.start_timeout)
+            except TorchPoolError as exc:
+                log.warning("%s: %s", self.name, exc)
+
+        threading.Thread(target=attach, name=f"{self.name}-attach", daemon=True).start()
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
                batch: bool = True) -> Future[Any]:
