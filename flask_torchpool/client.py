@@ -38,7 +38,7 @@ from .config import PoolConfig
 from .errors import PoolUnavailableError, RemoteTraceback, TorchPoolError
 from .metrics import Metrics
 from .placement import Placement
-from .server import default_socket_path, lock_path, server_running, try_lock
+from .server import default_socket_path, server_running, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,6 @@ class RemotePool:
         self.connection = connection
         self.model = model
         self.name = name
-        self.metrics = Metrics()   # calls are measured by the server; see status()
         self._closing = False
 
     @property
@@ -406,21 +405,24 @@ class RemotePool:
             self.connection.close(drain)
 
     def status(self) -> dict[str, Any]:
+        """The server's status of this model (``"mode": "attach"``, the server's pid and client count
+        added); without a server, an empty not-started status with the reason in ``"error"``."""
         base: dict[str, Any] = {"mode": "attach", "socket": self.connection.path}
         try:
             server = self.connection.status()
         except TorchPoolError as exc:
-            return {**base, "started": False, "closed": self.closed, "queued": 0, "busy_workers": 0,
-                    "arena_bytes": 0, "counters": {}, "metrics": Metrics().snapshot(), "workers": [],
-                    "error": str(exc)}
+            return self._without_server(base, str(exc))
         name = self.model if self.model is not None else server["default_model"]
         model = server["models"].get(name)
         if model is None:
-            return {**base, "started": False, "closed": self.closed, "queued": 0, "busy_workers": 0,
-                    "arena_bytes": 0, "counters": {}, "metrics": Metrics().snapshot(), "workers": [],
-                    "error": f"the pool server serves no model {name!r}"}
+            return self._without_server(base, f"the pool server serves no model {name!r}")
         return {**model, **base, "closed": self.closed or model["closed"],
                 "server": {"pid": server["pid"], "clients": server["clients"]}}
+
+    def _without_server(self, base: dict[str, Any], error: str) -> dict[str, Any]:
+        return {**base, "started": False, "closed": self.closed, "queued": 0, "busy_workers": 0,
+                "arena_bytes": 0, "counters": {}, "metrics": Metrics(self.config.name).snapshot(),
+                "workers": [], "error": error}
 
 
 # --- auto mode: the first web process starts the server ------------------------------------------------
@@ -480,4 +482,4 @@ def ensure_server(app_import: str | None, path: str, owner_pid: int) -> _ServerS
     return spawner if spawner.spawn_if_needed() else None
 
 
-__all__ = ["PoolConnection", "RemotePool", "ensure_server", "socket_path_for", "lock_path"]
+__all__ = ["PoolConnection", "RemotePool", "ensure_server", "socket_path_for"]

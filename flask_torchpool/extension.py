@@ -577,12 +577,7 @@ class TorchPool:
         state = self._state(app)
         path = os.path.abspath(socket_path) if socket_path else state.socket_path()
         if lock_fd is None:
-            server.ensure_private_dir(path)
-            lock_fd = server.try_lock(path)
-            if lock_fd is None:
-                raise TorchPoolError(f"another pool server already serves {path} (its lock "
-                                     f"{server.lock_path(path)} is held); stop it or set another "
-                                     "TORCHPOOL_SOCKET")
+            lock_fd = server.take_lock(path)
         if any(not isinstance(p, (Pool, InlinePool)) for p in state.pools.values()):
             state.shutdown(wait=True, drain_timeout=0)  # attached at load (TORCHPOOL_START="eager")
             state.pools = {}

@@ -1,6 +1,7 @@
 """Prometheus export: a custom collector that reads the pool's status and metrics at scrape time.
 
-Everything is measured in the web process (see :mod:`flask_torchpool.metrics`), so the collector needs no
+Everything is measured in the process that owns the workers (see :mod:`flask_torchpool.metrics`): the web
+process, or the pool server that attached web processes ask for its status. So the collector needs no
 multiprocess mode: each scrape takes one :meth:`TorchPool.status` snapshot and turns its counters,
 cumulative-bucket histograms and gauges into metric families, with one sample per model (the ``model``
 label; several with ``TORCHPOOL_MODELS``). It serves

@@ -59,8 +59,6 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
-import torch
-
 from . import transport as tp
 from .errors import (
     ConfigError,
@@ -124,6 +122,17 @@ def try_lock(path: str) -> int | None:
     return fd
 
 
+def take_lock(path: str) -> int:
+    """The server lock of socket *path*, for a server about to serve it (its directory is made private
+    first). Raises :class:`TorchPoolError` when another server holds it."""
+    ensure_private_dir(path)
+    fd = try_lock(path)
+    if fd is None:
+        raise TorchPoolError(f"another pool server already serves {path} (its lock {lock_path(path)} is "
+                             "held); stop it or set another TORCHPOOL_SOCKET")
+    return fd
+
+
 def server_running(path: str) -> bool:
     """True when a pool server holds the lock of socket *path* (listening, or still loading)."""
     if not os.path.exists(lock_path(path)):
@@ -167,13 +176,10 @@ class PoolServer:
 
     def start(self) -> None:
         """Take the lock (unless given), bind the socket and accept clients in a thread."""
-        ensure_private_dir(self.path)
         if self._lock_fd is None:
-            self._lock_fd = try_lock(self.path)
-            if self._lock_fd is None:
-                raise TorchPoolError(f"another pool server already serves {self.path} (its lock "
-                                     f"{lock_path(self.path)} is held); stop it or set another "
-                                     "TORCHPOOL_SOCKET")
+            self._lock_fd = take_lock(self.path)
+        else:
+            ensure_private_dir(self.path)
         # We hold the lock, so a socket file left here is a dead server's.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -405,7 +411,7 @@ class _Client:
             kwargs = tp.unflatten(msg.kwargs, tensors)
             future = pool.submit(tuple(args), dict(kwargs), msg.timeout, msg.batch)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-            self._reply(msg.id, None, exc)
+            self.replies.put((msg.id, exc))
             return
         future.add_done_callback(functools.partial(self._done, msg.id))
 
@@ -416,9 +422,6 @@ class _Client:
                 self.idle.notify_all()
             return
         self.replies.put((call_id, future))
-
-    def _reply(self, call_id: int, future: Future[Any] | None, exc: BaseException | None = None) -> None:
-        self.replies.put((call_id, future) if exc is None else (call_id, exc))
 
     def _write_loop(self) -> None:
         while True:
@@ -502,8 +505,7 @@ def _read_inputs(arena: tp.Arena, refs: tuple[tp.TensorRef, ...], fds: list[int]
                 if not isinstance(dim, int) or dim < 0:
                     raise InvalidInputError(f"bad tensor shape {ref.shape!r} in a call header")
                 numel *= dim
-            itemsize = torch.empty(0, dtype=dtype).element_size()
-            if ref.nbytes != numel * itemsize:
+            if ref.nbytes != numel * dtype.itemsize:
                 raise InvalidInputError("a tensor reference's size does not match its shape")
             if ref.nbytes == 0:
                 continue
