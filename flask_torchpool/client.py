@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from . import errors
-from . import transport as tp
+from . import codec, errors, messages, shm
 from .config import PoolConfig
 from .errors import PoolUnavailableError, RemoteTraceback, TorchPoolError
 from .metrics import Metrics
@@ -61,11 +60,11 @@ class _Pending:
 class _Link:
     """One connection to a server, with the arena made for it (a reconnect makes both afresh)."""
 
-    channel: tp.Channel
-    arena: tp.Arena
-    inputs: tp.Allocator
-    releases: tp.ReleaseQueue
-    welcome: tp.Welcome
+    channel: messages.Channel
+    arena: shm.Arena
+    inputs: shm.Allocator
+    releases: shm.ReleaseQueue
+    welcome: messages.Welcome
 
 
 class PoolConnection:
@@ -92,11 +91,11 @@ class PoolConnection:
         return self._link is not None and self._pid == os.getpid()
 
     @property
-    def welcome(self) -> tp.Welcome | None:
+    def welcome(self) -> messages.Welcome | None:
         link = self._link
         return link.welcome if link is not None else None
 
-    def connect(self, wait: float = 0.0) -> tp.Welcome:
+    def connect(self, wait: float = 0.0) -> messages.Welcome:
         """Connect if not connected. While a server is starting, wait for it up to *wait* seconds.
         Raises :class:`PoolUnavailableError` when no server answers."""
         deadline = time.monotonic() + wait
@@ -148,17 +147,17 @@ class PoolConnection:
             sock.close()
             raise OSError(errno.EPERM, f"the process serving {self.path} (pid {server_pid}) runs as uid "
                                        f"{uid}, not as this user")
-        channel = tp.Channel(Connection(sock.detach()))
-        fd = tp.create_memfd(self.arena_bytes, "torchpool-client")
+        channel = messages.Channel(Connection(sock.detach()), messages.ATTACH_PROTOCOL)
+        fd = shm.create_memfd(self.arena_bytes, "torchpool-client")
         try:
-            arena = tp.Arena(fd, self.arena_bytes)
-            channel.send(tp.Hello(tp.PROTOCOL_VERSION, os.getpid(), self.arena_bytes), (fd,))
+            arena = shm.Arena(fd, self.arena_bytes)
+            channel.send(messages.Hello(messages.PROTOCOL_VERSION, os.getpid(), self.arena_bytes), (fd,))
             if not channel.poll(30.0):
                 raise OSError(errno.ETIMEDOUT, "the pool server did not answer the hello")
             welcome, fds = channel.recv()
             for extra in fds:
                 os.close(extra)
-            if not isinstance(welcome, tp.Welcome):
+            if not isinstance(welcome, messages.Welcome):
                 raise OSError(errno.EPROTO, f"expected a Welcome, got {type(welcome).__name__}")
         except (EOFError, OSError) as exc:
             channel.close()
@@ -166,7 +165,7 @@ class PoolConnection:
                           f"the pool server closed the connection: {exc}") from None
         finally:
             os.close(fd)
-        link = self._link = _Link(channel, arena, tp.Allocator(*arena.inputs), tp.ReleaseQueue(), welcome)
+        link = self._link = _Link(channel, arena, shm.Allocator(*arena.inputs), shm.ReleaseQueue(), welcome)
         threading.Thread(target=self._read_loop, args=(link,), name="torchpool-attach-reader",
                          daemon=True).start()
         log.info("torchpool: attached to the pool server at %s (pid %d)", self.path, welcome.pid)
@@ -201,12 +200,12 @@ class PoolConnection:
 
     def submit(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                timeout: float | None, batch: bool, max_input_bytes: int) -> Future[Any]:
-        skel_args, skel_kwargs, tensors = tp.flatten_call(args, kwargs, max_input_bytes)
+        skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, max_input_bytes)
         self.connect(wait=timeout if timeout is not None else 60.0)
         link = self._link
         if link is None:
             raise self._unavailable(f"lost the connection to the pool server at {self.path}")
-        placer = tp.Placer(link.arena, link.inputs)
+        placer = shm.Placer(link.arena, link.inputs)
         refs = placer.place_all(tensors)
         call_id = next(_ids)
         future: Future[Any] = Future()
@@ -217,8 +216,8 @@ class PoolConnection:
                 raise self._unavailable(f"lost the connection to the pool server at {self.path}")
             self._pending[call_id] = _Pending(future, placer.blocks)
         try:
-            link.channel.send(tp.RemoteCall(call_id, model, skel_args, skel_kwargs, refs, timeout, batch,
-                                            link.releases.drain()), tuple(placer.fds))
+            link.channel.send(messages.RemoteCall(call_id, model, skel_args, skel_kwargs, refs, timeout,
+                                                  batch, link.releases.drain()), tuple(placer.fds))
         except OSError as exc:
             with self._lock:
                 self._pending.pop(call_id, None)
@@ -240,7 +239,7 @@ class PoolConnection:
         if link is None:
             raise self._unavailable(f"not attached to the pool server at {self.path}")
         try:
-            link.channel.send(tp.StatusRequest(call_id))
+            link.channel.send(messages.StatusRequest(call_id))
             status: dict[str, Any] = future.result(timeout)
             return status
         except (OSError, TimeoutError) as exc:
@@ -260,7 +259,7 @@ class PoolConnection:
                 if isinstance(exc, OSError):
                     reason = f"the connection to the pool server failed: {exc}"
                 break
-            if isinstance(msg, tp.StatusReply):
+            if isinstance(msg, messages.StatusReply):
                 with self._lock:
                     waiter = self._statuses.pop(msg.id, None)
                 if waiter is not None:
@@ -274,13 +273,13 @@ class PoolConnection:
                 continue
             for offset in pending.blocks:
                 link.inputs.free(offset)
-            if isinstance(msg, tp.Result):
+            if isinstance(msg, messages.Result):
                 try:
-                    tensors = tp.read_refs(link.arena, msg.refs, fds, on_free=link.releases)
-                    pending.future.set_result(tp.unflatten(msg.value, tensors))
+                    tensors = shm.read_refs(link.arena, msg.refs, fds, on_free=link.releases)
+                    pending.future.set_result(codec.unflatten(msg.value, tensors))
                 except Exception as exc:  # noqa: BLE001 - a bad result fails its call, not the reader
                     pending.future.set_exception(errors.OutputError(f"cannot read the result: {exc}"))
-            elif isinstance(msg, tp.RemoteError):
+            elif isinstance(msg, messages.RemoteError):
                 for fd in fds:
                     os.close(fd)
                 pending.future.set_exception(_rebuild_error(msg))
@@ -305,12 +304,12 @@ class PoolConnection:
             waiter.set_exception(err)
 
 
-def _shutdown(channel: tp.Channel) -> None:
+def _shutdown(channel: messages.Channel) -> None:
     with contextlib.suppress(OSError), socket.socket(fileno=os.dup(channel.fileno())) as sock:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _rebuild_error(msg: tp.RemoteError) -> TorchPoolError:
+def _rebuild_error(msg: messages.RemoteError) -> TorchPoolError:
     cls = getattr(errors, msg.type_name, None)
     if not (isinstance(cls, type) and issubclass(cls, errors._HTTPError)):
         cls = errors.InferenceError
@@ -363,7 +362,7 @@ class RemotePool:
         info = welcome.models.get(self._model_name(welcome) or "")
         return [_RemoteWorker(Placement(*p)) for p in info["workers"]] if info else []
 
-    def _model_name(self, welcome: tp.Welcome) -> str | None:
+    def _model_name(self, welcome: messages.Welcome) -> str | None:
         return self.model if self.model is not None else welcome.default_model
 
     def start(self) -> None:

@@ -5,7 +5,7 @@
 model is built in-process the first time it is needed, with the loading rules of the workers
 (:func:`flask_torchpool.worker.load_model`), and each call runs in the calling thread under
 ``torch.inference_mode()``, one at a time (a lock). Arguments are validated exactly as the pool validates
-them (:func:`flask_torchpool.transport.flatten`), tensors are copied on the way in and out as they are
+them (:func:`flask_torchpool.codec.flatten`), tensors are copied on the way in and out as they are
 when they travel through shared memory, and failures raise the pool's exceptions, so views and tests see
 the same results and the same errors. What does not apply: deadlines (``TORCHPOOL_TIMEOUT`` is not
 enforced, a running call cannot be interrupted), the queue limit, crashes and restarts (a model that
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import transport as tp
+from . import codec
 from .config import PoolConfig
 from .errors import (
     InferenceError,
@@ -153,7 +153,7 @@ class InlinePool:
                batch: bool = True) -> Future[Any]:
         """Run one call now, in this thread, and return its (completed) future. *timeout* is not
         enforced and *batch* is ignored in inline mode."""
-        skel_args, skel_kwargs, tensors = tp.flatten_call(args, kwargs, self.config.max_input_bytes)
+        skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
         self._check_open()
         if not self.started:
             self.start()
@@ -211,8 +211,8 @@ class InlinePool:
         # seeing it, and the caller gets tensors that nothing else holds.
         device = torch.device(self.workers[0].placement.device)
         copies = [t.to(device, copy=True, memory_format=torch.contiguous_format) for t in tensors]
-        args = tp.unflatten(skel_args, copies)
-        kwargs = tp.unflatten(skel_kwargs, copies)
+        args = codec.unflatten(skel_args, copies)
+        kwargs = codec.unflatten(skel_kwargs, copies)
         failure: tuple[str, str, str] | None = None
         try:
             with torch.inference_mode():
@@ -228,12 +228,12 @@ class InlinePool:
         del args, kwargs, copies
         produced: list[torch.Tensor] = []
         try:
-            skel = tp.flatten(out, produced, "output")
-        except tp.UnsupportedValue as exc:
-            raise OutputError(f"the model returned {_describe(out)}, which cannot travel back: {exc}",
+            skel = codec.flatten(out, produced, "output")
+        except codec.UnsupportedValue as exc:
+            raise OutputError(f"the model returned {codec.describe(out)}, which cannot travel back: {exc}",
                               remote_type="UnsupportedValue") from None
         # Outside inference_mode, so that the copies are ordinary tensors, as the pool's are.
-        return tp.unflatten(skel, [t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        return codec.unflatten(skel, [t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
                                    for t in produced])
 
     def status(self) -> dict[str, Any]:
@@ -256,9 +256,3 @@ class InlinePool:
                 ],
             }
 
-
-def _describe(value: Any) -> str:
-    kind = type(value)
-    if kind in (list, tuple, dict):
-        return f"a {kind.__name__} of {len(value)}"
-    return f"a {kind.__module__}.{kind.__qualname__}"

@@ -52,7 +52,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as tmp
 
-from . import transport as tp
+from . import codec, messages, shm
 from .config import PoolConfig
 from .errors import (
     InferenceError,
@@ -143,7 +143,7 @@ class _Job:
     blocks: list[int] = field(default_factory=list)   # input blocks to free when the worker is done
     kept: set[int] = field(default_factory=set)       # of those, blocks zero-copy outputs still use
     fds: list[int] = field(default_factory=list)      # one-off segments of a single call
-    refs: tuple[tp.TensorRef, ...] = ()
+    refs: tuple[shm.TensorRef, ...] = ()
     writers: int = 0       # members still copying their inputs in
     sealed: bool = False   # takes no more members
     sent: bool = False
@@ -162,11 +162,11 @@ class _Worker:
     placement: Placement
     state: WorkerState = WorkerState.STOPPED
     process: Any = None
-    channel: tp.Channel | None = None
+    channel: messages.Channel | None = None
     output: list[WorkerOutput] = field(default_factory=list)   # its stdout and stderr pipes
-    arena: tp.Arena | None = None
-    inputs: tp.Allocator | None = None
-    releases: tp.ReleaseQueue = field(default_factory=tp.ReleaseQueue)
+    arena: shm.Arena | None = None
+    inputs: shm.Allocator | None = None
+    releases: shm.ReleaseQueue = field(default_factory=shm.ReleaseQueue)
     jobs: dict[int, _Job] = field(default_factory=dict)   # opened, sent or running
     pid: int | None = None
     restarts: deque[float] = field(default_factory=deque[float])   # monotonic times of recent restarts
@@ -300,7 +300,7 @@ class Pool:
 
         Input that cannot travel is refused here, in the calling thread, before anything is queued.
         """
-        skel_args, skel_kwargs, tensors = tp.flatten_call(args, kwargs, self.config.max_input_bytes)
+        skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
         timeout = self.config.timeout if timeout is None else timeout
         future: Future[Any] = Future()
         call = _Call(skel_args, skel_kwargs, tensors, future,
@@ -394,7 +394,7 @@ class Pool:
         slots: list[tuple[int, int]] = []
         blocks: list[int] = []
         for t in call.tensors:
-            row_bytes = tp.tensor_nbytes(t) // call.rows
+            row_bytes = codec.tensor_nbytes(t) // call.rows
             offset = worker.inputs.alloc(row_bytes * capacity)
             if offset is None:
                 for b in blocks:
@@ -437,12 +437,12 @@ class Pool:
                 pass  # the worker died meanwhile; its death requeued the call
             elif job.key is None:
                 assert worker.inputs is not None
-                placer = tp.Placer(arena, worker.inputs)
+                placer = shm.Placer(arena, worker.inputs)
                 job.refs = tuple(placer.place(t) for t in call.tensors)
             else:
                 start = job.starts[job.members.index(call)]
                 for t, (offset, row_bytes) in zip(call.tensors, job.slots):
-                    tp.copy_into(arena.view(offset + start * row_bytes, row_bytes * call.rows, t.dtype,
+                    shm.copy_into(arena.view(offset + start * row_bytes, row_bytes * call.rows, t.dtype,
                                             tuple(t.shape)), t)
         except BaseException as exc:
             error = exc
@@ -489,12 +489,12 @@ class Pool:
         if job.key is None:
             refs = job.refs
         else:
-            refs = tuple(tp.TensorRef(-1, offset, row_bytes * job.rows, str(t.dtype),
+            refs = tuple(shm.TensorRef(-1, offset, row_bytes * job.rows, str(t.dtype),
                                       (job.rows, *t.shape[1:]))
                          for t, (offset, row_bytes) in zip(first.tensors, job.slots))
             self.counters["batches"] += 1
             self.metrics.record_batch(job.rows, len(job.members))
-        msg = tp.Call(job.id, first.args, first.kwargs, refs, job.worker.releases.drain())
+        msg = messages.Call(job.id, first.args, first.kwargs, refs, job.worker.releases.drain())
         channel = job.worker.channel
         try:
             if channel is None:
@@ -699,12 +699,12 @@ class Pool:
     def _on_message(self, worker: _Worker, msg: Any, fds: list[int]) -> None:
         kind = type(msg)
         worker.last_reply = time.monotonic()
-        if kind is tp.Result or kind is tp.Failure:
+        if kind is messages.Result or kind is messages.Failure:
             with self._lock:
                 job = worker.jobs.pop(msg.id, None)
                 members = [m for m in job.members if m.state is not _CallState.DONE] if job else []
             if not members:
-                if kind is tp.Result:  # nobody wants it: hand the output blocks straight back
+                if kind is messages.Result:  # nobody wants it: hand the output blocks straight back
                     for fd in fds:
                         os.close(fd)
                     for ref in msg.refs:
@@ -714,7 +714,7 @@ class Pool:
             else:
                 assert job is not None
                 worker.calls += len(members)
-                if kind is tp.Result:
+                if kind is messages.Result:
                     results = self._split(job, msg, fds, worker)
                 else:
                     worker.errors += 1
@@ -730,9 +730,9 @@ class Pool:
             if job is not None and job.key is not None or worker.idle:
                 # The worker may now be idle: an open batch on it should not wait (Note [Batching]).
                 self._seal_due(time.monotonic(), worker)
-        elif kind is tp.Loaded:
+        elif kind is messages.Loaded:
             self._on_loaded(worker, msg)
-        elif kind is tp.Ready:
+        elif kind is messages.Ready:
             if worker is self._weights_filler:
                 self._weights_filled = True
                 self._weights_filler = None
@@ -747,7 +747,7 @@ class Pool:
                 if not self._started.is_set() and all(w.state is WorkerState.READY for w in self.workers):
                     log.info("%s: %d worker(s) ready", self.name, len(self.workers))
                     self._started.set()
-        elif kind is tp.StartupFailed:
+        elif kind is messages.StartupFailed:
             err = WorkerStartupError(f"worker {worker.index} could not load the model "
                                      f"({self.config.model!r}): {msg.message}")
             err.__cause__ = RemoteTraceback(msg.tb)
@@ -764,11 +764,11 @@ class Pool:
                       worker.index, msg.message, tb)
             worker.killed_for = "its model failed to load"
 
-    def _on_loaded(self, worker: _Worker, msg: tp.Loaded) -> None:
+    def _on_loaded(self, worker: _Worker, msg: messages.Loaded) -> None:
         """A worker built its model: hand it the shared weights (Note [Shared weights])."""
         if self._weights is None:
             self._weights = (msg.fingerprint, msg.nbytes)
-            self._weights_fd = tp.create_memfd(msg.nbytes, "torchpool-weights")
+            self._weights_fd = shm.create_memfd(msg.nbytes, "torchpool-weights")
         if self._weights != (msg.fingerprint, msg.nbytes):
             log.warning("%s: worker %d built a model with another layout than the shared weights; it "
                         "keeps its own copy (does the factory build different models?)", self.name,
@@ -790,7 +790,7 @@ class Pool:
             return
         try:
             fds = (self._weights_fd,) if share and self._weights_fd is not None else ()
-            worker.channel.send(tp.Adopt(share, fill), fds)
+            worker.channel.send(messages.Adopt(share, fill), fds)
         except OSError:
             pass  # it died; its sentinel says so
 
@@ -803,11 +803,11 @@ class Pool:
                 worker.inputs.free(offset)
         job.blocks = []
 
-    def _input_releaser(self, job: _Job, refs: tuple[tp.TensorRef, ...],
+    def _input_releaser(self, job: _Job, refs: tuple[shm.TensorRef, ...],
                         worker: _Worker) -> Callable[[int], None] | None:
         """For outputs that are views of *job*'s input blocks: mark those blocks kept, and return the
         callback that frees each block once every view of it is collected."""
-        aliases = [r for r in refs if r.seg == tp.INPUT_ALIAS and r.nbytes >= tp.ZERO_COPY_MIN_BYTES]
+        aliases = [r for r in refs if r.seg == shm.INPUT_ALIAS and r.nbytes >= shm.ZERO_COPY_MIN_BYTES]
         if not aliases or worker.inputs is None:
             return None
         allocator = worker.inputs
@@ -833,17 +833,17 @@ class Pool:
 
         return release
 
-    def _split(self, job: _Job, msg: tp.Result, fds: list[int],
+    def _split(self, job: _Job, msg: messages.Result, fds: list[int],
                worker: _Worker) -> list[tuple[Any, BaseException | None]]:
         """The result of each member of *job* (a plain call has one member)."""
         try:
             assert worker.arena is not None
-            tensors = tp.read_refs(worker.arena, msg.refs, fds, worker.releases,
+            tensors = shm.read_refs(worker.arena, msg.refs, fds, worker.releases,
                                    self._input_releaser(job, msg.refs, worker))
         except Exception as err:  # a malformed reply is a worker bug; the calls must not hang
             return [(None, OutputError(f"cannot read the model's output: {err}"))] * len(job.members)
         if job.key is None:
-            return [(tp.unflatten(msg.value, tensors), None)]
+            return [(codec.unflatten(msg.value, tensors), None)]
         for t in tensors:
             if t.dim() == 0 or t.shape[0] != job.rows:
                 mismatch = OutputError(
@@ -854,10 +854,10 @@ class Pool:
         out: list[tuple[Any, BaseException | None]] = []
         for member, start in zip(job.members, job.starts):
             part = [t[start:start + member.rows] for t in tensors]
-            out.append((tp.unflatten(msg.value, part), None))
+            out.append((codec.unflatten(msg.value, part), None))
         return out
 
-    def _failure_error(self, msg: tp.Failure) -> TorchPoolError:
+    def _failure_error(self, msg: messages.Failure) -> TorchPoolError:
         if msg.kind == "output":
             err: TorchPoolError = OutputError(msg.message, remote_type=msg.type_name)
         elif msg.kind == "input":
@@ -920,7 +920,7 @@ class Pool:
         for worker, job_id in cancel:
             try:
                 if worker.channel is not None:
-                    worker.channel.send(tp.Cancel(job_id))
+                    worker.channel.send(messages.Cancel(job_id))
             except OSError:
                 pass
         for worker in kill:
@@ -966,10 +966,10 @@ class Pool:
 
     def _spawn(self, worker: _Worker) -> None:
         size = self.config.arena_bytes
-        fd = tp.create_memfd(size, f"torchpool-w{worker.index}")
+        fd = shm.create_memfd(size, f"torchpool-w{worker.index}")
         pipes: list[tuple[int, int]] = []
         try:
-            arena = tp.Arena(fd, size)
+            arena = shm.Arena(fd, size)
             for _ in ("stdout", "stderr"):
                 pipes.append(os.pipe())
             parent_end, child_end = _SPAWN.Pipe(duplex=True)
@@ -997,11 +997,11 @@ class Pool:
         with self._lock:
             worker.process = process
             worker.pid = process.pid
-            worker.channel = tp.Channel(parent_end)
+            worker.channel = messages.Channel(parent_end, messages.WORKER_PROTOCOL)
             worker.output = output
             worker.arena = arena
-            worker.inputs = tp.Allocator(*arena.inputs)
-            worker.releases = tp.ReleaseQueue()
+            worker.inputs = shm.Allocator(*arena.inputs)
+            worker.releases = shm.ReleaseQueue()
             worker.state = WorkerState.STARTING
             worker.killed_for = None
             worker.respawn_at = None
@@ -1171,7 +1171,7 @@ class Pool:
         for worker in self.workers:
             if worker.channel is not None:
                 try:
-                    worker.channel.send(tp.Stop())
+                    worker.channel.send(messages.Stop())
                 except OSError:
                     pass
         deadline = time.monotonic() + 2.0

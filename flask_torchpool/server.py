@@ -18,11 +18,11 @@ listens on a Unix socket in a private directory (mode 0700; no TCP). Web process
 Note [Attached arenas]
 ~~~~~~~~~~~~~~~~~~~~~~
 Each attached web process creates its own memfd arena and hands the descriptor over (``SCM_RIGHTS``)
-with its :class:`~flask_torchpool.transport.Hello`. The layout is a worker arena's: the client allocates
+with its :class:`~flask_torchpool.messages.Hello`. The layout is a worker arena's: the client allocates
 its inputs in the first half, the server allocates outputs in the second half. Only the client and the
 server map it, so no web process can see another's tensors (the model workers never map client arenas:
 the server copies the inputs into the worker's own arena, which it alone shares with that worker). Tensor
-data is never pickled on either hop. Every :class:`~flask_torchpool.transport.TensorRef` a client sends is
+data is never pickled on either hop. Every :class:`~flask_torchpool.shm.TensorRef` a client sends is
 checked against its arena before it is mapped, and a peer must run as the server's user
 (``SO_PEERCRED``).
 
@@ -59,7 +59,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import transport as tp
+from . import codec, messages, shm
 from .errors import (
     ConfigError,
     InferenceError,
@@ -276,20 +276,20 @@ class PoolServer:
         if uid != os.getuid():
             raise TorchPoolError(f"pid {pid} runs as uid {uid}, not as this server's user")
         _recv_timeout(sock.fileno(), 10.0)  # the hello follows the connect at once
-        channel = tp.Channel(Connection(sock.detach()))
+        channel = messages.Channel(Connection(sock.detach()), messages.ATTACH_PROTOCOL)
         fds: list[int] = []
         try:
             msg, fds = channel.recv()
-            if not isinstance(msg, tp.Hello) or len(fds) != 1:
+            if not isinstance(msg, messages.Hello) or len(fds) != 1:
                 raise ValueError(f"expected a Hello with one descriptor, got {type(msg).__name__}")
-            if msg.version != tp.PROTOCOL_VERSION:
+            if msg.version != messages.PROTOCOL_VERSION:
                 raise ValueError(f"client pid {msg.pid} speaks protocol {msg.version}, this server "
-                                 f"{tp.PROTOCOL_VERSION}: upgrade flask_torchpool on both sides")
+                                 f"{messages.PROTOCOL_VERSION}: upgrade flask_torchpool on both sides")
             size = os.fstat(fds[0]).st_size
-            if size != msg.arena_bytes or size < tp.CONTROL_BYTES + 2 * tp.ALIGN:
+            if size != msg.arena_bytes or size < shm.CONTROL_BYTES + 2 * shm.ALIGN:
                 raise ValueError(f"client pid {msg.pid} sent an arena of {size} bytes, "
                                  f"announced {msg.arena_bytes}")
-            arena = tp.Arena(fds[0], size)
+            arena = shm.Arena(fds[0], size)
         except BaseException:
             channel.close()
             raise
@@ -299,7 +299,8 @@ class PoolServer:
         try:
             _recv_timeout(channel.fileno(), 0.0)
             client = _Client(self, channel, arena, msg.pid)
-            channel.send(tp.Welcome(tp.PROTOCOL_VERSION, os.getpid(), self.default_model, self._models()))
+            channel.send(messages.Welcome(messages.PROTOCOL_VERSION, os.getpid(), self.default_model,
+                                          self._models()))
         except BaseException:
             channel.close()
             raise
@@ -333,12 +334,12 @@ def _recv_timeout(fd: int, seconds: float) -> None:
 class _Client:
     """One attached web process: a reader thread takes its calls, a writer thread sends their results."""
 
-    def __init__(self, server: PoolServer, channel: tp.Channel, arena: tp.Arena, pid: int) -> None:
+    def __init__(self, server: PoolServer, channel: messages.Channel, arena: shm.Arena, pid: int) -> None:
         self.server = server
         self.channel = channel
         self.arena = arena
         self.pid = pid
-        self.outputs = tp.Allocator(*arena.outputs)
+        self.outputs = shm.Allocator(*arena.outputs)
         self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.pending = 0
         self.idle = threading.Condition()
@@ -370,12 +371,12 @@ class _Client:
                     msg, fds = self.channel.recv()
                 except (EOFError, OSError):
                     break
-                if isinstance(msg, tp.RemoteCall):
+                if isinstance(msg, messages.RemoteCall):
                     self._on_call(msg, fds)
-                elif isinstance(msg, tp.StatusRequest):
+                elif isinstance(msg, messages.StatusRequest):
                     for fd in fds:
                         os.close(fd)
-                    self._send(tp.StatusReply(msg.id, self.server.status()))
+                    self._send(messages.StatusReply(msg.id, self.server.status()))
                 else:
                     for fd in fds:
                         os.close(fd)
@@ -393,7 +394,7 @@ class _Client:
             # still refers to this object.
             self.arena = self.outputs = None  # type: ignore[assignment]
 
-    def _on_call(self, msg: tp.RemoteCall, fds: list[int]) -> None:
+    def _on_call(self, msg: messages.RemoteCall, fds: list[int]) -> None:
         for offset in msg.releases:
             self.outputs.free(offset)
         with self.idle:
@@ -407,8 +408,8 @@ class _Client:
                 raise InvalidInputError(f"this pool server has no model {model!r}; it serves "
                                         f"{sorted(self.server.pools)}", model=model)
             tensors = _read_inputs(self.arena, msg.refs, fds)
-            args = tp.unflatten(msg.args, tensors)
-            kwargs = tp.unflatten(msg.kwargs, tensors)
+            args = codec.unflatten(msg.args, tensors)
+            kwargs = codec.unflatten(msg.kwargs, tensors)
             future = pool.submit(tuple(args), dict(kwargs), msg.timeout, msg.batch)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             self.replies.put((msg.id, exc))
@@ -456,15 +457,15 @@ class _Client:
     def _send_result(self, call_id: int, result: Any) -> None:
         tensors: list[Any] = []
         try:
-            skel = tp.flatten(result, tensors, "output")
-        except tp.UnsupportedValue as exc:  # pragma: no cover - the pool already checked the output
+            skel = codec.flatten(result, tensors, "output")
+        except codec.UnsupportedValue as exc:  # pragma: no cover - the pool already checked the output
             self._send_error(call_id, InferenceError(f"the output cannot travel: {exc}"))
             return
-        placer = tp.Placer(self.arena, self.outputs)
+        placer = shm.Placer(self.arena, self.outputs)
         refs = placer.place_all(tensors)
         del tensors, result
         try:
-            self._send(tp.Result(call_id, skel, refs), tuple(placer.fds))
+            self._send(messages.Result(call_id, skel, refs), tuple(placer.fds))
         except BaseException:
             placer.rollback()
             raise
@@ -478,19 +479,20 @@ class _Client:
             self.channel.send(msg, fds)
 
 
-def _remote_error(call_id: int, exc: BaseException) -> tp.RemoteError:
+def _remote_error(call_id: int, exc: BaseException) -> messages.RemoteError:
     cause = exc.__cause__
     tb = cause.tb if isinstance(cause, RemoteTraceback) else None
     if isinstance(exc, _HTTPError):
         extra = {k: v for k, v in exc.extra.items() if isinstance(v, (type(None), bool, int, float, str))}
-        return tp.RemoteError(call_id, type(exc).__name__, str(exc.description), exc.retry_after, extra, tb)
+        return messages.RemoteError(call_id, type(exc).__name__, str(exc.description), exc.retry_after,
+                                    extra, tb)
     log.error("torchpool server: a call failed in the server itself", exc_info=exc)
-    return tp.RemoteError(call_id, "InferenceError",
+    return messages.RemoteError(call_id, "InferenceError",
                           f"the pool server failed to run the call: {type(exc).__name__}: {exc}",
                           None, {}, tb)
 
 
-def _read_inputs(arena: tp.Arena, refs: tuple[tp.TensorRef, ...], fds: list[int]) -> list[Any]:
+def _read_inputs(arena: shm.Arena, refs: tuple[shm.TensorRef, ...], fds: list[int]) -> list[Any]:
     """Views of a client's inputs, after checking that every reference lies inside what it may name:
     its arena's input half, or a descriptor it sent along."""
     sizes = []
@@ -499,7 +501,7 @@ def _read_inputs(arena: tp.Arena, refs: tuple[tp.TensorRef, ...], fds: list[int]
             sizes.append(os.fstat(fd).st_size)
         start, length = arena.inputs
         for ref in refs:
-            dtype = tp.dtype_from_name(ref.dtype)
+            dtype = codec.dtype_from_name(ref.dtype)
             numel = 1
             for dim in ref.shape:
                 if not isinstance(dim, int) or dim < 0:
@@ -511,12 +513,12 @@ def _read_inputs(arena: tp.Arena, refs: tuple[tp.TensorRef, ...], fds: list[int]
                 continue
             if ref.seg == -1:
                 ok = start <= ref.offset and ref.offset + ref.nbytes <= start + length \
-                    and ref.offset % tp.ALIGN == 0
+                    and ref.offset % shm.ALIGN == 0
             else:
                 ok = 0 <= ref.seg < len(fds) and ref.offset == 0 and ref.nbytes <= sizes[ref.seg]
             if not ok:
                 raise InvalidInputError("a tensor reference points outside the caller's shared memory")
-    except (tp.UnsupportedValue, OSError) as exc:
+    except (codec.UnsupportedValue, OSError) as exc:
         for fd in fds:
             os.close(fd)
         raise InvalidInputError(f"bad call header: {exc}") from None
@@ -524,7 +526,7 @@ def _read_inputs(arena: tp.Arena, refs: tuple[tp.TensorRef, ...], fds: list[int]
         for fd in fds:
             os.close(fd)
         raise
-    return tp.read_refs(arena, refs, fds)
+    return shm.read_refs(arena, refs, fds)
 
 
 # --- running a server as its own process ---------------------------------------------------------------

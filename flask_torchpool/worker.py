@@ -4,7 +4,7 @@
 sends its log records there (:mod:`flask_torchpool.logs`). Then it arranges to die with its parent
 (``PR_SET_PDEATHSIG`` plus a check that the parent is still the one that spawned it), pins itself to its
 cores, sets torch's thread counts and, on a GPU, selects the device before CUDA initialises. Then it
-builds the model (``.eval()``, moved to the device), reports :class:`~flask_torchpool.transport.Ready`
+builds the model (``.eval()``, moved to the device), reports :class:`~flask_torchpool.messages.Ready`
 (or ``StartupFailed`` with its traceback) and serves.
 
 The serve loop reads every message already waiting before it runs the next call, so a ``Cancel`` for a
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import transport as tp
+from . import codec, messages, shm
 from .logs import flush_c_streams, redirect_output
 from .placement import Placement
 
@@ -127,29 +127,29 @@ def _layout(tensors: list[tuple[str, torch.Tensor]]) -> tuple[str, int, list[int
     for name, t in tensors:
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         offsets.append(total)
-        total += (tp.tensor_nbytes(t) + tp.ALIGN - 1) // tp.ALIGN * tp.ALIGN
+        total += (codec.tensor_nbytes(t) + shm.ALIGN - 1) // shm.ALIGN * shm.ALIGN
     return digest.hexdigest(), total, offsets
 
 
-def _share_weights(channel: tp.Channel, model: Any) -> int:
+def _share_weights(channel: messages.Channel, model: Any) -> int:
     """Run the Note [Shared weights] handshake; returns the bytes now shared (0: kept private)."""
     tensors = _weight_tensors(model)
     if not tensors:
         return 0
     fingerprint, total, offsets = _layout(tensors)
-    channel.send(tp.Loaded(fingerprint, total))
+    channel.send(messages.Loaded(fingerprint, total))
     msg, fds = channel.recv()
-    if type(msg) is not tp.Adopt or not msg.share or not fds:
+    if type(msg) is not messages.Adopt or not msg.share or not fds:
         for fd in fds:
             os.close(fd)
         return 0
-    segment = tp.Segment(fds[0], total)
+    segment = shm.Segment(fds[0], total)
     os.close(fds[0])
     with torch.no_grad():
         for (_, t), offset in zip(tensors, offsets):
-            view = segment.view(offset, tp.tensor_nbytes(t), t.dtype, tuple(t.shape))
+            view = segment.view(offset, codec.tensor_nbytes(t), t.dtype, tuple(t.shape))
             if msg.fill:
-                tp.copy_into(view, t.detach())
+                shm.copy_into(view, t.detach())
             t.data = view
     return total
 
@@ -170,10 +170,10 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
     # control) must let the web process drain: it stops the workers itself, and PR_SET_PDEATHSIG
     # still ends them if it dies.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    channel = tp.Channel(conn)
+    channel = messages.Channel(conn, messages.WORKER_PROTOCOL)
     try:
         fd = arena_fd.detach() if hasattr(arena_fd, "detach") else arena_fd
-        arena = tp.Arena(fd, arena_size)
+        arena = shm.Arena(fd, arena_size)
         os.close(fd)
         _pin(placement)
         model = load_model(model_spec, placement.device)
@@ -181,9 +181,9 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
     except BaseException as exc:
         log.error("worker %d could not load the model %r", placement.worker, model_spec, exc_info=True)
         flush_c_streams()
-        channel.send(tp.StartupFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        channel.send(messages.StartupFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         os._exit(3)
-    channel.send(tp.Ready(os.getpid(), {"device": placement.device, "cores": list(placement.cores),
+    channel.send(messages.Ready(os.getpid(), {"device": placement.device, "cores": list(placement.cores),
                                         "threads": torch.get_num_threads(),
                                         "shared_weight_bytes": shared}))
     try:
@@ -202,14 +202,14 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
 
 
 class _Server:
-    def __init__(self, channel: tp.Channel, arena: tp.Arena, model: Any, device: str) -> None:
+    def __init__(self, channel: messages.Channel, arena: shm.Arena, model: Any, device: str) -> None:
         self.channel = channel
         self.arena = arena
         self.model = model
         self.device = torch.device(device)
         start, size = arena.outputs
-        self.outputs = tp.Allocator(start, size)
-        self.pending: deque[tuple[tp.Call, list[int]]] = deque()
+        self.outputs = shm.Allocator(start, size)
+        self.pending: deque[tuple[messages.Call, list[int]]] = deque()
         if self.device.type == "cuda":
             _pin_host_memory(arena)
 
@@ -234,32 +234,32 @@ class _Server:
 
     def _handle(self, msg: Any, fds: list[int]) -> bool:
         kind = type(msg)
-        if kind is tp.Call:
+        if kind is messages.Call:
             for offset in msg.releases:
                 self.outputs.free(offset)
             self.pending.append((msg, fds))
-        elif kind is tp.Cancel:
+        elif kind is messages.Cancel:
             for i, (call, call_fds) in enumerate(self.pending):
                 if call.id == msg.id:
                     del self.pending[i]
                     for fd in call_fds:
                         os.close(fd)
-                    self.channel.send(tp.Failure(call.id, "cancelled", "", "", ""))
+                    self.channel.send(messages.Failure(call.id, "cancelled", "", "", ""))
                     break
-        elif kind is tp.Stop:
+        elif kind is messages.Stop:
             return False
         return True
 
-    def _run(self, call: tp.Call, fds: list[int]) -> None:
+    def _run(self, call: messages.Call, fds: list[int]) -> None:
         control = self.arena.control
-        control[tp.CTRL_RUNNING] = call.id
+        control[shm.CTRL_RUNNING] = call.id
         try:
             try:
-                tensors = tp.read_refs(self.arena, call.refs, fds)
+                tensors = shm.read_refs(self.arena, call.refs, fds)
                 if self.device.type != "cpu":
                     tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-                args = tp.unflatten(call.args, tensors)
-                kwargs = tp.unflatten(call.kwargs, tensors)
+                args = codec.unflatten(call.args, tensors)
+                kwargs = codec.unflatten(call.kwargs, tensors)
             except Exception as exc:
                 self._fail(call.id, "input", exc)
                 return
@@ -271,19 +271,19 @@ class _Server:
             del args, kwargs, tensors
             self._reply(call.id, out)
         finally:
-            control[tp.CTRL_RUNNING] = 0
+            control[shm.CTRL_RUNNING] = 0
 
     def _reply(self, call_id: int, out: Any) -> None:
-        placer = tp.Placer(self.arena, self.outputs)
+        placer = shm.Placer(self.arena, self.outputs)
         try:
             produced: list[torch.Tensor] = []
-            value = tp.flatten(out, produced, "output")
+            value = codec.flatten(out, produced, "output")
             refs = tuple(self._alias(t) or placer.place(t) for t in produced)
-            msg = tp.Result(call_id, value, refs)
-        except tp.UnsupportedValue as exc:
+            msg = messages.Result(call_id, value, refs)
+        except codec.UnsupportedValue as exc:
             placer.rollback()
-            self.channel.send(tp.Failure(call_id, "output", "UnsupportedValue",
-                                         f"the model returned {_describe(out)}, which cannot travel "
+            self.channel.send(messages.Failure(call_id, "output", "UnsupportedValue",
+                                         f"the model returned {codec.describe(out)}, which cannot travel "
                                          f"back: {exc}", ""))
             return
         except Exception as exc:
@@ -295,25 +295,26 @@ class _Server:
         finally:
             placer.close_fds()
 
-    def _alias(self, t: torch.Tensor) -> tp.TensorRef | None:
+    def _alias(self, t: torch.Tensor) -> shm.TensorRef | None:
         """Note [Outputs that are inputs]: an output lying contiguously in this call's inputs (the
         identity, an in-place op, a view of an input) goes back as a reference to those bytes, not a
         copy; the web process keeps that input block until the output is collected."""
-        nbytes = tp.tensor_nbytes(t)
-        if nbytes < tp.ZERO_COPY_MIN_BYTES or t.device.type != "cpu" or not t.is_contiguous():
+        nbytes = codec.tensor_nbytes(t)
+        if nbytes < shm.ZERO_COPY_MIN_BYTES or t.device.type != "cpu" or not t.is_contiguous():
             return None
         base = self.arena.bytes.data_ptr()
         start, size = self.arena.inputs
         offset = t.data_ptr() - base
         if offset < start or offset + nbytes > start + size or offset % t.element_size():
             return None
-        return tp.TensorRef(tp.INPUT_ALIAS, offset, nbytes, str(t.dtype), tuple(t.shape))
+        return shm.TensorRef(shm.INPUT_ALIAS, offset, nbytes, str(t.dtype), tuple(t.shape))
 
     def _fail(self, call_id: int, kind: str, exc: BaseException) -> None:
-        self.channel.send(tp.Failure(call_id, kind, type(exc).__name__, str(exc), traceback.format_exc()))
+        self.channel.send(messages.Failure(call_id, kind, type(exc).__name__, str(exc),
+                                           traceback.format_exc()))
 
 
-def _pin_host_memory(arena: tp.Arena) -> None:
+def _pin_host_memory(arena: shm.Arena) -> None:
     """Page-lock the arena so host-to-device copies of inputs run at full speed and asynchronously
     (``non_blocking=True``) and device-to-host copies of outputs land in it directly."""
     try:
@@ -324,9 +325,3 @@ def _pin_host_memory(arena: tp.Arena) -> None:
     except Exception as exc:  # pinning is an optimisation: serve without it
         log.warning("cannot pin the arena for fast GPU copies (%s); serving with pageable memory", exc)
 
-
-def _describe(value: Any) -> str:
-    kind = type(value)
-    if kind in (list, tuple, dict):
-        return f"a {kind.__name__} of {len(value)}"
-    return f"a {kind.__module__}.{kind.__qualname__}"

@@ -32,8 +32,10 @@ from flask_torchpool import (
     RemoteTraceback,
     TorchPool,
     TorchPoolError,
+    codec,
+    messages,
+    shm,
 )
-from flask_torchpool import transport as tp
 from flask_torchpool.client import PoolConnection, _Pending
 from flask_torchpool.server import PoolServer
 
@@ -169,14 +171,14 @@ def test_a_forged_header_cannot_reach_outside_its_arena(served: PoolServer) -> N
     conn.connect()
     link = conn._link
     assert link is not None
-    outside = tp.TensorRef(-1, 64 << 20, 4096, "torch.uint8", (4096,))   # past the end of the arena
-    mismatch = tp.TensorRef(-1, link.arena.inputs[0], 4096, "torch.float32", (4096,))
+    outside = shm.TensorRef(-1, 64 << 20, 4096, "torch.uint8", (4096,))   # past the end of the arena
+    mismatch = shm.TensorRef(-1, link.arena.inputs[0], 4096, "torch.float32", (4096,))
     for call_id, ref in enumerate((outside, mismatch), start=10**9):
         forged: Future = Future()
         forged.set_running_or_notify_cancel()
         with conn._lock:
             conn._pending[call_id] = _Pending(forged, [])
-        link.channel.send(tp.RemoteCall(call_id, None, (tp.Slot(0),), {}, (ref,), 5.0, False, ()))
+        link.channel.send(messages.RemoteCall(call_id, None, (codec.Slot(0),), {}, (ref,), 5.0, False, ()))
         with pytest.raises(InvalidInputError, match="outside|does not match"):
             forged.result(10)
     assert torch.equal(conn.submit(None, (torch.ones(3),), {}, 5.0, False, 1 << 20).result(10),

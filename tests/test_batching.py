@@ -128,7 +128,7 @@ def test_light_traffic_is_not_delayed(bpool: TorchPool) -> None:
 
 
 def test_copy_into_uses_no_torch_threads() -> None:
-    from flask_torchpool.transport import copy_into
+    from flask_torchpool.shm import copy_into
 
     src = torch.arange(1 << 16, dtype=torch.float32)
     dst = torch.empty_like(src)

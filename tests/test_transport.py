@@ -6,8 +6,7 @@ import pytest
 import torch
 from flask import Flask
 
-from flask_torchpool import InvalidInputError, OutputError, TorchPool
-from flask_torchpool import transport as tp
+from flask_torchpool import InvalidInputError, OutputError, TorchPool, messages, shm
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -136,10 +135,10 @@ def test_unsupported_output_names_it(echo_app: Flask, pool: TorchPool) -> None:
 
 
 def test_allocator_reuses_and_merges() -> None:
-    alloc = tp.Allocator(4096, 1 << 20)
+    alloc = shm.Allocator(4096, 1 << 20)
     a, b, c = alloc.alloc(100), alloc.alloc(1000), alloc.alloc(5000)
     assert a is not None and b is not None and c is not None
-    assert a % tp.ALIGN == 0 and b % tp.ALIGN == 0 and len({a, b, c}) == 3
+    assert a % shm.ALIGN == 0 and b % shm.ALIGN == 0 and len({a, b, c}) == 3
     assert alloc.alloc(2 << 20) is None
     alloc.free(b)
     alloc.free(a)
@@ -150,11 +149,23 @@ def test_allocator_reuses_and_merges() -> None:
 
 
 def test_headers_refuse_foreign_classes() -> None:
-    import io
     import pickle
 
-    evil = pickle.dumps((0, tp.Stop())).replace(b"Stop", b"Evil")
+    evil = pickle.dumps((0, messages.Stop())).replace(b"Stop", b"Evil")
     with pytest.raises(pickle.UnpicklingError):
-        tp._Unpickler(io.BytesIO(evil)).load()
+        messages.decode(evil, messages.WORKER_PROTOCOL)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        tp._Unpickler(io.BytesIO(pickle.dumps(__import__("os").system))).load()
+        messages.decode(pickle.dumps(__import__("os").system), messages.WORKER_PROTOCOL)
+
+
+def test_each_protocol_refuses_the_other_protocols_messages() -> None:
+    import pickle
+
+    hello = pickle.dumps((1, messages.Hello(messages.PROTOCOL_VERSION, 1, 1 << 20)))
+    stop = pickle.dumps((0, messages.Stop()))
+    with pytest.raises(pickle.UnpicklingError, match="worker protocol"):
+        messages.decode(hello, messages.WORKER_PROTOCOL)
+    with pytest.raises(pickle.UnpicklingError, match="attach protocol"):
+        messages.decode(stop, messages.ATTACH_PROTOCOL)
+    assert messages.decode(hello, messages.ATTACH_PROTOCOL)[1] == messages.Hello(messages.PROTOCOL_VERSION, 1,
+                                                                                  1 << 20)

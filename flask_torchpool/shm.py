@@ -1,4 +1,4 @@
-"""Transport: shared-memory tensor arenas and the small messages that point into them.
+"""Shared memory: memfd arenas, their allocators, and writing and reading tensors in them.
 
 Each worker owns one *arena*: an anonymous ``memfd`` mapping allocated once, when the worker is spawned, and
 reused for every call. Its layout::
@@ -8,35 +8,30 @@ reused for every call. Its layout::
     | words      | web process, freed when    | freed when the web process has copied them out   |
     |            | the result arrives         | or the zero-copy view it returned is collected   |
 
-The web process writes a call's tensors straight into the input half and sends a small header over the
-worker's socketpair: a pickled :class:`Call` whose tensors are :class:`TensorRef` (offset, dtype, shape).
-The worker maps those bytes as tensors without copying, writes the outputs into the output half and answers
-with a :class:`Result` of the same form. Tensor data is never pickled. A payload that does not fit the arena
-travels through a one-off memfd whose descriptor is passed with ``SCM_RIGHTS`` beside the header.
+The web process writes a call's tensors straight into the input half (:class:`Placer`) and sends a small
+header (:mod:`flask_torchpool.messages`) whose tensors are :class:`TensorRef` (offset, dtype, shape). The
+worker maps those bytes as tensors without copying (:func:`read_refs`), writes the outputs into the output
+half and answers with refs of the same form. Tensor data is never pickled. A payload that does not fit the
+arena travels through a one-off memfd whose descriptor is passed with ``SCM_RIGHTS`` beside the header.
+An attached web process has an arena of the same layout, shared with the pool server only.
 
 The control words let the web process see which call a worker is running (``CTRL_RUNNING``) without a
 message, which is how a deadline decides between cancelling a queued call and killing a wedged worker.
-
-Headers are unpickled with :class:`_Unpickler`, which resolves only the message classes defined here: no
-other class can be constructed from a header, whatever it contains.
 """
 
 from __future__ import annotations
 
 import ctypes
-import io
 import mmap
 import os
-import pickle
-import socket
 import threading
 import weakref
 from collections import deque
-from multiprocessing import reduction
-from multiprocessing.connection import Connection
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
+
+from .codec import dtype_from_name, tensor_nbytes
 
 CONTROL_BYTES = 4096
 ALIGN = 64
@@ -45,11 +40,6 @@ ZERO_COPY_MIN_BYTES = 64 * 1024
 CTRL_RUNNING = 0  # int64 index in the control words: id of the call the worker is running, 0 when idle
 #: ``TensorRef.seg`` of an output that lies in the call's own inputs (Note [Outputs that are inputs]).
 INPUT_ALIAS = -2
-
-_SCALARS = (type(None), bool, int, float, complex, str, bytes)
-
-
-# --- messages -----------------------------------------------------------------------------------------
 
 
 class TensorRef(NamedTuple):
@@ -61,168 +51,6 @@ class TensorRef(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
 
-
-class Slot(NamedTuple):
-    """Stands in a skeleton for the tensor ``refs[index]``."""
-
-    index: int  # type: ignore[assignment]  # shadows tuple.index, which no one calls on a Slot
-
-
-class Call(NamedTuple):
-    id: int
-    args: Any
-    kwargs: Any
-    refs: tuple[TensorRef, ...]
-    releases: tuple[int, ...]  # output blocks the web process is done with
-
-
-class Cancel(NamedTuple):
-    id: int
-
-
-class Stop(NamedTuple):
-    pass
-
-
-class Loaded(NamedTuple):
-    """The model is built; its weights (by layout fingerprint) could be shared (Note [Shared weights])."""
-
-    fingerprint: str
-    nbytes: int
-
-
-class Adopt(NamedTuple):
-    """Map the pool's weights segment (sent along) instead of private weights; *fill* it first."""
-
-    share: bool
-    fill: bool
-
-
-class Ready(NamedTuple):
-    pid: int
-    info: dict[str, Any]
-
-
-class StartupFailed(NamedTuple):
-    message: str
-    tb: str
-
-
-class Result(NamedTuple):
-    id: int
-    value: Any
-    refs: tuple[TensorRef, ...]
-
-
-class Failure(NamedTuple):
-    id: int
-    kind: str  # "model", "output", "input" or "cancelled"
-    type_name: str
-    message: str
-    tb: str
-
-
-# --- messages between attached web processes and a pool server (server.py, client.py) ---------------
-
-#: Bumped when the attach protocol changes; a client and a server of different versions refuse each other.
-PROTOCOL_VERSION = 1
-
-
-class Hello(NamedTuple):
-    """A web process attaches: its arena is the descriptor sent along (Note [Attached arenas])."""
-
-    version: int
-    pid: int
-    arena_bytes: int
-
-
-class Welcome(NamedTuple):
-    version: int
-    pid: int
-    default_model: str | None
-    models: dict[str, Any]   # name -> {"max_input_bytes", "timeout", "retry_after", "workers": [...]}
-
-
-class RemoteCall(NamedTuple):
-    id: int
-    model: str | None       # None: the server's default model
-    args: Any
-    kwargs: Any
-    refs: tuple[TensorRef, ...]
-    timeout: float | None   # None: the model's TORCHPOOL_TIMEOUT
-    batch: bool
-    releases: tuple[int, ...]  # output blocks of this client's arena it is done with
-
-
-class RemoteError(NamedTuple):
-    id: int
-    type_name: str          # a flask_torchpool.errors class
-    message: str
-    retry_after: int | None
-    extra: dict[str, Any]
-    tb: str | None          # the worker's traceback, when there is one
-
-
-class StatusRequest(NamedTuple):
-    id: int
-
-
-class StatusReply(NamedTuple):
-    id: int
-    status: dict[str, Any]
-
-
-_MESSAGE_TYPES = {cls.__name__: cls for cls in (TensorRef, Slot, Call, Cancel, Stop, Loaded, Adopt, Ready,
-                                                 StartupFailed, Result, Failure, Hello, Welcome,
-                                                 RemoteCall, RemoteError, StatusRequest, StatusReply)}
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module == __name__ and name in _MESSAGE_TYPES:
-            return _MESSAGE_TYPES[name]
-        if module == "builtins" and name == "complex":
-            return complex
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a message")
-
-
-class Channel:
-    """One end of a worker's socketpair: whole messages, plus descriptors passed beside them."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self._send_lock = threading.Lock()
-
-    def send(self, msg: Any, fds: tuple[int, ...] = ()) -> None:
-        data = pickle.dumps((len(fds), msg), protocol=pickle.HIGHEST_PROTOCOL)
-        with self._send_lock:
-            self.conn.send_bytes(data)
-            if fds:
-                with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
-                    reduction.sendfds(sock, list(fds))
-
-    def recv(self) -> tuple[Any, list[int]]:
-        nfds, msg = _Unpickler(io.BytesIO(self.conn.recv_bytes())).load()
-        fds: list[int] = []
-        if nfds:
-            with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
-                fds = reduction.recvfds(sock, nfds)
-        return msg, fds
-
-    def poll(self, timeout: float = 0.0) -> bool:
-        return self.conn.poll(timeout)
-
-    def fileno(self) -> int:
-        return self.conn.fileno()
-
-    def close(self) -> None:
-        # Under the send lock: closing while another thread sends could let the descriptor number be
-        # reused by a new socket and the rest of the message go to the wrong worker.
-        with self._send_lock:
-            self.conn.close()
-
-
-# --- arenas -------------------------------------------------------------------------------------------
 
 
 def create_memfd(size: int, name: str = "torchpool") -> int:
@@ -372,22 +200,6 @@ class Allocator:
             return sum(self._used.values())
 
 
-# --- structures of tensors ----------------------------------------------------------------------------
-
-
-class UnsupportedValue(Exception):
-    """A value cannot travel; ``path`` says where it was (e.g. ``args[0]['x']``)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-def tensor_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)``, but a plain single-threaded memmove (without the GIL) when *src* is a
     contiguous CPU tensor of the same dtype.
@@ -403,104 +215,6 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     else:
         dst.copy_(src)
 
-
-def check_tensor(t: torch.Tensor, path: str) -> None:
-    """Refuse tensors whose bytes cannot be placed in shared memory as a dense strided block."""
-    if t.layout != torch.strided:
-        raise UnsupportedValue(path, f"a {t.layout} tensor cannot travel; convert it with .to_dense()")
-    if t.device.type == "meta":
-        raise UnsupportedValue(path, "a meta tensor has no data to send")
-    if t.is_quantized:
-        raise UnsupportedValue(path, "quantized tensors cannot travel; dequantize() them first")
-    if t.requires_grad:
-        raise UnsupportedValue(path, "the tensor requires grad; inference takes no gradients, pass "
-                                     "tensor.detach()")
-    if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-        raise UnsupportedValue(path, f"tensor subclass {type(t).__qualname__} cannot travel; pass a "
-                                     "plain torch.Tensor")
-
-
-def flatten(obj: Any, tensors: list[torch.Tensor], path: str) -> Any:
-    """Copy the structure of *obj*, replacing each tensor by a :class:`Slot` into *tensors*.
-
-    Allowed: tensors, None, bool, int, float, complex, str, bytes, and tuples, lists and dicts (with
-    scalar keys) of them. Anything else raises :class:`UnsupportedValue`, so a header never carries an
-    arbitrary object.
-    """
-    kind = type(obj)
-    if kind in _SCALARS:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        check_tensor(obj, path)
-        tensors.append(obj)
-        return Slot(len(tensors) - 1)
-    if kind is list:
-        return [flatten(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
-    if kind is tuple or kind is torch.Size:
-        return tuple(flatten(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj))
-    if kind is dict:
-        out = {}
-        for k, v in obj.items():
-            if type(k) not in _SCALARS:
-                raise UnsupportedValue(f"{path}", f"dict key {k!r} of type {type(k).__qualname__} "
-                                                  "is not allowed; use str or int keys")
-            out[k] = flatten(v, tensors, f"{path}[{k!r}]")
-        return out
-    hint = ""
-    if kind.__module__ == "numpy":
-        hint = "; convert it with torch.from_numpy() or .item()"
-    raise UnsupportedValue(path, f"{kind.__module__}.{kind.__qualname__} cannot travel to or from a "
-                                 "worker; allowed are tensors, None, bool, int, float, complex, str, "
-                                 f"bytes and tuples, lists and dicts of them{hint}")
-
-
-def flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any], max_input_bytes: int
-                 ) -> tuple[Any, Any, list[torch.Tensor]]:
-    """Validate one call's arguments and return ``(args skeleton, kwargs skeleton, tensors)``.
-
-    Raises :class:`~flask_torchpool.InvalidInputError` for a value that cannot travel and
-    :class:`~flask_torchpool.PayloadTooLargeError` past ``TORCHPOOL_MAX_INPUT_BYTES``."""
-    from .errors import InvalidInputError, PayloadTooLargeError
-
-    tensors: list[torch.Tensor] = []
-    try:
-        skel_args = flatten(tuple(args), tensors, "args")
-        skel_kwargs = flatten(dict(kwargs), tensors, "kwargs")
-    except UnsupportedValue as exc:
-        raise InvalidInputError(f"cannot send {exc.path} to a worker: {exc.reason}") from None
-    nbytes = sum(tensor_nbytes(t) for t in tensors)
-    if nbytes > max_input_bytes:
-        raise PayloadTooLargeError(
-            f"the call carries {nbytes} bytes of tensors, more than TORCHPOOL_MAX_INPUT_BYTES="
-            f"{max_input_bytes}")
-    return skel_args, skel_kwargs, tensors
-
-
-def unflatten(skel: Any, tensors: list[torch.Tensor]) -> Any:
-    """Inverse of :func:`flatten`."""
-    kind = type(skel)
-    if kind is Slot:
-        return tensors[skel.index]
-    if kind is list:
-        return [unflatten(v, tensors) for v in skel]
-    if kind is tuple:
-        return tuple(unflatten(v, tensors) for v in skel)
-    if kind is dict:
-        return {k: unflatten(v, tensors) for k, v in skel.items()}
-    return skel
-
-
-_DTYPES: dict[str, torch.dtype] = {}
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = _DTYPES.get(name)
-    if dtype is None:
-        dtype = getattr(torch, name.rpartition(".")[2], None)
-        if not isinstance(dtype, torch.dtype):
-            raise UnsupportedValue("header", f"unknown dtype {name!r}")
-        _DTYPES[name] = dtype
-    return dtype
 
 
 class Placer:
