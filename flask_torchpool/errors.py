@@ -5,14 +5,18 @@ HTTP exception, so Flask renders them without any handler of ours: the body is J
 (``{"error": message, "type": class name}``), 503 answers carry ``Retry-After``, and
 ``app.errorhandler(InferenceTimeoutError)`` (or ``app.errorhandler(504)``) overrides them as usual.
 
-Errors are created in the web process from plain strings that the workers send (type name, message,
-formatted traceback), so nothing but builtins ever crosses the process boundary for an error.
+Errors cross every process boundary (worker to pool, pool server to attached web process) through one
+pair of functions: :func:`to_wire` turns an exception into a :class:`WireError` of builtins only (class
+name, message, ``Retry-After``, extra fields, the remote traceback) and :func:`from_wire` rebuilds the
+error from it, so nothing but builtins ever crosses a process boundary for an error, and no received
+name can make anything but one of the classes here. Messages that several places raise have named
+constructors (``PoolClosedError.before_run()``, ``InferenceError.model_raised()``, ...).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from werkzeug.exceptions import (
     BadRequest,
@@ -37,6 +41,9 @@ __all__ = [
     "PoolClosedError",
     "PoolUnavailableError",
     "RemoteTraceback",
+    "WireError",
+    "to_wire",
+    "from_wire",
 ]
 
 
@@ -92,6 +99,9 @@ class _HTTPError(TorchPoolError, HTTPException):
         return headers
 
 
+_E = TypeVar("_E", bound="_HTTPError")
+
+
 def _rebuild(cls: type[_HTTPError], message: str, retry_after: int | None,
              extra: dict[str, Any]) -> _HTTPError:
     err = cls.__new__(cls)
@@ -114,6 +124,11 @@ class WorkerStartupError(_HTTPError, ServiceUnavailable):  # type: ignore[misc]
     """
 
     code = 503
+
+    @classmethod
+    def load_failed(cls, worker: int | str, model: Any, message: str, tb: str | None) -> WorkerStartupError:
+        """Worker *worker* could not build *model*: *message* (``Type: text``), its traceback *tb*."""
+        return _with_traceback(cls(f"worker {worker} could not load the model ({model!r}): {message}"), tb)
 
 
 class WorkerCrashedError(_HTTPError, ServiceUnavailable):
@@ -147,6 +162,11 @@ class InferenceError(_HTTPError, InternalServerError):
     def remote_type(self) -> str | None:
         """The name of the exception class the model raised, e.g. ``"RuntimeError"``."""
         return self.extra.get("remote_type")
+
+    @classmethod
+    def model_raised(cls, type_name: str, message: str, tb: str | None) -> InferenceError:
+        """The model raised *type_name*: *message*; *tb* is its formatted traceback."""
+        return _with_traceback(cls(f"the model raised {type_name}: {message}", remote_type=type_name), tb)
 
 
 class OutputError(InferenceError):
@@ -188,6 +208,21 @@ class PoolClosedError(_HTTPError, ServiceUnavailable):
     code = 503
     retry_after = 1
 
+    @classmethod
+    def closing(cls, retry_after: int) -> PoolClosedError:
+        """A call submitted while the pool shuts down (or drains)."""
+        return cls("the pool is shutting down and takes no new calls", retry_after=retry_after)
+
+    @classmethod
+    def before_run(cls, retry_after: int, why: str = "") -> PoolClosedError:
+        """A queued call failed because the pool shut down before a worker ran it."""
+        return cls(f"the pool shut down before this call ran{why}", retry_after=retry_after)
+
+    @classmethod
+    def before_finish(cls, retry_after: int, why: str = "") -> PoolClosedError:
+        """A call in a worker failed because the pool stopped before it finished."""
+        return cls(f"the pool shut down before this call finished{why}", retry_after=retry_after)
+
 
 class PoolUnavailableError(_HTTPError, ServiceUnavailable):
     """``TORCHPOOL_MODE`` ``"attach"``/``"auto"``: no pool server answers on the socket, or the
@@ -196,3 +231,50 @@ class PoolUnavailableError(_HTTPError, ServiceUnavailable):
 
     code = 503
     retry_after = 1
+
+
+class WireError(NamedTuple):
+    """An error as it crosses a process boundary: builtins only. See :func:`to_wire`."""
+
+    type_name: str                 # a class of this module; anything else is read as InferenceError
+    message: str
+    retry_after: int | None
+    extra: dict[str, Any]          # None, bool, int, float and str values only
+    tb: str | None                 # the remote traceback, when there is one
+
+
+_WIRE_SCALARS = (type(None), bool, int, float, str)
+
+
+def to_wire(exc: BaseException) -> WireError:
+    """*exc* as builtins. A pool error keeps its class, message, ``Retry-After``, extra fields and remote
+    traceback; any other exception (a bug on the sending side) becomes an :class:`InferenceError` that
+    names it."""
+    cause = exc.__cause__
+    tb = cause.tb if isinstance(cause, RemoteTraceback) else None
+    if isinstance(exc, _HTTPError):
+        extra = {k: v for k, v in exc.extra.items() if isinstance(k, str) and isinstance(v, _WIRE_SCALARS)}
+        return WireError(type(exc).__name__, str(exc.description), exc.retry_after, extra, tb)
+    return WireError("InferenceError", f"the pool failed to run the call: {type(exc).__name__}: {exc}",
+                     None, {}, tb)
+
+
+def from_wire(wire: WireError) -> TorchPoolError:
+    """The error :func:`to_wire` described, with its remote traceback as ``__cause__``. Only the HTTP-facing
+    classes of this module can come out of it, whatever the names received."""
+    cls = _WIRE_CLASSES.get(wire.type_name, InferenceError)
+    extra = {k: v for k, v in dict(wire.extra).items() if isinstance(k, str) and isinstance(v, _WIRE_SCALARS)}
+    retry_after = wire.retry_after if isinstance(wire.retry_after, int) else None
+    return _with_traceback(_rebuild(cls, str(wire.message), retry_after, extra), wire.tb)
+
+
+def _with_traceback(err: _E, tb: str | None) -> _E:
+    if tb:
+        err.__cause__ = RemoteTraceback(str(tb))
+    return err
+
+
+_WIRE_CLASSES: dict[str, type[_HTTPError]] = {
+    cls.__name__: cls for cls in (WorkerStartupError, WorkerCrashedError, InferenceError, OutputError,
+                                  InvalidInputError, PayloadTooLargeError, InferenceTimeoutError,
+                                  PoolOverloadedError, PoolClosedError, PoolUnavailableError)}

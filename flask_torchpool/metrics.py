@@ -1,16 +1,18 @@
 """Metrics: counters and histograms kept in the web process, snapshot for status and Prometheus.
 
-The supervisor records every finished call here (outcome, latency, time spent queued) and every batch
-(rows). Everything is collected in the web process, where calls start and end, so exporting needs no
-multiprocess-mode tricks: the worker processes hold no metrics at all. Gauges (queue depth, busy workers,
-restarts, shared-memory bytes) are read from the pool's state when a snapshot is taken.
+The supervisor records every accepted call, every retry, every finished call (outcome, latency, time spent
+queued) and every batch (rows) here: this is the one place calls are counted (the status counters are
+derived from it, :func:`flask_torchpool.status.counters`). Everything is collected in the web process,
+where calls start and end, so exporting needs no multiprocess-mode tricks: the worker processes hold no
+metrics at all. Gauges (queue depth, busy workers, restarts, shared-memory bytes) are read from the pool's
+state when a snapshot is taken.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from typing import Any
+from typing import Any, TypedDict
 
 #: Seconds: from 0.5 ms to 60 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -20,6 +22,27 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: Outcomes a call can end with (the ``outcome`` label).
 OUTCOMES = ("ok", "model_error", "output_error", "invalid_input", "timeout", "crashed", "overloaded",
             "closed", "startup_failed")
+
+
+class HistogramSnapshot(TypedDict):
+    buckets: list[float]
+    cumulative: list[int]    # Prometheus-style cumulative counts, the last one +Inf
+    sum: float
+    count: int
+
+
+class MetricsSnapshot(TypedDict):
+    """What :meth:`Metrics.snapshot` returns (JSON-ready)."""
+
+    model: str | None
+    submitted: int                       # calls accepted
+    retries: int                         # calls run again after their worker died
+    calls: dict[str, int]                # finished calls by outcome (OUTCOMES)
+    latency_seconds: HistogramSnapshot
+    queue_seconds: HistogramSnapshot
+    batch_rows: HistogramSnapshot
+    batch_calls: HistogramSnapshot
+    latency_quantiles: dict[str, float | None]
 
 
 class Histogram:
@@ -50,13 +73,13 @@ class Histogram:
             seen += n
         return self.buckets[-1]
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> HistogramSnapshot:
         cumulative, total = [], 0
         for n in self.counts:
             total += n
             cumulative.append(total)
-        return {"buckets": list(self.buckets), "cumulative": cumulative, "sum": self.sum,
-                "count": self.count}
+        return HistogramSnapshot(buckets=list(self.buckets), cumulative=cumulative, sum=self.sum,
+                                 count=self.count)
 
 
 class Metrics:
@@ -65,11 +88,23 @@ class Metrics:
     def __init__(self, model: str = "default") -> None:
         self.model = model
         self._lock = threading.Lock()
+        self.submitted = 0
+        self.retries = 0
         self.calls = dict.fromkeys(OUTCOMES, 0)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.batch_rows = Histogram(BATCH_BUCKETS)
         self.batch_calls = Histogram(BATCH_BUCKETS)
+
+    def record_submit(self) -> None:
+        """A call was accepted (queued or placed)."""
+        with self._lock:
+            self.submitted += 1
+
+    def record_retry(self) -> None:
+        """A call whose worker died is run again."""
+        with self._lock:
+            self.retries += 1
 
     def record_call(self, outcome: str, latency: float | None = None,
                     queue_time: float | None = None) -> None:
@@ -85,27 +120,25 @@ class Metrics:
             self.batch_rows.observe(rows)
             self.batch_calls.observe(calls)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> MetricsSnapshot:
         with self._lock:
-            return {
-                "model": self.model,
-                "calls": dict(self.calls),
-                "latency_seconds": self.latency.snapshot(),
-                "queue_seconds": self.queue_time.snapshot(),
-                "batch_rows": self.batch_rows.snapshot(),
-                "batch_calls": self.batch_calls.snapshot(),
-                "latency_quantiles": _quantiles(self.latency),
-            }
+            return MetricsSnapshot(
+                model=self.model, submitted=self.submitted, retries=self.retries, calls=dict(self.calls),
+                latency_seconds=self.latency.snapshot(), queue_seconds=self.queue_time.snapshot(),
+                batch_rows=self.batch_rows.snapshot(), batch_calls=self.batch_calls.snapshot(),
+                latency_quantiles=_quantiles(self.latency))
 
 
-def merge(snapshots: list[dict[str, Any]], model: str | None = None) -> dict[str, Any]:
+def merge(snapshots: list[MetricsSnapshot], model: str | None = None) -> MetricsSnapshot:
     """One snapshot of several pools' metrics (several models), their counts added up; the quantiles
     are estimated from the added latency histograms. *model* becomes its ``model``."""
     calls: dict[str, int] = {}
     for snapshot in snapshots:
         for outcome, n in snapshot["calls"].items():
             calls[outcome] = calls.get(outcome, 0) + n
-    merged: dict[str, Any] = {"model": model, "calls": calls}
+    merged: dict[str, Any] = {"model": model, "calls": calls,
+                              "submitted": sum(s.get("submitted", 0) for s in snapshots),
+                              "retries": sum(s.get("retries", 0) for s in snapshots)}
     for key in ("latency_seconds", "queue_seconds", "batch_rows", "batch_calls"):
         parts = [snapshot[key] for snapshot in snapshots]
         merged[key] = {"buckets": list(parts[0]["buckets"]),
@@ -116,7 +149,8 @@ def merge(snapshots: list[dict[str, Any]], model: str | None = None) -> dict[str
     latency.counts = [n - (cumulative[i - 1] if i else 0) for i, n in enumerate(cumulative)]
     latency.count = merged["latency_seconds"]["count"]
     merged["latency_quantiles"] = _quantiles(latency)
-    return merged
+    snapshot: MetricsSnapshot = MetricsSnapshot(**merged)  # type: ignore[typeddict-item]
+    return snapshot
 
 
 def _quantiles(histogram: Histogram) -> dict[str, float | None]:
