@@ -149,8 +149,8 @@ def merge(snapshots: list[MetricsSnapshot], model: str | None = None) -> Metrics
     latency.counts = [n - (cumulative[i - 1] if i else 0) for i, n in enumerate(cumulative)]
     latency.count = merged["latency_seconds"]["count"]
     merged["latency_quantiles"] = _quantiles(latency)
-    snapshot: MetricsSnapshot = MetricsSnapshot(**merged)  # type: ignore[typeddict-item]
-    return snapshot
+    result: MetricsSnapshot = MetricsSnapshot(**merged)  # type: ignore[typeddict-item]
+    return result
 
 
 def _quantiles(histogram: Histogram) -> dict[str, float | None]:
