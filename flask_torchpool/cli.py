@@ -11,9 +11,9 @@
 With several models (``TORCHPOOL_MODELS``), ``plan`` and ``status`` show every model's workers, with a
 ``model`` column.
 
-Loading the app for a ``flask`` command other than ``flask run`` never starts the workers, whatever
-``TORCHPOOL_START`` says (see ``_defer_start`` in :mod:`flask_torchpool.extension`): ``plan`` only
-computes the placement, and ``status`` starts a pool in-process only when it is not given ``--url``.
+Loading the app for a ``flask`` command other than ``flask run`` starts no worker with
+``TORCHPOOL_START = "auto"`` (see :func:`flask_torchpool.startup.defer_start`): ``plan`` only computes
+the placement, and ``status`` starts a pool in-process only when it is not given ``--url``.
 """
 
 from __future__ import annotations
@@ -23,20 +23,24 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, ScriptInfo
 
 from .errors import TorchPoolError
 from .placement import _ranges
+from .startup import SERVING_META
+
+if TYPE_CHECKING:
+    from .group import ModelGroup
 
 torchpool = AppGroup("torchpool", help="Inspect and tune the app's TorchPool: placement, status, tuning.")
 
 
-def _state() -> Any:
-    state = current_app.extensions.get("torchpool")
+def _state() -> ModelGroup:
+    state: ModelGroup | None = current_app.extensions.get("torchpool")
     if state is None:
         raise click.ClickException("this app has no TorchPool: create it with TorchPool(app) or "
                                    "pool.init_app(app) in the app's module or factory")
@@ -53,7 +57,7 @@ def plan_command(as_json: bool) -> None:
         click.echo(json.dumps([{"worker": p.worker, "device": p.device, "cores": list(p.cores),
                                 "threads": p.threads, "model": p.model} for p in placements], indent=2))
         return
-    mode = "inline, in the web process" if state.config.inline else "spawned processes"
+    mode = "inline, in the web process" if state.app_config.inline else "spawned processes"
     headers = ["worker", "device", "cores", "threads"]
     rows = [[p.worker, p.device, _ranges(p.cores), p.threads] for p in placements]
     if len(state.configs) > 1:
@@ -62,7 +66,7 @@ def plan_command(as_json: bool) -> None:
         headers = ["model"] + headers
         rows = [[p.model] + row for p, row in zip(placements, rows)]
     else:
-        click.echo(f"model: {state.config.model!r}")
+        click.echo(f"model: {next(iter(state.configs.values())).model!r}")
     click.echo(f"{len(placements)} worker(s), {mode}")
     click.echo(_table(headers, rows))
 
@@ -86,11 +90,12 @@ def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) 
     """
     state = _state()
     probe_error: str | None = None
+    status: dict[str, Any]
     if url is not None:
         if probe:
             raise click.UsageError("--probe calls the model in this process; it cannot be combined "
                                    "with --url")
-        status = _fetch_status(url, state.config.health_url, timeout)
+        status = _fetch_status(url, state.app_config.health_url, timeout)
     else:
         probed = [name for name, config in state.configs.items() if config.example_input is not None]
         if probe and not probed:
@@ -106,7 +111,7 @@ def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) 
             if probe:
                 errors = [_probe(state, app, name) for name in probed]
                 probe_error = "; ".join(e for e in errors if e is not None) or None
-            status = state.status()
+            status = dict(state.status())
         finally:
             if started_here:
                 state.shutdown(wait=True)
@@ -224,7 +229,7 @@ def _int_list(value: str | None, option: str) -> list[int]:
     return sorted(set(numbers))
 
 
-def _probe(state: Any, app: Any, name: str) -> str | None:
+def _probe(state: ModelGroup, app: Any, name: str) -> str | None:
     """Call model *name* once with its ``TORCHPOOL_EXAMPLE_INPUT``; returns an error message or None."""
     example = state.configs[name].example_input
     value = example() if callable(example) and not _is_tensor(example) else example
@@ -342,22 +347,29 @@ def _summary(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-@torchpool.command("serve")
+@torchpool.command("serve", with_appcontext=False)
 @click.option("--socket", "socket_path", metavar="PATH", default=None,
               help="Unix socket to serve on (default: TORCHPOOL_SOCKET, else a private per-user "
                    "directory).")
-def serve_command(socket_path: str | None) -> None:
+@click.option("--owner-pid", type=int, default=None, hidden=True, help="Stop when this process exits.")
+@click.option("--lock-fd", type=int, default=None, hidden=True, help="The server lock, taken already.")
+@click.option("--ready-fd", type=int, default=None, hidden=True, help="Write the socket path here.")
+@click.pass_context
+def serve_command(ctx: click.Context, socket_path: str | None, owner_pid: int | None, lock_fd: int | None,
+                  ready_fd: int | None) -> None:
     """Run the app's pool as a pool server that web processes attach to (TORCHPOOL_MODE = "attach"
     or "auto"). Stops, after draining, on SIGTERM or Ctrl-C."""
-    from . import extension
+    from .attach.rendezvous import exit_now
 
-    state = _state()
-    extension.SERVING = True
-    try:
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-        state.extension.serve(app, socket_path=socket_path)
-    except TorchPoolError as exc:
-        raise click.ClickException(str(exc)) from None
-    from .server import exit_now
-
+    # Loading the app (here when `python -m flask_torchpool.server` runs this command) starts nothing:
+    # the workers start below, embedded, whatever TORCHPOOL_MODE and TORCHPOOL_START say.
+    ctx.meta[SERVING_META] = True
+    app = ctx.ensure_object(ScriptInfo).load_app()
+    with app.app_context():
+        state = _state()
+        try:
+            state.extension.serve(app, socket_path=socket_path, owner_pid=owner_pid, lock_fd=lock_fd,
+                                  ready_fd=ready_fd)
+        except TorchPoolError as exc:
+            raise click.ClickException(str(exc)) from None
     exit_now(0)

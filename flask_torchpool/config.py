@@ -1,12 +1,16 @@
-"""Configuration: the ``TORCHPOOL_*`` keys, their defaults, and one frozen :class:`PoolConfig` per model.
+"""Configuration: the ``TORCHPOOL_*`` keys, their defaults, one frozen :class:`AppConfig` for the app and
+one frozen :class:`ModelConfig` per model.
 
-``init_app`` reads the keys once and validates them here; a bad value raises :class:`ConfigError` naming
-the key and what is allowed. Nothing is imported or started while validating: a model import path is only
-checked for its form (the worker imports it, and reports a failure as ``WorkerStartupError``).
+``init_app`` reads the keys once, with :func:`load`, and validates them here; a bad value raises
+:class:`ConfigError` naming the key and what is allowed. Nothing is imported or started while validating: a
+model import path is only checked for its form (the worker imports it, and reports a failure as
+``WorkerStartupError``).
 
+The app's own keys (how and when it starts, its mode, socket and health URL) are in :class:`AppConfig`.
 An app serves one model (``TORCHPOOL_MODEL``, named ``"default"``) or several (``TORCHPOOL_MODELS``, a
-dict of names to models); :meth:`PoolConfig.models_from_mapping` gives every model its own complete
-:class:`PoolConfig`: the top-level keys, with the per-model overrides of its ``TORCHPOOL_MODELS`` entry.
+dict of names to models); every model gets its own complete :class:`ModelConfig`: the top-level keys,
+with the per-model overrides of its ``TORCHPOOL_MODELS`` entry. Every default is written once, in
+:data:`DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -72,40 +76,53 @@ _MODEL_FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".ts", ".jit")
 
 
 @dataclass(frozen=True)
-class PoolConfig:
-    """The validated configuration of one pool. Build it with :meth:`from_mapping`."""
+class AppConfig:
+    """The app's own keys, the same for every model. Build it with :meth:`from_mapping` or :func:`load`."""
+
+    #: ``TORCHPOOL_START``: "auto", "eager" or "lazy".
+    start: str = DEFAULTS["TORCHPOOL_START"]
+    handle_sigterm: bool = DEFAULTS["TORCHPOOL_HANDLE_SIGTERM"]
+    health_url: str | None = DEFAULTS["TORCHPOOL_HEALTH_URL"]
+    inline: bool = DEFAULTS["TORCHPOOL_INLINE"]
+    #: "embedded" (workers are children of this process), "attach" (use a pool server's) or "auto".
+    mode: str = DEFAULTS["TORCHPOOL_MODE"]
+    #: The pool server's Unix socket; None: a per-user private directory (attach.rendezvous).
+    socket: str | None = DEFAULTS["TORCHPOOL_SOCKET"]
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> AppConfig:
+        """Validate every ``TORCHPOOL_*`` key of *config* and return the app's own."""
+        return load(config)[0]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The validated configuration of one model (one backend). Build it with :meth:`from_mapping` or
+    :func:`load`."""
 
     model: ModelSpec
-    workers: int | str = "auto"
-    devices: tuple[str, ...] | str = "auto"
-    threads_per_worker: int | None = None
-    arena_bytes: int = 256 * MiB
-    pipeline_depth: int = 2
-    timeout: float | None = 60.0
-    start_timeout: float = 300.0
-    max_queue: int = 128
-    max_input_bytes: int = 256 * MiB
-    retries: int = 1
-    max_restarts: int = 5
-    restart_window: float = 60.0
-    drain_timeout: float = 30.0
-    start: str = "auto"
-    handle_sigterm: bool = True
-    retry_after: int = 1
-    health_url: str | None = None
-    inline: bool = False
+    workers: int | str = DEFAULTS["TORCHPOOL_WORKERS"]
+    devices: tuple[str, ...] | str = DEFAULTS["TORCHPOOL_DEVICES"]
+    threads_per_worker: int | None = DEFAULTS["TORCHPOOL_THREADS_PER_WORKER"]
+    arena_bytes: int = DEFAULTS["TORCHPOOL_ARENA_BYTES"]
+    pipeline_depth: int = DEFAULTS["TORCHPOOL_PIPELINE_DEPTH"]
+    timeout: float | None = DEFAULTS["TORCHPOOL_TIMEOUT"]
+    start_timeout: float = DEFAULTS["TORCHPOOL_START_TIMEOUT"]
+    max_queue: int = DEFAULTS["TORCHPOOL_MAX_QUEUE"]
+    max_input_bytes: int = DEFAULTS["TORCHPOOL_MAX_INPUT_BYTES"]
+    retries: int = DEFAULTS["TORCHPOOL_RETRIES"]
+    max_restarts: int = DEFAULTS["TORCHPOOL_MAX_RESTARTS"]
+    restart_window: float = DEFAULTS["TORCHPOOL_RESTART_WINDOW"]
+    drain_timeout: float = DEFAULTS["TORCHPOOL_DRAIN_TIMEOUT"]
+    retry_after: int = DEFAULTS["TORCHPOOL_RETRY_AFTER"]
     #: A value (or a zero-argument callable returning one) for the CLI to call the model with: a tuple
     #: is spread as positional arguments, anything else is the single argument.
     example_input: Any = field(default=None, compare=False, hash=False)
-    max_batch_size: int = 1
-    max_batch_delay_ms: float = 5.0
-    share_weights: bool = True
+    max_batch_size: int = DEFAULTS["TORCHPOOL_MAX_BATCH_SIZE"]
+    max_batch_delay_ms: float = DEFAULTS["TORCHPOOL_MAX_BATCH_DELAY_MS"]
+    share_weights: bool = DEFAULTS["TORCHPOOL_SHARE_WEIGHTS"]
     #: The level (a number) below which the workers' log records are not sent to the web process.
     worker_log_level: int = logging.INFO
-    #: "embedded" (workers are children of this process), "attach" (use a pool server's) or "auto".
-    mode: str = "embedded"
-    #: The pool server's Unix socket; None: a per-user private directory (see server.default_socket_path).
-    socket: str | None = None
 
     #: The model's name: ``"default"`` for ``TORCHPOOL_MODEL``, else its key in ``TORCHPOOL_MODELS``.
     name: str = DEFAULT_MODEL
@@ -124,44 +141,57 @@ class PoolConfig:
         return f"TORCHPOOL_{setting.upper()}"
 
     @classmethod
-    def from_mapping(cls, config: Mapping[str, Any]) -> PoolConfig:
+    def from_mapping(cls, config: Mapping[str, Any]) -> ModelConfig:
         """Validate the ``TORCHPOOL_*`` keys of *config* (missing keys take their defaults) and return the
         configuration of the default model: ``TORCHPOOL_MODEL``'s, or the first of ``TORCHPOOL_MODELS``.
-        See :meth:`models_from_mapping` for every model's."""
-        return next(iter(cls.models_from_mapping(config).values()))
+        See :func:`load` for every model's."""
+        return next(iter(load(config)[1].values()))
 
     @classmethod
-    def models_from_mapping(cls, config: Mapping[str, Any]) -> dict[str, PoolConfig]:
-        """Validate the ``TORCHPOOL_*`` keys of *config* and return every model's configuration by name,
-        in order: ``"default"`` (``TORCHPOOL_MODEL``) first, then ``TORCHPOOL_MODELS`` in its order."""
-
-        def get(key: str) -> Any:
-            return config.get(key, DEFAULTS[key])
-
-        common = {name: check(f"TORCHPOOL_{name.upper()}", get(f"TORCHPOOL_{name.upper()}"))
-                  for name, check in _FIELDS.items()}
-        single, several = get("TORCHPOOL_MODEL"), get("TORCHPOOL_MODELS")
-        if several is not None and not isinstance(several, Mapping):
-            raise ConfigError("TORCHPOOL_MODELS", f"{several!r} is not allowed; use None or a dict of "
-                                                  "model names to models")
-        models: dict[str, PoolConfig] = {}
-        if single is not None or not several:
-            models[DEFAULT_MODEL] = cls(model=_model("TORCHPOOL_MODEL", single), **common)
-        for name, entry in (several or {}).items():
-            if not isinstance(name, str) or not _MODEL_NAME.match(name):
-                raise ConfigError("TORCHPOOL_MODELS", f"the name {name!r} is not allowed; use a non-empty "
-                                                      "string of letters, digits, '_', '.' and '-'")
-            source = f'TORCHPOOL_MODELS["{name}"]'
-            if name in models:
-                raise ConfigError(source, "'default' is the name of the model of TORCHPOOL_MODEL; "
-                                          "rename this one, or move TORCHPOOL_MODEL into TORCHPOOL_MODELS "
-                                          "as 'default'")
-            models[name] = _model_entry(cls, name, source, entry, common)
-        return models
+    def models_from_mapping(cls, config: Mapping[str, Any]) -> dict[str, ModelConfig]:
+        """Validate the ``TORCHPOOL_*`` keys of *config* and return every model's configuration by name
+        (see :func:`load`)."""
+        return load(config)[1]
 
 
-def _model_entry(cls: type[PoolConfig], name: str, source: str, entry: Any,
-                 common: dict[str, Any]) -> PoolConfig:
+#: The name the per-model configuration had in 0.1.
+PoolConfig = ModelConfig
+
+
+def load(config: Mapping[str, Any]) -> tuple[AppConfig, dict[str, ModelConfig]]:
+    """Validate every ``TORCHPOOL_*`` key of *config* (missing keys take their :data:`DEFAULTS`): the app's
+    configuration, and every model's by name, in order: ``"default"`` (``TORCHPOOL_MODEL``) first, then
+    ``TORCHPOOL_MODELS`` in its order. Raises :class:`ConfigError` naming the first bad key."""
+
+    def get(key: str) -> Any:
+        return config.get(key, DEFAULTS[key])
+
+    app = AppConfig(**{name: check(f"TORCHPOOL_{name.upper()}", get(f"TORCHPOOL_{name.upper()}"))
+                       for name, check in _APP_FIELDS.items()})
+    common = {name: check(f"TORCHPOOL_{name.upper()}", get(f"TORCHPOOL_{name.upper()}"))
+              for name, check in _FIELDS.items()}
+    single, several = get("TORCHPOOL_MODEL"), get("TORCHPOOL_MODELS")
+    if several is not None and not isinstance(several, Mapping):
+        raise ConfigError("TORCHPOOL_MODELS", f"{several!r} is not allowed; use None or a dict of "
+                                              "model names to models")
+    models: dict[str, ModelConfig] = {}
+    if single is not None or not several:
+        models[DEFAULT_MODEL] = ModelConfig(model=_model("TORCHPOOL_MODEL", single), **common)
+    for name, entry in (several or {}).items():
+        if not isinstance(name, str) or not _MODEL_NAME.match(name):
+            raise ConfigError("TORCHPOOL_MODELS", f"the name {name!r} is not allowed; use a non-empty "
+                                                  "string of letters, digits, '_', '.' and '-'")
+        source = f'TORCHPOOL_MODELS["{name}"]'
+        if name in models:
+            raise ConfigError(source, "'default' is the name of the model of TORCHPOOL_MODEL; "
+                                      "rename this one, or move TORCHPOOL_MODEL into TORCHPOOL_MODELS "
+                                      "as 'default'")
+        models[name] = _model_entry(ModelConfig, name, source, entry, common)
+    return app, models
+
+
+def _model_entry(cls: type[ModelConfig], name: str, source: str, entry: Any,
+                 common: dict[str, Any]) -> ModelConfig:
     """One ``TORCHPOOL_MODELS`` entry: a model spec, or a dict of ``model`` and per-model overrides."""
     if not isinstance(entry, Mapping):
         return cls(model=_model(source, entry), name=name, source=source, **common)
@@ -311,7 +341,17 @@ def _passthrough(key: str, value: Any) -> Any:
     return value
 
 
-#: Every field of :class:`PoolConfig` but ``model`` and the name, with its validator ``(key, value)``.
+#: Every field of :class:`AppConfig`, with its validator ``(key, value)``.
+_APP_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "start": lambda k, v: _choice(k, v, ("auto", "eager", "lazy")),
+    "handle_sigterm": _bool,
+    "health_url": _url_prefix,
+    "inline": _bool,
+    "mode": lambda k, v: _choice(k, v, ("embedded", "attach", "auto")),
+    "socket": _socket_path,
+}
+
+#: Every field of :class:`ModelConfig` but ``model`` and the name, with its validator ``(key, value)``.
 _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "workers": _workers,
     "devices": _devices,
@@ -326,16 +366,10 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "max_restarts": lambda k, v: _int(k, v, minimum=0),
     "restart_window": _seconds,
     "drain_timeout": lambda k, v: _seconds(k, v, zero=True),
-    "start": lambda k, v: _choice(k, v, ("auto", "eager", "lazy")),
-    "handle_sigterm": _bool,
     "retry_after": lambda k, v: _int(k, v, minimum=0),
-    "health_url": _url_prefix,
-    "inline": _bool,
     "example_input": _passthrough,
     "max_batch_size": lambda k, v: _int(k, v, minimum=1),
     "max_batch_delay_ms": lambda k, v: _seconds(k, v, zero=True, unit="milliseconds"),
     "share_weights": _bool,
-    "mode": lambda k, v: _choice(k, v, ("embedded", "attach", "auto")),
-    "socket": _socket_path,
     "worker_log_level": _log_level,
 }

@@ -18,8 +18,9 @@ import os
 import select
 import signal
 import subprocess
-import sys
 from typing import Any
+
+from .attach.rendezvous import launch_server
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,9 @@ def on_starting(server: Any) -> None:
     if not app_uri:
         raise RuntimeError("flask_torchpool.gunicorn: gunicorn was given no app import string")
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     try:
-        _server = subprocess.Popen(
-            [sys.executable, "-m", "flask_torchpool.server", "--app", app_uri,
-             "--owner-pid", str(os.getpid()), "--ready-fd", str(write_fd)],
-            pass_fds=(write_fd,), start_new_session=True, env=env, stdin=subprocess.DEVNULL,
-            cwd=server.cfg.chdir or None)
+        _server = launch_server(app_uri, owner_pid=os.getpid(), ready_fd=write_fd,
+                                cwd=server.cfg.chdir or None)
     finally:
         os.close(write_fd)
     try:

@@ -1,8 +1,7 @@
 """Inline mode (``TORCHPOOL_INLINE = True``): the model runs in the web process, for tests.
 
-:class:`InlinePool` has the interface of :class:`~flask_torchpool.pool.Pool` (``start``, ``submit``,
-``shutdown``, ``status``, ``started``, ``closed``, ``workers``, ``metrics``) without any subprocess: the
-model is built in-process the first time it is needed, with the loading rules of the workers
+:class:`InlinePool` is a :class:`~flask_torchpool.backend.Backend` without any subprocess: the model is
+built in-process the first time it is needed, with the loading rules of the workers
 (:func:`flask_torchpool.worker.load_model`), and each call runs in the calling thread under
 ``torch.inference_mode()``, one at a time (a lock). Arguments are validated exactly as the pool validates
 them (:func:`flask_torchpool.codec.flatten`), tensors are copied on the way in and out as they are
@@ -14,7 +13,6 @@ kills its process kills the web process), batching and core pinning.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import threading
@@ -28,28 +26,13 @@ import torch
 
 from . import codec
 from .config import PoolConfig
-from .errors import (
-    InferenceError,
-    OutputError,
-    PoolClosedError,
-    RemoteTraceback,
-    TorchPoolError,
-    WorkerStartupError,
-)
+from .errors import InferenceError, OutputError, PoolClosedError, TorchPoolError, WorkerStartupError
 from .metrics import Metrics, outcome_of
 from .placement import Placement, resolve_devices, usable_cores
+from .status import ModelStatus, WorkerState, model_status, worker_status
 from .worker import load_model
 
 log = logging.getLogger(__name__)
-
-
-class InlineState(enum.Enum):
-    """States of the single in-process "worker" (the same names as the pool's worker states)."""
-
-    STARTING = "starting"   # not loaded yet: loads on first use
-    READY = "ready"
-    FAILED = "failed"       # the model failed to load
-    STOPPED = "stopped"
 
 
 def plan(config: PoolConfig) -> list[Placement]:
@@ -62,7 +45,7 @@ def plan(config: PoolConfig) -> list[Placement]:
 @dataclass(eq=False)
 class _InlineWorker:
     placement: Placement
-    state: InlineState = InlineState.STARTING
+    state: WorkerState = WorkerState.STARTING   # until the model is loaded, on first use
     calls: int = 0
     errors: int = 0
     running: int = 0
@@ -73,9 +56,10 @@ class _InlineWorker:
 
 
 class InlinePool:
-    """A :class:`~flask_torchpool.pool.Pool` look-alike that runs the model in the calling thread."""
+    """The :class:`~flask_torchpool.backend.Backend` that runs the model in the calling thread."""
 
-    inline = True
+    #: A running call cannot be interrupted in-process: deadlines are not enforced.
+    enforces_deadlines = False
 
     def __init__(self, config: PoolConfig, placements: list[Placement] | None = None,
                  name: str = "torchpool", logger_name: str | None = None) -> None:
@@ -84,8 +68,6 @@ class InlinePool:
         self.name = name
         self.workers = [_InlineWorker((placements or plan(config))[0])]
         self.metrics = Metrics(config.name)
-        self.counters = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "crashes": 0, "overloaded": 0,
-                         "retries": 0}
         self._model: Any = None
         self._call_lock = threading.Lock()     # one call at a time, like one worker
         self._state_lock = threading.Lock()    # counters, waiting
@@ -97,7 +79,11 @@ class InlinePool:
 
     @property
     def started(self) -> bool:
-        return self.workers[0].state is InlineState.READY and not self._closing
+        return self.workers[0].state is WorkerState.READY and not self._closing
+
+    @property
+    def placements(self) -> list[Placement]:
+        return [self.workers[0].placement]
 
     @property
     def closed(self) -> bool:
@@ -112,7 +98,7 @@ class InlinePool:
             if self._closing:
                 raise PoolClosedError("the pool is shut down; create a new TorchPool to serve again")
             worker = self.workers[0]
-            if worker.state is InlineState.READY:
+            if worker.state is WorkerState.READY:
                 return
             failure: tuple[str, str] | None = None
             try:
@@ -120,15 +106,13 @@ class InlinePool:
             except Exception as exc:
                 failure = (f"{type(exc).__name__}: {exc}", traceback.format_exc())
             if failure is not None:
-                err = WorkerStartupError(f"worker 0 (inline) could not load the model "
-                                         f"({self.config.model!r}): {failure[0]}")
-                err.__cause__ = RemoteTraceback(failure[1])
+                err = WorkerStartupError.load_failed("0 (inline)", self.config.model, *failure)
                 self._startup_error = err
                 self._closing = True
-                worker.state = InlineState.FAILED
+                worker.state = WorkerState.FAILED
                 self._stopped.set()
                 raise err
-            worker.state = InlineState.READY
+            worker.state = WorkerState.READY
             log.info("%s: model loaded in-process (TORCHPOOL_INLINE)", self.name)
 
     def shutdown(self, wait: bool = True, drain_timeout: float | None = None) -> None:
@@ -142,8 +126,8 @@ class InlinePool:
         try:
             self._model = None
             worker = self.workers[0]
-            if worker.state is not InlineState.FAILED:
-                worker.state = InlineState.STOPPED
+            if worker.state is not WorkerState.FAILED:
+                worker.state = WorkerState.STOPPED
             self._stopped.set()
         finally:
             if acquired:
@@ -160,8 +144,8 @@ class InlinePool:
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         enqueued = time.monotonic()
+        self.metrics.record_submit()
         with self._state_lock:
-            self.counters["calls"] += 1
             self._waiting += 1
         try:
             self._call_lock.acquire()
@@ -177,8 +161,7 @@ class InlinePool:
                 worker.running += 1
             model = self._model
             if self._closing or model is None:
-                exc = PoolClosedError("the pool shut down before this call ran",
-                                      retry_after=self.config.retry_after)
+                exc = PoolClosedError.before_run(self.config.retry_after)
             else:
                 try:
                     result = self._run(model, skel_args, skel_kwargs, tensors)
@@ -190,9 +173,7 @@ class InlinePool:
             with self._state_lock:
                 worker.running -= 1
             self._call_lock.release()
-        with self._state_lock:
-            self.counters["ok" if exc is None else "errors"] += 1
-            self.metrics.record_call(outcome_of(exc), time.monotonic() - enqueued, queue_time)
+        self.metrics.record_call(outcome_of(exc), time.monotonic() - enqueued, queue_time)
         if exc is None:
             future.set_result(result)
         else:
@@ -203,8 +184,7 @@ class InlinePool:
         if self._startup_error is not None:
             raise self._startup_error
         if self._closing:
-            raise PoolClosedError("the pool is shutting down and takes no new calls",
-                                  retry_after=self.config.retry_after)
+            raise PoolClosedError.closing(self.config.retry_after)
 
     def _run(self, model: Any, skel_args: Any, skel_kwargs: Any, tensors: list[torch.Tensor]) -> Any:
         # Copies, as the arena makes them: the model may modify its inputs in place without the caller
@@ -222,9 +202,7 @@ class InlinePool:
         if failure is not None:
             # Raised outside the except block, like the pool's errors: no __context__ holding the model's
             # frames (and their tensors) alive, only the formatted traceback.
-            err = InferenceError(f"the model raised {failure[0]}: {failure[1]}", remote_type=failure[0])
-            err.__cause__ = RemoteTraceback(failure[2])
-            raise err
+            raise InferenceError.model_raised(*failure)
         del args, kwargs, copies
         produced: list[torch.Tensor] = []
         try:
@@ -236,23 +214,11 @@ class InlinePool:
         return codec.unflatten(skel, [t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
                                    for t in produced])
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ModelStatus:
         worker = self.workers[0]
         with self._state_lock:
-            return {
-                "started": self.started,
-                "closed": self._closing,
-                "inline": True,
-                "queued": self._waiting,
-                "busy_workers": 1 if worker.running else 0,
-                "arena_bytes": 0,
-                "counters": dict(self.counters),
-                "metrics": self.metrics.snapshot(),
-                "workers": [
-                    {"worker": worker.index, "pid": os.getpid(), "state": worker.state.value,
-                     "device": worker.placement.device, "cores": list(worker.placement.cores),
-                     "threads": worker.placement.threads, "inflight": worker.running,
-                     "calls": worker.calls, "errors": worker.errors, "restarts": 0, "last_exit": None},
-                ],
-            }
-
+            workers = [worker_status(worker.placement, worker.state, pid=os.getpid(), inflight=worker.running,
+                                     calls=worker.calls, errors=worker.errors)]
+            return model_status(mode="inline", started=self.started, closed=self._closing,
+                                queued=self._waiting, busy_workers=1 if worker.running else 0, arena_bytes=0,
+                                metrics=self.metrics.snapshot(), workers=workers, plan=self.placements)

@@ -30,6 +30,7 @@ worker. See Note [Batching] for how batches form.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import enum
 import heapq
@@ -69,6 +70,8 @@ from .errors import (
 from .logs import WorkerOutput
 from .metrics import Metrics, outcome_of
 from .placement import Placement
+from .status import ModelStatus, model_status, worker_status
+from .status import WorkerState as StatusState
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +198,8 @@ class _Worker:
 class Pool:
     """A pool of model workers. Thread-safe; one per app (see :class:`~flask_torchpool.TorchPool`)."""
 
+    enforces_deadlines = True
+
     def __init__(self, config: PoolConfig, placements: list[Placement], name: str = "torchpool",
                  logger_name: str = "flask_torchpool.worker") -> None:
         self.config = config
@@ -241,6 +246,10 @@ class Pool:
     @property
     def closed(self) -> bool:
         return self._closing
+
+    @property
+    def placements(self) -> list[Placement]:
+        return [w.placement for w in self.workers]
 
     def start(self) -> None:
         """Spawn every worker and return once each has loaded its model.
@@ -1223,25 +1232,23 @@ class Pool:
 
     # --- state ----------------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ModelStatus:
         with self._lock:
-            return {
-                "started": self.started,
-                "closed": self._closing,
-                "queued": len(self._queue),
-                "busy_workers": sum(1 for w in self.workers if w.jobs),
-                "arena_bytes": sum(self.config.arena_bytes for w in self.workers if w.arena is not None),
-                "shared_weight_bytes": self._weights[1] if self._weights and self._weights_filled else 0,
-                "counters": dict(self.counters),
-                "metrics": self.metrics.snapshot(),
-                "workers": [
-                    {"worker": w.index, "pid": w.pid, "state": w.state.value,
-                     "device": w.placement.device, "cores": list(w.placement.cores),
-                     "threads": w.placement.threads, "inflight": w.load, "calls": w.calls,
-                     "errors": w.errors, "restarts": w.total_restarts, "last_exit": w.last_exit}
-                    for w in self.workers
-                ],
-            }
+            workers = [worker_status(w.placement, _STATES[w.state], pid=w.pid, inflight=w.load, calls=w.calls,
+                                     errors=w.errors, restarts=w.total_restarts, last_exit=w.last_exit)
+                       for w in self.workers]
+            snapshot = self.metrics.snapshot()
+            snapshot["submitted"] = self.counters["calls"]
+            snapshot["retries"] = self.counters["retries"]
+            return model_status(
+                mode="embedded", started=self.started, closed=self._closing, queued=len(self._queue),
+                busy_workers=sum(1 for w in self.workers if w.jobs),
+                arena_bytes=sum(self.config.arena_bytes for w in self.workers if w.arena is not None),
+                shared_weight_bytes=self._weights[1] if self._weights and self._weights_filled else 0,
+                metrics=snapshot, workers=workers, plan=self.placements)
+
+
+_STATES = {s: StatusState(s.value) for s in WorkerState}
 
 
 def _write_error(error: BaseException, retry_after: int) -> TorchPoolError:
@@ -1324,3 +1331,17 @@ def _likely_cause(exitcode: int | None) -> str:
     if exitcode == 70:
         return "its parent process changed before it started"
     return "the worker process exited (sys.exit or os._exit in the model?)"
+
+
+def _shutdown_running_pools() -> None:
+    # Every running pool, including those whose app was garbage-collected (an app factory's app): this
+    # runs before multiprocessing's own exit hook (registered earlier), which would SIGTERM the workers
+    # under them.
+    for pool in list(_running_pools):
+        try:
+            pool.shutdown(wait=True)
+        except TorchPoolError:  # pragma: no cover
+            pass
+
+
+atexit.register(_shutdown_running_pools)

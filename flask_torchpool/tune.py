@@ -109,8 +109,8 @@ def measure(config: PoolConfig, workers: int, batch_size: int, args: tuple[Any, 
             concurrency: int, duration: float, warmup: float) -> TuneResult:
     """Start a pool of *workers* with ``TORCHPOOL_MAX_BATCH_SIZE=batch_size``, drive it with
     *concurrency* client threads for *warmup* then *duration* seconds, stop it."""
-    cfg = dataclasses.replace(config, workers=workers, max_batch_size=batch_size, inline=False,
-                              max_queue=max(config.max_queue, concurrency), start="lazy")
+    cfg = dataclasses.replace(config, workers=workers, max_batch_size=batch_size,
+                              max_queue=max(config.max_queue, concurrency))
     result = TuneResult(workers, batch_size, rows_per_call(args), 0.0, [])
     pool = Pool(cfg, compute_plan(cfg), name=f"torchpool-tune[w={workers},b={batch_size}]")
     try:

@@ -34,9 +34,9 @@ from .placement import Placement
 
 log = logging.getLogger(__name__)
 
-#: True inside a worker process: a TorchPool created there (by a model module that imports the app)
-#: stays inert instead of starting a pool of its own.
-IN_WORKER = False
+#: Set in a worker's environment (to its name) before the model is imported: a TorchPool created there
+#: (by a model module that imports the app) stays inert instead of starting a pool of its own.
+WORKER_ENV = "FLASK_TORCHPOOL_WORKER"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -158,8 +158,7 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
                 arena_size: int, parent_pid: int, share_weights: bool = False,
                 output_fds: tuple[Any, Any] | None = None, log_level: int = logging.INFO) -> None:
     """Entry point of a worker process (the target given to the spawn context)."""
-    global IN_WORKER
-    IN_WORKER = True
+    os.environ[WORKER_ENV] = f"worker {placement.worker} of model {placement.model}"
     if output_fds is not None:
         out_fd, err_fd = (fd.detach() if hasattr(fd, "detach") else fd for fd in output_fds)
         redirect_output(out_fd, err_fd, log_level)

@@ -36,8 +36,8 @@ from flask_torchpool import (
     messages,
     shm,
 )
-from flask_torchpool.client import PoolConnection, _Pending
-from flask_torchpool.server import PoolServer
+from flask_torchpool.attach.client import PoolConnection, _Pending
+from flask_torchpool.attach.server import PoolServer
 
 from .conftest import make_app, shm_entries, wait_until
 from .servers import (

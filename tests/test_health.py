@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flask_torchpool import ConfigError, InferenceError, TorchPool, WorkerStartupError
-from flask_torchpool.config import PoolConfig
+from flask_torchpool.config import AppConfig
 from flask_torchpool.metrics import OUTCOMES
 
 from .conftest import make_app, wait_until
@@ -169,9 +169,9 @@ def test_health_is_off_by_default() -> None:
 @pytest.mark.parametrize("value", ["torchpool", "/", 5, "/a/<int:x>"])
 def test_health_url_is_validated(value: Any) -> None:
     with pytest.raises(ConfigError, match="TORCHPOOL_HEALTH_URL"):
-        PoolConfig.from_mapping({"TORCHPOOL_MODEL": "tests.models:echo", "TORCHPOOL_HEALTH_URL": value})
-    config = PoolConfig.from_mapping({"TORCHPOOL_MODEL": "tests.models:echo",
-                                      "TORCHPOOL_HEALTH_URL": "/ops/pool/"})
+        AppConfig.from_mapping({"TORCHPOOL_MODEL": "tests.models:echo", "TORCHPOOL_HEALTH_URL": value})
+    config = AppConfig.from_mapping({"TORCHPOOL_MODEL": "tests.models:echo",
+                                     "TORCHPOOL_HEALTH_URL": "/ops/pool/"})
     assert config.health_url == "/ops/pool"
 
 

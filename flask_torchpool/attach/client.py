@@ -2,10 +2,9 @@
 
 :class:`PoolConnection` is this process's one connection to the pool server on a Unix socket, shared by
 every model and every thread. A call validates its arguments in the calling thread, writes its tensors
-into this process's own arena (Note [Attached arenas] in :mod:`flask_torchpool.server`) and sends a small
-header; one reader thread resolves the futures as results arrive. :class:`RemotePool` is the per-model
-face of it, with the interface of :class:`~flask_torchpool.pool.Pool`, so views, health and metrics work
-unchanged.
+into this process's own arena (Note [Attached arenas] in :mod:`.server`) and sends a small header; one
+reader thread resolves the futures as results arrive. :class:`RemotePool` is the per-model face of it, a
+:class:`~flask_torchpool.backend.Backend`, so views, health and metrics work unchanged.
 
 Failure handling: when the server goes away, every pending call fails at once with
 :class:`~flask_torchpool.PoolUnavailableError` (503 + ``Retry-After``), and the next call reconnects
@@ -22,9 +21,7 @@ import itertools
 import logging
 import os
 import socket
-import struct
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -32,22 +29,26 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from . import codec, errors, messages, shm
-from .config import PoolConfig
-from .errors import PoolUnavailableError, RemoteTraceback, TorchPoolError
-from .metrics import Metrics
-from .placement import Placement
-from .server import default_socket_path, server_running, try_lock
+from .. import codec, errors, messages, shm
+from ..config import PoolConfig
+from ..errors import PoolUnavailableError, TorchPoolError, WireError, from_wire
+from ..metrics import Metrics
+from ..placement import Placement
+from ..status import ModelStatus, not_started
+from .rendezvous import (
+    check_same_user,
+    ensure_private_dir,
+    launch_server,
+    server_running,
+    shutdown_socket,
+    try_lock,
+)
 
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
 #: How long to wait between connection attempts while a server is starting.
 _CONNECT_BACKOFF = (0.01, 0.25)
-
-
-def socket_path_for(config: PoolConfig, app_name: str) -> str:
-    return config.socket if config.socket else default_socket_path(app_name)
 
 
 @dataclass
@@ -141,12 +142,11 @@ class PoolConnection:
         except BaseException:
             sock.close()
             raise
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        server_pid, uid, _ = struct.unpack("3i", creds)
-        if uid != os.getuid():  # our tensors go only to a server of our own user
+        try:
+            check_same_user(sock, f"the process serving {self.path}")  # our tensors go to our user only
+        except OSError:
             sock.close()
-            raise OSError(errno.EPERM, f"the process serving {self.path} (pid {server_pid}) runs as uid "
-                                       f"{uid}, not as this user")
+            raise
         channel = messages.Channel(Connection(sock.detach()), messages.ATTACH_PROTOCOL)
         fd = shm.create_memfd(self.arena_bytes, "torchpool-client")
         try:
@@ -282,7 +282,7 @@ class PoolConnection:
             elif isinstance(msg, messages.RemoteError):
                 for fd in fds:
                     os.close(fd)
-                pending.future.set_exception(_rebuild_error(msg))
+                pending.future.set_exception(from_wire(WireError(*msg[1:])))
             del pending
         self._lost(link, reason)
         link.channel.close()  # only here: closing while this thread reads could reuse the descriptor
@@ -294,7 +294,7 @@ class PoolConnection:
             self._link = None
             pending, self._pending = self._pending, {}
             statuses, self._statuses = self._statuses, {}
-        _shutdown(link.channel)  # the reader sees end-of-file and closes it
+        shutdown_socket(link.channel.fileno())  # the reader sees end-of-file and closes it
         if not self.closed:
             log.warning("torchpool: %s; %d call(s) failed; the next call reconnects", reason, len(pending))
         err = self._unavailable(f"{reason}; {self.path}")
@@ -304,39 +304,14 @@ class PoolConnection:
             waiter.set_exception(err)
 
 
-def _shutdown(channel: messages.Channel) -> None:
-    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(channel.fileno())) as sock:
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-def _rebuild_error(msg: messages.RemoteError) -> TorchPoolError:
-    cls = getattr(errors, msg.type_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors._HTTPError)):
-        cls = errors.InferenceError
-    err = errors._rebuild(cls, msg.message, msg.retry_after, dict(msg.extra))
-    if msg.tb:
-        err.__cause__ = RemoteTraceback(msg.tb)
-    return err
-
-
 # --- the per-model face --------------------------------------------------------------------------------
 
 
-class _RemoteWorker:
-    """What :attr:`RemotePool.workers` lists: the server's placement of one worker."""
-
-    def __init__(self, placement: Placement) -> None:
-        self.placement = placement
-
-    @property
-    def index(self) -> int:
-        return self.placement.worker
-
-
 class RemotePool:
-    """One model of a pool server, with the interface of :class:`~flask_torchpool.pool.Pool`."""
+    """One model of a pool server: the attached :class:`~flask_torchpool.backend.Backend`."""
 
-    inline = False
+    #: The server's pool enforces every call's deadline.
+    enforces_deadlines = True
 
     def __init__(self, config: PoolConfig, connection: PoolConnection, model: str | None = None,
                  name: str = "torchpool") -> None:
@@ -355,12 +330,13 @@ class RemotePool:
         return self._closing or self.connection.closed
 
     @property
-    def workers(self) -> list[_RemoteWorker]:
+    def placements(self) -> list[Placement]:
+        """The server's placement of this model's workers, as it said when this process attached."""
         welcome = self.connection.welcome
         if welcome is None:
             return []
         info = welcome.models.get(self._model_name(welcome) or "")
-        return [_RemoteWorker(Placement(*p)) for p in info["workers"]] if info else []
+        return [Placement(*p) for p in info["workers"]] if info else []
 
     def _model_name(self, welcome: messages.Welcome) -> str | None:
         return self.model if self.model is not None else welcome.default_model
@@ -403,25 +379,28 @@ class RemotePool:
             drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
             self.connection.close(drain)
 
-    def status(self) -> dict[str, Any]:
-        """The server's status of this model (``"mode": "attach"``, the server's pid and client count
-        added); without a server, an empty not-started status with the reason in ``"error"``."""
-        base: dict[str, Any] = {"mode": "attach", "socket": self.connection.path}
+    def status(self) -> ModelStatus:
+        """The server's status of this model (``"mode": "attach"``, the socket, the server's pid and
+        client count added); without a server, a not-started status with the reason in ``"error"``."""
         try:
             server = self.connection.status()
         except TorchPoolError as exc:
-            return self._without_server(base, str(exc))
+            return self._without_server(str(exc))
         name = self.model if self.model is not None else server["default_model"]
-        model = server["models"].get(name)
+        model: ModelStatus | None = server["models"].get(name)
         if model is None:
-            return self._without_server(base, f"the pool server serves no model {name!r}")
-        return {**model, **base, "closed": self.closed or model["closed"],
+            return self._without_server(f"the pool server serves no model {name!r}")
+        closed = self.closed or model["closed"]
+        return {**model, "mode": "attach", "socket": self.connection.path, "closed": closed,
+                "ready": model["ready"] and not closed,
                 "server": {"pid": server["pid"], "clients": server["clients"]}}
 
-    def _without_server(self, base: dict[str, Any], error: str) -> dict[str, Any]:
-        return {**base, "started": False, "closed": self.closed, "queued": 0, "busy_workers": 0,
-                "arena_bytes": 0, "counters": {}, "metrics": Metrics(self.config.name).snapshot(),
-                "workers": [], "error": error}
+    def _without_server(self, error: str) -> ModelStatus:
+        status = not_started("attach", Metrics(self.config.name).snapshot(), [], error=error)
+        status["workers"] = []
+        status["closed"] = self.closed
+        status["socket"] = self.connection.path
+        return status
 
 
 # --- auto mode: the first web process starts the server ------------------------------------------------
@@ -444,19 +423,13 @@ class _ServerSpawner:
 
     def spawn_if_needed(self) -> bool:
         """Spawn a server unless one holds the lock; True if this call spawned one."""
-        from .server import ensure_private_dir
-
         ensure_private_dir(self.path)
         fd = try_lock(self.path)
         if fd is None:
             return False
         try:
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "flask_torchpool.server", "--app", self.app_import,
-                 "--socket", self.path, "--owner-pid", str(self.owner_pid), "--lock-fd", str(fd)],
-                pass_fds=(fd,), start_new_session=True, env=env, stdin=subprocess.DEVNULL)
+            self.process = launch_server(self.app_import, owner_pid=self.owner_pid, socket_path=self.path,
+                                         lock_fd=fd)
         finally:
             os.close(fd)  # the server holds the lock now (same open file description)
         log.info("torchpool: started the pool server (pid %d) for %s on %s", self.process.pid,
@@ -481,4 +454,4 @@ def ensure_server(app_import: str | None, path: str, owner_pid: int) -> _ServerS
     return spawner if spawner.spawn_if_needed() else None
 
 
-__all__ = ["PoolConnection", "RemotePool", "ensure_server", "socket_path_for"]
+__all__ = ["PoolConnection", "RemotePool", "ensure_server"]

@@ -1,0 +1,177 @@
+"""Rendezvous: where a host's pool server listens, who may talk to it, and starting one.
+
+Shared by the attached client (:mod:`.client`), the server (:mod:`.server`) and the gunicorn hook
+(:mod:`flask_torchpool.gunicorn`), so that each of these is written once:
+
+* the socket's path (``TORCHPOOL_SOCKET``, else one per app in a private per-user directory) and the
+  check that its directory is ours and private (mode 0700);
+* the server lock beside the socket (``<socket>.lock``, ``flock``), held for the server's whole life: a
+  second server refuses to start, and a web process can tell "a server is loading its models" (locked,
+  not yet listening) from "no server" (unlocked);
+* the peer check: both ends of a connection must run as the same user (``SO_PEERCRED``);
+* launching ``python -m flask_torchpool.server`` as its own process (its own session, so that signals for
+  the web workers' process group do not reach it);
+* shutting a socket down so that the thread reading it sees end-of-file.
+
+Imports neither torch nor Flask: the gunicorn master uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+
+from ..errors import ConfigError, TorchPoolError
+
+# --- the socket's path, directory and lock ---------------------------------------------------------------
+
+
+def default_socket_path(app_name: str) -> str:
+    """Where the socket of *app_name*'s pool server is by default: a per-user private directory in
+    ``$XDG_RUNTIME_DIR`` (or the temp dir), one socket per app."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in app_name) or "app"
+    return os.path.join(base, f"flask_torchpool-{os.getuid()}", f"{safe}.sock")
+
+
+def socket_path_for(socket_setting: str | None, app_name: str) -> str:
+    """The socket of *app_name*'s server: ``TORCHPOOL_SOCKET`` (*socket_setting*) or the default."""
+    return socket_setting if socket_setting else default_socket_path(app_name)
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create the socket's directory with mode 0700, or check that an existing one is ours and private.
+    Raises :class:`ConfigError` naming ``TORCHPOOL_SOCKET`` otherwise."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("TORCHPOOL_SOCKET", f"cannot create the socket's directory {directory}: "
+                                              f"{exc.strerror}") from None
+    info = os.stat(directory)
+    if info.st_uid != os.getuid():
+        raise ConfigError("TORCHPOOL_SOCKET", f"the socket's directory {directory} belongs to uid "
+                                              f"{info.st_uid}, not to this user ({os.getuid()}); use a "
+                                              "directory of your own")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise ConfigError("TORCHPOOL_SOCKET", f"the socket's directory {directory} is accessible to other "
+                                              f"users (mode {stat.S_IMODE(info.st_mode):o}); chmod 700 it "
+                                              "or use a private directory")
+
+
+def lock_path(path: str) -> str:
+    return path + ".lock"
+
+
+def try_lock(path: str) -> int | None:
+    """Take the server lock of socket *path*; the descriptor holding it, or None when a server holds it."""
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+def take_lock(path: str) -> int:
+    """The server lock of socket *path*, for a server about to serve it (its directory is made private
+    first). Raises :class:`TorchPoolError` when another server holds it."""
+    ensure_private_dir(path)
+    fd = try_lock(path)
+    if fd is None:
+        raise TorchPoolError(f"another pool server already serves {path} (its lock {lock_path(path)} is "
+                             "held); stop it or set another TORCHPOOL_SOCKET")
+    return fd
+
+
+def server_running(path: str) -> bool:
+    """True when a pool server holds the lock of socket *path* (listening, or still loading)."""
+    if not os.path.exists(lock_path(path)):
+        return False
+    fd = try_lock(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+# --- connections ---------------------------------------------------------------------------------------
+
+
+def peer_of(sock: socket.socket) -> tuple[int, int]:
+    """``(pid, uid)`` of the process at the other end of the Unix socket *sock* (``SO_PEERCRED``: the
+    kernel's word, not the peer's)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def check_same_user(sock: socket.socket, what: str) -> int:
+    """The pid of *sock*'s peer; raises ``PermissionError`` (an ``OSError``) when it runs as another
+    user. *what* names the peer in the message ("the process serving PATH", "web process")."""
+    pid, uid = peer_of(sock)
+    if uid != os.getuid():
+        raise PermissionError(errno.EPERM, f"{what} (pid {pid}) runs as uid {uid}, not as this user")
+    return pid
+
+
+def shutdown_socket(fd: int) -> None:
+    """Shut the socket *fd* down both ways, so that a thread blocked reading it sees end-of-file (the
+    descriptor stays open: only that thread closes it, so that its number cannot be reused meanwhile)."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def set_recv_timeout(fd: int, seconds: float) -> None:
+    """A receive timeout on a blocking socket (0: none). Not ``settimeout``, which would make the
+    descriptor non-blocking under the :class:`~multiprocessing.connection.Connection` reading it."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+
+
+# --- starting a server process --------------------------------------------------------------------------
+
+
+def launch_server(app_import: str, *, owner_pid: int, socket_path: str | None = None,
+                  lock_fd: int | None = None, ready_fd: int | None = None,
+                  cwd: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m flask_torchpool.server`` for the app *app_import* in its own session, with this
+    process's import path. It stops when process *owner_pid* exits; *lock_fd* (the server lock, taken
+    by the caller) and *ready_fd* (written once it listens) pass to it."""
+    argv = [sys.executable, "-m", "flask_torchpool.server", "--app", app_import, "--owner-pid",
+            str(owner_pid)]
+    if socket_path is not None:
+        argv += ["--socket", socket_path]
+    if lock_fd is not None:
+        argv += ["--lock-fd", str(lock_fd)]
+    if ready_fd is not None:
+        argv += ["--ready-fd", str(ready_fd)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return subprocess.Popen(argv, pass_fds=tuple(fd for fd in (lock_fd, ready_fd) if fd is not None),
+                            start_new_session=True, env=env, stdin=subprocess.DEVNULL, cwd=cwd)
+
+
+def exit_now(code: int) -> None:
+    """End a pool server process once it has stopped, without the interpreter's teardown: daemon
+    threads (connections, the owner watch) may still be inside torch, and torch's static destructors
+    then abort the process ("terminate called without an active exception", exit by SIGABRT) instead
+    of letting it exit with *code*. Workers end the same way (worker.py)."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
