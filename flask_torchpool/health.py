@@ -16,18 +16,23 @@ request it will never route to a pod that is not ready; it never restarts a pool
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
+
+if TYPE_CHECKING:
+    from .group import ModelGroup
 
 blueprint = Blueprint("torchpool", __name__)
 
 
-def _state() -> Any:
-    return current_app.extensions["torchpool"]
+def _state() -> ModelGroup:
+    group: ModelGroup = current_app.extensions["torchpool"]
+    return group
 
 
-def _json(body: dict[str, Any], status: int = 200) -> Response:
+def _json(body: Mapping[str, Any], status: int = 200) -> Response:
     response = jsonify(body)
     response.status_code = status
     response.headers["Cache-Control"] = "no-store"

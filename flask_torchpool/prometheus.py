@@ -17,12 +17,15 @@ imports it only when metrics are collected or rendered.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from .metrics import Metrics
+from .status import AppStatus, ModelStatus, WorkerState
+
+if TYPE_CHECKING:
+    from .group import ModelGroup
 
 #: Worker states always exported by ``torchpool_workers`` (0 when no worker is in them).
-WORKER_STATES = ("not started", "starting", "ready", "dead", "failed", "stopped")
+WORKER_STATES = tuple(state.value for state in WorkerState)
 
 
 class TorchPoolCollector:
@@ -46,7 +49,7 @@ class TorchPoolCollector:
     ======================================  ==========  =========================================
     """
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ModelGroup) -> None:
         _require()
         self._state = state
 
@@ -66,7 +69,7 @@ def _require() -> None:
                           "pip install flask_torchpool[metrics]") from exc
 
 
-def render(state: Any, accept: str = "") -> tuple[bytes, str]:
+def render(state: ModelGroup, accept: str = "") -> tuple[bytes, str]:
     """Encode one scrape of *state*'s pool for a scraper sending *accept*: (body, content type)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.exposition import choose_encoder
@@ -77,16 +80,12 @@ def render(state: Any, accept: str = "") -> tuple[bytes, str]:
     return encoder(registry), content_type
 
 
-def _models(status: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+def _models(status: AppStatus | None) -> list[tuple[str, ModelStatus]]:
     """(name, status) of every model of one app status; none for the families without samples."""
-    if status is None:
-        return []
-    if status.get("models"):
-        return list(status["models"].items())
-    return [(str((status.get("metrics") or {}).get("model", "default")), status)]
+    return [] if status is None else list(status["models"].items())
 
 
-def _families(status: dict[str, Any] | None) -> Iterator[Any]:
+def _families(status: AppStatus | None) -> Iterator[Any]:
     """The metric families of one status snapshot, a sample per model; with None, the families without
     samples."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -97,55 +96,49 @@ def _families(status: dict[str, Any] | None) -> Iterator[Any]:
     calls = CounterMetricFamily("torchpool_calls", "Calls that ended, by outcome.",
                                 labels=["model", "outcome"])
     for model, part in models:
-        for outcome, n in (part.get("metrics") or Metrics().snapshot())["calls"].items():
+        for outcome, n in part["metrics"]["calls"].items():
             calls.add_metric([model, outcome], n)
     yield calls
 
-    for name, key, doc in (
+    histograms: tuple[tuple[str, Literal["latency_seconds", "queue_seconds", "batch_rows", "batch_calls"],
+                            str], ...] = (
         ("torchpool_call_latency_seconds", "latency_seconds",
          "Seconds from submitting a call to its result, queueing included."),
         ("torchpool_queue_seconds", "queue_seconds", "Seconds a call waited for a worker."),
         ("torchpool_batch_rows", "batch_rows", "Rows (along dim 0) of each batch a worker ran."),
         ("torchpool_batch_calls", "batch_calls", "Calls in each batch a worker ran."),
-    ):
+    )
+    for name, key, doc in histograms:
         family = HistogramMetricFamily(name, doc, labels=["model"])
         for model, part in models:
-            snapshot = (part.get("metrics") or {}).get(key)
-            if snapshot is not None:
-                buckets = [(floatToGoString(le), n)  # type: ignore[no-untyped-call]
-                           for le, n in zip(snapshot["buckets"],
-                                                                     snapshot["cumulative"])]
-                buckets.append(("+Inf", snapshot["count"]))
-                family.add_metric([model], buckets, sum_value=snapshot["sum"])
+            snapshot = part["metrics"][key]
+            buckets = [(floatToGoString(le), n)  # type: ignore[no-untyped-call]
+                       for le, n in zip(snapshot["buckets"], snapshot["cumulative"])]
+            buckets.append(("+Inf", snapshot["count"]))
+            family.add_metric([model], buckets, sum_value=snapshot["sum"])
         yield family
 
-    def gauge(name: str, doc: str, value: Callable[[dict[str, Any]], float]) -> Any:
+    def gauge(name: str, doc: str, value: Callable[[ModelStatus], float]) -> Any:
         family = GaugeMetricFamily(name, doc, labels=["model"])
         for model, part in models:
             family.add_metric([model], value(part))
         return family
 
-    def workers(part: dict[str, Any]) -> list[dict[str, Any]]:
-        workers: list[dict[str, Any]] = part.get("workers", [])
-        return workers
-
-    yield gauge("torchpool_queue_depth", "Calls waiting for a worker.", lambda p: p.get("queued", 0))
+    yield gauge("torchpool_queue_depth", "Calls waiting for a worker.", lambda p: p["queued"])
     yield gauge("torchpool_inflight_calls", "Calls sent to workers and not answered yet.",
-                lambda p: sum(w.get("inflight", 0) for w in workers(p)))
-    yield gauge("torchpool_busy_workers", "Workers running at least one call.",
-                lambda p: p.get("busy_workers", 0))
+                lambda p: sum(w["inflight"] for w in p["workers"]))
+    yield gauge("torchpool_busy_workers", "Workers running at least one call.", lambda p: p["busy_workers"])
     by_state = GaugeMetricFamily("torchpool_workers", "Workers by state.", labels=["model", "state"])
     for model, part in models:
-        states = list(WORKER_STATES) + sorted({w["state"] for w in workers(part)} - set(WORKER_STATES))
-        for state in states:
-            by_state.add_metric([model, state], sum(1 for w in workers(part) if w["state"] == state))
+        for state in WORKER_STATES:
+            by_state.add_metric([model, state], sum(1 for w in part["workers"] if w["state"] == state))
     yield by_state
     yield gauge("torchpool_ready", "1 when the pool is started and every worker is ready, else 0.",
-                lambda p: 1 if p.get("ready") else 0)
+                lambda p: 1 if p["ready"] else 0)
     restarts = CounterMetricFamily("torchpool_worker_restarts", "Worker respawns since the pool started.",
                                    labels=["model"])
     for model, part in models:
-        restarts.add_metric([model], sum(w.get("restarts", 0) for w in workers(part)))
+        restarts.add_metric([model], sum(w["restarts"] for w in part["workers"]))
     yield restarts
     yield gauge("torchpool_shared_memory_bytes", "Bytes of shared-memory arenas mapped by the pool.",
-                lambda p: p.get("arena_bytes", 0))
+                lambda p: p["arena_bytes"])

@@ -92,7 +92,7 @@ class ModelStatus(_ModelStatusRequired, total=False):
     server: dict[str, Any]
 
 
-class AppStatus(ModelStatus, total=False):
+class AppStatus(ModelStatus):
     """What :meth:`TorchPool.status` answers: the keys of :class:`ModelStatus` for every model together,
     plus ``inline`` and ``models`` (each model's own status, by name)."""
 
