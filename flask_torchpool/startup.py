@@ -170,13 +170,13 @@ class SigtermDrain:
     """Drain on SIGTERM, when nobody else handles it (gunicorn installs its own before loading the app;
     its graceful shutdown ends in the exit hooks).
 
-    The handler writes one byte to a pipe (async-signal-safe, takes no lock). A daemon thread blocked on
-    the pipe runs *drain*, then sends SIGTERM to the process again; the handler, seeing the drain done,
-    restores the default action and re-raises, so the process dies of SIGTERM as its manager expects."""
+    The handler restores SIGTERM's default action and writes one byte to a pipe (both async-signal-safe;
+    no lock). A daemon thread blocked on the pipe runs *drain*, then sends SIGTERM to the process again,
+    which now ends it, by SIGTERM, as its manager expects. A second SIGTERM during the drain ends the
+    process at once."""
 
     def __init__(self, drain: Callable[[], None]) -> None:
         self._drain = drain
-        self._drained = threading.Event()
         self._wakeup_r, self._wakeup_w = -1, -1
         self._start_thread()
 
@@ -191,7 +191,6 @@ class SigtermDrain:
         # app, but a user's own fork may come later): a child drains its own pools with its own thread.
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
-        self._drained = threading.Event()
         self._start_thread()
 
     @classmethod
@@ -209,13 +208,10 @@ class SigtermDrain:
         return hook
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._drained.is_set():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
             os.write(self._wakeup_w, b"T")
-        except BlockingIOError:  # a drain is already requested
+        except BlockingIOError:  # pragma: no cover - one byte in an empty pipe
             pass
 
     def _run(self, wakeup_r: int) -> None:
@@ -230,6 +226,5 @@ class SigtermDrain:
         except Exception:  # noqa: BLE001 - the process must still end
             log.exception("torchpool: draining on SIGTERM failed")
         finally:
-            self._drained.set()
-            # Delivered to the main thread, where Python runs handlers: the handler above re-raises.
+            # The default action is back (the handler restored it): this ends the process.
             os.kill(os.getpid(), signal.SIGTERM)
