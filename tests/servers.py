@@ -18,10 +18,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import requests
 
-from .conftest import child_pids, pid_alive, shm_entries, wait_until
+from flask_torchpool import TorchPool
+
+from .conftest import child_pids, make_app, pid_alive, shm_entries, wait_until
+
+if TYPE_CHECKING:
+    from flask_torchpool.attach.server import PoolServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,6 +137,30 @@ def _sigint_not_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def pool_server(socket_path: os.PathLike[str] | str, **config: Any) -> Iterator[PoolServer]:
+    """A started pool of ``make_app(**config)`` served on *socket_path* by a :class:`PoolServer` in
+    this process, as ``flask torchpool serve`` would; stopped (its workers too) on the way out. Its
+    workers are children of this process, so the tests' child-process checks see them."""
+    # Imported here: pool workers import this module (through tests.crash_models) and need no server.
+    from flask_torchpool.attach.server import PoolServer
+
+    app = make_app(**config)
+    TorchPool(app)
+    pools = app.extensions["torchpool"].start()
+    server = PoolServer(pools, str(socket_path), default_model="default")
+    try:
+        server.start()
+    except BaseException:
+        for pool in pools.values():
+            pool.shutdown(drain_timeout=0)
+        raise
+    try:
+        yield server
+    finally:
+        server.stop(drain_timeout=5)
 
 
 def kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:

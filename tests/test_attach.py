@@ -48,6 +48,7 @@ from .servers import (
     free_port,
     new_shm_entries,
     pid_alive,
+    pool_server,
     pool_workers_below,
     running,
     server_env,
@@ -70,13 +71,8 @@ def socket_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(socket_dir: Path) -> Iterator[PoolServer]:
     """A one-worker echo pool served on a socket, as ``flask torchpool serve`` would."""
-    app = make_app(TORCHPOOL_WORKERS=1, TORCHPOOL_ARENA_BYTES=8 << 20)
-    TorchPool(app)
-    pools = app.extensions["torchpool"].start()
-    server = PoolServer(pools, str(socket_dir / "pool.sock"), default_model="default")
-    server.start()
-    yield server
-    server.stop(drain_timeout=5)
+    with pool_server(socket_dir / "pool.sock", TORCHPOOL_WORKERS=1, TORCHPOOL_ARENA_BYTES=8 << 20) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
