@@ -7,6 +7,8 @@ the end of the session, no child process and no new /dev/shm entry may remain.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
 from collections.abc import Iterator
@@ -69,6 +71,48 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+class Gate:
+    """A gate a model call waits at (``tests.models.wait_at_gate``) until the test opens it: a FIFO in
+    *directory*. The call blocks opening it for reading; :meth:`open` opens it for writing, which
+    fails at once while nobody waits, so it polls (with a deadline) until the call is there, then
+    closes it, and the call reads end-of-file and goes on. One gate lets one waiting call through."""
+
+    def __init__(self, directory: os.PathLike[str] | str) -> None:
+        self.path = os.path.join(os.fspath(directory), "gate")
+        os.mkfifo(self.path, 0o600)
+        self.opened = False
+
+    def __str__(self) -> str:
+        return self.path
+
+    def open(self, timeout: float = 60.0) -> None:
+        """Let the waiting call through; fails if no call waits at the gate within *timeout*."""
+        def try_open() -> bool:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                    raise
+                return False
+            os.close(fd)
+            return True
+
+        assert wait_until(try_open, timeout=timeout), f"no call waited at the gate {self.path} " \
+                                                      f"within {timeout:g}s"
+        self.opened = True
+
+
+@pytest.fixture
+def gate(tmp_path: Any) -> Iterator[Gate]:
+    """A :class:`Gate`; opened on the way out if the test did not (a failed test must not leave a worker
+    of a shared pool waiting at it for ever)."""
+    made = Gate(tmp_path)
+    yield made
+    if not made.opened:
+        with contextlib.suppress(AssertionError):
+            made.open(timeout=5)
 
 
 def make_app(**config: Any) -> Flask:

@@ -65,12 +65,23 @@ def fail_in_worker_after_first():
     return Echo()
 
 
-class BatchProbe(nn.Module):
-    """Adds 1 and reports the size of the batch each row ran in (for the batching tests)."""
+def wait_at_gate(path):
+    """Block until the test opens the gate: *path* is a FIFO (``tests.conftest.Gate``); opening it for
+    reading waits for the test to open it for writing, and reading ends when the test closes it."""
+    with open(path, "rb") as gate:
+        gate.read()
 
-    def forward(self, x=None, action=None, seconds=0.0):
+
+class BatchProbe(nn.Module):
+    """Adds 1 and reports the size of the batch each row ran in (for the batching tests); with
+    ``action="gate", gate=PATH`` it holds its worker until the test opens the gate at PATH."""
+
+    def forward(self, x=None, action=None, seconds=0.0, gate=None):
         if action == "sleep":
             time.sleep(seconds)
+            return 0
+        if action == "gate":
+            wait_at_gate(gate)
             return 0
         if bool((x < 0).any()):
             raise ValueError("negative input in batch")

@@ -1,10 +1,13 @@
 """Dynamic batching: strict row limits, batches that fill while the worker is busy, errors confined to
-their batch, per-view opt-out, shape keys. A slow call holds the only worker so that batches form
-deterministically (no sleeps in the test itself)."""
+their batch, per-view opt-out, shape keys. A call that waits at a gate (a FIFO the test opens once every
+call of the test is queued) holds the only worker, so that batches form deterministically, however
+slowly the test submits: no test waits for time to pass."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
 import torch
@@ -12,15 +15,20 @@ from flask import Flask
 
 from flask_torchpool import InferenceError, OutputError, TorchPool
 
-from .conftest import make_app
+from .conftest import Gate, make_app
 
 pytestmark = pytest.mark.timeout(120)
+
+
+#: Long, so that an open batch is sent because it is full or its worker is idle, never because the test
+#: was slow to submit its calls (the delay is the one clock batching has).
+BATCH_DELAY_S = 30.0
 
 
 @pytest.fixture(scope="module")
 def batch_app() -> Iterator[Flask]:
     app = make_app(TORCHPOOL_MODEL="tests.models:batch_probe", TORCHPOOL_MAX_BATCH_SIZE=8,
-                   TORCHPOOL_MAX_BATCH_DELAY_MS=5000, TORCHPOOL_PIPELINE_DEPTH=2)
+                   TORCHPOOL_MAX_BATCH_DELAY_MS=BATCH_DELAY_S * 1000, TORCHPOOL_PIPELINE_DEPTH=2)
     pool = TorchPool(app)
     yield app
     pool.shutdown(app=app)
@@ -32,17 +40,22 @@ def bpool(batch_app: Flask) -> Iterator[TorchPool]:
         yield batch_app.extensions["torchpool"].extension
 
 
-def _hold_worker(pool: TorchPool, seconds: float = 1.0):
-    """A call without tensors (never batched) that keeps the worker busy."""
-    return pool.submit(action="sleep", seconds=seconds)
+def _hold_worker(pool: TorchPool, gate: Gate) -> Future[Any]:
+    """A call without tensors (never batched) that keeps the worker busy until *gate* opens."""
+    return pool.submit(action="gate", gate=str(gate))
 
 
-def test_batches_fill_to_the_strict_row_limit(bpool: TorchPool) -> None:
-    hold = _hold_worker(bpool)
+def _release(gate: Gate, hold: Future[Any]) -> None:
+    gate.open()
+    assert hold.result(60) == 0
+
+
+def test_batches_fill_to_the_strict_row_limit(bpool: TorchPool, gate: Gate) -> None:
+    hold = _hold_worker(bpool, gate)
     xs = [torch.full((1, 3), float(i)) for i in range(20)]
     futures = [bpool.submit(x) for x in xs]
+    _release(gate, hold)
     results = [f.result(60) for f in futures]
-    hold.result(60)
     sizes = [int(r["n"][0]) for r in results]
     assert max(sizes) == 8 and all(n <= 8 for n in sizes)
     assert sizes[:16] == [8] * 16  # two full batches formed while the worker was busy
@@ -53,11 +66,12 @@ def test_batches_fill_to_the_strict_row_limit(bpool: TorchPool) -> None:
     assert status["metrics"]["batch_rows"]["count"] >= 3
 
 
-def test_limit_counts_rows_not_calls(bpool: TorchPool) -> None:
-    hold = _hold_worker(bpool)
+def test_limit_counts_rows_not_calls(bpool: TorchPool, gate: Gate) -> None:
+    hold = _hold_worker(bpool, gate)
     xs = [torch.full((3, 2), float(i)) for i in range(6)]
-    results = [f.result(60) for f in [bpool.submit(x) for x in xs]]
-    hold.result(60)
+    futures = [bpool.submit(x) for x in xs]
+    _release(gate, hold)
+    results = [f.result(60) for f in futures]
     sizes = {int(r["n"][0]) for r in results}
     assert sizes <= {3, 6} and 6 in sizes  # two 3-row calls per batch; a third would make 9 > 8
     for x, r in zip(xs, results):
@@ -70,11 +84,11 @@ def test_a_call_larger_than_the_limit_runs_alone(bpool: TorchPool) -> None:
     assert int(r["n"][0]) == 20 and torch.equal(r["y"], x + 1)
 
 
-def test_error_reaches_its_batch_only(bpool: TorchPool) -> None:
-    hold = _hold_worker(bpool)
+def test_error_reaches_its_batch_only(bpool: TorchPool, gate: Gate) -> None:
+    hold = _hold_worker(bpool, gate)
     good_a = [bpool.submit(torch.ones(2, 1)) for _ in range(4)]   # 8 rows: batch A, full
     bad_b = [bpool.submit(torch.ones(2, 1)), bpool.submit(-torch.ones(2, 1))]  # batch B, poisoned
-    hold.result(60)
+    _release(gate, hold)
     assert all(int(f.result(60)["n"][0]) == 8 for f in good_a)
     for f in bad_b:
         with pytest.raises(InferenceError, match="negative input in batch"):
@@ -82,12 +96,12 @@ def test_error_reaches_its_batch_only(bpool: TorchPool) -> None:
     assert torch.equal(bpool(torch.zeros(1, 1))["y"], torch.ones(1, 1))  # still serving
 
 
-def test_different_shapes_do_not_mix(bpool: TorchPool) -> None:
-    hold = _hold_worker(bpool)
+def test_different_shapes_do_not_mix(bpool: TorchPool, gate: Gate) -> None:
+    hold = _hold_worker(bpool, gate)
     a = [bpool.submit(torch.zeros(1, 4)) for _ in range(3)]
     b = [bpool.submit(torch.zeros(1, 5)) for _ in range(3)]
     c = [bpool.submit(torch.zeros(1, 4, dtype=torch.float64)) for _ in range(2)]
-    hold.result(60)
+    _release(gate, hold)
     for futures, shape, dtype in ((a, (1, 4), torch.float32), (b, (1, 5), torch.float32),
                                   (c, (1, 4), torch.float64)):
         for f in futures:
@@ -96,11 +110,11 @@ def test_different_shapes_do_not_mix(bpool: TorchPool) -> None:
             assert int(r["n"][0]) <= len(futures)
 
 
-def test_opt_out_runs_calls_alone(batch_app: Flask, bpool: TorchPool) -> None:
+def test_opt_out_runs_calls_alone(batch_app: Flask, bpool: TorchPool, gate: Gate) -> None:
     proxy = bpool.model(batch=False)
-    hold = _hold_worker(bpool)
+    hold = _hold_worker(bpool, gate)
     futures = [proxy.submit(torch.zeros(1, 2)) for _ in range(3)]
-    hold.result(60)
+    _release(gate, hold)
     assert [int(f.result(60)["n"][0]) for f in futures] == [1, 1, 1]
 
     @batch_app.get("/never-batched")
@@ -109,22 +123,22 @@ def test_opt_out_runs_calls_alone(batch_app: Flask, bpool: TorchPool) -> None:
         return {"n": int(model(torch.zeros(1, 2))["n"][0])}
 
 
-def test_outputs_must_keep_rows_aligned(bpool: TorchPool) -> None:
-    hold = _hold_worker(bpool)
+def test_outputs_must_keep_rows_aligned(bpool: TorchPool, gate: Gate) -> None:
+    hold = _hold_worker(bpool, gate)
     futures = [bpool.submit(torch.ones(1, 2), action="bad_rows") for _ in range(3)]
-    hold.result(60)
+    _release(gate, hold)
     for f in futures:
         with pytest.raises(OutputError, match="keep dim 0 aligned"):
             f.result(60)
 
 
 def test_light_traffic_is_not_delayed(bpool: TorchPool) -> None:
-    """An idle worker takes a batch at once: a lone call does not wait for the 5 s batch delay."""
+    """An idle worker takes a batch at once: a lone call does not wait for the batch delay."""
     import time
 
     start = time.monotonic()
     bpool(torch.ones(1, 1))
-    assert time.monotonic() - start < 4.0  # far below the configured 5 s delay (not a speed test)
+    assert time.monotonic() - start < BATCH_DELAY_S / 2  # far below the batch delay (not a speed test)
 
 
 def test_copy_into_uses_no_torch_threads() -> None:
