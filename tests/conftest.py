@@ -2,15 +2,22 @@
 
 Spawning a worker imports torch (1-2 s), so happy-path tests share module-scoped pools; tests that crash,
 hang or kill workers make their own with ``make_pool``. After every test that made its own pool, and at
-the end of the session, no child process and no new /dev/shm entry may remain.
+the end of the session, no child process and no new /dev/shm entry may remain. After *every* test, no
+extra file descriptor and no extra memfd or /dev/shm mapping may remain in this process
+(:func:`_no_leaked_descriptors`); a test that rightly leaves one for later tests (say it starts a
+module-scoped pool lazily) says so with ``@pytest.mark.leaks_ok(reason=...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
+import gc
+import multiprocessing.resource_tracker
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -122,6 +129,126 @@ def make_app(**config: Any) -> Flask:
                       TORCHPOOL_HANDLE_SIGTERM=False)
     app.config.update(config)
     return app
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "leaks_ok(reason, only=None): the test may leave file descriptors or memfd mappings "
+                   "open in the test process on purpose (for later tests, or in a library's process-wide "
+                   "cache): with only=[glob, ...], those whose target matches a glob; else any (the "
+                   "per-test leak check is skipped)")
+
+
+# --- descriptors and mappings of this process ------------------------------------------------------------
+
+#: Seconds a test's descriptors and mappings get to go away after it (and its fixtures) ended: zero-copy
+#: outputs are unmapped when they are garbage-collected, and a respawned worker's pipes and arena are
+#: replaced by the pool's manager thread, asynchronously.
+LEAK_DEADLINE = 5.0
+
+
+def open_fds() -> dict[int, str]:
+    """This process's descriptors: fd -> what it is (its /proc/self/fd link: a path, ``pipe:[ino]``,
+    ``socket:[ino]``, ``anon_inode:[eventpoll]``, ``/memfd:name (deleted)``)."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile, such as the descriptor listdir itself used
+            continue
+    return fds
+
+
+def shared_mappings() -> dict[tuple[str, str], str]:
+    """This process's memfd and /dev/shm mappings: (address range, inode) -> path."""
+    found = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith(("/memfd:", "/dev/shm/")):
+                found[(fields[0], fields[4])] = fields[5].rstrip("\n")
+    return found
+
+
+def _kind(target: str) -> str:
+    """What a descriptor or mapping is, without the identity of the object: ``pipe``, ``socket``,
+    ``anon_inode:[eventfd]``, ``/memfd:torchpool-arena``, or a path. A respawned worker gets a new pipe
+    and a new socketpair for the old ones, so the check counts kinds, not objects."""
+    target = target.removesuffix(" (deleted)")
+    if target.startswith(("pipe:", "socket:")):
+        return target.split(":", 1)[0]
+    return target
+
+
+def _extra(before: dict[Any, str], after: dict[Any, str]) -> list[str]:
+    """The entries of *after* of every kind that has more entries than in *before* (for each such kind,
+    the entries that are new), as ``"key -> target"``."""
+    grown = Counter(map(_kind, after.values()))
+    grown.subtract(Counter(map(_kind, before.values())))
+    return [f"{key} -> {target}" for key, target in sorted(after.items())
+            if grown[_kind(target)] > 0 and before.get(key) != target]
+
+
+_call_failed = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_call_failed] = report.failed
+    return report
+
+
+def _allow(extra: list[str], globs: list[str]) -> list[str]:
+    return [entry for entry in extra
+            if not any(fnmatch.fnmatchcase(entry.split(" -> ", 1)[1], glob) for glob in globs)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _resource_tracker() -> None:
+    """Start multiprocessing's resource tracker now: the first spawn starts it and it keeps a pipe to it
+    open for the rest of the session, which is not the leak of whichever test spawned first."""
+    multiprocessing.resource_tracker.ensure_running()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_descriptors(request: pytest.FixtureRequest, _resource_tracker: None) -> Iterator[None]:
+    """No extra descriptor and no extra memfd or /dev/shm mapping after each test.
+
+    Function-scoped, so set up after the module- and session-scoped fixtures of the test (their pools are
+    in the snapshot), and autouse, so set up before (and torn down after) the test's other function
+    fixtures: what ``make_pool`` and the like close is closed by the time this looks."""
+    allowed: list[str] = []
+    marker = request.node.get_closest_marker("leaks_ok")
+    if marker is not None:
+        if not marker.kwargs.get("reason"):
+            pytest.fail("@pytest.mark.leaks_ok needs a reason=", pytrace=False)
+        if marker.kwargs.get("only") is None:
+            yield
+            return
+        allowed = list(marker.kwargs["only"])
+    fds, maps = open_fds(), shared_mappings()
+    yield
+    if request.node.stash.get(_call_failed, False):
+        return  # already reported; its traceback (sys.last_traceback) keeps the test's objects alive
+    extra_fds: list[str] = []
+    extra_maps: list[str] = []
+
+    def settled() -> bool:
+        nonlocal extra_fds, extra_maps
+        gc.collect()
+        extra_fds = _allow(_extra(fds, open_fds()), allowed)
+        extra_maps = _allow(_extra(maps, shared_mappings()), allowed)
+        return not extra_fds and not extra_maps
+
+    if not wait_until(settled, timeout=LEAK_DEADLINE, interval=0.05):
+        pytest.fail(f"the test left {len(extra_fds)} file descriptor(s) and {len(extra_maps)} shared "
+                    f"mapping(s) open in the test process {LEAK_DEADLINE:g}s after it ended:\n  "
+                    + "\n  ".join(["fd " + fd for fd in extra_fds] + ["mapping " + m for m in extra_maps])
+                    + "\n(if a later test or a library's process-wide cache owns them, say so with "
+                      "@pytest.mark.leaks_ok(reason=..., only=[glob of their targets, ...]))",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -254,6 +254,8 @@ def _png_text(data: bytes) -> dict[str, str]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.leaks_ok(reason="matplotlib's font cache keeps the font files it loaded open for the rest "
+                             "of the process", only=["*/matplotlib/mpl-data/fonts/*"])
 def test_tune_prints_a_table_recommends_and_plots(tmp_path: Path) -> None:
     before = child_pids()
     app, _ = _lazy_app(TORCHPOOL_MODEL="tests.models:linear",
