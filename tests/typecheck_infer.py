@@ -7,7 +7,8 @@ parameter (the :class:`ModelProxy`), keeps the return type, and refuses a wrong 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Coroutine
+from collections.abc import Coroutine
+from typing import Any, Callable
 
 from flask_torchpool import ModelProxy, TorchPool
 
