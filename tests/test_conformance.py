@@ -403,16 +403,16 @@ def test_http_success_and_deadline(backend: Backend) -> None:
 
 # --- status ----------------------------------------------------------------------------------------------
 
-#: The keys docs/operating.rst ("The status") and TorchPool.status document, for every backend.
-STATUS_KEYS = {"started", "closed", "ready", "inline", "queued", "busy_workers", "arena_bytes", "counters",
-               "workers", "latency_quantiles", "plan", "metrics", "models"}
-#: Documented as "not reported in inline mode".
-STATUS_KEYS_NOT_INLINE = {"shared_weight_bytes"}
-#: Documented for attached apps (docs/deploying.rst: "mode" and the server's pid and client count);
-#: "socket" is reported too, though no doc names it.
-STATUS_KEYS_ATTACH = {"mode", "server", "socket"}
-COUNTER_KEYS = {"calls", "ok", "errors", "timeouts", "crashes", "overloaded", "retries"}
-COUNTER_KEYS_NOT_INLINE = {"batches"}
+#: Every backend's status: docs/operating.rst ("The status"), TorchPool.status, and the status types
+#: (ModelStatus, AppStatus in flask_torchpool/status.py), which report "mode", "shared_weight_bytes" and
+#: the "batches" counter on every backend.
+STATUS_KEYS = {"started", "closed", "ready", "inline", "mode", "queued", "busy_workers", "arena_bytes",
+               "shared_weight_bytes", "counters", "workers", "latency_quantiles", "plan", "metrics",
+               "models"}
+#: "error": why it is not serving (after a failed start); attached apps add "socket" and "server" (the
+#: pool server's pid and client count).
+STATUS_KEYS_OPTIONAL = {"error", "socket", "server"}
+COUNTER_KEYS = {"calls", "ok", "errors", "timeouts", "crashes", "overloaded", "retries", "batches"}
 WORKER_KEYS = {"worker", "model", "pid", "state", "device", "cores", "threads", "inflight", "calls",
                "errors", "restarts", "last_exit"}
 WORKER_STATES = {"not started", "starting", "ready", "dead", "failed", "stopped"}
@@ -420,13 +420,11 @@ PLAN_KEYS = {"worker", "device", "cores", "threads", "model"}
 
 
 def _check_status_shape(status: dict[str, Any], backend: Backend) -> None:
-    inline = backend.kind == "inline"
-    assert status["inline"] is inline
-    expected = STATUS_KEYS | (set() if inline else STATUS_KEYS_NOT_INLINE)
-    allowed = expected | {"error"} | (STATUS_KEYS_ATTACH if backend.kind == "attach" else set())
-    assert expected <= status.keys() <= allowed, \
-        f"missing {expected - status.keys()}, undocumented {status.keys() - allowed}"
-    assert COUNTER_KEYS | (set() if inline else COUNTER_KEYS_NOT_INLINE) == status["counters"].keys()
+    known = STATUS_KEYS | STATUS_KEYS_OPTIONAL
+    assert STATUS_KEYS <= status.keys() <= known, \
+        f"missing {STATUS_KEYS - status.keys()}, undocumented {status.keys() - known}"
+    assert status["inline"] is (backend.kind == "inline") and status["mode"] == backend.kind, status
+    assert status["counters"].keys() == COUNTER_KEYS, status["counters"]
     assert status["workers"] and len(status["workers"]) == len(status["plan"])
     for worker, placement in zip(status["workers"], status["plan"]):
         assert worker.keys() == WORKER_KEYS, worker
@@ -442,21 +440,18 @@ def test_status_has_the_documented_keys_and_worker_states(backend: Backend) -> N
     status = backend.status()
     _check_status_shape(status, backend)
     assert status["started"] is True and status["closed"] is False and status["ready"] is True, status
-    assert "error" not in status
+    # The same keys on every backend; an attached app adds where its pool server is.
+    attached = {"socket", "server"} if backend.kind == "attach" else set()
+    assert status.keys() & STATUS_KEYS_OPTIONAL == attached
     assert {w["state"] for w in status["workers"]} == {"ready"}
     resp = backend.app.test_client().get(f"{HEALTH_URL}/status")
     assert resp.status_code == 200 and resp.json.keys() == status.keys()
     assert backend.app.test_client().get(f"{HEALTH_URL}/ready").status_code == 200
 
 
-def test_a_models_status_is_the_top_level_less_inline_and_models(backend: Backend,
-                                                                   request: pytest.FixtureRequest) -> None:
+def test_a_models_status_is_the_top_level_less_inline_and_models(backend: Backend) -> None:
     """docs/operating.rst, ``models``: "The same keys (but inline, models and error) for each model
     [...] with one model a copy of the top level"."""
-    if backend.kind == "inline":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="inline: each model's status also has 'inline' (InlinePool.status reports "
-                                "it), which the docs leave out of the per-model keys"))
     status = backend.status()
     assert status["models"]["default"] == {k: v for k, v in status.items() if k not in ("inline", "models")}
 
@@ -522,9 +517,9 @@ def test_status_after_shutdown_keeps_the_documented_keys(fresh_backend: Backend,
     backend = fresh_backend
     if backend.kind == "attach":
         request.applymarker(pytest.mark.xfail(
-            strict=True, reason="attach: after shutdown the status has no workers and no plan, empty "
-                                "counters, no shared_weight_bytes, and an 'error' (documented for a "
-                                "failed start only)"))
+            strict=True, reason="attach: after shutdown an attached app's status lists no workers and no "
+                                "plan (embedded and inline list theirs, 'stopped') and has an 'error' "
+                                "(docs/operating.rst: after a failed start)"))
     backend.pool.shutdown(app=backend.app)
     status = backend.status()
     assert status["closed"] is True and status["ready"] is False
