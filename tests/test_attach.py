@@ -375,9 +375,21 @@ def _gunicorn(port: int, workers: int, *extra: str) -> list[str]:
             "--graceful-timeout", "10", *extra, "attach_app:app"]
 
 
-def _pool_servers() -> set[int]:
+def _pool_servers(project: Path) -> set[int]:
+    """The pool servers of *project*'s app: servers started for another test run's ``attach_app`` on
+    this machine (a session running the suite beside this one) are not ours."""
     return {int(p) for p in os.listdir("/proc") if p.isdigit() and pid_alive(int(p))
-            and "flask_torchpool.server" in cmdline(int(p)) and "--app attach_app" in cmdline(int(p))}
+            and "flask_torchpool.server" in cmdline(int(p)) and "--app attach_app" in cmdline(int(p))
+            and _started_for(int(p), project)}
+
+
+def _started_for(pid: int, project: Path) -> bool:
+    """Whether process *pid* inherited *project*'s environment (APP_SOCKET names a file in it)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"APP_SOCKET={project}/".encode() in f.read()
+    except OSError:
+        return False
 
 
 def _server_status(server: Server) -> dict:
@@ -410,7 +422,7 @@ def test_gunicorn_w3_auto_mode_shares_one_pool(project: Path) -> None:
     port = free_port()
     with running(_gunicorn(port, 3), port, project / "server.log", _env(project, "auto")) as server:
         _wait_ok(server)
-        servers = _pool_servers()
+        servers = _pool_servers(project)
         assert len(servers) == 1, f"expected one pool server, found {servers}:\n{server.log()}"
         (pool_server,) = servers
         try:
@@ -450,7 +462,8 @@ def test_gunicorn_w3_auto_mode_shares_one_pool(project: Path) -> None:
             assert resp.json()["type"] == "PoolUnavailableError" and resp.headers["Retry-After"]
             assert not wait_gone(workers), "the dead server's model workers outlived it"
             answer = _wait_ok(server)
-            (new_server,) = wait_until(lambda: len(_pool_servers()) == 1 and _pool_servers(), timeout=30)
+            (new_server,) = wait_until(lambda: len(_pool_servers(project)) == 1 and _pool_servers(project),
+                                       timeout=30)
             assert new_server != pool_server
             assert answer["worker"] in pool_workers_below(new_server)
             pool_server = new_server
@@ -472,7 +485,7 @@ def test_gunicorn_hook_starts_the_server_in_the_master_before_fork(project: Path
     argv = _gunicorn(port, 2, "-c", str(project / "gunicorn.conf.py"))
     with running(argv, port, project / "server.log", _env(project, "attach"), cwd=project) as server:
         _wait_ok(server)
-        (pool_server,) = _pool_servers()
+        (pool_server,) = _pool_servers(project)
         try:
             children = all_children(server.pid)
             assert pool_server in children, "the hook's server is not the master's child"
