@@ -194,7 +194,7 @@ class ModelGroup:
             return False  # no server, and not a pre-fork server: embedded
         rendezvous.ensure_private_dir(path)
         first = next(iter(self.configs.values()))
-        if self.connection is None or self.connection.path != path:
+        if self.connection is None or self.connection.path != path or self.connection.closed:
             self.connection = client.PoolConnection(path, first.arena_bytes, first.retry_after)
         if mode == "auto" and self.app_import is not None:
             # The gunicorn master owns the server: it outlives any one web worker (max_requests). A

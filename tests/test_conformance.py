@@ -12,10 +12,9 @@ Backends (the module-scoped ``backend`` fixture, one shared pool each, like CPyt
     in this process, so that its workers are children of the test process).
 
 Where the backends rightly differ, the :class:`Backend` says so as a capability (deadlines, who owns the
-worker processes) and the tests assert each backend's documented behaviour; nothing is skipped. Where a
-backend deviates from the docs today, that test is a strict xfail for it whose reason names the
-deviation (it fails loudly once fixed, so that the xfail goes). The
-tests use only ``TorchPool``, ``pool.model``, ``@pool.infer`` views through ``app.test_client()``,
+worker processes) and the tests assert each backend's documented behaviour; nothing is skipped, and no
+backend has an expected failure (the last two, attach's restart and status after shutdown, are fixed).
+The tests use only ``TorchPool``, ``pool.model``, ``@pool.infer`` views through ``app.test_client()``,
 ``pool.status``, ``pool.shutdown`` and the exceptions of ``flask_torchpool``. Shutdown tests make their
 own backend (``fresh_backend``).
 """
@@ -512,14 +511,8 @@ def test_shutdown_is_idempotent_and_later_calls_raise_pool_closed(fresh_backend:
         assert backend.workers == "none" and pids == {os.getpid()}
 
 
-def test_status_after_shutdown_keeps_the_documented_keys(fresh_backend: Backend,
-                                                         request: pytest.FixtureRequest) -> None:
+def test_status_after_shutdown_keeps_the_documented_keys(fresh_backend: Backend) -> None:
     backend = fresh_backend
-    if backend.kind == "attach":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="attach: after shutdown an attached app's status lists no workers and no "
-                                "plan (embedded and inline list theirs, 'stopped') and has an 'error' "
-                                "(docs/operating.rst: after a failed start)"))
     backend.pool.shutdown(app=backend.app)
     status = backend.status()
     assert status["closed"] is True and status["ready"] is False
@@ -528,17 +521,25 @@ def test_status_after_shutdown_keeps_the_documented_keys(fresh_backend: Backend,
     assert {w["state"] for w in status["workers"]} == {"stopped"}, status["workers"]
 
 
-def test_start_after_shutdown_serves_again(fresh_backend: Backend, request: pytest.FixtureRequest) -> None:
+def test_start_after_shutdown_serves_again(fresh_backend: Backend) -> None:
     """PoolClosedError says "call TorchPool.start() to start a new one"; TorchPool.start() does."""
     backend = fresh_backend
-    if backend.kind == "attach":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=PoolClosedError,
-            reason="attach: TorchPool.start() after shutdown raises PoolClosedError ('call "
-                   "TorchPool.start() to attach again'): the closed connection is kept and reused"))
     backend.pool.shutdown(app=backend.app)
     with pytest.raises(PoolClosedError, match=r"TorchPool\.start\(\)"):
         backend.proxy()(torch.ones(1))
     backend.pool.start(app=backend.app)
     assert backend.status()["ready"] is True
     assert_same(backend.proxy()(torch.ones(3)), torch.ones(3))
+
+
+def test_every_backend_implements_the_contract(backend: Backend) -> None:
+    """The one contract (flask_torchpool.backend.Backend): what the group, health, the CLI, Prometheus
+    and the pool server rely on, and the capability the deadline tests read."""
+    from flask_torchpool.backend import Backend as Contract
+
+    backend.proxy()(torch.ones(1))  # started
+    for implementation in backend.app.extensions["torchpool"].pools.values():
+        assert isinstance(implementation, Contract), type(implementation)
+        assert implementation.enforces_deadlines is backend.enforces_deadlines
+        assert implementation.placements and implementation.started and not implementation.closed
+        assert implementation.status()["mode"] == backend.kind

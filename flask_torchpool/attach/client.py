@@ -34,7 +34,7 @@ from ..config import PoolConfig
 from ..errors import PoolUnavailableError, TorchPoolError, WireError, from_wire
 from ..metrics import Metrics
 from ..placement import Placement
-from ..status import ModelStatus, not_started
+from ..status import ModelStatus, WorkerState, model_status, not_started, worker_status
 from .rendezvous import (
     check_same_user,
     ensure_private_dir,
@@ -84,6 +84,7 @@ class PoolConnection:
         #: Called (auto mode) when no server holds the socket's lock: starts one.
         self.on_missing: Callable[[], None] | None = None
         self.closed = False
+        self._last_welcome: messages.Welcome | None = None
 
     # --- connecting -------------------------------------------------------------------------------------
 
@@ -93,8 +94,9 @@ class PoolConnection:
 
     @property
     def welcome(self) -> messages.Welcome | None:
-        link = self._link
-        return link.welcome if link is not None else None
+        """What the server said when this process last attached (kept after the connection ends, so
+        that the models' placements stay known)."""
+        return self._last_welcome
 
     def connect(self, wait: float = 0.0) -> messages.Welcome:
         """Connect if not connected. While a server is starting, wait for it up to *wait* seconds.
@@ -166,6 +168,7 @@ class PoolConnection:
         finally:
             os.close(fd)
         link = self._link = _Link(channel, arena, shm.Allocator(*arena.inputs), shm.ReleaseQueue(), welcome)
+        self._last_welcome = welcome
         threading.Thread(target=self._read_loop, args=(link,), name="torchpool-attach-reader",
                          daemon=True).start()
         log.info("torchpool: attached to the pool server at %s (pid %d)", self.path, welcome.pid)
@@ -381,7 +384,10 @@ class RemotePool:
 
     def status(self) -> ModelStatus:
         """The server's status of this model (``"mode": "attach"``, the socket, the server's pid and
-        client count added); without a server, a not-started status with the reason in ``"error"``."""
+        client count added); without a server, a not-started status with the reason in ``"error"``;
+        once this process detached (shutdown), its workers as it last knew them, ``"stopped"``."""
+        if self.closed:
+            return self._detached()
         try:
             server = self.connection.status()
         except TorchPoolError as exc:
@@ -394,6 +400,15 @@ class RemotePool:
         return {**model, "mode": "attach", "socket": self.connection.path, "closed": closed,
                 "ready": model["ready"] and not closed,
                 "server": {"pid": server["pid"], "clients": server["clients"]}}
+
+    def _detached(self) -> ModelStatus:
+        placements = self.placements
+        status = model_status(mode="attach", started=False, closed=True, queued=0, busy_workers=0,
+                              arena_bytes=0, metrics=Metrics(self.config.name).snapshot(),
+                              workers=[worker_status(p, WorkerState.STOPPED) for p in placements],
+                              plan=placements)
+        status["socket"] = self.connection.path
+        return status
 
     def _without_server(self, error: str) -> ModelStatus:
         status = not_started("attach", Metrics(self.config.name).snapshot(), [], error=error)
