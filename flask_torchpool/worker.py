@@ -4,8 +4,9 @@
 sends its log records there (:mod:`flask_torchpool.logs`). Then it arranges to die with its parent
 (``PR_SET_PDEATHSIG`` plus a check that the parent is still the one that spawned it), pins itself to its
 cores, sets torch's thread counts and, on a GPU, selects the device before CUDA initialises. Then it
-builds the model (``.eval()``, moved to the device), reports :class:`~flask_torchpool.messages.Ready`
-(or ``StartupFailed`` with its traceback) and serves.
+builds the model (``.eval()``, moved to the device), maps the pool's shared weights
+(:mod:`flask_torchpool.weights`), reports :class:`~flask_torchpool.messages.Ready` (or ``StartupFailed``
+with its traceback) and serves.
 
 The serve loop reads every message already waiting before it runs the next call, so a ``Cancel`` for a
 call that has not started yet removes it, and output blocks released by the web process are reused at
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import codec, messages, shm
+from . import codec, messages, shm, weights
 from .logs import flush_c_streams, redirect_output
 from .placement import Placement
 
@@ -94,66 +95,6 @@ def load_model(spec: Any, device: str) -> Any:
     return model
 
 
-# Note [Shared weights]
-# ~~~~~~~~~~~~~~~~~~~~~
-# With TORCHPOOL_SHARE_WEIGHTS on CPU, N workers hold one copy of the weights. Each worker builds the
-# model as usual, then reports the layout of its parameters and buffers (a fingerprint of names, dtypes
-# and shapes) and their total size. The supervisor creates one memfd of that size; the first worker to
-# report copies its tensors into it, and every worker then points each parameter and buffer at its view
-# of the segment (``tensor.data = view``), which frees the private copy. The supervisor keeps the
-# descriptor, so a respawned worker maps the same weights. All workers therefore run the first worker's
-# weights: a factory must build the same model each time (it always should). Weights must not be
-# modified in place while serving; they are shared. TorchScript and torch.export models keep their own.
-
-
-def _weight_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
-    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        return []
-    seen: set[int] = set()
-    out = []
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if id(t) in seen or t.device.type != "cpu" or t.layout != torch.strided or not t.numel():
-            continue
-        seen.add(id(t))
-        out.append((name, t))
-    return out
-
-
-def _layout(tensors: list[tuple[str, torch.Tensor]]) -> tuple[str, int, list[int]]:
-    import hashlib
-
-    digest = hashlib.sha256()
-    offsets, total = [], 0
-    for name, t in tensors:
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        offsets.append(total)
-        total += (codec.tensor_nbytes(t) + shm.ALIGN - 1) // shm.ALIGN * shm.ALIGN
-    return digest.hexdigest(), total, offsets
-
-
-def _share_weights(channel: messages.Channel, model: Any) -> int:
-    """Run the Note [Shared weights] handshake; returns the bytes now shared (0: kept private)."""
-    tensors = _weight_tensors(model)
-    if not tensors:
-        return 0
-    fingerprint, total, offsets = _layout(tensors)
-    channel.send(messages.Loaded(fingerprint, total))
-    msg, fds = channel.recv()
-    if type(msg) is not messages.Adopt or not msg.share or not fds:
-        for fd in fds:
-            os.close(fd)
-        return 0
-    segment = shm.Segment(fds[0], total)
-    os.close(fds[0])
-    with torch.no_grad():
-        for (_, t), offset in zip(tensors, offsets):
-            view = segment.view(offset, codec.tensor_nbytes(t), t.dtype, tuple(t.shape))
-            if msg.fill:
-                shm.copy_into(view, t.detach())
-            t.data = view
-    return total
-
-
 def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_fd: Any,
                 arena_size: int, parent_pid: int, share_weights: bool = False,
                 output_fds: tuple[Any, Any] | None = None, log_level: int = logging.INFO) -> None:
@@ -177,7 +118,7 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
         os.close(fd)
         _pin(placement)
         model = load_model(model_spec, placement.device)
-        shared = _share_weights(channel, model) if share_weights and placement.device == "cpu" else 0
+        shared = weights.share_weights(channel, model) if share_weights and placement.device == "cpu" else 0
     except BaseException as exc:
         log.error("worker %d could not load the model %r", placement.worker, model_spec, exc_info=True)
         flush_c_streams()
