@@ -28,15 +28,7 @@ from typing import Any, Callable, Generic, Protocol, TypeVar
 import torch
 
 from . import codec, messages, shm
-from .errors import (
-    InferenceError,
-    InferenceTimeoutError,
-    InvalidInputError,
-    OutputError,
-    PoolOverloadedError,
-    RemoteTraceback,
-    TorchPoolError,
-)
+from .errors import InvalidInputError, OutputError, PoolOverloadedError, TorchPoolError, WireError, from_wire
 from .metrics import Metrics, outcome_of
 from .status import WorkerState
 
@@ -448,7 +440,7 @@ class Scheduler(Generic[S]):
             if isinstance(msg, messages.Result):
                 results = split(job, msg, fds)
             else:
-                results = [(None, _failure_error(msg)) for _ in job.members]
+                results = [(None, from_wire(WireError(*msg[1:]))) for _ in job.members]
             # Only now: outputs that are inputs were read from these blocks (Note [Outputs that
             # are inputs], worker.py); the ones zero-copy views still use stay allocated.
             self.free_inputs(slot, job)
@@ -592,20 +584,6 @@ def _take_all(items: deque[T]) -> Iterator[T]:
             yield items.popleft()
         except IndexError:
             return
-
-
-def _failure_error(msg: messages.Failure) -> TorchPoolError:
-    if msg.kind == "output":
-        err: TorchPoolError = OutputError(msg.message, remote_type=msg.type_name)
-    elif msg.kind == "input":
-        err = InvalidInputError(f"the worker could not read the inputs: {msg.type_name}: {msg.message}")
-    elif msg.kind == "cancelled":
-        err = InferenceTimeoutError("the call was cancelled before it ran")
-    else:
-        err = InferenceError.model_raised(msg.type_name, msg.message, None)
-    if msg.tb:
-        err.__cause__ = RemoteTraceback(msg.tb)
-    return err
 
 
 def _write_error(error: BaseException, retry_after: int) -> TorchPoolError:

@@ -50,8 +50,10 @@ from .errors import (
     PoolClosedError,
     PoolOverloadedError,
     TorchPoolError,
+    WireError,
     WorkerCrashedError,
     WorkerStartupError,
+    from_wire,
 )
 from .metrics import Metrics
 from .placement import Placement
@@ -334,15 +336,16 @@ class Pool:
                     log.info("%s: %d worker(s) ready", self.name, len(self.workers))
                     self._started.set()
         elif kind is messages.StartupFailed:
-            err = WorkerStartupError.load_failed(worker.index, self.config.model, msg.message, msg.tb)
+            err = from_wire(WireError(*msg))
+            if not isinstance(err, WorkerStartupError):  # not what a worker sends
+                err = WorkerStartupError.load_failed(worker.index, self.config.model, str(err), msg.tb)
             with self._lock:
                 if not self._started.is_set():
                     self._fail_start(err, replace=True)
                     return
             # The worker logged its traceback itself, just before this, unless its level hides it.
             tb = f"\n{msg.tb}" if msg.tb and self.config.worker_log_level > logging.ERROR else ""
-            log.error("%s: worker %d failed to load the model on restart: %s%s", self.name,
-                      worker.index, msg.message, tb)
+            log.error("%s: on restart, %s%s", self.name, err, tb)
             worker.killed_for = "its model failed to load"
 
     def _fail_start(self, err: WorkerStartupError, replace: bool = False) -> None:

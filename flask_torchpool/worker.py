@@ -5,13 +5,15 @@ sends its log records there (:mod:`flask_torchpool.logs`). Then it arranges to d
 (``PR_SET_PDEATHSIG`` plus a check that the parent is still the one that spawned it), pins itself to its
 cores, sets torch's thread counts and, on a GPU, selects the device before CUDA initialises. Then it
 builds the model (``.eval()``, moved to the device), maps the pool's shared weights
-(:mod:`flask_torchpool.weights`), reports :class:`~flask_torchpool.messages.Ready` (or ``StartupFailed``
-with its traceback) and serves.
+(:mod:`flask_torchpool.weights`), reports :class:`~flask_torchpool.messages.Ready` (or ``StartupFailed``)
+and serves.
 
 The serve loop reads every message already waiting before it runs the next call, so a ``Cancel`` for a
 call that has not started yet removes it, and output blocks released by the web process are reused at
 once. Every call runs under ``torch.inference_mode()``; the id of the running call is kept in the arena's
-control words for the supervisor to read.
+control words for the supervisor to read. A call that fails goes back as the error its caller gets
+(the model raised, its output or inputs cannot travel, it was cancelled), through
+:func:`~flask_torchpool.errors.to_wire`, with the worker's traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ from typing import Any
 import torch
 
 from . import codec, messages, shm, weights
+from .errors import (
+    InferenceError,
+    InferenceTimeoutError,
+    InvalidInputError,
+    OutputError,
+    RemoteTraceback,
+    TorchPoolError,
+    WorkerStartupError,
+    to_wire,
+)
 from .logs import flush_c_streams, redirect_output
 from .placement import Placement
 
@@ -122,7 +134,9 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
     except BaseException as exc:
         log.error("worker %d could not load the model %r", placement.worker, model_spec, exc_info=True)
         flush_c_streams()
-        channel.send(messages.StartupFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        err = WorkerStartupError.load_failed(placement.worker, model_spec, f"{type(exc).__name__}: {exc}",
+                                             traceback.format_exc())
+        channel.send(messages.StartupFailed(*to_wire(err)))
         os._exit(3)
     channel.send(messages.Ready(os.getpid(), {"device": placement.device, "cores": list(placement.cores),
                                         "threads": torch.get_num_threads(),
@@ -185,7 +199,7 @@ class _Server:
                     del self.pending[i]
                     for fd in call_fds:
                         os.close(fd)
-                    self.channel.send(messages.Failure(call.id, "cancelled", "", "", ""))
+                    self._fail(call.id, InferenceTimeoutError("the call was cancelled before it ran"))
                     break
         elif kind is messages.Stop:
             return False
@@ -202,12 +216,14 @@ class _Server:
                 args = codec.unflatten(call.args, tensors)
                 kwargs = codec.unflatten(call.kwargs, tensors)
             except Exception as exc:
-                self._fail(call.id, "input", exc)
+                self._fail(call.id, _traced(InvalidInputError(
+                    f"the worker could not read the inputs: {type(exc).__name__}: {exc}")))
                 return
             try:
                 out = self.model(*args, **kwargs)
             except Exception as exc:
-                self._fail(call.id, "model", exc)
+                self._fail(call.id, InferenceError.model_raised(type(exc).__name__, str(exc),
+                                                                traceback.format_exc()))
                 return
             del args, kwargs, tensors
             self._reply(call.id, out)
@@ -223,13 +239,12 @@ class _Server:
             msg = messages.Result(call_id, value, refs)
         except codec.UnsupportedValue as exc:
             placer.rollback()
-            self.channel.send(messages.Failure(call_id, "output", "UnsupportedValue",
-                                         f"the model returned {codec.describe(out)}, which cannot travel "
-                                         f"back: {exc}", ""))
+            self._fail(call_id, OutputError(f"the model returned {codec.describe(out)}, which cannot travel "
+                                            f"back: {exc}", remote_type="UnsupportedValue"))
             return
         except Exception as exc:
             placer.rollback()
-            self._fail(call_id, "output", exc)
+            self._fail(call_id, _traced(OutputError(str(exc), remote_type=type(exc).__name__)))
             return
         try:
             self.channel.send(msg, tuple(placer.fds))
@@ -250,9 +265,15 @@ class _Server:
             return None
         return shm.TensorRef(shm.INPUT_ALIAS, offset, nbytes, str(t.dtype), tuple(t.shape))
 
-    def _fail(self, call_id: int, kind: str, exc: BaseException) -> None:
-        self.channel.send(messages.Failure(call_id, kind, type(exc).__name__, str(exc),
-                                           traceback.format_exc()))
+    def _fail(self, call_id: int, err: TorchPoolError) -> None:
+        """Call *call_id* failed with *err*, the error its caller gets (rebuilt there by ``from_wire``)."""
+        self.channel.send(messages.Failure(call_id, *to_wire(err)))
+
+
+def _traced(err: TorchPoolError) -> TorchPoolError:
+    """*err*, with the traceback of the exception being handled as its remote cause."""
+    err.__cause__ = RemoteTraceback(traceback.format_exc())
+    return err
 
 
 def _pin_host_memory(arena: shm.Arena) -> None:
