@@ -47,9 +47,10 @@ from .placement import Placement
 
 log = logging.getLogger(__name__)
 
-#: True inside a worker process: a TorchPool created there (by a model module that imports the app)
-#: stays inert instead of starting a pool of its own.
-IN_WORKER = False
+#: Set in a worker process (and so in whatever it starts) to "<pool name> worker <index>": a TorchPool
+#: created there (by a model module that imports the app) stays inert instead of starting a pool of its
+#: own. An environment variable rather than a module flag: the reader needs no import of this module.
+WORKER_ENV = "FLASK_TORCHPOOL_WORKER"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -109,10 +110,10 @@ def load_model(spec: Any, device: str) -> Any:
 
 def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_fd: Any,
                 arena_size: int, parent_pid: int, share_weights: bool = False,
-                output_fds: tuple[Any, Any] | None = None, log_level: int = logging.INFO) -> None:
+                output_fds: tuple[Any, Any] | None = None, log_level: int = logging.INFO,
+                pool_name: str = "torchpool") -> None:
     """Entry point of a worker process (the target given to the spawn context)."""
-    global IN_WORKER
-    IN_WORKER = True
+    os.environ[WORKER_ENV] = f"{pool_name} worker {placement.worker}"
     if output_fds is not None:
         out_fd, err_fd = (fd.detach() if hasattr(fd, "detach") else fd for fd in output_fds)
         redirect_output(out_fd, err_fd, log_level)

@@ -185,7 +185,7 @@ class WorkerSet:
                 target=worker_main, name=name, daemon=True,
                 args=(slot.placement, self.config.model, child_end, _InheritedFd(fd), size,
                       os.getpid(), self.config.share_weights,
-                      tuple(_InheritedFd(w) for _, w in pipes), self.config.worker_log_level))
+                      tuple(_InheritedFd(w) for _, w in pipes), self.config.worker_log_level, self.name))
             process.start()
         except BaseException:
             for r, _ in pipes:
