@@ -68,8 +68,14 @@ class Ready(NamedTuple):
 
 
 class StartupFailed(NamedTuple):
+    """The model could not be built: the fields of an :class:`~flask_torchpool.errors.WireError`
+    (:func:`~flask_torchpool.errors.to_wire` of a ``WorkerStartupError``)."""
+
+    type_name: str
     message: str
-    tb: str
+    retry_after: int | None
+    extra: dict[str, Any]
+    tb: str | None
 
 
 class Result(NamedTuple):
@@ -79,11 +85,15 @@ class Result(NamedTuple):
 
 
 class Failure(NamedTuple):
+    """Call *id* failed: the fields of an :class:`~flask_torchpool.errors.WireError` (the worker's
+    :func:`~flask_torchpool.errors.to_wire` of the error the caller gets)."""
+
     id: int
-    kind: str  # "model", "output", "input" or "cancelled"
     type_name: str
     message: str
-    tb: str
+    retry_after: int | None
+    extra: dict[str, Any]
+    tb: str | None
 
 
 

@@ -4,13 +4,16 @@
 sends its log records there (:mod:`flask_torchpool.logs`). Then it arranges to die with its parent
 (``PR_SET_PDEATHSIG`` plus a check that the parent is still the one that spawned it), pins itself to its
 cores, sets torch's thread counts and, on a GPU, selects the device before CUDA initialises. Then it
-builds the model (``.eval()``, moved to the device), reports :class:`~flask_torchpool.messages.Ready`
-(or ``StartupFailed`` with its traceback) and serves.
+builds the model (``.eval()``, moved to the device), maps the pool's shared weights
+(:mod:`flask_torchpool.weights`), reports :class:`~flask_torchpool.messages.Ready` (or ``StartupFailed``)
+and serves.
 
 The serve loop reads every message already waiting before it runs the next call, so a ``Cancel`` for a
 call that has not started yet removes it, and output blocks released by the web process are reused at
 once. Every call runs under ``torch.inference_mode()``; the id of the running call is kept in the arena's
-control words for the supervisor to read.
+control words for the supervisor to read. A call that fails goes back as the error its caller gets
+(the model raised, its output or inputs cannot travel, it was cancelled), through
+:func:`~flask_torchpool.errors.to_wire`, with the worker's traceback.
 """
 
 from __future__ import annotations
@@ -28,14 +31,25 @@ from typing import Any
 
 import torch
 
-from . import codec, messages, shm
+from . import codec, messages, shm, weights
+from .errors import (
+    InferenceError,
+    InferenceTimeoutError,
+    InvalidInputError,
+    OutputError,
+    RemoteTraceback,
+    TorchPoolError,
+    WorkerStartupError,
+    to_wire,
+)
 from .logs import flush_c_streams, redirect_output
 from .placement import Placement
 
 log = logging.getLogger(__name__)
 
-#: Set in a worker's environment (to its name) before the model is imported: a TorchPool created there
-#: (by a model module that imports the app) stays inert instead of starting a pool of its own.
+#: Set in a worker process (and so in whatever it starts) to "<pool name> worker <index>": a TorchPool
+#: created there (by a model module that imports the app) stays inert instead of starting a pool of its
+#: own. An environment variable rather than a module flag: the reader needs no import of this module.
 WORKER_ENV = "FLASK_TORCHPOOL_WORKER"
 
 _PR_SET_PDEATHSIG = 1
@@ -94,71 +108,12 @@ def load_model(spec: Any, device: str) -> Any:
     return model
 
 
-# Note [Shared weights]
-# ~~~~~~~~~~~~~~~~~~~~~
-# With TORCHPOOL_SHARE_WEIGHTS on CPU, N workers hold one copy of the weights. Each worker builds the
-# model as usual, then reports the layout of its parameters and buffers (a fingerprint of names, dtypes
-# and shapes) and their total size. The supervisor creates one memfd of that size; the first worker to
-# report copies its tensors into it, and every worker then points each parameter and buffer at its view
-# of the segment (``tensor.data = view``), which frees the private copy. The supervisor keeps the
-# descriptor, so a respawned worker maps the same weights. All workers therefore run the first worker's
-# weights: a factory must build the same model each time (it always should). Weights must not be
-# modified in place while serving; they are shared. TorchScript and torch.export models keep their own.
-
-
-def _weight_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
-    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        return []
-    seen: set[int] = set()
-    out = []
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if id(t) in seen or t.device.type != "cpu" or t.layout != torch.strided or not t.numel():
-            continue
-        seen.add(id(t))
-        out.append((name, t))
-    return out
-
-
-def _layout(tensors: list[tuple[str, torch.Tensor]]) -> tuple[str, int, list[int]]:
-    import hashlib
-
-    digest = hashlib.sha256()
-    offsets, total = [], 0
-    for name, t in tensors:
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        offsets.append(total)
-        total += (codec.tensor_nbytes(t) + shm.ALIGN - 1) // shm.ALIGN * shm.ALIGN
-    return digest.hexdigest(), total, offsets
-
-
-def _share_weights(channel: messages.Channel, model: Any) -> int:
-    """Run the Note [Shared weights] handshake; returns the bytes now shared (0: kept private)."""
-    tensors = _weight_tensors(model)
-    if not tensors:
-        return 0
-    fingerprint, total, offsets = _layout(tensors)
-    channel.send(messages.Loaded(fingerprint, total))
-    msg, fds = channel.recv()
-    if type(msg) is not messages.Adopt or not msg.share or not fds:
-        for fd in fds:
-            os.close(fd)
-        return 0
-    segment = shm.Segment(fds[0], total)
-    os.close(fds[0])
-    with torch.no_grad():
-        for (_, t), offset in zip(tensors, offsets):
-            view = segment.view(offset, codec.tensor_nbytes(t), t.dtype, tuple(t.shape))
-            if msg.fill:
-                shm.copy_into(view, t.detach())
-            t.data = view
-    return total
-
-
 def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_fd: Any,
                 arena_size: int, parent_pid: int, share_weights: bool = False,
-                output_fds: tuple[Any, Any] | None = None, log_level: int = logging.INFO) -> None:
+                output_fds: tuple[Any, Any] | None = None, log_level: int = logging.INFO,
+                pool_name: str = "torchpool") -> None:
     """Entry point of a worker process (the target given to the spawn context)."""
-    os.environ[WORKER_ENV] = f"worker {placement.worker} of model {placement.model}"
+    os.environ[WORKER_ENV] = f"{pool_name} worker {placement.worker}"
     if output_fds is not None:
         out_fd, err_fd = (fd.detach() if hasattr(fd, "detach") else fd for fd in output_fds)
         redirect_output(out_fd, err_fd, log_level)
@@ -176,11 +131,13 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
         os.close(fd)
         _pin(placement)
         model = load_model(model_spec, placement.device)
-        shared = _share_weights(channel, model) if share_weights and placement.device == "cpu" else 0
+        shared = weights.share_weights(channel, model) if share_weights and placement.device == "cpu" else 0
     except BaseException as exc:
         log.error("worker %d could not load the model %r", placement.worker, model_spec, exc_info=True)
         flush_c_streams()
-        channel.send(messages.StartupFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        err = WorkerStartupError.load_failed(placement.worker, model_spec, f"{type(exc).__name__}: {exc}",
+                                             traceback.format_exc())
+        channel.send(messages.StartupFailed(*to_wire(err)))
         os._exit(3)
     channel.send(messages.Ready(os.getpid(), {"device": placement.device, "cores": list(placement.cores),
                                         "threads": torch.get_num_threads(),
@@ -243,7 +200,7 @@ class _Server:
                     del self.pending[i]
                     for fd in call_fds:
                         os.close(fd)
-                    self.channel.send(messages.Failure(call.id, "cancelled", "", "", ""))
+                    self._fail(call.id, InferenceTimeoutError("the call was cancelled before it ran"))
                     break
         elif kind is messages.Stop:
             return False
@@ -260,12 +217,14 @@ class _Server:
                 args = codec.unflatten(call.args, tensors)
                 kwargs = codec.unflatten(call.kwargs, tensors)
             except Exception as exc:
-                self._fail(call.id, "input", exc)
+                self._fail(call.id, _traced(InvalidInputError(
+                    f"the worker could not read the inputs: {type(exc).__name__}: {exc}")))
                 return
             try:
                 out = self.model(*args, **kwargs)
             except Exception as exc:
-                self._fail(call.id, "model", exc)
+                self._fail(call.id, InferenceError.model_raised(type(exc).__name__, str(exc),
+                                                                traceback.format_exc()))
                 return
             del args, kwargs, tensors
             self._reply(call.id, out)
@@ -281,13 +240,12 @@ class _Server:
             msg = messages.Result(call_id, value, refs)
         except codec.UnsupportedValue as exc:
             placer.rollback()
-            self.channel.send(messages.Failure(call_id, "output", "UnsupportedValue",
-                                         f"the model returned {codec.describe(out)}, which cannot travel "
-                                         f"back: {exc}", ""))
+            self._fail(call_id, OutputError(f"the model returned {codec.describe(out)}, which cannot travel "
+                                            f"back: {exc}", remote_type="UnsupportedValue"))
             return
         except Exception as exc:
             placer.rollback()
-            self._fail(call_id, "output", exc)
+            self._fail(call_id, _traced(OutputError(str(exc), remote_type=type(exc).__name__)))
             return
         try:
             self.channel.send(msg, tuple(placer.fds))
@@ -308,9 +266,15 @@ class _Server:
             return None
         return shm.TensorRef(shm.INPUT_ALIAS, offset, nbytes, str(t.dtype), tuple(t.shape))
 
-    def _fail(self, call_id: int, kind: str, exc: BaseException) -> None:
-        self.channel.send(messages.Failure(call_id, kind, type(exc).__name__, str(exc),
-                                           traceback.format_exc()))
+    def _fail(self, call_id: int, err: TorchPoolError) -> None:
+        """Call *call_id* failed with *err*, the error its caller gets (rebuilt there by ``from_wire``)."""
+        self.channel.send(messages.Failure(call_id, *to_wire(err)))
+
+
+def _traced(err: TorchPoolError) -> TorchPoolError:
+    """*err*, with the traceback of the exception being handled as its remote cause."""
+    err.__cause__ = RemoteTraceback(traceback.format_exc())
+    return err
 
 
 def _pin_host_memory(arena: shm.Arena) -> None:

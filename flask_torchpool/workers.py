@@ -1,0 +1,397 @@
+"""Worker processes: the slots, spawning, reaping, exit causes, the restart budget, stopping.
+
+A :class:`WorkerSlot` is one entry of the pool's plan (a :class:`~flask_torchpool.placement.Placement`);
+a respawn replaces its process, channel, arena and output pipes and keeps the slot. :class:`WorkerSet`
+spawns a slot's process (:func:`flask_torchpool.worker.worker_main`, through the ``spawn`` start method),
+reaps it and names its exit cause, schedules respawns with a backoff inside a restart budget, and stops
+every process in a fixed order. All of it runs in the pool's manager thread: ``PR_SET_PDEATHSIG`` fires
+when the *thread* that forked exits, so workers must be children of a thread that lives as long as the
+pool. The manager's selector waits on what :meth:`WorkerSet.registrations` lists, as small typed
+objects: each worker's channel, its process sentinel and its stdout and stderr pipes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing import reduction
+from typing import Any, Union
+
+import torch.multiprocessing as tmp
+
+from . import batching, messages, shm
+from .batching import Job
+from .config import PoolConfig
+from .logs import WorkerOutput
+from .placement import Placement
+from .status import WorkerState
+from .worker import worker_main
+
+log = logging.getLogger(__name__)
+
+_SPAWN = tmp.get_context("spawn")
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """One worker slot. A respawn replaces the process, channel and arena, and keeps the slot."""
+
+    placement: Placement
+    state: WorkerState = WorkerState.STOPPED
+    process: Any = None
+    channel: messages.Channel | None = None
+    output: list[WorkerOutput] = field(default_factory=list)   # its stdout and stderr pipes
+    arena: shm.Arena | None = None
+    inputs: shm.Allocator | None = None
+    releases: shm.ReleaseQueue = field(default_factory=shm.ReleaseQueue)
+    jobs: dict[int, Job[Any]] = field(default_factory=dict)   # opened, sent or running
+    pid: int | None = None
+    restarts: deque[float] = field(default_factory=deque[float])   # monotonic times of recent restarts
+    total_restarts: int = 0
+    calls: int = 0
+    errors: int = 0
+    killed_for: str | None = None   # why the pool killed it, for the crash message
+    last_reply: float = 0.0         # monotonic time of its last message
+    last_exit: str | None = None
+    respawn_at: float | None = None
+
+    @property
+    def index(self) -> int:
+        return self.placement.worker
+
+    @property
+    def load(self) -> int:
+        return batching.load(self)
+
+    def stalled(self, job: Job[Any]) -> str | None:
+        """*job* was sent to this worker and every caller of it gave up (deadline): why the worker is not
+        worth waiting for ("running" it, or "frozen"), or None when cancelling the job is enough."""
+        if self.arena is None:  # no process: nothing to wait for or to kill
+            return None
+        running = self.arena.running
+        other = self.jobs.get(running)
+        # The control word may still show a job whose result was just read (the worker clears it after
+        # replying): only this job, or another expired one, proves the worker stuck.
+        if running and (running == job.id or (other is not None and other.expired)):
+            return "running"
+        # A job that never started on a worker that has not said a word since it was sent, for the
+        # whole deadline, while running nothing: the worker is frozen (SIGSTOP, a hang outside a call),
+        # not busy.
+        if not running and self.last_reply < job.sent_at and not (
+                self.channel is not None and self.channel.poll(0)):
+            return "frozen"
+        return None
+
+
+# --- what the manager's selector waits on ------------------------------------------------------------------
+
+
+# Each names the slot and the object whose descriptor is registered (the *source*): a registration is
+# replaced when its fd now belongs to another object (a respawned worker's channel, say).
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelReady:
+    """A message (or the end) waits on a worker's channel."""
+
+    slot: WorkerSlot
+    source: messages.Channel
+
+
+@dataclass(frozen=True, eq=False)
+class ProcessEnded:
+    """A worker process's sentinel: ready once the process has ended."""
+
+    slot: WorkerSlot
+    source: Any   # the multiprocessing Process
+
+
+@dataclass(frozen=True, eq=False)
+class OutputReady:
+    """A worker wrote to its stdout or stderr (forwarded to the app's logger)."""
+
+    slot: WorkerSlot
+    source: WorkerOutput
+
+
+Registration = Union[ChannelReady, ProcessEnded, OutputReady]
+
+
+class WorkerSet:
+    """The worker processes of one pool. Used by its manager thread; *lock* is the pool's lock, which
+    guards the slots' states and what the other threads read of them."""
+
+    def __init__(self, placements: list[Placement], config: PoolConfig, name: str, logger_name: str,
+                 lock: threading.Lock) -> None:
+        self.slots = [WorkerSlot(p) for p in placements]
+        self.config = config
+        self.name = name
+        self.logger_name = logger_name
+        self.lock = lock
+        #: A channel, process or pipe changed: the manager must re-register them (:meth:`sync`).
+        self.changed = True
+
+    # --- the selector ---------------------------------------------------------------------------------------
+
+    def registrations(self) -> dict[int, Registration]:
+        wanted: dict[int, Registration] = {}
+        for slot in self.slots:
+            if slot.channel is not None:
+                wanted[slot.channel.fileno()] = ChannelReady(slot, slot.channel)
+            if slot.process is not None:
+                wanted[slot.process.sentinel] = ProcessEnded(slot, slot.process)
+            for out in slot.output:
+                if out.fd is not None and not out.eof:
+                    wanted[out.fd] = OutputReady(slot, out)
+        return wanted
+
+    def sync(self, selector: selectors.BaseSelector, registered: dict[int, Registration]) -> None:
+        """Make *selector* (and *registered*, what it holds) wait on :meth:`registrations`."""
+        self.changed = False
+        wanted = self.registrations()
+        for fd, reg in list(registered.items()):
+            new = wanted.get(fd)
+            if new is None or new.source is not reg.source:
+                try:
+                    selector.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+                del registered[fd]
+        for fd, reg in wanted.items():
+            if fd not in registered:
+                selector.register(fd, selectors.EVENT_READ, reg)
+                registered[fd] = reg
+
+    # --- spawning and reaping -------------------------------------------------------------------------------
+
+    def spawn(self, slot: WorkerSlot) -> None:
+        """Start *slot*'s process with a fresh arena and output pipes; it is STARTING until it says Ready."""
+        size = self.config.arena_bytes
+        fd = shm.create_memfd(size, f"torchpool-w{slot.index}")
+        pipes: list[tuple[int, int]] = []
+        try:
+            arena = shm.Arena(fd, size)
+            for _ in ("stdout", "stderr"):
+                pipes.append(os.pipe())
+            parent_end, child_end = _SPAWN.Pipe(duplex=True)
+            name = f"{self.name}-worker-{slot.index}"
+            process = _SPAWN.Process(
+                target=worker_main, name=name, daemon=True,
+                args=(slot.placement, self.config.model, child_end, _InheritedFd(fd), size,
+                      os.getpid(), self.config.share_weights,
+                      tuple(_InheritedFd(w) for _, w in pipes), self.config.worker_log_level, self.name))
+            process.start()
+        except BaseException:
+            for r, _ in pipes:
+                os.close(r)
+            raise
+        finally:
+            os.close(fd)
+            for _, w in pipes:
+                os.close(w)  # the worker's copies are the only writers left: its death ends the streams
+        child_end.close()
+        assert process.pid is not None
+        output = [WorkerOutput(r, stream, self.logger_name, slot.index, process.pid, name)
+                  for (r, _), stream in zip(pipes, ("stdout", "stderr"))]
+        with self.lock:
+            slot.process = process
+            slot.pid = process.pid
+            slot.channel = messages.Channel(parent_end, messages.WORKER_PROTOCOL)
+            slot.output = output
+            slot.arena = arena
+            slot.inputs = shm.Allocator(*arena.inputs)
+            slot.releases = shm.ReleaseQueue()
+            slot.state = WorkerState.STARTING
+            slot.killed_for = None
+            slot.respawn_at = None
+            self.changed = True
+        log.debug("%s: spawned worker %d (pid %d): %s", self.name, slot.index, process.pid,
+                  slot.placement.describe())
+
+    def reap(self, slot: WorkerSlot) -> tuple[int | None, str | None]:
+        """*slot*'s process ended: reap it, forward its last output, and set :attr:`~WorkerSlot.last_exit`
+        (exit code, signal, likely cause). Returns (exit code, signal name)."""
+        process = slot.process
+        # The sentinel closes while the process exits, a moment before it can be reaped.
+        process.join(5.0)
+        # What it wrote last (the line before os._exit, a traceback, a native crash's stack) is logged
+        # before its death is, and before the callers hear of it.
+        self.close_output(slot)
+        exitcode = process.exitcode
+        cause = slot.killed_for or _likely_cause(exitcode)
+        signame = _signal_name(exitcode)
+        slot.last_exit = f"exit code {exitcode}" + (f" ({signame})" if signame else "") + f": {cause}"
+        return exitcode, signame
+
+    def clear(self, slot: WorkerSlot) -> None:
+        """Under the lock: *slot* has no process any more (its arena stays mapped by the outputs that
+        callers still hold)."""
+        slot.process = None
+        slot.channel = None
+        slot.arena = None
+        slot.inputs = None
+        self.changed = True
+
+    def close_output(self, slot: WorkerSlot) -> None:
+        """Forward what is left in a gone worker's pipes and close them."""
+        output, slot.output = slot.output, []
+        for out in output:
+            try:
+                out.close()
+            except Exception:  # a failing log handler must not keep the pool from handling a death
+                log.exception("%s: cannot forward the output of worker %d", self.name, slot.index)
+        if output:
+            self.changed = True
+
+    def kill(self, slot: WorkerSlot) -> None:
+        log.warning("%s: killing worker %d (pid %s): %s", self.name, slot.index, slot.pid, slot.killed_for)
+        _kill(slot.process)
+
+    # --- the restart budget ---------------------------------------------------------------------------------
+
+    def schedule_respawn(self, slot: WorkerSlot) -> None:
+        """Under the lock: *slot* died. Respawn it after a backoff (0.1 s doubling, at most 10 s); past
+        TORCHPOOL_MAX_RESTARTS within TORCHPOOL_RESTART_WINDOW, it is FAILED and tried again after the
+        window (slowing a crash loop down, never giving up on a worker that loads fine)."""
+        now = time.monotonic()
+        while slot.restarts and slot.restarts[0] < now - self.config.restart_window:
+            slot.restarts.popleft()
+        slot.restarts.append(now)
+        slot.total_restarts += 1
+        n = len(slot.restarts)
+        if n > self.config.max_restarts:
+            slot.state = WorkerState.FAILED
+            slot.restarts.clear()
+            slot.respawn_at = now + self.config.restart_window
+        else:
+            slot.state = WorkerState.DEAD
+            slot.respawn_at = now + min(0.1 * 2 ** (n - 1), 10.0)
+
+    def respawn_times(self) -> list[float]:
+        return [s.respawn_at for s in self.slots if s.respawn_at is not None]
+
+    def respawn_due(self, now: float) -> None:
+        for slot in self.slots:
+            if slot.respawn_at is not None and slot.respawn_at <= now:
+                try:
+                    self.spawn(slot)
+                except Exception:
+                    log.exception("%s: cannot respawn worker %d", self.name, slot.index)
+                    with self.lock:
+                        self.schedule_respawn(slot)
+
+    # --- stopping -------------------------------------------------------------------------------------------
+
+    def stop_all(self) -> None:
+        """Fixed order: Stop message, join with timeout, SIGTERM, SIGKILL; then every slot is STOPPED."""
+        for slot in self.slots:
+            if slot.channel is not None:
+                try:
+                    slot.channel.send(messages.Stop())
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 2.0
+        self._wait_exits(deadline)
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+        for slot in self.slots:
+            if slot.process is not None and slot.process.is_alive():
+                slot.process.terminate()
+                slot.process.join(1.0)
+            if slot.process is not None and slot.process.is_alive():
+                _kill(slot.process)
+                slot.process.join(1.0)
+        for slot in self.slots:
+            self.close_output(slot)
+        with self.lock:
+            for slot in self.slots:
+                if slot.channel is not None:
+                    slot.channel.close()
+                if slot.process is not None:
+                    try:
+                        slot.process.close()
+                    except ValueError:  # still running after SIGKILL + join: nothing more to do
+                        pass
+                self.clear(slot)
+                slot.state = WorkerState.STOPPED
+
+    def _wait_exits(self, deadline: float) -> None:
+        """Wait until every worker process has exited or *deadline* passed, forwarding their output
+        meanwhile: a worker that logs while it stops could otherwise block on a full pipe."""
+        with selectors.DefaultSelector() as selector:
+            alive = 0
+            for slot in self.slots:
+                if slot.process is None:
+                    continue
+                selector.register(slot.process.sentinel, selectors.EVENT_READ, None)
+                alive += 1
+                for out in slot.output:
+                    if out.fd is not None and not out.eof:
+                        selector.register(out, selectors.EVENT_READ, out)
+            while alive:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                for key, _ in selector.select(left):
+                    if key.data is None:
+                        alive -= 1
+                        selector.unregister(key.fileobj)
+                    elif not key.data.read():
+                        selector.unregister(key.fileobj)
+
+
+class _InheritedFd:
+    """A descriptor for a spawned child, duplicated only while ``Process.start()`` pickles it.
+
+    ``reduction.DupFd`` called any earlier finds no spawning process and falls back to
+    multiprocessing's resource sharer, which listens on a Unix socket in a temp directory; while
+    pickling, it adds the descriptor to the ones the child inherits instead."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_passthrough, (reduction.DupFd(self.fd),))
+
+
+def _passthrough(value: Any) -> Any:
+    return value
+
+
+def _kill(process: Any) -> None:
+    if process is not None and process.pid is not None:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+
+
+def _signal_name(exitcode: int | None) -> str | None:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return signal.Signals(-exitcode).name
+        except ValueError:
+            return f"signal {-exitcode}"
+    return None
+
+
+def _likely_cause(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "unknown"
+    if exitcode == -signal.SIGKILL:
+        return ("killed by SIGKILL: probably the out-of-memory killer (check `dmesg` or the container's "
+                "OOM events and the worker's memory), or someone ran kill -9")
+    if exitcode in (-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGILL, -signal.SIGFPE, -signal.SIGABRT):
+        return "a native crash in the model or one of its extensions"
+    if exitcode < 0:
+        return f"killed by {_signal_name(exitcode)}"
+    if exitcode == 70:
+        return "its parent process changed before it started"
+    return "the worker process exited (sys.exit or os._exit in the model?)"

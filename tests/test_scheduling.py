@@ -1,0 +1,352 @@
+"""Scheduling without processes: batch keys, how batches fill, seal and split, which worker gets a job,
+the queue, deadlines and dropped jobs (Note [Batching]).
+
+The scheduler works on fake worker slots: a real memfd arena (so that inputs are copied and outputs read
+as in a pool) and a channel that records what would be sent to the worker. Nothing is spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from flask_torchpool import InferenceTimeoutError, OutputError, codec, messages, shm
+from flask_torchpool.batching import Call, CallState, Job, Scheduler, batch_key, idle, load
+from flask_torchpool.metrics import Metrics
+from flask_torchpool.pool import _Deadlines
+from flask_torchpool.status import WorkerState
+
+pytestmark = pytest.mark.timeout(30)
+
+ARENA_BYTES = 1 << 20
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, msg: Any, fds: tuple[int, ...] = ()) -> None:
+        self.sent.append(msg)
+
+
+@dataclass(eq=False)
+class FakeSlot:
+    """What the scheduler needs of a worker slot, with a real arena and no process."""
+
+    arena: shm.Arena | None
+    state: WorkerState = WorkerState.READY
+    jobs: dict[int, Job[Any]] = field(default_factory=dict)
+    releases: shm.ReleaseQueue = field(default_factory=shm.ReleaseQueue)
+    channel: FakeChannel = field(default_factory=FakeChannel)
+    calls: int = 0
+    errors: int = 0
+    inputs: shm.Allocator | None = None
+    outputs: shm.Allocator | None = None
+
+    def __post_init__(self) -> None:
+        assert self.arena is not None
+        self.inputs = shm.Allocator(*self.arena.inputs)
+        self.outputs = shm.Allocator(*self.arena.outputs)
+
+    def sent_calls(self) -> list[messages.Call]:
+        return [m for m in self.channel.sent if type(m) is messages.Call]
+
+
+def _arena() -> shm.Arena:
+    fd = shm.create_memfd(ARENA_BYTES, "torchpool-test")
+    try:
+        return shm.Arena(fd, ARENA_BYTES)
+    finally:
+        os.close(fd)
+
+
+def _test_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("torchpool-test" in line for line in f)
+
+
+@pytest.fixture
+def make() -> Iterator[Any]:
+    """make(workers=1, **settings) -> (scheduler, [slots]); the arenas are unmapped afterwards."""
+    made: list[Scheduler[FakeSlot]] = []
+    before = _test_mappings()
+
+    def factory(workers: int = 1, *, max_batch_size: int = 8, batch_delay: float = 5.0,
+                pipeline_depth: int = 4) -> tuple[Scheduler[FakeSlot], list[FakeSlot]]:
+        slots = [FakeSlot(_arena()) for _ in range(workers)]
+        sched = Scheduler(slots, Metrics(), max_batch_size=max_batch_size, batch_delay=batch_delay,
+                          pipeline_depth=pipeline_depth, retry_after=1)
+        made.append(sched)
+        return sched, slots
+
+    yield factory
+    for sched in made:   # jobs and slots refer to each other: cut that, and the arenas go at once
+        for slot in sched.slots:
+            slot.jobs.clear()
+            slot.arena = slot.inputs = slot.outputs = None
+    made.clear()
+    assert _test_mappings() == before, "an arena outlived its test"
+
+
+def call(*args: Any, batch: bool = True, timeout: float | None = None, **kwargs: Any) -> Call:
+    skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, 1 << 30)
+    c = Call(skel_args, skel_kwargs, tensors, Future(),
+             None if timeout is None else time.monotonic() + timeout, retries=1)
+    if batch:
+        c.key, c.rows = batch_key(c)
+    return c
+
+
+def submit(sched: Scheduler[FakeSlot], c: Call) -> Job[FakeSlot] | None:
+    """What Pool.submit does: place *c* (or queue it), then copy its inputs in, outside the lock."""
+    with sched.lock:
+        job = sched.place(c)
+        if job is None:
+            sched.queue.append(c)
+    if job is not None:
+        sched.write(job, c)
+    return job
+
+
+def hold(sched: Scheduler[FakeSlot]) -> Job[FakeSlot]:
+    """A call without tensors (never batched) that keeps a worker busy."""
+    job = submit(sched, call(action="sleep"))
+    assert job is not None and job.sent
+    return job
+
+
+def reply(slot: FakeSlot, job: Job[Any], out: Any) -> messages.Result:
+    """The worker's answer to *job*: *out* written into the arena's output half."""
+    assert slot.arena is not None and slot.outputs is not None
+    produced: list[torch.Tensor] = []
+    value = codec.flatten(out, produced, "output")
+    placer = shm.Placer(slot.arena, slot.outputs)
+    return messages.Result(job.id, value, placer.place_all(produced))
+
+
+# --- batch keys -------------------------------------------------------------------------------------------
+
+
+def test_same_key_only_for_same_structure_dtype_and_trailing_shape() -> None:
+    base = call(torch.zeros(2, 3), scale=2)
+    assert base.key is not None and base.rows == 2
+    assert call(torch.ones(5, 3), scale=2).key == base.key          # rows may differ
+    assert call(torch.zeros(2, 4), scale=2).key != base.key         # trailing shape
+    assert call(torch.zeros(2, 3, dtype=torch.float64), scale=2).key != base.key  # dtype
+    assert call(torch.zeros(2, 3), scale=3).key != base.key         # a non-tensor value
+    assert call(torch.zeros(2, 3), torch.zeros(2, 3), scale=2).key != base.key   # structure
+    two = call(torch.zeros(2, 3), torch.zeros(2, 7))
+    assert two.key is not None and two.rows == 2
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param((), id="no tensor"),
+    pytest.param((torch.tensor(1.0),), id="0-dim"),
+    pytest.param((torch.zeros(2, 3), torch.zeros(3, 3)), id="dim 0 differs"),
+    pytest.param((torch.zeros(0, 3),), id="no rows"),
+])
+def test_not_batchable(args: tuple[Any, ...]) -> None:
+    c = call(*args, flag=True)
+    assert (c.key, c.rows) == (None, 0)
+
+
+# --- how batches form -------------------------------------------------------------------------------------
+
+
+def test_batches_fill_strictly_up_to_max_rows(make: Any) -> None:
+    sched, [slot] = make(max_batch_size=8, pipeline_depth=4)
+    hold(sched)
+    a1, a2, b1 = call(torch.ones(3, 2)), call(torch.ones(3, 2)), call(torch.ones(3, 2))
+    job_a = submit(sched, a1)
+    assert job_a is not None and job_a.capacity == 8 and not job_a.sealed  # busy worker: it waits to fill
+    assert submit(sched, a2) is job_a
+    job_b = submit(sched, b1)   # 9 rows would not fit: it starts the next batch, the full one goes
+    assert job_b is not None and job_b is not job_a
+    assert (job_a.rows, job_a.starts, job_a.sealed, job_a.sent) == (6, [0, 3], True, True)
+    assert (job_b.rows, job_b.sealed, job_b.sent) == (3, False, False)
+    exact = [call(torch.ones(1, 2)) for _ in range(5)]
+    jobs = [submit(sched, c) for c in exact]
+    assert jobs == [job_b] * 5 and job_b.rows == 8 and job_b.sealed and job_b.sent  # full: sent at once
+    header = slot.sent_calls()[-1]
+    assert header.id == job_b.id and [r.shape for r in header.refs] == [(8, 2)]
+    assert sched.metrics.snapshot()["batch_rows"]["count"] == 2
+
+
+def test_a_call_larger_than_the_limit_runs_alone(make: Any) -> None:
+    sched, [slot] = make(max_batch_size=4)
+    hold(sched)
+    job = submit(sched, call(torch.ones(6, 2)))
+    assert job is not None and job.capacity == 6 and job.rows == 6 and job.sent
+
+
+def test_a_batch_on_an_idle_worker_is_sealed_at_once(make: Any) -> None:
+    sched, [slot] = make(batch_delay=5.0)
+    assert idle(slot)
+    job = submit(sched, call(torch.ones(1, 2)))
+    assert job is not None and job.sealed and job.sent and len(slot.sent_calls()) == 1
+    # Queued calls placed by dispatch all join first, then the batch is sealed.
+    sched2, [slot2] = make(batch_delay=5.0)
+    queued = [call(torch.ones(1, 2)) for _ in range(3)]
+    sched2.queue.extend(queued)
+    sched2.dispatch()
+    [header] = slot2.sent_calls()
+    assert header.refs[0].shape == (3, 2) and all(c.state is CallState.PLACED for c in queued)
+
+
+def test_without_a_delay_a_batch_never_waits(make: Any) -> None:
+    sched, _ = make(batch_delay=0.0)
+    hold(sched)
+    job = submit(sched, call(torch.ones(1, 2)))
+    assert job is not None and job.sealed and job.sent
+
+
+def test_an_open_batch_is_sent_when_its_worker_idles_or_its_delay_passes(make: Any) -> None:
+    sched, [slot] = make(batch_delay=5.0)
+    busy = hold(sched)
+    job = submit(sched, call(torch.ones(1, 2)))
+    assert job is not None and not job.sealed
+    assert sched.next_seal() == pytest.approx(job.opened + 5.0)
+    sched.seal_due(time.monotonic())
+    assert not job.sent
+    sched.complete(slot, reply(slot, busy, "slept"), [])   # the worker has nothing else to do now
+    assert job.sent and sched.next_seal() is None
+
+    sched, _ = make(batch_delay=5.0)
+    hold(sched)
+    waiting = submit(sched, call(torch.ones(1, 2)))
+    assert waiting is not None and not waiting.sent
+    sched.seal_due(waiting.opened + 5.0)
+    assert waiting.sent
+
+
+# --- which worker -----------------------------------------------------------------------------------------
+
+
+def test_pipeline_depth_counts_jobs_not_calls(make: Any) -> None:
+    sched, [slot] = make(pipeline_depth=2, max_batch_size=64)
+    hold(sched)
+    batch = [call(torch.ones(1, 2)) for _ in range(10)]
+    jobs = {id(submit(sched, c)) for c in batch}
+    assert len(jobs) == 1 and len(slot.jobs) == 2   # ten calls, one job: the depth does not cap a batch
+    other = call(torch.ones(1, 3))                 # another key needs a job of its own: no room
+    assert submit(sched, other) is None and list(sched.queue) == [other]
+
+
+def test_least_loaded_ready_worker_first(make: Any) -> None:
+    sched, slots = make(3, pipeline_depth=4)
+    slots[2].state = WorkerState.STARTING
+    picked = [submit(sched, call(n=i)) for i in range(4)]
+    assert [j.slot for j in picked if j] == [slots[0], slots[1], slots[0], slots[1]]
+    assert [load(s) for s in slots] == [2, 2, 0]
+    picked[0].expired = True   # nobody waits for it any more: it does not count
+    assert load(slots[0]) == 1
+    assert sched.pick_slot() is slots[0]
+
+
+def test_queued_calls_go_fifo_when_a_worker_frees(make: Any) -> None:
+    sched, [slot] = make(pipeline_depth=1)
+    first = call(n=0)
+    job = submit(sched, first)
+    assert job is not None
+    queued = [call(n=i) for i in range(1, 4)]
+    assert all(submit(sched, c) is None for c in queued)
+    with sched.lock:
+        sched.finish(queued[0], exc=InferenceTimeoutError("gave up"))   # a caller gave up meanwhile
+    sched.flush()
+    sched.complete(slot, reply(slot, job, "zero"), [])
+    assert first.state is CallState.DONE and slot.calls == 1
+    sched.dispatch()
+    assert [c.state for c in queued] == [CallState.DONE, CallState.PLACED, CallState.QUEUED]
+    assert list(sched.queue) == queued[2:] and slot.sent_calls()[-1].kwargs == {"n": 2}
+
+
+# --- results ----------------------------------------------------------------------------------------------
+
+
+def test_outputs_split_back_to_members(make: Any) -> None:
+    sched, [slot] = make(max_batch_size=4)
+    busy = hold(sched)
+    members = [call(torch.full((r, 2), float(i))) for i, r in enumerate((1, 2, 1))]
+    futures = [c.future for c in members]
+    [job] = {id(j): j for j in (submit(sched, c) for c in members) if j}.values()
+    assert job.rows == 4 and job.sent
+    # The worker reads the stacked inputs from the arena and answers one tensor of 4 rows.
+    assert slot.arena is not None
+    x = slot.arena.view(job.regions[0][0], 4 * 2 * 4, torch.float32, (4, 2))
+    assert x[:, 0].tolist() == [0.0, 1.0, 1.0, 2.0]
+    sched.complete(slot, reply(slot, job, {"y": x + 10, "note": "ok"}), [])
+    outs = [f.result(0) for f in futures if f is not None]
+    assert [o["y"][:, 0].tolist() for o in outs] == [[10.0], [11.0, 11.0], [12.0]]
+    assert all(o["note"] == "ok" for o in outs)
+    assert slot.inputs is not None and slot.inputs.used == 0   # the batch's input block is free
+    sched.complete(slot, reply(slot, busy, None), [])
+
+
+def test_dim0_mismatch_fails_every_member(make: Any) -> None:
+    sched, [slot] = make(max_batch_size=4)
+    hold(sched)
+    members = [call(torch.ones(1, 2)) for _ in range(3)]
+    futures = [c.future for c in members]
+    jobs = [submit(sched, c) for c in members]
+    job = jobs[0]
+    assert job is not None and jobs == [job] * 3 and not job.sent
+    sched.seal_due(time.monotonic() + 10)
+    assert job.sent
+    sched.complete(slot, reply(slot, job, torch.zeros(2, 2)), [])   # 2 rows for a batch of 3
+    for future in futures:
+        assert future is not None
+        with pytest.raises(OutputError, match="for a batch of 3 rows; batched outputs must keep dim 0"):
+            future.result(0)
+    assert sched.metrics.snapshot()["calls"]["output_error"] == 3
+    assert (slot.calls, slot.errors) == (3, 0)
+
+
+# --- deadlines and dropped jobs ---------------------------------------------------------------------------
+
+
+def test_a_call_past_its_deadline_is_dropped(make: Any) -> None:
+    sched, [slot] = make(pipeline_depth=1)
+    deadlines = _Deadlines(sched, workers=None)  # nothing to kill: the call is queued
+    hold(sched)
+    late = call(n=1, timeout=0.01)
+    future = late.future
+    assert submit(sched, late) is None
+    with sched.lock:
+        deadlines.add(late)
+        assert deadlines.next() == late.deadline
+    assert late.deadline is not None
+    deadlines.expire(late.deadline + 0.001)
+    assert future is not None
+    with pytest.raises(InferenceTimeoutError, match="it was waiting for a worker"):
+        future.result(0)
+    assert not sched.queue
+    with sched.lock:
+        assert deadlines.next() is None
+    assert sched.metrics.snapshot()["calls"]["timeout"] == 1
+
+
+def test_an_unsent_job_whose_members_are_done_is_dropped(make: Any) -> None:
+    sched, [slot] = make(batch_delay=5.0)
+    busy = hold(sched)
+    members = [call(torch.ones(2, 8), timeout=0.01) for _ in range(2)]
+    jobs = [submit(sched, c) for c in members]
+    job = jobs[0]
+    assert job is not None and jobs[1] is job and not job.sent
+    assert slot.inputs is not None and slot.inputs.used > 0
+    deadlines = _Deadlines(sched, workers=None)  # nothing to kill: the job was never sent
+    with sched.lock:
+        for c in members:
+            deadlines.add(c)
+    deadlines.expire(time.monotonic() + 1)
+    assert all(c.state is CallState.DONE for c in members)
+    sched.seal_due(time.monotonic() + 10)   # sealing it finds nobody waiting: dropped, never sent
+    assert not job.sent and job.id not in slot.jobs and not sched.open
+    assert slot.inputs.used == 0
+    assert [m.id for m in slot.sent_calls()] == [busy.id] and list(slot.jobs) == [busy.id]
