@@ -401,15 +401,12 @@ def _process_cpu_s(pid: int) -> float:
 def _descendants() -> list[int]:
     """Every live process below this one (children, theirs, ...)."""
     found: list[int] = []
-    todo = [os.getpid()]
+    todo = _child_pids()
     while todo:
         pid = todo.pop()
-        for children in Path(f"/proc/{pid}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                for child in map(int, children.read_text().split()):
-                    if child not in found:
-                        found.append(child)
-                        todo.append(child)
+        if pid not in found:
+            found.append(pid)
+            todo.extend(_child_pids(pid))
     return found
 
 
@@ -493,9 +490,9 @@ def _reap_children() -> list[int]:
     return leftovers
 
 
-def _child_pids() -> list[int]:
+def _child_pids(pid: int | str = "self") -> list[int]:
     pids: list[int] = []
-    for children in Path("/proc/self/task").glob("*/children"):
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
         with contextlib.suppress(OSError):
             pids.extend(int(pid) for pid in children.read_text().split())
     return pids
