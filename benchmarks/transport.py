@@ -15,8 +15,19 @@ and, in the same run, two floors no transport can beat: the ping-pong of one byt
 process over an ``os.pipe`` pair (and over a socketpair, what the pool's headers use), and
 ``dst.copy_(x)`` into a preallocated tensor of the same size, on one thread (one memcpy; torch's
 parallel copy waits for its slowest thread, which on a busy machine is no floor). It prints the
-medians, checks each path's answer once per size, and says whether the two targets hold: at 4 KiB
-the pool within 3x of the pipe ping-pong, at 16 MiB the pool at least 3x faster than both baselines.
+medians, checks each path's answer once per size, and says whether the targets hold: at 4 KiB the
+pool within 3x of the pipe ping-pong (the ratio is printed), at 16 MiB the pool at least 3x faster
+than both baselines, and at 4 KiB the pool's CPU per call (every process) at most 300 us.
+
+Note [CPU per call]: beside each round trip it reports the CPU one call costs, all processes
+together: this process (every thread: the pool's manager and reader threads, the executor's, the
+queue's feeder) and every process below it (the path's worker, multiprocessing's resource tracker),
+from just before the timed loop to just after it, over the calls of the loop. That is ``utime +
+stime``, read with nanosecond resolution from each process's CPU clock (``clock_gettime`` of
+``CLOCK_PROCESS_CPUTIME_ID`` here, of the process CPU clock of each child's pid; ``/proc/PID/stat``
+ticks where that clock cannot be read). The loop also clones each call's input (Note [fresh inputs]):
+the same loop without the calls is timed too, and its CPU taken off. The ping-pong floors report their
+CPU per round trip the same way (both processes).
 
 Note [fresh inputs]: torch's reducers move a CPU tensor's storage into shared memory *in place* the
 first time it is pickled, and only pass a file descriptor afterwards. Sending one tensor over and
@@ -62,6 +73,7 @@ GIB = 1024 * MIB
 DEFAULT_SIZES = (4, 4 * KIB, 192 * KIB, 16 * MIB, 64 * MIB)
 SMALL_SIZE_LIMIT = 192 * KIB  # the pool/pipe ratio is printed up to this size
 TARGET_LATENCY_SIZE, TARGET_LATENCY_RATIO = 4 * KIB, 3.0
+TARGET_CPU_SIZE, TARGET_CPU_US = 4 * KIB, 300.0  # the performance issue: pool-path CPU per call
 TARGET_SPEEDUP_SIZE, TARGET_SPEEDUP = 16 * MIB, 3.0
 CHILD_STOP_TIMEOUT = 10.0
 _UNITS = {"": 1, "b": 1, "k": KIB, "kib": KIB, "m": MIB, "mib": MIB, "g": GIB, "gib": GIB}
@@ -89,6 +101,7 @@ class Settings:
     min_repeat: int
     max_seconds: float  # stop a cell early past this, once min_repeat calls are timed
     floor_repeat: int
+    settle_seconds: float  # untimed calls to a freshly opened path before its first size
 
     def calls(self, size: int) -> int:
         """Timed calls for one size."""
@@ -106,6 +119,15 @@ class Timing:
     median_us: float
     calls: int
     correct: bool
+    cpu_us: float  # CPU per call, every process (Note [CPU per call])
+
+
+@dataclass(frozen=True)
+class Floor:
+    """One ping-pong floor: the median round trip and the CPU of a round trip (both processes)."""
+
+    median_us: float
+    cpu_us: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_repeat=3 if args.quick else 7,
         max_seconds=3.0 if args.quick else 20.0,
         floor_repeat=300 if args.quick else 3000,
+        settle_seconds=0.5 if args.quick else 2.0,
     )
     if not args.baselines_only:
         try:
@@ -138,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     templates = {size: torch.randn(size // 4) for size in args.sizes}
     try:
-        floors_before = _ping_pongs_us(settings)
+        floors_before = _ping_pongs(settings)
         memcpy = {size: _memcpy_us(x, settings) for size, x in templates.items()}
         paths: dict[str, Callable[[int], contextlib.AbstractContextManager[Call]]] = {}
         if not args.baselines_only:
@@ -149,10 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, open_path in paths.items():
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
             with open_path(max(args.sizes)) as call:
+                _settle(call, templates[min(args.sizes)], settings)
                 results[name] = {
                     size: _time_calls(call, x, settings) for size, x in templates.items()
                 }
-        floors_after = _ping_pongs_us(settings)
+        floors_after = _ping_pongs(settings)
     finally:
         leftovers = _reap_children()
     _print_report(args.sizes, (floors_before, floors_after), memcpy, results, settings)
@@ -299,6 +323,7 @@ def _time_calls(call: Call, template: torch.Tensor, settings: Settings) -> Timin
         call(template.clone())
     durations = []
     deadline = time.perf_counter() + settings.max_seconds
+    cpu = _CpuMeter()  # see Note [CPU per call]
     for _ in range(settings.calls(size)):
         x = template.clone()  # see Note [fresh inputs]
         start = time.perf_counter_ns()
@@ -307,7 +332,82 @@ def _time_calls(call: Call, template: torch.Tensor, settings: Settings) -> Timin
         del x, y  # freeing the answer is the caller's business, after the call
         if len(durations) >= settings.min_repeat and time.perf_counter() > deadline:
             break
-    return Timing(statistics.median(durations) / 1000, len(durations), correct)
+    cpu_s = cpu.seconds() - _loop_cpu_s(template, len(durations))
+    return Timing(statistics.median(durations) / 1000, len(durations), correct,
+                  max(0.0, cpu_s) / len(durations) * 1e6)
+
+
+def _settle(call: Call, template: torch.Tensor, settings: Settings) -> None:
+    """Call a freshly opened path for a while before timing it: a new worker spends its first hundred
+    or so calls much more CPU (about 1 ms a call more in development runs: first uses of torch and the
+    interpreter warming up), which would land in the CPU of the first size measured."""
+    end = time.perf_counter() + settings.settle_seconds
+    calls = 0
+    while calls < 200 or time.perf_counter() < end:
+        call(template.clone())
+        calls += 1
+        if time.perf_counter() > end + settings.max_seconds:  # a slow path: enough
+            break
+
+
+def _loop_cpu_s(template: torch.Tensor, calls: int) -> float:
+    """CPU of the timed loop of :func:`_time_calls` without the calls: the clones, the clock reads,
+    the list (this process only: nothing else works for it)."""
+    cpu = _CpuMeter(children=False)
+    durations = []
+    for _ in range(calls):
+        x = template.clone()
+        start = time.perf_counter_ns()
+        durations.append(time.perf_counter_ns() - start)
+        del x
+        time.perf_counter()  # the timed loop's deadline check
+    return cpu.seconds()
+
+
+class _CpuMeter:
+    """CPU seconds of this process and (unless ``children=False``) every process below it, from its
+    creation to :meth:`seconds` (Note [CPU per call])."""
+
+    def __init__(self, children: bool = True) -> None:
+        self.pids = _descendants() if children else []
+        self.start = self._now()
+
+    def _now(self) -> float:
+        return time.process_time() + sum(_process_cpu_s(pid) for pid in self.pids)
+
+    def seconds(self) -> float:
+        return self._now() - self.start
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread, ended ones too) of process *pid* so far; 0 once it is
+    gone."""
+    try:
+        # The process-wide CPU clock of another process: MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED) of
+        # Linux's posix-timers.h, as clock_getcpuclockid(3) returns it.
+        return time.clock_gettime((~pid << 3) | 2)
+    except OSError:
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * _TICK_S  # utime, stime (stat fields 14, 15)
+
+
+def _descendants() -> list[int]:
+    """Every live process below this one (children, theirs, ...)."""
+    found: list[int] = []
+    todo = _child_pids()
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.append(pid)
+            todo.extend(_child_pids(pid))
+    return found
 
 
 def _memcpy_us(template: torch.Tensor, settings: Settings) -> float:
@@ -328,15 +428,16 @@ def _memcpy_us(template: torch.Tensor, settings: Settings) -> float:
     return statistics.median(durations) / 1000
 
 
-def _ping_pongs_us(settings: Settings) -> dict[str, float]:
+def _ping_pongs(settings: Settings) -> dict[str, Floor]:
     return {
-        "pipe": _ping_pong_us(socketpair=False, calls=settings.floor_repeat),
-        "socketpair": _ping_pong_us(socketpair=True, calls=settings.floor_repeat),
+        "pipe": _ping_pong(socketpair=False, calls=settings.floor_repeat),
+        "socketpair": _ping_pong(socketpair=True, calls=settings.floor_repeat),
     }
 
 
-def _ping_pong_us(*, socketpair: bool, calls: int) -> float:
-    """Median round trip of one byte with an echoing child over a socketpair or two os.pipes."""
+def _ping_pong(*, socketpair: bool, calls: int) -> Floor:
+    """Median round trip of one byte with an echoing child over a socketpair or two os.pipes, and the
+    CPU of one round trip, both processes together."""
     if socketpair:
         ours, theirs = (end.detach() for end in socket.socketpair())
         our_fds, their_fds = (ours, ours), (theirs, theirs)
@@ -351,13 +452,17 @@ def _ping_pong_us(*, socketpair: bool, calls: int) -> float:
         for fd in set(their_fds):
             os.close(fd)
         durations = []
+        cpu_start = 0.0
         for i in range(calls + calls // 10):
+            if i == calls // 10:  # the first tenth warms up
+                cpu_start = time.process_time() + _process_cpu_s(child.pid)
             start = time.perf_counter_ns()
             os.write(our_fds[1], b"x")
             if os.read(our_fds[0], 1) != b"x":
                 raise RuntimeError("the echo child answered something else than the byte sent")
-            if i >= calls // 10:  # the first tenth warms up
+            if i >= calls // 10:
                 durations.append(time.perf_counter_ns() - start)
+        cpu_s = time.process_time() + _process_cpu_s(child.pid) - cpu_start
     finally:
         for fd in set(our_fds) | (set(their_fds) if child is None else set()):
             os.close(fd)  # EOF: the child's loop ends
@@ -367,7 +472,7 @@ def _ping_pong_us(*, socketpair: bool, calls: int) -> float:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-    return statistics.median(durations) / 1000
+    return Floor(statistics.median(durations) / 1000, cpu_s / len(durations) * 1e6)
 
 
 def _reap_children() -> list[int]:
@@ -385,9 +490,9 @@ def _reap_children() -> list[int]:
     return leftovers
 
 
-def _child_pids() -> list[int]:
+def _child_pids(pid: int | str = "self") -> list[int]:
     pids: list[int] = []
-    for children in Path("/proc/self/task").glob("*/children"):
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
         with contextlib.suppress(OSError):
             pids.extend(int(pid) for pid in children.read_text().split())
     return pids
@@ -418,24 +523,29 @@ def _print_environment(sizes: Sequence[int], settings: Settings) -> None:
 
 def _print_report(
     sizes: Sequence[int],
-    floors: tuple[dict[str, float], dict[str, float]],
+    floors: tuple[dict[str, Floor], dict[str, Floor]],
     memcpy: dict[int, float],
     results: dict[str, dict[int, Timing]],
     settings: Settings,
 ) -> None:
     # Measured before and after the paths; the lower one is what the OS can do on this machine.
-    pipe = min(floor["pipe"] for floor in floors)
+    pipe_floor = min((floor["pipe"] for floor in floors), key=lambda f: f.median_us)
+    pipe = pipe_floor.median_us
     print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for when, floor in zip(("before", "after"), floors):
         print(
-            f"floors {when}: 1-byte ping-pong over os.pipe {floor['pipe']:.1f} us, "
-            f"over a socketpair {floor['socketpair']:.1f} us (medians)"
+            f"floors {when}: 1-byte ping-pong over os.pipe {floor['pipe'].median_us:.1f} us "
+            f"(CPU {floor['pipe'].cpu_us:.1f} us), over a socketpair {floor['socketpair'].median_us:.1f} us "
+            f"(CPU {floor['socketpair'].cpu_us:.1f} us) (medians; CPU per round trip, both processes)"
         )
     header = (
         "size",
         "pool us",
+        "pool CPU us",
         "ProcessPool us",
+        "ProcessPool CPU us",
         "tmp queue us",
+        "tmp queue CPU us",
         "memcpy us",
         "memcpy GB/s",
         "pool/pipe",
@@ -451,8 +561,11 @@ def _print_report(
             (
                 _format_size(size),
                 _format_us(pool),
+                _format_us(_cpu(results, "pool", size)),
                 _format_us(process_pool),
+                _format_us(_cpu(results, "ProcessPool", size)),
                 _format_us(queue),
+                _format_us(_cpu(results, "tmp queue", size)),
                 _format_us(memcpy[size]),
                 f"{size / memcpy[size] / 1000:.1f}",
                 _format_ratio(pool, pipe) if size <= SMALL_SIZE_LIMIT else "-",
@@ -465,7 +578,8 @@ def _print_report(
         print(" | ".join(cell.rjust(width) for cell, width in zip(row, widths)))
     print(
         "(pool/pipe: pool time over the lower os.pipe ping-pong; vs X: X time over pool time; "
-        "memcpy: one thread)"
+        "memcpy: one thread; X CPU: CPU time per call of this process and every process below it, "
+        "the loop's own clones taken off)"
     )
 
     wrong = [
@@ -496,6 +610,19 @@ def _print_report(
         ratio = pool_small / pipe
         verdict = "HOLDS" if ratio <= TARGET_LATENCY_RATIO else "MISSED"
         print(f"  {label}: {pool_small:.1f} us / {pipe:.1f} us = {ratio:.2f}x -> {verdict}")
+    pool_cpu = _cpu(results, "pool", TARGET_CPU_SIZE)
+    label = (
+        f"pool CPU per call at {_format_size(TARGET_CPU_SIZE)} (every process) at most "
+        f"{TARGET_CPU_US:g} us"
+    )
+    if pool_cpu is None:
+        print(f"  {label}: not measured")
+    else:
+        verdict = "HOLDS" if pool_cpu <= TARGET_CPU_US else "MISSED"
+        print(
+            f"  {label}: {pool_cpu:.1f} us ({pool_cpu / pipe_floor.cpu_us:.1f}x the pipe ping-pong's "
+            f"{pipe_floor.cpu_us:.1f} us) -> {verdict}"
+        )
     pool_big = _median(results, "pool", TARGET_SPEEDUP_SIZE)
     baselines = [
         (name, _median(results, name, TARGET_SPEEDUP_SIZE)) for name in ("ProcessPool", "tmp queue")
@@ -516,6 +643,11 @@ def _print_report(
 def _median(results: dict[str, dict[int, Timing]], name: str, size: int) -> float | None:
     timing = results.get(name, {}).get(size)
     return timing.median_us if timing is not None else None
+
+
+def _cpu(results: dict[str, dict[int, Timing]], name: str, size: int) -> float | None:
+    timing = results.get(name, {}).get(size)
+    return timing.cpu_us if timing is not None else None
 
 
 def _format_size(size: int) -> str:

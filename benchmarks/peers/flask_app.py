@@ -6,7 +6,10 @@
                           "torchpool": TorchPool(app) with the TORCHPOOL_* keys of BENCH_TORCHPOOL_CONFIG
     BENCH_TORCHPOOL_CONFIG  a JSON object of TORCHPOOL_* keys (workers, batching, ...)
 
-Routes: ``POST /predict`` (raw float32 body -> small JSON) and ``GET /health`` (touches no model).
+Routes: ``POST /predict`` (raw float32 body -> small JSON), ``GET /health`` (readiness) and ``GET /ping``
+(the light route the benchmark times while ``/predict`` is saturated). Neither of the last two touches
+the model or the pool. With BENCH_MODE "torchpool" the config usually sets ``TORCHPOOL_HEALTH_URL``, whose
+``/status`` the benchmark reads for the batch sizes.
 
     python -m benchmarks.peers.flask_app --port 8000          # werkzeug's threaded dev server
     gunicorn -w 2 -k sync 'benchmarks.peers.flask_app:create_app()'
@@ -33,6 +36,10 @@ def create_app() -> Flask:
     @app.get("/health")
     def health() -> Response:
         return Response("ok", mimetype="text/plain")
+
+    @app.get("/ping")
+    def ping() -> Response:
+        return Response("pong", mimetype="text/plain")
 
     def answer(x_or_error: torch.Tensor | str, status: int = 200) -> Response:
         body = common.encode(x_or_error) if isinstance(x_or_error, torch.Tensor) else json.dumps(

@@ -4,10 +4,12 @@
         [--max-batch-size 32 --batch-timeout 0.002]
 
 ``POST /predict`` takes the raw float32 body (``Content-Type: application/octet-stream``; FastAPI hands
-``decode_request`` the bytes) and answers the same small JSON; ``GET /health`` is LitServe's own, which
-touches no model. ``--workers`` inference workers (``workers_per_device`` on the CPU), each building the
-model in ``setup`` with ``BENCH_TORCH_THREADS`` threads; LitServe's default number of API server processes
-(one per inference worker) and its default queues.
+``decode_request`` the bytes) and answers the same small JSON; ``GET /health`` is LitServe's own (it
+reads the workers' state from LitServe's manager process); ``GET /ping``, added here to LitServe's FastAPI
+app, answers at once and touches neither the model nor the manager: the light route the benchmark times.
+``--workers`` inference workers (``workers_per_device`` on the CPU), each building the model in ``setup``
+with ``BENCH_TORCH_THREADS`` threads; LitServe's default number of API server processes (one per
+inference worker) and its default queues.
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's annotation as an object to
@@ -20,6 +22,7 @@ from typing import Annotated, Any
 import litserve as ls
 import torch
 from fastapi import Body
+from fastapi.responses import PlainTextResponse
 
 from benchmarks.peers import common
 
@@ -53,6 +56,10 @@ class BatchedModelAPI(ModelAPI):
         return list(output.split(1))
 
 
+async def ping() -> PlainTextResponse:
+    return PlainTextResponse("pong")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -66,6 +73,8 @@ def main() -> None:
     api = api_class(max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, timeout=120,
                           fast_queue=args.fast_queue)
+    # LitServe forks its API server processes from this one: a route added here is in all of them.
+    server.app.add_api_route("/ping", ping, methods=["GET"])
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
 
 
