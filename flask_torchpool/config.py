@@ -58,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_MODE": "embedded",
     "TORCHPOOL_SOCKET": None,
     "TORCHPOOL_WORKER_LOG_LEVEL": "INFO",
+    "TORCHPOOL_START_METHOD": "forkserver",
+    "TORCHPOOL_WORKER_NICE": 0,
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
@@ -123,6 +125,10 @@ class ModelConfig:
     share_weights: bool = DEFAULTS["TORCHPOOL_SHARE_WEIGHTS"]
     #: The level (a number) below which the workers' log records are not sent to the web process.
     worker_log_level: int = logging.INFO
+    #: ``TORCHPOOL_START_METHOD``: "forkserver" (workers forked from a preloaded fork server) or "spawn".
+    start_method: str = DEFAULTS["TORCHPOOL_START_METHOD"]
+    #: ``TORCHPOOL_WORKER_NICE``: how much lower than the web process's the workers' CPU priority is.
+    worker_nice: int = DEFAULTS["TORCHPOOL_WORKER_NICE"]
 
     #: The model's name: ``"default"`` for ``TORCHPOOL_MODEL``, else its key in ``TORCHPOOL_MODELS``.
     name: str = DEFAULT_MODEL
@@ -316,6 +322,13 @@ def _log_level(key: str, value: Any) -> int:
                            "'WARNING', or a number >= 0 such as logging.DEBUG")
 
 
+def _nice(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
+        raise ConfigError(key, f"{value!r} is not allowed; use an integer from 0 (the web process's CPU "
+                               "priority) to 19 (the lowest)")
+    return value
+
+
 def _url_prefix(key: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -372,4 +385,6 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "max_batch_delay_ms": lambda k, v: _seconds(k, v, zero=True, unit="milliseconds"),
     "share_weights": _bool,
     "worker_log_level": _log_level,
+    "start_method": lambda k, v: _choice(k, v, ("forkserver", "spawn")),
+    "worker_nice": _nice,
 }

@@ -111,13 +111,18 @@ def load_model(spec: Any, device: str) -> Any:
 def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_fd: Any,
                 arena_size: int, parent_pid: int, share_weights: bool = False,
                 output_fds: tuple[Any, Any] | None = None, log_level: int = logging.INFO,
-                pool_name: str = "torchpool") -> None:
-    """Entry point of a worker process (the target given to the spawn context)."""
+                pool_name: str = "torchpool", nice: int = 0) -> None:
+    """Entry point of a worker process (forked by the fork server, or the target given to the spawn
+    context)."""
     os.environ[WORKER_ENV] = f"{pool_name} worker {placement.worker}"
     if output_fds is not None:
         out_fd, err_fd = (fd.detach() if hasattr(fd, "detach") else fd for fd in output_fds)
         redirect_output(out_fd, err_fd, log_level)
     _die_with_parent(parent_pid)
+    if nice:
+        # Below the web tier (TORCHPOOL_WORKER_NICE): a request is parsed the moment it arrives, and the
+        # model gets every cycle the web processes leave.
+        os.nice(nice)
     # Ctrl-C in a terminal reaches the whole process group; the web process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A SIGTERM to the whole process group (systemd's KillMode=control-group, a terminal's job

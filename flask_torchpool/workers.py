@@ -2,9 +2,11 @@
 
 A :class:`WorkerSlot` is one entry of the pool's plan (a :class:`~flask_torchpool.placement.Placement`);
 a respawn replaces its process, channel, arena and output pipes and keeps the slot. :class:`WorkerSet`
-spawns a slot's process (:func:`flask_torchpool.worker.worker_main`, through the ``spawn`` start method),
-reaps it and names its exit cause, schedules respawns with a backoff inside a restart budget, and stops
-every process in a fixed order. All of it runs in the pool's manager thread: ``PR_SET_PDEATHSIG`` fires
+starts a slot's process (:func:`flask_torchpool.worker.worker_main`): forked in milliseconds by the pool's
+fork server (Note [Fork server] in :mod:`flask_torchpool.forkserver`), or spawned (GPU workers,
+``TORCHPOOL_START_METHOD="spawn"``, a fork server that cannot start). It reaps it and names its exit
+cause, schedules respawns with a backoff inside a restart budget, and stops every process (and the fork
+server) in a fixed order. All of it runs in the pool's manager thread: ``PR_SET_PDEATHSIG`` fires
 when the *thread* that forked exits, so workers must be children of a thread that lives as long as the
 pool. The manager's selector waits on what :meth:`WorkerSet.registrations` lists, as small typed
 objects: each worker's channel, its process sentinel and its stdout and stderr pipes.
@@ -28,6 +30,7 @@ import torch.multiprocessing as tmp
 from . import batching, messages, shm
 from .batching import Job
 from .config import PoolConfig
+from .forkserver import ForkServer, ForkServerError, PassedFd
 from .logs import WorkerOutput
 from .placement import Placement
 from .status import WorkerState
@@ -136,6 +139,8 @@ class WorkerSet:
         self.lock = lock
         #: A channel, process or pipe changed: the manager must re-register them (:meth:`sync`).
         self.changed = True
+        self._fork_server: ForkServer | None = None
+        self._fork_server_failed = config.start_method != "forkserver"
 
     # --- the selector ---------------------------------------------------------------------------------------
 
@@ -180,13 +185,13 @@ class WorkerSet:
             for _ in ("stdout", "stderr"):
                 pipes.append(os.pipe())
             parent_end, child_end = _SPAWN.Pipe(duplex=True)
-            name = f"{self.name}-worker-{slot.index}"
-            process = _SPAWN.Process(
-                target=worker_main, name=name, daemon=True,
-                args=(slot.placement, self.config.model, child_end, _InheritedFd(fd), size,
-                      os.getpid(), self.config.share_weights,
-                      tuple(_InheritedFd(w) for _, w in pipes), self.config.worker_log_level, self.name))
-            process.start()
+            try:
+                process = self._start(slot, fd, size, [w for _, w in pipes], child_end)
+            except BaseException:
+                parent_end.close()
+                raise
+            finally:
+                child_end.close()
         except BaseException:
             for r, _ in pipes:
                 os.close(r)
@@ -195,8 +200,8 @@ class WorkerSet:
             os.close(fd)
             for _, w in pipes:
                 os.close(w)  # the worker's copies are the only writers left: its death ends the streams
-        child_end.close()
         assert process.pid is not None
+        name = process.name
         output = [WorkerOutput(r, stream, self.logger_name, slot.index, process.pid, name)
                   for (r, _), stream in zip(pipes, ("stdout", "stderr"))]
         with self.lock:
@@ -213,6 +218,64 @@ class WorkerSet:
             self.changed = True
         log.debug("%s: spawned worker %d (pid %d): %s", self.name, slot.index, process.pid,
                   slot.placement.describe())
+
+    def _start(self, slot: WorkerSlot, arena_fd: int, size: int, out_fds: list[int],
+               child_end: Any) -> Any:
+        """Start *slot*'s worker process: forked by the fork server when there is one, else spawned."""
+        name = f"{self.name}-worker-{slot.index}"
+        server = self._fork_server_for(slot)
+        if server is not None:
+            try:
+                return server.start_process(
+                    worker_main, self._args(slot, PassedFd(3, connection=True), PassedFd(0), size,
+                                            (PassedFd(1), PassedFd(2))),
+                    [arena_fd, *out_fds, child_end.fileno()], name)
+            except ForkServerError as exc:
+                # Gone (OOM-killed, say): spawn this one; the next start tries a fresh fork server.
+                log.warning("%s: %s; spawning worker %d instead", self.name, exc, slot.index)
+                self._stop_fork_server()
+        process = _SPAWN.Process(
+            target=worker_main, name=name, daemon=True,
+            args=self._args(slot, child_end, _InheritedFd(arena_fd), size,
+                            tuple(_InheritedFd(w) for w in out_fds)))
+        process.start()
+        return process
+
+    def _args(self, slot: WorkerSlot, conn: Any, arena_fd: Any, size: int,
+              out_fds: Any) -> tuple[Any, ...]:
+        """``worker_main``'s arguments."""
+        return (slot.placement, self.config.model, conn, arena_fd, size, os.getpid(),
+                self.config.share_weights, out_fds, self.config.worker_log_level, self.name,
+                self.config.worker_nice)
+
+    def _fork_server_for(self, slot: WorkerSlot) -> ForkServer | None:
+        """The pool's fork server, started on first use; None when workers are spawned: by
+        configuration, on a GPU (see docs/design.rst, Workers), or because it cannot start here."""
+        if self._fork_server_failed or slot.placement.device != "cpu":
+            return None
+        if self._fork_server is None:
+            server = ForkServer(self.name, self.config.start_timeout)
+            try:
+                server.start()
+            except ForkServerError as exc:
+                log.warning("%s: %s; spawning workers instead (TORCHPOOL_START_METHOD='spawn' says so "
+                            "without trying)", self.name, exc)
+                self._fork_server_failed = True
+                return None
+            self._fork_server = server
+        return self._fork_server
+
+    def _stop_fork_server(self) -> None:
+        server, self._fork_server = self._fork_server, None
+        if server is not None:
+            server.stop()
+
+    def _retire_idle_fork_server(self) -> None:
+        """Under the lock: with every slot failed (a crash loop, waiting out its window), let the fork
+        server go, not to hold its memory, and no process, meanwhile; the next respawn starts another.
+        It exits as soon as it reads the end of its socket (milliseconds, in a rare path)."""
+        if self._fork_server is not None and all(s.state is WorkerState.FAILED for s in self.slots):
+            self._stop_fork_server()
 
     def reap(self, slot: WorkerSlot) -> tuple[int | None, str | None]:
         """*slot*'s process ended: reap it, forward its last output, and set :attr:`~WorkerSlot.last_exit`
@@ -272,6 +335,7 @@ class WorkerSet:
         else:
             slot.state = WorkerState.DEAD
             slot.respawn_at = now + min(0.1 * 2 ** (n - 1), 10.0)
+        self._retire_idle_fork_server()
 
     def respawn_times(self) -> list[float]:
         return [s.respawn_at for s in self.slots if s.respawn_at is not None]
@@ -310,6 +374,7 @@ class WorkerSet:
                 slot.process.join(1.0)
         for slot in self.slots:
             self.close_output(slot)
+        self._stop_fork_server()
         with self.lock:
             for slot in self.slots:
                 if slot.channel is not None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from flask_torchpool import TorchPool
+from flask_torchpool.forkserver import PROCESS_NAME as FORK_SERVER_NAME
 
 from .conftest import child_pids, make_app, pid_alive, shm_entries, wait_until
 
@@ -204,8 +205,18 @@ def descendants(pid: int) -> set[int]:
 
 
 def is_pool_worker(pid: int) -> bool:
-    """A process started by multiprocessing's spawn method: a pool worker, in these tests."""
-    return "multiprocessing.spawn import spawn_main" in cmdline(pid)
+    """A process started by multiprocessing's spawn method, or forked by a pool's fork server (which was
+    spawned: its workers have its command line), but not the fork server itself: a pool worker, in
+    these tests."""
+    return "multiprocessing.spawn import spawn_main" in cmdline(pid) and comm(pid) != FORK_SERVER_NAME
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def pool_workers_below(pid: int) -> set[int]:
