@@ -119,10 +119,10 @@ class ForkServer:
         ready = connection.wait([ours, process.sentinel], self.start_timeout)
         hello = ours.recv(4096) if ours in ready else b""
         if not hello.startswith(b"R"):
-            self.stop()
             why = hello[1:].decode(errors="replace") if hello else (
-                f"it exited with code {process.exitcode}" if process.exitcode is not None
-                else f"no answer within {self.start_timeout:g}s")
+                f"it exited with code {process.exitcode} (see its traceback above)"
+                if process.exitcode is not None else f"no answer within {self.start_timeout:g}s")
+            self.stop()
             raise ForkServerError(f"the fork server cannot fork workers: {why}")
         log.debug("%s: fork server ready (pid %d)", self.name, process.pid)
 
