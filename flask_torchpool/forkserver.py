@@ -16,8 +16,8 @@ server's parent, the web process's manager thread, exactly as with ``spawn``. So
 process reaps it and reads its exit code itself (its sentinel is a pidfd), and ``ps`` shows it below
 the web process. ``CLONE_CHILD_SETTID`` updates glibc's cached thread id, as glibc's ``fork`` does;
 ``PyOS_BeforeFork``/``PyOS_AfterFork_Child`` run Python's own fork hooks. Before every fork the server
-checks that it is single-threaded; if it is not, or the platform lacks what this needs (Linux,
-``pidfd_open``), :class:`ForkServer` reports it unusable and the pool spawns its workers instead.
+checks that it is single-threaded; if it is not, or the platform lacks what this needs (Linux with
+glibc, ``pidfd_open``), :class:`ForkServer` reports it unusable and the pool spawns its workers instead.
 
 Requests travel from the web process to its own child over a ``SOCK_SEQPACKET`` pair: a pickled
 (target, args, name) with the descriptors the worker needs; the reply is a struct (a pid, or an error
@@ -73,6 +73,12 @@ def supported() -> str | None:
         return f"not supported on {sys.platform}/{platform.machine()} (Linux x86_64 and aarch64 only)"
     if not hasattr(os, "pidfd_open"):
         return "os.pidfd_open is missing (Python >= 3.9 on Linux >= 5.3)"
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):
+        glibc = None
+    if not glibc:
+        return "not glibc (the fork updates glibc's cached thread id)"
     return None
 
 
