@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_SOCKET": None,
     "TORCHPOOL_WORKER_LOG_LEVEL": "INFO",
     "TORCHPOOL_START_METHOD": "forkserver",
-    "TORCHPOOL_WORKER_NICE": 0,
+    "TORCHPOOL_WORKER_NICE": 10,
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
