@@ -289,7 +289,6 @@ def _fork(libc: Any, tid_address: int, sock: socket.socket, payload: bytes, fds:
     threads = _threads()
     if threads != 1:
         raise ForkServerError(f"the fork server has {threads} threads; forking it is not safe")
-    target, args, name = pickle.loads(payload)   # from our own parent, the web process
     flags = _CLONE_PARENT | _CLONE_CHILD_SETTID | signal.SIGCHLD
     ctypes.pythonapi.PyOS_BeforeFork()
     pid = libc.syscall(_SYS_CLONE, ctypes.c_ulong(flags), None, None, ctypes.c_void_p(tid_address), None)
@@ -303,6 +302,9 @@ def _fork(libc: Any, tid_address: int, sock: socket.socket, payload: bytes, fds:
     try:
         libc.prctl(_PR_SET_NAME, spawned_name, 0, 0, 0)
         sock.close()
+        # Unpickled after the fork (it comes from our own parent, the web process): a model factory
+        # given by reference imports its module in the worker, never in the fork server.
+        target, args, name = pickle.loads(payload)
         resolved = tuple(_resolve(a, fds) for a in args)
         code = _run_child(target, resolved, name)
     finally:

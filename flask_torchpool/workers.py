@@ -254,6 +254,11 @@ class WorkerSet:
         if self._fork_server_failed or slot.placement.device != "cpu":
             return None
         if self._fork_server is None:
+            with self.lock:
+                # Importing torch in the fork server is part of starting these workers.
+                for other in self.slots:
+                    if other is slot or (other.process is None and other.state is WorkerState.STOPPED):
+                        other.state = WorkerState.STARTING
             server = ForkServer(self.name, self.config.start_timeout)
             try:
                 server.start()
