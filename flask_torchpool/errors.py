@@ -88,7 +88,7 @@ class _HTTPError(TorchPoolError, HTTPException):
     retry_after: int | None = None
     #: What a 5xx body says without details (Note [Error bodies]).
     public: str = "the server could not run this call"
-    #: Set when the error is first rendered as an HTTP answer (the id in the body and in the log line).
+    #: Set each time the error is rendered as a 5xx answer (the id in the body and in the log line).
     error_id: str | None = None
 
     def __init__(self, message: str, *, retry_after: int | None = None, **extra: Any) -> None:
@@ -115,9 +115,9 @@ class _HTTPError(TorchPoolError, HTTPException):
         if self.code < 500:
             return json.dumps(self.to_dict())
         details = _details_wanted()
-        if self.error_id is None:
-            self.error_id = uuid.uuid4().hex
-            _log_details(self)
+        # A fresh id per answer: one error object may answer many requests (a failed start's error).
+        self.error_id = uuid.uuid4().hex
+        _log_details(self)
         body = self.to_dict() if details else {"error": self.public, "type": type(self).__name__}
         body["error_id"] = self.error_id
         return json.dumps(body)

@@ -16,9 +16,9 @@ One manager thread per pool blocks in a selector on every worker's socket, every
 sentinel and a wakeup pipe, with a timeout that is the next deadline or respawn time; it never polls. It
 receives results, fails calls whose deadline passed, handles deaths (fail or retry the calls that were on
 the worker, respawn: Note [Restart policy] in :mod:`flask_torchpool.workers`) and runs the shutdown
-sequence. It is also the only thread that spawns processes (see :mod:`flask_torchpool.workers`). The same selector holds each
-worker's stdout and stderr pipes: the manager forwards what workers log and print to the app's logger
-(:mod:`flask_torchpool.logs`).
+sequence. It is also the only thread that spawns processes (see :mod:`flask_torchpool.workers`). The
+same selector holds each worker's stdout and stderr pipes: the manager forwards what workers log and
+print to the app's logger (:mod:`flask_torchpool.logs`).
 
 What a worker runs is a *job*: one call, or a batch of calls (``TORCHPOOL_MAX_BATCH_SIZE``) whose inputs
 agree on everything but dim 0. Callers place their own call when a worker has room
