@@ -155,3 +155,53 @@ def test_a_failed_batch_shows_no_caller_another_callers_data(leaky_app: Flask, g
 def test_live_shows_no_pid(client: Any) -> None:
     resp = client.get("/tp/live")
     assert resp.status_code == 200 and resp.get_json() == {"status": "alive"}
+
+
+def test_the_operator_port_check_of_the_deploying_docs() -> None:
+    """docs/deploying.rst: /status and /metrics answer only on the operator's port, read from the socket
+    the request came in on (two real listeners, one app), never from a header."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from flask import abort
+    from werkzeug.serving import make_server
+
+    app = make_app(TORCHPOOL_START="lazy", TORCHPOOL_HEALTH_URL="/torchpool")
+    TorchPool(app)
+    public = make_server("127.0.0.1", 0, app, threaded=True)
+    operator = make_server("127.0.0.1", 0, app, threaded=True)
+    operator_port = operator.server_address[1]
+
+    @app.before_request
+    def operator_only() -> None:
+        if request.path.startswith(("/torchpool/status", "/torchpool/metrics")):
+            sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+            if sock is None or sock.getsockname()[1] != operator_port:
+                abort(404)
+
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (public, operator)]
+    for t in threads:
+        t.start()
+
+    def get(server: Any, path: str, host: str | None = None) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}{path}")
+        if host:
+            req.add_header("Host", host)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    try:
+        assert get(public, "/torchpool/status") == 404
+        assert get(public, "/torchpool/status", host=f"127.0.0.1:{operator_port}") == 404
+        assert get(public, "/torchpool/live") == 200
+        assert get(operator, "/torchpool/status") == 200
+    finally:
+        for s in (public, operator):
+            s.shutdown()
+            s.server_close()
+        for t in threads:
+            t.join(10)
