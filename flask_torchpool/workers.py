@@ -341,6 +341,7 @@ class WorkerSet:
                 except Exception:
                     log.exception("%s: cannot respawn worker %d", self.name, slot.index)
                     with self.lock:
+                        slot.ready_at = None  # an early death, whatever the last process did: back off
                         self.schedule_respawn(slot)
 
     # --- stopping -------------------------------------------------------------------------------------------

@@ -162,6 +162,30 @@ def test_a_spawn_that_fails_to_start_leaks_nothing(monkeypatch: Any) -> None:
     assert workers.slots[0].process is None and workers.slots[0].channel is None
 
 
+def test_a_respawn_that_cannot_start_backs_off(monkeypatch: Any) -> None:
+    """A slot whose last worker served, and whose respawn cannot even start a process, backs off (an
+    early death), instead of retrying at once in a busy loop."""
+    config = ModelConfig(model="tests.models:echo", workers=1, devices="cpu", arena_bytes=8 << 20)
+    workers = WorkerSet(plan(config, cores=[0]), config, "spawnfail", "spawnfail", threading.Lock())
+    from flask_torchpool import workers as workers_module
+
+    def refuse(self: Any) -> None:
+        raise OSError(11, "Resource temporarily unavailable (test)")
+
+    monkeypatch.setattr(workers_module._SPAWN.Process, "start", refuse)
+    slot = workers.slots[0]
+    slot.ready_at, slot.calls = time.monotonic() - 100, 5  # the last worker loaded and served
+    slot.respawn_at = time.monotonic()
+    delays = []
+    for _ in range(3):
+        now = time.monotonic()
+        workers.respawn_due(now + 60)
+        assert slot.respawn_at is not None
+        delays.append(slot.respawn_at - time.monotonic())
+    assert all(d > 0 for d in delays) and delays[0] < delays[1] < delays[2], delays
+    assert slot.state.value == "dead" and slot.process is None
+
+
 @pytest.mark.timeout(180)
 def test_a_call_to_a_pool_that_failed_to_start_counts_as_startup_failed() -> None:
     config = ModelConfig(model="tests.models:failing", workers=1, devices="cpu", arena_bytes=8 << 20)
