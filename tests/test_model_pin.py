@@ -87,3 +87,16 @@ def test_a_pool_serves_a_file_that_matches(model_file: tuple[str, str]) -> None:
             assert torch.equal(pool(torch.zeros(3)), torch.ones(3))
     finally:
         pool.shutdown(app=app)
+
+
+def test_inline_mode_checks_the_pin_too(model_file: tuple[str, str]) -> None:
+    path, digest = model_file
+    app = make_app(TORCHPOOL_MODEL=path, TORCHPOOL_MODEL_SHA256="f" * 64, TORCHPOOL_INLINE=True)
+    pool = TorchPool(app)
+    with pytest.raises(WorkerStartupError, match="TORCHPOOL_MODEL_SHA256: the model file"):
+        pool.start(app=app)
+    good = make_app(TORCHPOOL_MODEL=path, TORCHPOOL_MODEL_SHA256=digest, TORCHPOOL_INLINE=True)
+    good_pool = TorchPool(good)
+    with good.app_context():
+        assert torch.equal(good_pool(torch.zeros(3)), torch.ones(3))
+    good_pool.shutdown(app=good)
