@@ -243,6 +243,14 @@ def describe_fds(kinds: collections.Counter[str]) -> str:
     return f"{sum(kinds.values())} ({detail})"
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _stat(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -272,6 +280,8 @@ def children(parent: int) -> dict[int, str]:
             continue
         if fields[0] == "Z":
             out[int(entry)] = "zombie"
+        elif b"multiprocessing.spawn import spawn_main" in cmd and _comm(int(entry)) == "torchpool-fork":
+            out[int(entry)] = "fork server"  # spawned; the workers it forks have its command line
         elif b"multiprocessing.spawn import spawn_main" in cmd:
             out[int(entry)] = "worker"
         else:
