@@ -299,7 +299,9 @@ class ModelGroup:
         """See :meth:`TorchPool.status`."""
         pools = self.pools
         plan = self.plan
-        mode = "inline" if self.app_config.inline else "embedded"
+        # Before the start, "auto" may yet attach or embed: it reads as embedded until it has decided.
+        mode = ("inline" if self.app_config.inline else
+                "attach" if self.app_config.mode == "attach" else "embedded")
         models: dict[str, ModelStatus] = {}
         for name in self.configs:
             pool = pools.get(name)

@@ -12,9 +12,9 @@
 ``app.run(debug=True)`` in a script turns the process that made the pool into the reloader's watcher:
 :func:`guard_reloader_watcher` stops its pool then.
 
-SIGTERM (:class:`SigtermDrain`): the handler only writes a byte to a pipe; a thread that waits on it
-drains the pools, then ends the process by SIGTERM as a process manager expects. Nothing runs in the
-handler that could need a lock the interrupted code holds.
+SIGTERM (:class:`SigtermDrain`): the handler only sets an event that a drain thread waits on; that
+thread drains the pools, then ends the process by SIGTERM as a process manager expects. Nothing runs in
+the handler that could need a lock the interrupted code holds.
 """
 
 from __future__ import annotations
@@ -170,27 +170,26 @@ class SigtermDrain:
     """Drain on SIGTERM, when nobody else handles it (gunicorn installs its own before loading the app;
     its graceful shutdown ends in the exit hooks).
 
-    The handler restores SIGTERM's default action and writes one byte to a pipe (both async-signal-safe;
-    no lock). A daemon thread blocked on the pipe runs *drain*, then sends SIGTERM to the process again,
+    The handler restores SIGTERM's default action and sets an event. Python runs it in the main thread
+    between two bytecodes; the only lock it takes is the event's own, which no other code of the main
+    thread ever holds (so, unlike the drain itself, it cannot wait for a lock the interrupted code
+    holds). A daemon thread waiting on the event runs *drain*, then sends SIGTERM to the process again,
     which now ends it, by SIGTERM, as its manager expects. A second SIGTERM during the drain ends the
     process at once."""
 
     def __init__(self, drain: Callable[[], None]) -> None:
         self._drain = drain
-        self._wakeup_r, self._wakeup_w = -1, -1
+        self._requested = threading.Event()
         self._start_thread()
 
     def _start_thread(self) -> None:
-        self._wakeup_r, self._wakeup_w = os.pipe()
-        os.set_blocking(self._wakeup_w, False)
-        threading.Thread(target=self._run, args=(self._wakeup_r,), name="torchpool-sigterm",
+        threading.Thread(target=self._run, args=(self._requested,), name="torchpool-sigterm",
                          daemon=True).start()
 
     def _after_fork_in_child(self) -> None:
         # The thread did not survive the fork (gunicorn without --preload forks before loading the
         # app, but a user's own fork may come later): a child drains its own pools with its own thread.
-        os.close(self._wakeup_r)
-        os.close(self._wakeup_w)
+        self._requested = threading.Event()
         self._start_thread()
 
     @classmethod
@@ -209,17 +208,10 @@ class SigtermDrain:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        try:
-            os.write(self._wakeup_w, b"T")
-        except BlockingIOError:  # pragma: no cover - one byte in an empty pipe
-            pass
+        self._requested.set()
 
-    def _run(self, wakeup_r: int) -> None:
-        try:
-            while not os.read(wakeup_r, 1):
-                pass  # pragma: no cover - the write end stays open
-        except OSError:  # closed after a fork: this thread's process is gone
-            return
+    def _run(self, requested: threading.Event) -> None:
+        requested.wait()
         log.warning("torchpool: SIGTERM: draining")
         try:
             self._drain()
