@@ -2,7 +2,7 @@
 
     python benchmarks/chaos.py [--calls N] [--threads T] [--kill-every K] [--workers W]
                                [--ms MS] [--timeout S] [--max-seconds S]
-                               [--retries R] [--max-restarts M]
+                               [--retries R] [--max-restarts M] [--kill-interval SECONDS]
 
 It starts a web server in a subprocess (Werkzeug's threaded server on 127.0.0.1, a free port) whose
 ``POST /infer`` view calls ``benchmarks.models:sleepy_factory`` (``x + 1`` after MS milliseconds)
@@ -25,6 +25,13 @@ no process and no /dev/shm entry outlives it. It exits 0 only if the bar holds:
   expect none);
 * zero leaks: descriptors back to the baseline (+- 4), no new /dev/shm entry, as many live workers
   as configured and no zombie, and after the server exits no process of it left.
+
+``--kill-interval 0.5`` is the crash storm of issue 11 (the OOM killer under memory pressure): a ready
+worker is SIGKILLed every 0.5 s, by the clock, whatever the restart budget says (when no worker is
+ready, the kill waits for one). A thread samples ``/status`` every 50 ms to know when no worker was
+ready. The bar's second line becomes: failed calls no more than those running on killed workers plus
+the 504s whose deadline passed while no worker was ready (the nearest sample before the answer showed
+none).
 
 The machinery (server subprocess, /proc readers) is shared with ``benchmarks/overload.py``.
 """
@@ -340,6 +347,7 @@ class Tally:
     last_done: float = 0.0
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     latencies: list[float] = field(default_factory=list)
+    timeouts_at: list[float] = field(default_factory=list)   # monotonic times 504s were answered
     changed: threading.Condition = field(init=False)
 
     def __post_init__(self) -> None:
@@ -385,6 +393,8 @@ def client(server: Server, tally: Tally, calls: int, ms: float, client_timeout: 
             tally.done += 1
             tally.last_done = time.monotonic()
             tally.outcomes[outcome] += 1
+            if outcome.startswith("504 "):
+                tally.timeouts_at.append(tally.last_done)
             if outcome == "ok":
                 tally.latencies.append(took)
             tally.changed.notify_all()
@@ -429,7 +439,8 @@ class Killer:
                 time.sleep(0.05)
                 continue
             now = time.monotonic()
-            ready = [w for w in workers if w["state"] == "ready" and w["pid"]
+            killed = {k.pid for k in self.kills}  # still "ready" until the server has reaped its death
+            ready = [w for w in workers if w["state"] == "ready" and w["pid"] and w["pid"] not in killed
                      and (_stat(w["pid"]) or ["", "0"])[1] == str(self.server.pid)]
             eligible = [w for w in ready if self.recent(w["worker"], now) < self.max_restarts]
             if eligible:
@@ -447,6 +458,34 @@ class Killer:
         return None
 
 
+class ReadySampler:
+    """Polls the server's /status every *interval* seconds: (monotonic time, workers ready)."""
+
+    def __init__(self, server: Server, interval: float = 0.05) -> None:
+        self.server = server
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ready-sampler", daemon=True)
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self.stop.wait(self.interval):
+                try:
+                    workers = self.server.status(session)["workers"]
+                except requests.RequestException:
+                    continue
+                self.samples.append((time.monotonic(), sum(w["state"] == "ready" for w in workers)))
+
+    def none_ready_at(self, t: float) -> bool:
+        """Whether the last sample before *t* showed no worker ready."""
+        before = [n for at, n in self.samples if at <= t]
+        return bool(before) and before[-1] == 0
+
+    def none_ready_seconds(self) -> float:
+        return sum(b[0] - a[0] for a, b in zip(self.samples, self.samples[1:]) if a[1] == 0)
+
+
 def run(args: argparse.Namespace) -> int:
     config = {
         "TORCHPOOL_WORKERS": args.workers,
@@ -458,8 +497,9 @@ def run(args: argparse.Namespace) -> int:
     if args.retries is not None:
         config["TORCHPOOL_RETRIES"] = args.retries
     client_timeout = args.timeout + 30.0
+    every = f"{args.kill_interval:g} s (a storm)" if args.kill_interval else f"{args.kill_every} calls"
     print(f"chaos: {args.calls} calls from {args.threads} threads, SIGKILL a worker every "
-          f"{args.kill_every} calls; {args.workers} workers, model sleeps {args.ms:g} ms; "
+          f"{every}; {args.workers} workers, model sleeps {args.ms:g} ms; "
           f"TORCHPOOL_TIMEOUT={args.timeout:g}s, client timeout {client_timeout:g}s, TORCHPOOL_RETRIES="
           f"{'1 (default)' if args.retries is None else args.retries}; load average {load_average()} on "
           f"{os.cpu_count()} CPUs")
@@ -491,14 +531,31 @@ def run(args: argparse.Namespace) -> int:
                    for i in range(args.threads)]
         for t in threads:
             t.start()
-        killer = Killer(server, args.max_restarts if args.max_restarts is not None else 5, 60.0)
+        # A storm ignores the restart budget: the point is that the pool survives it.
+        killer = Killer(server, 10**9 if args.kill_interval else
+                        args.max_restarts if args.max_restarts is not None else 5, 60.0)
+        sampler = ReadySampler(server)
+        sampler.thread.start()
         seen_pids = set(workers_before)
-        next_kill = args.kill_every if args.kill_every > 0 else args.calls + 1
+        next_kill = args.kill_every if args.kill_every > 0 and not args.kill_interval else args.calls + 1
 
         def kill_due() -> bool:
             return tally.done >= next_kill or not any(t.is_alive() for t in threads)
 
         with requests.Session() as control:
+            last_kill = time.monotonic()
+            while args.kill_interval:
+                # The storm's cadence is the clock (an OOM killer does not wait for calls to finish).
+                time.sleep(max(0.0, last_kill + args.kill_interval - time.monotonic()))
+                if not any(t.is_alive() for t in threads):
+                    break
+                with tally.lock:
+                    done = tally.done
+                kill = killer.kill_one(control, lambda: not any(t.is_alive() for t in threads))
+                last_kill = time.monotonic()
+                if kill is not None:
+                    kill.done = done
+                    seen_pids.add(kill.pid)
             while True:
                 with tally.changed:
                     tally.changed.wait_for(kill_due, timeout=1.0)
@@ -513,6 +570,8 @@ def run(args: argparse.Namespace) -> int:
                     next_kill += args.kill_every
         for t in threads:
             t.join()
+        sampler.stop.set()
+        sampler.thread.join(10)
         elapsed = max(tally.last_done - started, 1e-9)
         for s in sessions:
             s.close()
@@ -548,6 +607,7 @@ def run(args: argparse.Namespace) -> int:
     ok = tally.outcomes.get("ok", 0)
     hung = tally.outcomes.get("hung", 0)
     failed = tally.done - ok - hung
+    timeouts_none_ready = sum(1 for t in tally.timeouts_at if sampler.none_ready_at(t))
     fd_delta = sum(fds_after.values()) - sum(fds_before.values())
 
     print()
@@ -569,6 +629,9 @@ def run(args: argparse.Namespace) -> int:
         ("  calls running on them, failed", counters.get("crashes", 0)),
         ("  inflight seen at kill time", sum(k.inflight for k in kills)),
         ("respawns (status restarts)", respawns),
+        ("504s answered while no worker was ready", f"{timeouts_none_ready} of {len(tally.timeouts_at)}"),
+        ("time with no worker ready", f"{sampler.none_ready_seconds():.1f}s of {elapsed:.1f}s "
+                                      f"({len(sampler.samples)} samples)"),
         ("pool counters", ", ".join(f"{k} {v}" for k, v in counters.items())),
     ]
     width = max(len(r[0]) for r in rows)
@@ -599,8 +662,11 @@ def run(args: argparse.Namespace) -> int:
 
     bars = [
         ("zero hung calls", hung == 0, f"{hung} hung"),
-        ("failed <= calls running on killed workers", failed <= on_killed,
-         f"{failed} failed, {on_killed} were running on killed workers"),
+        ("failed <= calls running on killed workers" + (" + 504s while none was ready"
+                                                         if args.kill_interval else ""),
+         failed <= on_killed + (timeouts_none_ready if args.kill_interval else 0),
+         f"{failed} failed, {on_killed} were running on killed workers"
+         + (f", {timeouts_none_ready} timed out while no worker was ready" if args.kill_interval else "")),
         (f"fds back to baseline (+-{FD_TOLERANCE})", abs(fd_delta) <= FD_TOLERANCE, f"delta {fd_delta:+d}"),
         ("no new /dev/shm entries (running, after exit)", not shm_running and not shm_after_exit,
          f"{sorted(shm_running | shm_after_exit) or 'none'}"),
@@ -638,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
                              "kills wait rather than exceed it")
     parser.add_argument("--retries", type=int, default=None,
                         help="TORCHPOOL_RETRIES (default: the pool's, 1)")
+    parser.add_argument("--kill-interval", type=float, default=0.0,
+                        help="a crash storm: SIGKILL a ready worker every SECONDS by the clock, ignoring "
+                             "the restart budget (e.g. 0.5; default 0: use --kill-every)")
     parser.add_argument("--max-seconds", type=float, default=120.0,
                         help="stop sending calls after this many seconds (default 120)")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Generic, Protocol, TypeVar
 import torch
 
 from . import codec, messages, shm
-from .errors import InvalidInputError, OutputError, PoolOverloadedError, TorchPoolError, WireError, from_wire
+from .errors import OutputError, TorchPoolError, WireError, from_wire, placing_failed
 from .metrics import Metrics, outcome_of
 from .status import WorkerState
 
@@ -50,6 +50,12 @@ _ids = itertools.count(1)
 # not calls, so it never caps how full a batch gets. The worker runs a batch like any call; the web
 # process splits every output tensor along dim 0 back to the members, and an error reaches the members
 # of that batch only.
+#
+# Note [A failed batch]
+# ~~~~~~~~~~~~~~~~~~~~~
+# The model's error for a batch of several calls may quote any row, another caller's data: no member
+# gets it. Each goes back to the front of the queue unbatched (no retry used) and gets its own result or
+# error. A failed batch costs one more forward pass per member; a bad input fails only its own caller.
 
 
 class CallState(enum.Enum):
@@ -330,7 +336,7 @@ class Scheduler(Generic[S]):
                 job.fds.extend(placer.fds)
             job.writers -= 1
             if error is not None and call.state is not CallState.DONE:
-                self.finish(call, exc=_write_error(error, self.retry_after))
+                self.finish(call, exc=placing_failed(error, self.retry_after))
             self.maybe_send(job)
         self.flush()
 
@@ -437,10 +443,12 @@ class Scheduler(Generic[S]):
             self.free_inputs(slot, job)
         else:
             assert job is not None
+            # Note [A failed batch]: its error may quote any member's input; each member runs again alone.
+            alone = isinstance(msg, messages.Failure) and job.key is not None and len(members) > 1
             if isinstance(msg, messages.Result):
                 results = split(job, msg, fds)
             else:
-                results = [(None, from_wire(WireError(*msg[1:]))) for _ in job.members]
+                results = [(None, None if alone else from_wire(WireError(*msg[1:]))) for _ in job.members]
             # Only now: outputs that are inputs were read from these blocks (Note [Outputs that
             # are inputs], worker.py); the ones zero-copy views still use stay allocated.
             self.free_inputs(slot, job)
@@ -448,7 +456,10 @@ class Scheduler(Generic[S]):
                 slot.calls += len(members)
                 if isinstance(msg, messages.Failure):
                     slot.errors += 1
-                for member, (value, exc) in zip(job.members, results):
+                for member in sorted(members, key=lambda c: c.enqueued, reverse=True) if alone else ():
+                    member.key, member.job, member.state = None, None, CallState.QUEUED
+                    self.queue.appendleft(member)  # run by the next dispatch, no retry used
+                for member, (value, exc) in zip(job.members, () if alone else results):
                     self.finish(member, value, exc)
             self.flush()
         if job is not None and job.key is not None or idle(slot):
@@ -585,11 +596,3 @@ def _take_all(items: deque[T]) -> Iterator[T]:
         except IndexError:
             return
 
-
-def _write_error(error: BaseException, retry_after: int) -> TorchPoolError:
-    """What a caller gets when its inputs could not be written into the arena."""
-    if isinstance(error, OSError):
-        hint = (" (the open-file limit: raise it with ulimit -n)" if error.errno == 24 else "")
-        return PoolOverloadedError(f"cannot place the inputs in shared memory: {error}{hint}",
-                                   retry_after=retry_after)
-    return InvalidInputError(f"cannot write the inputs: {type(error).__name__}: {error}")

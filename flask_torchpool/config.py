@@ -58,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_MODE": "embedded",
     "TORCHPOOL_SOCKET": None,
     "TORCHPOOL_WORKER_LOG_LEVEL": "INFO",
+    "TORCHPOOL_ERROR_DETAILS": False,
+    "TORCHPOOL_MODEL_SHA256": None,
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
@@ -67,12 +69,13 @@ DEFAULT_MODEL = "default"
 #: ``TORCHPOOL_*`` keys that make sense per model. The others are the app's (start, shutdown, health).
 MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
                    "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
-                   "max_batch_delay_ms", "share_weights", "example_input")
+                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
 _MODEL_FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".ts", ".jit")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class AppConfig:
     mode: str = DEFAULTS["TORCHPOOL_MODE"]
     #: The pool server's Unix socket; None: a per-user private directory (attach.rendezvous).
     socket: str | None = DEFAULTS["TORCHPOOL_SOCKET"]
+    #: ``TORCHPOOL_ERROR_DETAILS``: 5xx bodies carry the full message and fields (also when app.debug).
+    error_details: bool = DEFAULTS["TORCHPOOL_ERROR_DETAILS"]
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> AppConfig:
@@ -121,6 +126,8 @@ class ModelConfig:
     max_batch_size: int = DEFAULTS["TORCHPOOL_MAX_BATCH_SIZE"]
     max_batch_delay_ms: float = DEFAULTS["TORCHPOOL_MAX_BATCH_DELAY_MS"]
     share_weights: bool = DEFAULTS["TORCHPOOL_SHARE_WEIGHTS"]
+    #: ``TORCHPOOL_MODEL_SHA256``: the SHA-256 (hex) a model file must have; None: not checked.
+    model_sha256: str | None = DEFAULTS["TORCHPOOL_MODEL_SHA256"]
     #: The level (a number) below which the workers' log records are not sent to the web process.
     worker_log_level: int = logging.INFO
 
@@ -130,6 +137,19 @@ class ModelConfig:
     #: that entry set, so that errors found later (e.g. a missing GPU) name the key the value came from.
     source: str = field(default="TORCHPOOL_MODEL", compare=False, repr=False)
     overrides: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.model_sha256 is not None and not (
+                isinstance(self.model, str) and self.model.endswith(_MODEL_FILE_SUFFIXES)):
+            raise ConfigError(self.key("model_sha256"), f"pins the SHA-256 of a model file, but the model "
+                                                        f"{self.model!r} is not a file; remove the pin")
+
+    @property
+    def spec(self) -> ModelSpec | PinnedFile:
+        """What a worker loads: :attr:`model`, or a :class:`PinnedFile` when the file is pinned."""
+        if self.model_sha256 is not None and isinstance(self.model, str):
+            return PinnedFile(self.model, self.model_sha256, self.key("model_sha256"))
+        return self.model
 
     def key(self, setting: str) -> str:
         """The config key this model's *setting* (a field name) came from, e.g. ``TORCHPOOL_WORKERS`` or
@@ -152,6 +172,19 @@ class ModelConfig:
         """Validate the ``TORCHPOOL_*`` keys of *config* and return every model's configuration by name
         (see :func:`load`)."""
         return load(config)[1]
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    """A model file and the SHA-256 it must have (the worker refuses it otherwise, naming *key*).
+    Model files are code: TorchScript runs what it holds, and ``torch.export.load`` may unpickle."""
+
+    path: str
+    sha256: str
+    key: str
+
+    def __repr__(self) -> str:
+        return repr(self.path)
 
 
 #: The name the per-model configuration had in 0.1.
@@ -337,6 +370,15 @@ def _socket_path(key: str, value: Any) -> str | None:
         raise ConfigError(key, f"{value!r} is too long for a Unix socket path (107 bytes at most); "
                                "use a shorter directory")
     return os.path.abspath(value)
+def _sha256(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256.match(value.strip()):
+        raise ConfigError(key, f"{value!r} is not a SHA-256 digest; give the 64 hex digits that "
+                               "`sha256sum MODEL_FILE` prints, or None")
+    return value.strip().lower()
+
+
 def _passthrough(key: str, value: Any) -> Any:
     return value
 
@@ -349,6 +391,7 @@ _APP_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "inline": _bool,
     "mode": lambda k, v: _choice(k, v, ("embedded", "attach", "auto")),
     "socket": _socket_path,
+    "error_details": _bool,
 }
 
 #: Every field of :class:`ModelConfig` but ``model`` and the name, with its validator ``(key, value)``.
@@ -372,4 +415,5 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "max_batch_delay_ms": lambda k, v: _seconds(k, v, zero=True, unit="milliseconds"),
     "share_weights": _bool,
     "worker_log_level": _log_level,
+    "model_sha256": lambda k, v: _sha256(k, v),
 }

@@ -4,6 +4,9 @@ Every error is a :class:`TorchPoolError`. The ones a view can meet also subclass
 HTTP exception, so Flask renders them without any handler of ours: the body is JSON
 (``{"error": message, "type": class name}``), 503 answers carry ``Retry-After``, and
 ``app.errorhandler(InferenceTimeoutError)`` (or ``app.errorhandler(504)``) overrides them as usual.
+A 5xx body says only what kind of failure it was, with an ``error_id``; the message, the fields (pids,
+exit codes, socket paths) and the remote traceback go to an ERROR log line with that id, and into the
+body only when the operator asks (``app.debug`` or ``TORCHPOOL_ERROR_DETAILS``): Note [Error bodies].
 
 Errors cross every process boundary (worker to pool, pool server to attached web process) through one
 pair of functions: :func:`to_wire` turns an exception into a :class:`WireError` of builtins only (class
@@ -16,6 +19,8 @@ constructors (``PoolClosedError.before_run()``, ``InferenceError.model_raised()`
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from typing import Any, NamedTuple, TypeVar
 
 from werkzeug.exceptions import (
@@ -47,6 +52,19 @@ __all__ = [
 ]
 
 
+log = logging.getLogger(__name__)
+
+# Note [Error bodies]
+# ~~~~~~~~~~~~~~~~~~~
+# What a server error says is for the operator: a model's message can quote its input (another caller's,
+# in a batch), a crash names pids and exit codes, a startup failure file paths, an attach error the
+# socket path. So a 5xx body is {"error": <the class's public text>, "type": <class name>, "error_id":
+# <32 hex digits>}, and the ERROR log line "<error_id> <class>: <message> <fields>" plus the remote
+# traceback holds the rest. With app.debug or TORCHPOOL_ERROR_DETAILS=True the body is the full one
+# (message and fields) plus the error_id. A 4xx body always keeps its message: it says what was wrong
+# with the caller's own input.
+
+
 class TorchPoolError(Exception):
     """Base class of every error raised by flask_torchpool."""
 
@@ -68,6 +86,10 @@ class _HTTPError(TorchPoolError, HTTPException):
     code: int = 500
     #: Seconds for the ``Retry-After`` header, or None for no header.
     retry_after: int | None = None
+    #: What a 5xx body says without details (Note [Error bodies]).
+    public: str = "the server could not run this call"
+    #: Set each time the error is rendered as a 5xx answer (the id in the body and in the log line).
+    error_id: str | None = None
 
     def __init__(self, message: str, *, retry_after: int | None = None, **extra: Any) -> None:
         Exception.__init__(self, message)
@@ -90,7 +112,15 @@ class _HTTPError(TorchPoolError, HTTPException):
         return body
 
     def get_body(self, environ: Any = None, scope: Any = None) -> str:
-        return json.dumps(self.to_dict())
+        if self.code < 500:
+            return json.dumps(self.to_dict())
+        details = _details_wanted()
+        # A fresh id per answer: one error object may answer many requests (a failed start's error).
+        self.error_id = uuid.uuid4().hex
+        _log_details(self)
+        body = self.to_dict() if details else {"error": self.public, "type": type(self).__name__}
+        body["error_id"] = self.error_id
+        return json.dumps(body)
 
     def get_headers(self, environ: Any = None, scope: Any = None) -> list[tuple[str, str]]:
         headers = [("Content-Type", "application/json")]
@@ -124,6 +154,7 @@ class WorkerStartupError(_HTTPError, ServiceUnavailable):  # type: ignore[misc]
     """
 
     code = 503
+    public = "the model could not be loaded; try again later"
 
     @classmethod
     def load_failed(cls, worker: int | str, model: Any, message: str, tb: str | None) -> WorkerStartupError:
@@ -139,6 +170,7 @@ class WorkerCrashedError(_HTTPError, ServiceUnavailable):
 
     code = 503
     retry_after = 1
+    public = "the worker running this call stopped before it finished; try again"
 
     @property
     def pid(self) -> int | None:
@@ -157,6 +189,7 @@ class InferenceError(_HTTPError, InternalServerError):
     """The model raised. The message includes the model's own; ``__cause__`` holds its traceback."""
 
     code = 500
+    public = "the model failed on this call"
 
     @property
     def remote_type(self) -> str | None:
@@ -171,6 +204,8 @@ class InferenceError(_HTTPError, InternalServerError):
 
 class OutputError(InferenceError):
     """The model returned something that cannot travel back (the message names what and where)."""
+
+    public = "the model's output could not be returned"
 
 
 class InvalidInputError(_HTTPError, BadRequest):
@@ -193,6 +228,7 @@ class InferenceTimeoutError(_HTTPError, GatewayTimeout):
     """
 
     code = 504
+    public = "the call did not finish within its deadline"
 
 
 class PoolOverloadedError(_HTTPError, ServiceUnavailable):
@@ -200,6 +236,7 @@ class PoolOverloadedError(_HTTPError, ServiceUnavailable):
 
     code = 503
     retry_after = 1
+    public = "too many calls are waiting; try again shortly"
 
 
 class PoolClosedError(_HTTPError, ServiceUnavailable):
@@ -207,6 +244,7 @@ class PoolClosedError(_HTTPError, ServiceUnavailable):
 
     code = 503
     retry_after = 1
+    public = "the model is not serving right now; try again later"
 
     @classmethod
     def closing(cls, retry_after: int) -> PoolClosedError:
@@ -231,6 +269,7 @@ class PoolUnavailableError(_HTTPError, ServiceUnavailable):
 
     code = 503
     retry_after = 1
+    public = "the model server is not reachable; try again later"
 
 
 class WireError(NamedTuple):
@@ -266,6 +305,44 @@ def from_wire(wire: WireError) -> TorchPoolError:
     extra = {k: v for k, v in dict(wire.extra).items() if isinstance(k, str) and isinstance(v, _WIRE_SCALARS)}
     retry_after = wire.retry_after if isinstance(wire.retry_after, int) else None
     return _with_traceback(_rebuild(cls, str(wire.message), retry_after, extra), wire.tb)
+
+
+def _details_wanted() -> bool:
+    """Whether the app being served asked for full 5xx bodies (``app.debug``, ``TORCHPOOL_ERROR_DETAILS``).
+    Outside an app context (a plain WSGI use of the exception): no."""
+    from flask import current_app, has_app_context
+
+    if not has_app_context():
+        return False
+    app: Any = current_app
+    state = app.extensions.get("torchpool")
+    config = getattr(state, "app_config", None)
+    wanted = getattr(config, "error_details", None)
+    if wanted is None:
+        wanted = app.config.get("TORCHPOOL_ERROR_DETAILS", False) is True
+    return bool(app.debug or wanted)
+
+
+def _log_details(err: _HTTPError) -> None:
+    """The ERROR line that goes with a 5xx body: its id, the class, the message, the fields and the
+    remote traceback (Note [Error bodies]). To the app's logger when there is an app."""
+    from flask import current_app, has_app_context
+
+    logger = current_app.logger if has_app_context() else log
+    fields = "".join(f" {k}={v!r}" for k, v in err.extra.items())
+    cause = err.__cause__
+    tb = f"\nremote traceback:\n{cause.tb}" if isinstance(cause, RemoteTraceback) else ""
+    logger.error("error %s: %s %d: %s%s%s", err.error_id, type(err).__name__, err.code,
+                 err.description, fields, tb)
+
+
+def placing_failed(error: BaseException, retry_after: int) -> TorchPoolError:
+    """What a caller gets when its inputs could not be written into a worker's arena."""
+    if isinstance(error, OSError):
+        hint = (" (the open-file limit: raise it with ulimit -n)" if error.errno == 24 else "")
+        return PoolOverloadedError(f"cannot place the inputs in shared memory: {error}{hint}",
+                                   retry_after=retry_after)
+    return InvalidInputError(f"cannot write the inputs: {type(error).__name__}: {error}")
 
 
 def _with_traceback(err: _E, tb: str | None) -> _E:

@@ -2,7 +2,7 @@
 
 Registered by ``init_app`` at ``TORCHPOOL_HEALTH_URL`` (e.g. ``/torchpool``) when that key is set::
 
-    GET /torchpool/live      200 {"status": "alive"} whenever the web process answers
+    GET /torchpool/live      200 {"status": "alive"} whenever the web process answers (nothing else)
     GET /torchpool/ready     200 when the pool is started and every worker (of every model) is ready, else 503
     GET /torchpool/status    200 TorchPool.status(): workers, queue, counters, latency, plan
     GET /torchpool/metrics   Prometheus text exposition (501 without prometheus_client)
@@ -11,11 +11,13 @@ Every answer is read from the pool's state in the web process; nothing here call
 starts a pool that is still waiting for its first use (``TORCHPOOL_START="lazy"``, or ``"auto"`` in a
 gunicorn worker) in the background, so that an orchestrator's readiness probe does not wait forever for a
 request it will never route to a pod that is not ready; it never restarts a pool that was shut down.
+
+``/status`` and ``/metrics`` are for the operator: pids, exit causes, socket paths, model names, the
+plan of cores and devices. Keep them off the public port (docs/deploying.rst shows how).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +43,9 @@ def _json(body: Mapping[str, Any], status: int = 200) -> Response:
 
 @blueprint.get("/live")
 def live() -> Response:
-    """Liveness: the web process answers. Says nothing about the workers."""
-    return _json({"status": "alive", "pid": os.getpid()})
+    """Liveness: the web process answers. Says nothing about the workers, and nothing an anonymous
+    caller could use (no pids)."""
+    return _json({"status": "alive"})
 
 
 @blueprint.get("/ready")

@@ -102,7 +102,7 @@ class InlinePool:
                 return
             failure: tuple[str, str] | None = None
             try:
-                self._model = load_model(self.config.model, worker.placement.device)
+                self._model = load_model(self.config.spec, worker.placement.device)
             except Exception as exc:
                 failure = (f"{type(exc).__name__}: {exc}", traceback.format_exc())
             if failure is not None:

@@ -15,10 +15,10 @@ How a call travels (see also docs/design.rst)::
 One manager thread per pool blocks in a selector on every worker's socket, every worker's process
 sentinel and a wakeup pipe, with a timeout that is the next deadline or respawn time; it never polls. It
 receives results, fails calls whose deadline passed, handles deaths (fail or retry the calls that were on
-the worker, respawn with backoff within a restart budget) and runs the shutdown sequence. It is also the
-only thread that spawns processes (see :mod:`flask_torchpool.workers`). The same selector holds each
-worker's stdout and stderr pipes: the manager forwards what workers log and print to the app's logger
-(:mod:`flask_torchpool.logs`).
+the worker, respawn: Note [Restart policy] in :mod:`flask_torchpool.workers`) and runs the shutdown
+sequence. It is also the only thread that spawns processes (see :mod:`flask_torchpool.workers`). The
+same selector holds each worker's stdout and stderr pipes: the manager forwards what workers log and
+print to the app's logger (:mod:`flask_torchpool.logs`).
 
 What a worker runs is a *job*: one call, or a batch of calls (``TORCHPOOL_MAX_BATCH_SIZE``) whose inputs
 agree on everything but dim 0. Callers place their own call when a worker has room
@@ -186,7 +186,11 @@ class Pool:
         future.set_running_or_notify_cancel()
         sched = self._sched
         with self._lock:
-            self._check_open()
+            try:
+                self._check_open()
+            except WorkerStartupError:
+                self.metrics.record_call("startup_failed")
+                raise
             job = sched.place(call)
             if job is None:
                 if len(sched.queue) >= self.config.max_queue:
@@ -212,10 +216,10 @@ class Pool:
         return future
 
     def _check_open(self) -> None:
+        if self._startup_error is not None:  # first: a pool whose start failed is closed too
+            raise self._startup_error
         if self._sched.closing:
             raise PoolClosedError.closing(self.config.retry_after)
-        if self._startup_error is not None:
-            raise self._startup_error
         if self.workers and all(w.state is WorkerState.FAILED for w in self.workers):
             raise PoolClosedError(
                 "no worker is left to serve: every worker crashed more than TORCHPOOL_MAX_RESTARTS="
@@ -263,6 +267,8 @@ class Pool:
                     self._sched.seal_due(now)
                     if not self._sched.closing:
                         self._workers.respawn_due(now)
+                        if self._started.is_set():  # the first start has its own limit (start())
+                            self._workers.kill_overdue(now)
                     if self._sched.closing and self._drained(now):
                         return
                     timers_due = self._next_timer(now)
@@ -301,6 +307,8 @@ class Pool:
         with self._lock:
             times = [t for t in (self._deadlines.next(), self._sched.next_seal()) if t is not None]
             times += self._workers.respawn_times()
+            if self._started.is_set():
+                times += self._workers.start_deadlines()
             if self._sched.closing and self._drain_deadline is not None:
                 times.append(self._drain_deadline)
             times.append(now + (self.config.timeout or 3600.0))
@@ -332,7 +340,8 @@ class Pool:
             with self._lock:
                 worker.state = WorkerState.READY
                 worker.pid = msg.pid
-                if worker.restarts:
+                worker.ready_at = time.monotonic()
+                if worker.total_restarts:
                     log.warning("%s: worker %d is back (pid %d)", self.name, worker.index, msg.pid)
                 if not self._started.is_set() and all(w.state is WorkerState.READY for w in self.workers):
                     log.info("%s: %d worker(s) ready", self.name, len(self.workers))
@@ -399,7 +408,7 @@ class Pool:
             running = worker.arena.running if worker.arena is not None else 0
             affected = self._sched.evacuate(worker, running, crashed)
             self._workers.clear(worker)
-            was_ready = worker.state is WorkerState.READY
+            was_ready = worker.ready_at is not None  # also when a deadline kill marked it dead already
             if not self._started.is_set():
                 self._fail_start(WorkerStartupError(f"worker {worker.index} (pid {worker.pid}) died while "
                                                     f"loading the model: {worker.last_exit}"))
@@ -414,7 +423,7 @@ class Pool:
         level = logging.ERROR if was_ready else logging.WARNING
         log.log(level, "%s: worker %d (pid %s) died, %s; %d call(s) affected; %s", self.name,
                 worker.index, worker.pid, worker.last_exit, affected,
-                f"respawning in {(worker.respawn_at or time.monotonic()) - time.monotonic():.2g}s"
+                f"respawning in {max(0.0, (worker.respawn_at or 0.0) - time.monotonic()):.2g}s"
                 if worker.state is WorkerState.DEAD else
                 f"restart budget spent, retrying in {self.config.restart_window:g}s")
         if all(w.state is WorkerState.FAILED for w in self.workers):
@@ -505,6 +514,8 @@ class _Deadlines:
                     cancel.append((worker, job.id))
                 elif worker not in kill:
                     kill.append(worker)
+                    # Status must not show it ready (and no call may be placed on it) until it is reaped.
+                    worker.state = WorkerState.DEAD
                     worker.killed_for = (
                         f"the pool killed it: a call ran past its deadline ({waited:.3g}s) while "
                         + ("the worker was running it" if stalled == "running" else

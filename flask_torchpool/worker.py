@@ -19,7 +19,9 @@ control words for the supervisor to read. A call that fails goes back as the err
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib
+import io
 import logging
 import os
 import signal
@@ -32,7 +34,9 @@ from typing import Any
 import torch
 
 from . import codec, messages, shm, weights
+from .config import PinnedFile
 from .errors import (
+    ConfigError,
     InferenceError,
     InferenceTimeoutError,
     InvalidInputError,
@@ -83,8 +87,22 @@ def _pin(placement: Placement) -> None:
 
 
 def load_model(spec: Any, device: str) -> Any:
-    """Build the model from its spec (see ``TORCHPOOL_MODEL``), in eval mode on *device*."""
-    if isinstance(spec, str) and spec.endswith(".pt2"):
+    """Build the model from its spec (see ``TORCHPOOL_MODEL``), in eval mode on *device*. A
+    :class:`~flask_torchpool.config.PinnedFile` is read once, checked against its SHA-256, and loaded from
+    the bytes that were checked (no window in which the file could be swapped)."""
+    if isinstance(spec, PinnedFile):
+        with open(spec.path, "rb") as f:
+            data = f.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != spec.sha256:
+            raise ConfigError(spec.key, f"the model file {spec.path!r} has SHA-256 {digest}, not the pinned "
+                                        f"{spec.sha256}; refusing to load it (model files are code). "
+                                        "Deploy the file you pinned, or pin this one")
+        if spec.path.endswith(".pt2"):
+            model = torch.export.load(io.BytesIO(data)).module()
+        else:
+            model = torch.jit.load(io.BytesIO(data), map_location=device)  # type: ignore[no-untyped-call]
+    elif isinstance(spec, str) and spec.endswith(".pt2"):
         model = torch.export.load(spec).module()
     elif isinstance(spec, str) and spec.endswith((".pt", ".pth", ".ts", ".jit")):
         model = torch.jit.load(spec, map_location=device)  # type: ignore[no-untyped-call]

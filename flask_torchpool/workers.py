@@ -3,7 +3,7 @@
 A :class:`WorkerSlot` is one entry of the pool's plan (a :class:`~flask_torchpool.placement.Placement`);
 a respawn replaces its process, channel, arena and output pipes and keeps the slot. :class:`WorkerSet`
 spawns a slot's process (:func:`flask_torchpool.worker.worker_main`, through the ``spawn`` start method),
-reaps it and names its exit cause, schedules respawns with a backoff inside a restart budget, and stops
+reaps it and names its exit cause, schedules respawns (Note [Restart policy]), and stops
 every process in a fixed order. All of it runs in the pool's manager thread: ``PR_SET_PDEATHSIG`` fires
 when the *thread* that forked exits, so workers must be children of a thread that lives as long as the
 pool. The manager's selector waits on what :meth:`WorkerSet.registrations` lists, as small typed
@@ -37,6 +37,26 @@ log = logging.getLogger(__name__)
 
 _SPAWN = tmp.get_context("spawn")
 
+# Note [Restart policy]
+# ~~~~~~~~~~~~~~~~~~~~~
+# A worker that loaded its model and then served (answered a call, or stayed ready SETTLED seconds) is
+# respawned at once when it dies, however often that happens: the OOM killer under memory pressure, a
+# deadline kill of a stuck call or an operator's kill -9 says nothing about the next worker, and giving up
+# would turn a slow pool into a dead one. Only *early* deaths count against the restart budget: dying
+# while loading (or not loading within TORCHPOOL_START_TIMEOUT) or right after, before serving. They are
+# respawned after an exponential backoff (BACKOFF_FIRST doubling, at most BACKOFF_CAP). When the death
+# past TORCHPOOL_MAX_RESTARTS early deaths within TORCHPOOL_RESTART_WINDOW is a failure to load, the slot
+# is FAILED (a crash loop: callers get a 503 at once when every slot is) and tried again when the window
+# is over. So no slot is given up for good, a worker that loads is never FAILED, and a factory that
+# always fails costs one start per window, not a busy loop.
+# Calls wait in the queue, within their own deadline, while no worker is ready.
+
+#: Seconds a worker must stay ready (without answering a call) for its death to count as a late one.
+SETTLED = 10.0
+#: Backoff of early deaths: the first respawn waits BACKOFF_FIRST seconds, doubling up to BACKOFF_CAP.
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 30.0
+
 
 @dataclass(eq=False)
 class WorkerSlot:
@@ -60,6 +80,9 @@ class WorkerSlot:
     last_reply: float = 0.0         # monotonic time of its last message
     last_exit: str | None = None
     respawn_at: float | None = None
+    spawned_at: float = 0.0         # monotonic time of its current process's start
+    ready_at: float | None = None   # when that process said Ready (None: still loading)
+    calls_at_spawn: int = 0         # :attr:`calls` when it was spawned: it served if they grew
 
     @property
     def index(self) -> int:
@@ -171,25 +194,32 @@ class WorkerSet:
     # --- spawning and reaping -------------------------------------------------------------------------------
 
     def spawn(self, slot: WorkerSlot) -> None:
-        """Start *slot*'s process with a fresh arena and output pipes; it is STARTING until it says Ready."""
+        """Start *slot*'s process with a fresh arena and output pipes; it is STARTING until it says Ready.
+        If starting fails, every descriptor and mapping made for it is closed again, and it raises."""
         size = self.config.arena_bytes
         fd = shm.create_memfd(size, f"torchpool-w{slot.index}")
         pipes: list[tuple[int, int]] = []
+        ends: list[Any] = []
+        arena: shm.Arena | None = None
         try:
             arena = shm.Arena(fd, size)
             for _ in ("stdout", "stderr"):
                 pipes.append(os.pipe())
             parent_end, child_end = _SPAWN.Pipe(duplex=True)
+            ends = [parent_end, child_end]
             name = f"{self.name}-worker-{slot.index}"
             process = _SPAWN.Process(
                 target=worker_main, name=name, daemon=True,
-                args=(slot.placement, self.config.model, child_end, _InheritedFd(fd), size,
+                args=(slot.placement, self.config.spec, child_end, _InheritedFd(fd), size,
                       os.getpid(), self.config.share_weights,
                       tuple(_InheritedFd(w) for _, w in pipes), self.config.worker_log_level, self.name))
             process.start()
         except BaseException:
             for r, _ in pipes:
                 os.close(r)
+            for end in ends:
+                end.close()
+            del arena  # its mapping goes with the last reference (no close(): torch views may share it)
             raise
         finally:
             os.close(fd)
@@ -210,6 +240,9 @@ class WorkerSet:
             slot.state = WorkerState.STARTING
             slot.killed_for = None
             slot.respawn_at = None
+            slot.spawned_at = time.monotonic()
+            slot.ready_at = None
+            slot.calls_at_spawn = slot.calls
             self.changed = True
         log.debug("%s: spawned worker %d (pid %d): %s", self.name, slot.index, process.pid,
                   slot.placement.describe())
@@ -256,22 +289,46 @@ class WorkerSet:
     # --- the restart budget ---------------------------------------------------------------------------------
 
     def schedule_respawn(self, slot: WorkerSlot) -> None:
-        """Under the lock: *slot* died. Respawn it after a backoff (0.1 s doubling, at most 10 s); past
-        TORCHPOOL_MAX_RESTARTS within TORCHPOOL_RESTART_WINDOW, it is FAILED and tried again after the
-        window (slowing a crash loop down, never giving up on a worker that loads fine)."""
+        """Under the lock: *slot* died. See Note [Restart policy]."""
         now = time.monotonic()
+        slot.total_restarts += 1
+        if slot.ready_at is not None and (slot.calls > slot.calls_at_spawn or now - slot.ready_at >= SETTLED):
+            # It loaded and served: whatever killed it (the OOM killer, a deadline kill, kill -9) is no
+            # reason to wait, nor to hold its slot's earlier failures against it.
+            slot.restarts.clear()
+            slot.state = WorkerState.DEAD
+            slot.respawn_at = now
+            return
         while slot.restarts and slot.restarts[0] < now - self.config.restart_window:
             slot.restarts.popleft()
         slot.restarts.append(now)
-        slot.total_restarts += 1
         n = len(slot.restarts)
-        if n > self.config.max_restarts:
+        if n > self.config.max_restarts and slot.ready_at is None:  # it could not even load: a crash loop
             slot.state = WorkerState.FAILED
             slot.restarts.clear()
             slot.respawn_at = now + self.config.restart_window
         else:
             slot.state = WorkerState.DEAD
-            slot.respawn_at = now + min(0.1 * 2 ** (n - 1), 10.0)
+            slot.respawn_at = now + min(BACKOFF_FIRST * 2 ** (n - 1), BACKOFF_CAP)
+
+    def start_deadlines(self) -> list[float]:
+        """Under the lock: when each (re)starting worker must have loaded its model."""
+        return [s.spawned_at + self.config.start_timeout for s in self.slots
+                if s.state is WorkerState.STARTING and s.killed_for is None]
+
+    def kill_overdue(self, now: float) -> None:
+        """Kill the workers still loading their model TORCHPOOL_START_TIMEOUT after they were spawned
+        (a respawn that hangs); their death is handled like any other early death (a backoff)."""
+        overdue = []
+        with self.lock:
+            for slot in self.slots:
+                if slot.state is WorkerState.STARTING and slot.killed_for is None \
+                        and now >= slot.spawned_at + self.config.start_timeout:
+                    slot.killed_for = (f"the pool killed it: it did not load the model within "
+                                       f"{self.config.key('start_timeout')}={self.config.start_timeout:g}s")
+                    overdue.append(slot)
+        for slot in overdue:
+            self.kill(slot)
 
     def respawn_times(self) -> list[float]:
         return [s.respawn_at for s in self.slots if s.respawn_at is not None]
@@ -284,6 +341,7 @@ class WorkerSet:
                 except Exception:
                     log.exception("%s: cannot respawn worker %d", self.name, slot.index)
                     with self.lock:
+                        slot.ready_at = None  # an early death, whatever the last process did: back off
                         self.schedule_respawn(slot)
 
     # --- stopping -------------------------------------------------------------------------------------------

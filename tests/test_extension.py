@@ -160,6 +160,7 @@ def test_errorhandler_overrides_json(app: Flask) -> None:
 
 def test_timeout_error_renders_504_with_json_by_default() -> None:
     app = Flask("render")
+    app.config["TORCHPOOL_ERROR_DETAILS"] = True  # issue 11: a 5xx body shows its message on request
 
     @app.get("/t")
     def t():
@@ -167,7 +168,9 @@ def test_timeout_error_renders_504_with_json_by_default() -> None:
 
     r = app.test_client().get("/t")
     assert r.status_code == 504
-    assert r.json == {"error": "deadline passed", "type": "InferenceTimeoutError"}
+    body = dict(r.json)
+    assert len(body.pop("error_id")) == 32  # issue 11: every 5xx body carries the id of its log line
+    assert body == {"error": "deadline passed", "type": "InferenceTimeoutError"}
 
 
 def test_lazy_start_and_start_failure_is_remembered(make_pool) -> None:
