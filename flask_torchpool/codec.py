@@ -6,10 +6,16 @@ tensors; :func:`unflatten` is its inverse. Anything else is refused with :class:
 says where it was, so a header never carries an arbitrary object. The pool, the attached client, the
 pool server, the worker and inline mode all validate values here, so every backend accepts and refuses
 the same values with the same messages.
+
+It also encodes skeletons for the wire (Note [Tagged values]): :func:`encode_value` and
+:func:`decode_value`, a small tagged format with no shared references and no classes, decoded under a
+budget (depth, nodes, bytes); and the fixed table of dtypes that may travel (:data:`DTYPES`).
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Any, NamedTuple
 
 import torch
@@ -39,6 +45,9 @@ def tensor_nbytes(t: torch.Tensor) -> int:
 
 def check_tensor(t: torch.Tensor, path: str) -> None:
     """Refuse tensors whose bytes cannot be placed in shared memory as a dense strided block."""
+    if t.dtype not in DTYPE_CODES:
+        raise UnsupportedValue(path, f"a {t.dtype} tensor cannot travel; allowed dtypes are "
+                                     f"{', '.join(sorted(str(d) for d in DTYPE_CODES))}")
     if t.layout != torch.strided:
         raise UnsupportedValue(path, f"a {t.layout} tensor cannot travel; convert it with .to_dense()")
     if t.device.type == "meta":
@@ -53,31 +62,39 @@ def check_tensor(t: torch.Tensor, path: str) -> None:
                                      "plain torch.Tensor")
 
 
-def flatten(obj: Any, tensors: list[torch.Tensor], path: str) -> Any:
+def flatten(obj: Any, tensors: list[torch.Tensor], path: str, sizes: list[int] | None = None,
+            depth: int = 0) -> Any:
     """Copy the structure of *obj*, replacing each tensor by a :class:`Slot` into *tensors*.
 
     Allowed: tensors, None, bool, int, float, complex, str, bytes, and tuples, lists and dicts (with
-    scalar keys) of them. Anything else raises :class:`UnsupportedValue`, so a header never carries an
-    arbitrary object.
+    scalar keys) of them, nested at most :data:`MAX_DEPTH` deep. Anything else raises
+    :class:`UnsupportedValue`, so a header never carries an arbitrary object. With *sizes*, the length
+    of every ``str`` and ``bytes`` value (they travel in the header) is appended to it.
     """
     kind = type(obj)
     if kind in _SCALARS:
+        if sizes is not None and (kind is str or kind is bytes):
+            sizes.append(len(obj))
         return obj
     if isinstance(obj, torch.Tensor):
         check_tensor(obj, path)
         tensors.append(obj)
         return Slot(len(tensors) - 1)
+    if depth >= MAX_DEPTH and kind in (list, tuple, dict):
+        raise UnsupportedValue(path, f"nested more than {MAX_DEPTH} levels deep")
     if kind is list:
-        return [flatten(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return [flatten(v, tensors, f"{path}[{i}]", sizes, depth + 1) for i, v in enumerate(obj)]
     if kind is tuple or kind is torch.Size:
-        return tuple(flatten(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj))
+        return tuple(flatten(v, tensors, f"{path}[{i}]", sizes, depth + 1) for i, v in enumerate(obj))
     if kind is dict:
         out = {}
         for k, v in obj.items():
             if type(k) not in _SCALARS:
                 raise UnsupportedValue(f"{path}", f"dict key {k!r} of type {type(k).__qualname__} "
                                                   "is not allowed; use str or int keys")
-            out[k] = flatten(v, tensors, f"{path}[{k!r}]")
+            if sizes is not None and (type(k) is str or type(k) is bytes):
+                sizes.append(len(k))
+            out[k] = flatten(v, tensors, f"{path}[{k!r}]", sizes, depth + 1)
         return out
     hint = ""
     if kind.__module__ == "numpy":
@@ -92,21 +109,37 @@ def flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any], max_input_bytes:
     """Validate one call's arguments and return ``(args skeleton, kwargs skeleton, tensors)``.
 
     Raises :class:`~flask_torchpool.InvalidInputError` for a value that cannot travel and
-    :class:`~flask_torchpool.PayloadTooLargeError` past ``TORCHPOOL_MAX_INPUT_BYTES``."""
+    :class:`~flask_torchpool.PayloadTooLargeError` past ``TORCHPOOL_MAX_INPUT_BYTES``, which counts the
+    bytes of the tensors and of the ``str``/``bytes`` values (they travel in the header)."""
     from .errors import InvalidInputError, PayloadTooLargeError
 
     tensors: list[torch.Tensor] = []
+    sizes: list[int] = []
     try:
-        skel_args = flatten(tuple(args), tensors, "args")
-        skel_kwargs = flatten(dict(kwargs), tensors, "kwargs")
+        skel_args = flatten(tuple(args), tensors, "args", sizes)
+        skel_kwargs = flatten(dict(kwargs), tensors, "kwargs", sizes)
     except UnsupportedValue as exc:
         raise InvalidInputError(f"cannot send {exc.path} to a worker: {exc.reason}") from None
+    except RecursionError:
+        raise InvalidInputError(f"cannot send the arguments to a worker: nested more than {MAX_DEPTH} "
+                                "levels deep") from None
     nbytes = sum(tensor_nbytes(t) for t in tensors)
-    if nbytes > max_input_bytes:
+    header = sum(sizes)
+    if nbytes + header > max_input_bytes:
         raise PayloadTooLargeError(
-            f"the call carries {nbytes} bytes of tensors, more than TORCHPOOL_MAX_INPUT_BYTES="
-            f"{max_input_bytes}")
+            f"the call carries {nbytes} bytes of tensors and {header} bytes of str/bytes values, more "
+            f"than TORCHPOOL_MAX_INPUT_BYTES={max_input_bytes}")
     return skel_args, skel_kwargs, tensors
+
+
+def check_timeout(timeout: float | None) -> None:
+    """Refuse a call deadline that is not None or a finite number of seconds > 0 (a NaN deadline
+    compares false with every other and would stall whoever orders deadlines)."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise ValueError(f"timeout must be None or a finite number of seconds > 0, not {timeout!r}")
 
 
 def unflatten(skel: Any, tensors: list[torch.Tensor]) -> Any:
@@ -123,19 +156,218 @@ def unflatten(skel: Any, tensors: list[torch.Tensor]) -> Any:
     return skel
 
 
-_DTYPES: dict[str, torch.dtype] = {}
+# The dtypes that may travel, by wire code (the index). Append only: a code never changes meaning.
+_DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "complex64", "complex128", "uint8", "int8",
+                "int16", "int32", "int64", "bool", "uint16", "uint32", "uint64", "complex32",
+                "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+#: Wire code -> dtype (None where this torch lacks it). A fixed table: nothing received can grow it.
+DTYPES: tuple[torch.dtype | None, ...] = tuple(getattr(torch, n, None) for n in _DTYPE_NAMES)
+#: dtype -> wire code, and ``str(dtype)`` -> wire code (a :class:`~flask_torchpool.shm.TensorRef` names
+#: its dtype as ``str(dtype)``).
+DTYPE_CODES: dict[torch.dtype, int] = {d: i for i, d in enumerate(DTYPES) if isinstance(d, torch.dtype)}
+DTYPE_NAME_CODES: dict[str, int] = {str(d): i for d, i in DTYPE_CODES.items()}
+_BY_NAME: dict[str, torch.dtype] = {str(d): d for d in DTYPE_CODES}
+#: Item size of each code (0 where this torch lacks the dtype).
+DTYPE_ITEMSIZE: tuple[int, ...] = tuple(d.itemsize if isinstance(d, torch.dtype) else 0 for d in DTYPES)
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    dtype = _DTYPES.get(name)
+    """The dtype ``str(dtype)`` names, from the fixed table; :class:`UnsupportedValue` otherwise."""
+    dtype = _BY_NAME.get(name)
     if dtype is None:
-        dtype = getattr(torch, name.rpartition(".")[2], None)
-        if not isinstance(dtype, torch.dtype):
-            raise UnsupportedValue("header", f"unknown dtype {name!r}")
-        _DTYPES[name] = dtype
+        raise UnsupportedValue("header", f"unknown dtype {name!r}")
     return dtype
 
 
+
+
+# --- the wire encoding of skeletons ---------------------------------------------------------------------
+#
+# Note [Tagged values]
+# ~~~~~~~~~~~~~~~~~~~~
+# A skeleton (or a status dict) travels as a tree of tagged values: one tag byte, then a fixed-size
+# payload (int64, float64, a Slot's uint32 index) or a uint32 length and that many bytes (str as UTF-8,
+# bytes, ints past 64 bits) or a uint32 count and that many values (list, tuple) or key/value pairs
+# (dict, with scalar keys). There are no references between values, so a header of n bytes decodes to
+# at most n values: the "nested shared lists" of a pickle (2^depth work from a few bytes) cannot be
+# written. No tag names a class, so nothing received can build an object other than these builtins
+# and Slot, or reach an attribute. Decoding checks every length and count against the bytes left
+# before using it and keeps a budget: MAX_DEPTH levels of nesting, MAX_NODES values per header.
+
+#: Nesting that a value may have (flatten refuses deeper arguments; decoding refuses deeper headers).
+MAX_DEPTH = 100
+#: Values one header may decode to.
+MAX_NODES = 1 << 22
+#: Bytes of an int past 64 bits.
+MAX_BIGINT_BYTES = 1024
+
+(_T_NONE, _T_TRUE, _T_FALSE, _T_INT, _T_BIGINT, _T_FLOAT, _T_COMPLEX, _T_STR, _T_BYTES, _T_LIST,
+ _T_TUPLE, _T_DICT, _T_SLOT) = range(13)
+_Q = struct.Struct("<q")
+_U32 = struct.Struct("<I")
+_F64 = struct.Struct("<d")
+_C128 = struct.Struct("<dd")
+_TAG_U32 = struct.Struct("<BI")
+_INT64 = (-(1 << 63), 1 << 63)
+
+
+class WireFormatError(ValueError):
+    """Received bytes do not decode (truncated, over a bound, or not a value of this format)."""
+
+
+def encode_value(obj: Any, out: bytearray, depth: int = 0) -> None:
+    """Append the tagged encoding of *obj* (a skeleton, or a dict of builtins) to *out*."""
+    kind = type(obj)
+    if kind is Slot:
+        out += _TAG_U32.pack(_T_SLOT, obj.index)
+    elif kind is tuple or kind is list:
+        if depth >= MAX_DEPTH:
+            raise UnsupportedValue("header", f"nested more than {MAX_DEPTH} levels deep")
+        out += _TAG_U32.pack(_T_TUPLE if kind is tuple else _T_LIST, len(obj))
+        for v in obj:
+            encode_value(v, out, depth + 1)
+    elif kind is dict:
+        if depth >= MAX_DEPTH:
+            raise UnsupportedValue("header", f"nested more than {MAX_DEPTH} levels deep")
+        out += _TAG_U32.pack(_T_DICT, len(obj))
+        for k, v in obj.items():
+            if type(k) not in _SCALARS:
+                raise UnsupportedValue("header", f"dict key of type {type(k).__qualname__}")
+            encode_value(k, out, depth + 1)
+            encode_value(v, out, depth + 1)
+    elif kind is str:
+        raw = obj.encode("utf-8", "surrogatepass")
+        out += _TAG_U32.pack(_T_STR, len(raw))
+        out += raw
+    elif kind is int:
+        if _INT64[0] <= obj < _INT64[1]:
+            out.append(_T_INT)
+            out += _Q.pack(obj)
+        else:
+            raw = obj.to_bytes(obj.bit_length() // 8 + 1, "little", signed=True)
+            if len(raw) > MAX_BIGINT_BYTES:
+                raise UnsupportedValue("header", f"an int of more than {MAX_BIGINT_BYTES} bytes")
+            out += _TAG_U32.pack(_T_BIGINT, len(raw))
+            out += raw
+    elif obj is None:
+        out.append(_T_NONE)
+    elif kind is bool:
+        out.append(_T_TRUE if obj else _T_FALSE)
+    elif kind is float:
+        out.append(_T_FLOAT)
+        out += _F64.pack(obj)
+    elif kind is bytes:
+        out += _TAG_U32.pack(_T_BYTES, len(obj))
+        out += obj
+    elif kind is complex:
+        out.append(_T_COMPLEX)
+        out += _C128.pack(obj.real, obj.imag)
+    else:
+        encode_value(_as_builtin(obj), out, depth)
+
+
+def _as_builtin(obj: Any) -> Any:
+    """A subclass of a builtin (an IntEnum, a NamedTuple in a status dict) as that builtin."""
+    bases: tuple[Any, ...] = (bool, int, float, complex, str, bytes, tuple, list, dict)
+    for base in bases:
+        if isinstance(obj, base):
+            return base(obj)
+    raise UnsupportedValue("header", f"{type(obj).__module__}.{type(obj).__qualname__} cannot be "
+                                     "encoded in a header")
+
+
+class ValueReader:
+    """Decodes tagged values from *data* starting at *pos*, under one budget for the whole header.
+    Slots must index one of *slots* tensors. Raises :class:`WireFormatError`."""
+
+    __slots__ = ("data", "pos", "nodes", "slots")
+
+    def __init__(self, data: bytes, pos: int, slots: int = 0) -> None:
+        self.data = data
+        self.pos = pos
+        self.nodes = MAX_NODES
+        self.slots = slots
+
+    def value(self, depth: int = 0) -> Any:
+        try:
+            return self._value(depth)
+        except struct.error:
+            raise WireFormatError("a header ends in the middle of a value") from None
+        except RecursionError:  # pragma: no cover - MAX_DEPTH is far below the recursion limit
+            raise WireFormatError("a header is nested too deeply") from None
+
+    def _length(self, what: str) -> int:
+        n: int = _U32.unpack_from(self.data, self.pos)[0]
+        self.pos += 4
+        if n > len(self.data) - self.pos:
+            raise WireFormatError(f"a header announces a {what} of {n} but has only "
+                                  f"{len(self.data) - self.pos} bytes left")
+        return n
+
+    def _value(self, depth: int) -> Any:
+        self.nodes -= 1
+        if self.nodes < 0:
+            raise WireFormatError(f"a header holds more than {MAX_NODES} values")
+        data = self.data
+        pos = self.pos
+        if pos >= len(data):
+            raise WireFormatError("a header ends where a value should be")
+        tag = data[pos]
+        self.pos = pos + 1
+        if tag == _T_SLOT:
+            (index,) = _U32.unpack_from(data, pos + 1)
+            self.pos = pos + 5
+            if index >= self.slots:
+                raise WireFormatError(f"a header refers to tensor {index} of {self.slots}")
+            return Slot(index)
+        if tag == _T_TUPLE or tag == _T_LIST or tag == _T_DICT:
+            if depth >= MAX_DEPTH:
+                raise WireFormatError(f"a header is nested more than {MAX_DEPTH} levels deep")
+            n = self._length("container")
+            if tag == _T_DICT:
+                out = {}
+                for _ in range(n):
+                    key = self._value(depth + 1)
+                    if type(key) not in _SCALARS:
+                        raise WireFormatError(f"a header has a dict key of type {type(key).__name__}")
+                    out[key] = self._value(depth + 1)
+                return out
+            items = [self._value(depth + 1) for _ in range(n)]
+            return tuple(items) if tag == _T_TUPLE else items
+        if tag == _T_STR:
+            n = self._length("str")
+            self.pos += n
+            try:
+                return bytes(data[pos + 5:pos + 5 + n]).decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                raise WireFormatError("a header has a str that is not UTF-8") from None
+        if tag == _T_INT:
+            self.pos = pos + 9
+            return _Q.unpack_from(data, pos + 1)[0]
+        if tag == _T_NONE:
+            return None
+        if tag == _T_TRUE:
+            return True
+        if tag == _T_FALSE:
+            return False
+        if tag == _T_FLOAT:
+            self.pos = pos + 9
+            return _F64.unpack_from(data, pos + 1)[0]
+        if tag == _T_BYTES:
+            n = self._length("bytes")
+            self.pos += n
+            return bytes(data[pos + 5:pos + 5 + n])
+        if tag == _T_BIGINT:
+            n = self._length("int")
+            if n > MAX_BIGINT_BYTES:
+                raise WireFormatError(f"a header has an int of {n} bytes (at most {MAX_BIGINT_BYTES})")
+            self.pos += n
+            return int.from_bytes(data[pos + 5:pos + 5 + n], "little", signed=True)
+        if tag == _T_COMPLEX:
+            self.pos = pos + 17
+            real, imag = _C128.unpack_from(data, pos + 1)
+            return complex(real, imag)
+        raise WireFormatError(f"a header has an unknown value tag {tag}")
 
 
 def describe(value: Any) -> str:

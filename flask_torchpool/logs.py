@@ -127,10 +127,20 @@ class _FdWriter(io.RawIOBase):
         return len(data)
 
 
+class _PlainText(io.TextIOWrapper):
+    """The worker's ``sys.stdout`` and ``sys.stderr``: a record separator in what is printed is
+    escaped, so that printed text (a model echoing its input, say) cannot pass for a log record. Only
+    :class:`_RecordWriter` starts a line with it. (C code writing to descriptor 2 is not filtered.)"""
+
+    def write(self, s: str) -> int:
+        super().write(s.replace(_RECORD, "\\x1e"))
+        return len(s)
+
+
 def _text_stream(fd: int) -> io.TextIOWrapper:
     raw: Any = _FdWriter(fd)
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True,
-                            write_through=True)
+    return _PlainText(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True,
+                      write_through=True)
 
 
 def _write_all(fd: int, data: Any) -> None:

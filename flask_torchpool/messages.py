@@ -11,23 +11,26 @@ Two protocols, each with its own allow-list, so that a peer of one can never sen
   :class:`Welcome`, :class:`Result`, :class:`RemoteError`, :class:`StatusReply` the other.
 
 Tensors never travel in a message: a message carries :class:`~flask_torchpool.shm.TensorRef` into shared
-memory, and descriptors of one-off segments pass beside it (``SCM_RIGHTS``). Headers are unpickled with
-an unpickler that resolves only the classes of the channel's protocol.
+memory, and descriptors of one-off segments pass beside it (``SCM_RIGHTS``). Nothing is pickled: see
+Note [The wire format] for the bytes, and the bounds every received message is checked against.
 """
 
 from __future__ import annotations
 
-import io
+import array
+import errno
+import math
 import os
-import pickle
 import socket
+import struct
 import threading
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
-from .codec import Slot
-from .shm import TensorRef
+from . import codec
+from .codec import ValueReader, WireFormatError, encode_value
+from .shm import INPUT_ALIAS, TensorRef
 
 # --- the worker protocol ---------------------------------------------------------------------------------
 
@@ -100,7 +103,7 @@ class Failure(NamedTuple):
 # --- the attach protocol -----------------------------------------------------------------------------
 
 #: Bumped when the attach protocol changes; a client and a server of different versions refuse each other.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class Hello(NamedTuple):
@@ -148,15 +151,233 @@ class StatusReply(NamedTuple):
 
 
 
+# --- the wire format ----------------------------------------------------------------------------------
+#
+# Note [The wire format]
+# ~~~~~~~~~~~~~~~~~~~~~~
+# A message is one frame of multiprocessing's Connection (a length, then that many bytes), at most
+# Channel.max_bytes long, then, when it announces descriptors, one byte carrying them (SCM_RIGHTS).
+# The frame starts with a fixed header: the message's type code (uint8) and how many descriptors follow
+# (uint8, at most MAX_FDS). The hot messages (Call, Result, RemoteCall) go on with a fixed struct of
+# their numbers (id, counts, timeout), then one fixed record per TensorRef (seg int32, offset and
+# nbytes uint64, dtype code uint8 from codec.DTYPES, ndim uint8, then ndim int64 dimensions), then the
+# released offsets (uint64 each), then their values in the tagged encoding of codec (Note [Tagged
+# values]). Every other message is a tagged tuple of its fields, each type-checked before the
+# NamedTuple is built with its constructor. A type code outside the channel's protocol, a count or
+# length past the bytes received, an unknown dtype code, a negative dimension, a Slot past the refs, a
+# descriptor count that does not match the one-off segments, bytes left over, or a deadline that is
+# not a finite number of seconds > 0: each is a ProtocolError, and the descriptors received with the
+# message are closed. No received byte names a class or reaches an attribute. Whether a reference's
+# nbytes matches its shape and lies inside the memory it names is checked where the memory is known
+# (shm.read_refs), and fails that call only.
+
+#: Descriptors one message may carry (Linux's SCM_MAX_FD).
+MAX_FDS = 253
+#: Dimensions a tensor may have.
+MAX_NDIM = 32
+#: Default size bound of one message: the worker protocol (the pool server bounds its clients' lower).
+MAX_MESSAGE_BYTES = 1 << 30
+
+
+class ProtocolError(OSError):
+    """A peer sent bytes that are not a message of the channel's protocol; the connection is dropped
+    (an ``OSError``, like a broken connection, so every reader treats it as one)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPROTO, message)
+
+
+_FRAME = struct.Struct("<BB")
+_CALL = struct.Struct("<qII")
+_RESULT = struct.Struct("<qI")
+_REMOTE_CALL = struct.Struct("<qIIdB")
+_REF = struct.Struct("<iQQBB")
+_DIMS = tuple(struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1))
+_BATCH, _HAS_TIMEOUT = 1, 2
+_DTYPE_STRS = tuple(str(d) if d is not None else "" for d in codec.DTYPES)
+_tuple_new = tuple.__new__  # builds a NamedTuple from checked fields without its Python __new__
+
+# The value sections of recent hot messages, decoded: most calls of a model repeat the same small
+# skeleton (``(Slot(0),)`` and ``{}``). Only deeply immutable values are kept (an empty dict is
+# rebuilt on each hit), keyed by their bytes and the number of refs they may name.
+_TAILS: dict[tuple[bytes, int], tuple[Any, ...]] = {}
+_TAIL_BYTES = 64
+_TAILS_KEPT = 256
+_EMPTY_DICT = object()
+
+
+def _immutable(value: Any) -> bool:
+    kind = type(value)
+    if kind is tuple or kind is codec.Slot:
+        return all(_immutable(v) for v in value)
+    return kind is not list and kind is not dict
+
+
+def _values(data: bytes, pos: int, slots: int, count: int) -> tuple[Any, ...]:
+    """The *count* tagged values that end the frame *data* at *pos*."""
+    tail = data[pos:] if len(data) - pos <= _TAIL_BYTES else None
+    if tail is not None:
+        hit = _TAILS.get((tail, slots))
+        if hit is not None:
+            return tuple({} if v is _EMPTY_DICT else v for v in hit)
+    reader = ValueReader(data, pos, slots)
+    values = tuple(reader.value() for _ in range(count))
+    if reader.pos != len(data):
+        raise WireFormatError(f"{len(data) - reader.pos} bytes left over")
+    if tail is not None and all(v == {} if type(v) is dict else _immutable(v) for v in values):
+        if len(_TAILS) >= _TAILS_KEPT:
+            _TAILS.clear()
+        _TAILS[(tail, slots)] = tuple(_EMPTY_DICT if type(v) is dict else v for v in values)
+    return values
+
+
+def _put_refs(out: bytearray, refs: tuple[TensorRef, ...]) -> None:
+    for ref in refs:
+        shape = ref.shape
+        out += _REF.pack(ref.seg, ref.offset, ref.nbytes, codec.DTYPE_NAME_CODES[ref.dtype], len(shape))
+        if shape:
+            out += _DIMS[len(shape)].pack(*shape)
+
+
+def _get_refs(data: bytes, pos: int, count: int, nfds: int, alias: bool) -> tuple[tuple[TensorRef, ...], int]:
+    if count * _REF.size > len(data) - pos:
+        raise WireFormatError(f"a header announces {count} tensors but is too short for them")
+    refs = []
+    segs = 0
+    for _ in range(count):
+        seg, offset, nbytes, code, ndim = _REF.unpack_from(data, pos)
+        pos += _REF.size
+        if ndim > MAX_NDIM:
+            raise WireFormatError(f"a tensor of {ndim} dimensions (at most {MAX_NDIM})")
+        shape = _DIMS[ndim].unpack_from(data, pos)
+        pos += 8 * ndim
+        if code >= len(codec.DTYPE_ITEMSIZE) or not codec.DTYPE_ITEMSIZE[code]:
+            raise WireFormatError(f"unknown dtype code {code}")
+        for dim in shape:
+            if dim < 0:
+                raise WireFormatError(f"a tensor of shape {shape}")
+        if seg >= 0:
+            if seg != segs or offset != 0:
+                raise WireFormatError("one-off segments must be referred to once each, in order, at "
+                                      "offset 0")
+            segs += 1
+        elif seg != -1 and not (alias and seg == INPUT_ALIAS):
+            raise WireFormatError(f"a tensor in segment {seg}")
+        refs.append(_tuple_new(TensorRef, (seg, offset, nbytes, _DTYPE_STRS[code], shape)))
+    if segs != nfds:
+        raise WireFormatError(f"{nfds} descriptors for {segs} one-off segments")
+    return tuple(refs), pos
+
+
+def _put_releases(out: bytearray, releases: tuple[int, ...]) -> None:
+    if releases:
+        out += struct.pack(f"<{len(releases)}Q", *releases)
+
+
+def _get_releases(data: bytes, pos: int, count: int) -> tuple[tuple[int, ...], int]:
+    if count * 8 > len(data) - pos:
+        raise WireFormatError(f"a header announces {count} released blocks but is too short for them")
+    if not count:
+        return (), pos
+    return struct.unpack_from(f"<{count}Q", data, pos), pos + 8 * count
+
+
+def _enc_call(msg: Call, out: bytearray) -> None:
+    out += _CALL.pack(msg.id, len(msg.refs), len(msg.releases))
+    _put_refs(out, msg.refs)
+    _put_releases(out, msg.releases)
+    encode_value(msg.args, out)
+    encode_value(msg.kwargs, out)
+
+
+def _dec_call(data: bytes, pos: int, nfds: int) -> Call:
+    call_id, nrefs, nrel = _CALL.unpack_from(data, pos)
+    refs, pos = _get_refs(data, pos + _CALL.size, nrefs, nfds, False)
+    releases, pos = _get_releases(data, pos, nrel)
+    args, kwargs = _values(data, pos, nrefs, 2)
+    if type(args) is not tuple or type(kwargs) is not dict:
+        raise WireFormatError("a call's arguments must be a tuple and a dict")
+    return _tuple_new(Call, (call_id, args, kwargs, refs, releases))
+
+
+def _enc_result(msg: Result, out: bytearray) -> None:
+    out += _RESULT.pack(msg.id, len(msg.refs))
+    _put_refs(out, msg.refs)
+    encode_value(msg.value, out)
+
+
+def _dec_result(data: bytes, pos: int, nfds: int) -> Result:
+    call_id, nrefs = _RESULT.unpack_from(data, pos)
+    refs, pos = _get_refs(data, pos + _RESULT.size, nrefs, nfds, True)
+    (value,) = _values(data, pos, nrefs, 1)
+    return _tuple_new(Result, (call_id, value, refs))
+
+
+def _enc_remote_call(msg: RemoteCall, out: bytearray) -> None:
+    flags = (_BATCH if msg.batch else 0) | (_HAS_TIMEOUT if msg.timeout is not None else 0)
+    out += _REMOTE_CALL.pack(msg.id, len(msg.refs), len(msg.releases),
+                             0.0 if msg.timeout is None else msg.timeout, flags)
+    _put_refs(out, msg.refs)
+    _put_releases(out, msg.releases)
+    encode_value(msg.model, out)
+    encode_value(msg.args, out)
+    encode_value(msg.kwargs, out)
+
+
+def _dec_remote_call(data: bytes, pos: int, nfds: int) -> RemoteCall:
+    call_id, nrefs, nrel, timeout, flags = _REMOTE_CALL.unpack_from(data, pos)
+    if flags & ~(_BATCH | _HAS_TIMEOUT):
+        raise WireFormatError(f"unknown call flags {flags:#x}")
+    if flags & _HAS_TIMEOUT and not (math.isfinite(timeout) and timeout > 0):
+        raise WireFormatError(f"a call's timeout must be a finite number of seconds > 0, not {timeout!r}")
+    refs, pos = _get_refs(data, pos + _REMOTE_CALL.size, nrefs, nfds, False)
+    releases, pos = _get_releases(data, pos, nrel)
+    model, args, kwargs = _values(data, pos, nrefs, 3)
+    if (model is not None and type(model) is not str) or type(args) is not tuple or type(kwargs) is not dict:
+        raise WireFormatError("a call's model must be a str or None, its arguments a tuple and a dict")
+    return RemoteCall(call_id, model, args, kwargs, refs, timeout if flags & _HAS_TIMEOUT else None,
+                      bool(flags & _BATCH), releases)
+
+
+_NONE = type(None)
+_INT, _STR, _BOOL, _DICT = (int,), (str,), (bool,), (dict,)
+_OPT_INT, _OPT_STR = (int, _NONE), (str, _NONE)
+_ERROR_FIELDS = (_STR, _STR, _OPT_INT, _DICT, _OPT_STR)
+
+#: Every message class: its type code, and the types each field may have (hot messages: None, they have
+#: their own encoders).
+_SCHEMAS: dict[type, tuple[int, tuple[tuple[type, ...], ...] | None]] = {
+    Call: (1, None),
+    Cancel: (2, (_INT,)),
+    Stop: (3, ()),
+    Loaded: (4, (_STR, _INT)),
+    Adopt: (5, (_BOOL, _BOOL)),
+    Ready: (6, (_INT, _DICT)),
+    StartupFailed: (7, _ERROR_FIELDS),
+    Result: (8, None),
+    Failure: (9, (_INT, *_ERROR_FIELDS)),
+    Hello: (20, (_INT, _INT, _INT)),
+    Welcome: (21, (_INT, _INT, _OPT_STR, _DICT)),
+    RemoteCall: (22, None),
+    RemoteError: (23, (_INT, *_ERROR_FIELDS)),
+    StatusRequest: (24, (_INT,)),
+    StatusReply: (25, (_INT, _DICT)),
+}
+_HOT_ENCODERS: dict[type, Callable[[Any, bytearray], None]] = {
+    Call: _enc_call, Result: _enc_result, RemoteCall: _enc_remote_call}
+_HOT_DECODERS: dict[type, Callable[[bytes, int, int], Any]] = {
+    Call: _dec_call, Result: _dec_result, RemoteCall: _dec_remote_call}
+
+
 class Protocol(NamedTuple):
-    """The classes a channel may receive, by name."""
+    """The messages a channel may receive: type code -> class."""
 
     name: str
-    types: dict[str, type]
+    types: dict[int, type]
 
 
 def _protocol(name: str, *types: type) -> Protocol:
-    return Protocol(name, {cls.__name__: cls for cls in (TensorRef, Slot, *types)})
+    return Protocol(name, {_SCHEMAS[cls][0]: cls for cls in types})
 
 
 #: Between a pool and its workers.
@@ -167,36 +388,102 @@ ATTACH_PROTOCOL = _protocol("attach", Hello, Welcome, RemoteCall, RemoteError, S
                             Result)
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, protocol: Protocol) -> None:
-        super().__init__(io.BytesIO(data))
-        self._protocol = protocol
-
-    def find_class(self, module: str, name: str) -> Any:
-        cls = self._protocol.types.get(name)
-        if cls is not None and module == cls.__module__:
-            return cls
-        if module == "builtins" and name == "complex":
-            return complex
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a message of the "
-                                     f"{self._protocol.name} protocol")
+def encode(msg: Any, nfds: int = 0) -> bytearray:
+    """The frame of *msg*, announcing *nfds* descriptors sent beside it (Note [The wire format])."""
+    kind = type(msg)
+    code, _ = _SCHEMAS[kind]
+    out = bytearray(_FRAME.pack(code, nfds))
+    hot = _HOT_ENCODERS.get(kind)
+    if hot is not None:
+        hot(msg, out)
+    else:
+        encode_value(tuple(msg), out)
+    return out
 
 
-def decode(data: bytes, protocol: Protocol) -> Any:
-    """Unpickle one header of *protocol* (see :class:`Channel`)."""
-    return _Unpickler(data, protocol).load()
+def peek(data: bytes, protocol: Protocol) -> tuple[type, int]:
+    """The class and descriptor count a frame announces, refused unless *protocol* allows them."""
+    if len(data) < _FRAME.size:
+        raise ProtocolError(f"a {len(data)}-byte message on the {protocol.name} protocol")
+    code, nfds = _FRAME.unpack_from(data)
+    kind = protocol.types.get(code)
+    if kind is None:
+        known = {c: k.__name__ for k, (c, _) in _SCHEMAS.items()}
+        raise ProtocolError(f"refusing a message of type {known.get(code, code)!r} on the {protocol.name} "
+                            "protocol")
+    if nfds > MAX_FDS:
+        raise ProtocolError(f"a message announces {nfds} descriptors (at most {MAX_FDS})")
+    return kind, nfds
+
+
+def decode(data: bytes, protocol: Protocol) -> tuple[int, Any]:
+    """``(descriptor count, message)`` of one frame of *protocol*; :class:`ProtocolError` when it is not
+    one (Note [The wire format])."""
+    data = bytes(data)
+    kind, nfds = peek(data, protocol)
+    return nfds, _decode(data, protocol, kind, nfds)
+
+
+def _decode(data: bytes, protocol: Protocol, kind: type, nfds: int) -> Any:
+    pos = _FRAME.size
+    try:
+        hot = _HOT_DECODERS.get(kind)
+        if hot is not None:
+            return hot(data, pos, nfds)
+        if nfds and kind not in (Hello, Adopt):
+            raise WireFormatError("descriptors on a message that carries none")
+        reader = ValueReader(data, pos)
+        fields = reader.value()
+        pos = reader.pos
+        types = _SCHEMAS[kind][1] or ()
+        if type(fields) is not tuple or len(fields) != len(types):
+            raise WireFormatError("wrong number of fields")
+        for value, allowed in zip(fields, types):
+            if type(value) not in allowed:
+                raise WireFormatError(f"a field of type {type(value).__name__}")
+        msg = kind(*fields)
+    except (WireFormatError, struct.error) as exc:
+        reason = exc if isinstance(exc, WireFormatError) else "it ends in the middle of a field"
+        raise ProtocolError(f"a bad {kind.__name__} on the {protocol.name} protocol: {reason}") from None
+    if pos != len(data):
+        raise ProtocolError(f"a {kind.__name__} on the {protocol.name} protocol with "
+                            f"{len(data) - pos} bytes left over")
+    return msg
+
+
+def _recv_fds(fd: int, count: int) -> list[int]:
+    """Receive the byte that carries *count* descriptors; every descriptor received is closed unless
+    exactly *count* came."""
+    size = array.array("i").itemsize
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        data, ancdata, flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(count * size))
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(payload[:len(payload) - len(payload) % size])
+            fds.extend(received)
+    if not data and not fds:
+        raise EOFError
+    if len(fds) != count or flags & socket.MSG_CTRUNC or data[0] != count % 256:
+        for received_fd in fds:
+            os.close(received_fd)
+        raise ProtocolError(f"expected {count} descriptors, received {len(fds)}")
+    return fds
 
 
 class Channel:
-    """One end of a socket carrying whole messages of *protocol*, plus descriptors passed beside them."""
+    """One end of a socket carrying whole messages of *protocol* (at most *max_bytes* each), plus
+    descriptors passed beside them."""
 
-    def __init__(self, conn: Connection, protocol: Protocol) -> None:
+    def __init__(self, conn: Connection, protocol: Protocol, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.conn = conn
         self.protocol = protocol
+        self.max_bytes = max_bytes
         self._send_lock = threading.Lock()
 
     def send(self, msg: Any, fds: tuple[int, ...] = ()) -> None:
-        data = pickle.dumps((len(fds), msg), protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode(msg, len(fds))
         with self._send_lock:
             self.conn.send_bytes(data)
             if fds:
@@ -204,11 +491,23 @@ class Channel:
                     reduction.sendfds(sock, list(fds))
 
     def recv(self) -> tuple[Any, list[int]]:
-        nfds, msg = decode(self.conn.recv_bytes(), self.protocol)
-        fds: list[int] = []
-        if nfds:
-            with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
-                fds = reduction.recvfds(sock, nfds)
+        """One message and the descriptors sent with it (the caller closes them). Raises
+        :class:`ProtocolError` (closing whatever descriptors came) for anything else."""
+        try:
+            data = self.conn.recv_bytes(self.max_bytes)
+        except OSError as exc:
+            if str(exc) == "bad message length":
+                raise ProtocolError(f"a message over {self.max_bytes} bytes on the {self.protocol.name} "
+                                    "protocol") from None
+            raise
+        kind, nfds = peek(data, self.protocol)
+        fds = _recv_fds(self.conn.fileno(), nfds) if nfds else []
+        try:
+            msg = _decode(data, self.protocol, kind, nfds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         return msg, fds
 
     def poll(self, timeout: float = 0.0) -> bool:
@@ -222,5 +521,3 @@ class Channel:
         # reused by a new socket and the rest of the message go to the wrong worker.
         with self._send_lock:
             self.conn.close()
-
-

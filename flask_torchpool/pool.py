@@ -175,6 +175,7 @@ class Pool:
 
         Input that cannot travel is refused here, in the calling thread, before anything is queued.
         """
+        codec.check_timeout(timeout)  # a NaN deadline would stall the manager
         skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
         timeout = self.config.timeout if timeout is None else timeout
         future: Future[Any] = Future()

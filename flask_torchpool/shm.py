@@ -22,6 +22,7 @@ message, which is how a deadline decides between cancelling a queued call and ki
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import threading
@@ -53,22 +54,48 @@ class TensorRef(NamedTuple):
 
 
 
-def create_memfd(size: int, name: str = "torchpool") -> int:
-    """An anonymous shared-memory file of *size* bytes. It has no name in /dev/shm, so nothing can leak
-    there, and only processes that are handed the descriptor can map it."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    else:  # pragma: no cover - not Linux: an unlinked file in a private temp dir
-        import tempfile
+#: The seals every shared segment carries (Note [Sealed segments]).
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
-        fd, path = tempfile.mkstemp(prefix=name)
-        os.unlink(path)
+
+def create_memfd(size: int, name: str = "torchpool") -> int:
+    """An anonymous shared-memory file of *size* bytes, sealed at that size (Note [Sealed segments]).
+    It has no name in /dev/shm, so nothing can leak there, and only processes that are handed the
+    descriptor can map it.
+
+    Note [Sealed segments]: a process that mapped a segment it was handed faults (SIGBUS) on the next
+    access past the end if the sender shrinks the file afterwards, which would kill a pool server and
+    all its workers at a client's whim. So every segment is created with ``MFD_ALLOW_SEALING`` and
+    sealed against shrinking, growing and further sealing once sized, and every descriptor received
+    must carry those seals (:func:`check_sealed`), which also refuses anything that is not a memfd."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+class UnsealedSegment(ValueError):
+    """A descriptor received is not a memfd sealed at its size (Note [Sealed segments])."""
+
+
+def check_sealed(fd: int, at_least: int = 0) -> int:
+    """The size of the sealed memfd *fd*; :class:`UnsealedSegment` unless it carries :data:`SEALS` and
+    holds at least *at_least* bytes."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise UnsealedSegment("a descriptor that is not a memfd was sent as shared memory") from None
+    if seals & SEALS != SEALS:
+        raise UnsealedSegment("a shared-memory segment was sent without the seals against shrinking and "
+                              "growing (F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL)")
+    size = os.fstat(fd).st_size
+    if size < at_least:
+        raise UnsealedSegment(f"a shared-memory segment of {size} bytes holds a tensor of {at_least}")
+    return size
 
 
 class Segment:
@@ -275,17 +302,36 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
     With *on_free* (the web process reading results), small arena tensors are copied out and their
     block freed at once; large ones are zero-copy views whose block is freed when they are collected.
     Without it (the worker reading inputs) every tensor is a plain view.
+
+    Every descriptor must be a sealed memfd large enough for its tensor, every reference's size must
+    match its shape and dtype, and every arena reference must lie inside *segment*
+    (:class:`UnsealedSegment` / ``ValueError`` otherwise; :func:`flask_torchpool.messages.decode`
+    already refused unknown dtypes, negative dimensions and stray segment numbers).
     """
     extra = []
     try:
         for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
+            check_sealed(fd, ref.nbytes)
             extra.append(Segment(fd, ref.nbytes))
     finally:
         for fd in fds:
             os.close(fd)
-    out = []
+    size = segment.size
+    dtypes = []
     for ref in refs:
         dtype = dtype_from_name(ref.dtype)
+        numel = 1
+        for dim in ref.shape:
+            numel *= dim
+        if ref.nbytes != numel * dtype.itemsize or ref.offset % dtype.itemsize or ref.offset < 0:
+            raise ValueError(f"a tensor reference's size ({ref.nbytes}) does not match its shape "
+                             f"{tuple(ref.shape)} and dtype, or its offset is not aligned")
+        if ref.seg < 0 and ref.nbytes and not 0 <= ref.offset <= size - ref.nbytes:
+            raise ValueError(f"a tensor reference [{ref.offset}, {ref.offset + ref.nbytes}) lies outside "
+                             f"shared memory of {size} bytes")
+        dtypes.append(dtype)
+    out = []
+    for ref, dtype in zip(refs, dtypes):
         if ref.seg >= 0:
             out.append(extra[ref.seg].view(0, ref.nbytes, dtype, ref.shape))
         elif ref.seg == INPUT_ALIAS and on_free is not None and ref.nbytes:
@@ -308,6 +354,8 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
 
 def _seg_refs(refs: tuple[TensorRef, ...], count: int) -> list[TensorRef]:
     by_seg = {ref.seg: ref for ref in refs if ref.seg >= 0}
+    if sorted(by_seg) != list(range(count)):
+        raise ValueError(f"{count} descriptors for one-off segments {sorted(by_seg)}")
     return [by_seg[i] for i in range(count)]
 
 

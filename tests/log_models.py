@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 
 from torch import nn
 
@@ -40,6 +41,8 @@ class Talker(nn.Module):
         elif how == "long_print":
             print("x" * size)
             print(say)
+        elif how == "print_stderr":
+            print(say, file=sys.stderr)
         elif how == "print_then_log":
             print(say, end="")
             log.warning("%s", say)

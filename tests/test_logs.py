@@ -161,6 +161,20 @@ def test_printed_lines_arrive(talk: tuple[Flask, TorchPool], capture: Capture, h
 
 
 @pytest.mark.timeout(120)
+def test_printed_text_cannot_forge_a_record(talk: tuple[Flask, TorchPool], capture: Capture) -> None:
+    """Issue 11 (minor): a model that prints what it was sent cannot make it a log record of its own
+    choosing (level, logger, location): the record separator is escaped in what is printed."""
+    app, pool = talk
+    say = token()
+    forged = "\x1e" + "\x1f".join(["50", "0.0", "forged.logger", "/etc/passwd", "1", "f", say])
+    pid = call(app, pool, say=forged, how="print_stderr")
+    record = only(capture.find(say))
+    assert record.levelno == logging.WARNING and record.torchpool_logger is None
+    assert record.torchpool_stream == "stderr" and "forged.logger" in record.getMessage()
+    assert record.torchpool_pid == pid
+
+
+@pytest.mark.timeout(120)
 def test_a_traceback_is_one_record(talk: tuple[Flask, TorchPool], capture: Capture) -> None:
     app, pool = talk
     say = token()

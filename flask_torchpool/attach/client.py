@@ -66,6 +66,7 @@ class _Link:
     inputs: shm.Allocator
     releases: shm.ReleaseQueue
     welcome: messages.Welcome
+    server_pid: int  # the kernel's word for it (SO_PEERCRED), not the Welcome's
 
 
 class PoolConnection:
@@ -145,7 +146,7 @@ class PoolConnection:
             sock.close()
             raise
         try:
-            check_same_user(sock, f"the process serving {self.path}")  # our tensors go to our user only
+            server_pid = check_same_user(sock, f"the process serving {self.path}")  # our user only
         except OSError:
             sock.close()
             raise
@@ -167,11 +168,12 @@ class PoolConnection:
                           f"the pool server closed the connection: {exc}") from None
         finally:
             os.close(fd)
-        link = self._link = _Link(channel, arena, shm.Allocator(*arena.inputs), shm.ReleaseQueue(), welcome)
+        link = self._link = _Link(channel, arena, shm.Allocator(*arena.inputs), shm.ReleaseQueue(), welcome,
+                                  server_pid)
         self._last_welcome = welcome
         threading.Thread(target=self._read_loop, args=(link,), name="torchpool-attach-reader",
                          daemon=True).start()
-        log.info("torchpool: attached to the pool server at %s (pid %d)", self.path, welcome.pid)
+        log.info("torchpool: attached to the pool server at %s (pid %d)", self.path, server_pid)
         return link
 
     def _forget_parent(self) -> None:
@@ -203,6 +205,7 @@ class PoolConnection:
 
     def submit(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                timeout: float | None, batch: bool, max_input_bytes: int) -> Future[Any]:
+        codec.check_timeout(timeout)
         skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, max_input_bytes)
         self.connect(wait=timeout if timeout is not None else 60.0)
         link = self._link
@@ -230,6 +233,12 @@ class PoolConnection:
                 from None
         placer.close_fds()
         return future
+
+    @property
+    def server_pid(self) -> int | None:
+        """The pid of the server this process is attached to, as the kernel reports it."""
+        link = self._link
+        return link.server_pid if link is not None else None
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The server's status (every model); raises :class:`PoolUnavailableError` without a server."""
@@ -399,7 +408,7 @@ class RemotePool:
         closed = self.closed or model["closed"]
         return {**model, "mode": "attach", "socket": self.connection.path, "closed": closed,
                 "ready": model["ready"] and not closed,
-                "server": {"pid": server["pid"], "clients": server["clients"]}}
+                "server": {"pid": self.connection.server_pid or server["pid"], "clients": server["clients"]}}
 
     def _detached(self) -> ModelStatus:
         placements = self.placements

@@ -3,8 +3,10 @@
 Shared by the attached client (:mod:`.client`), the server (:mod:`.server`) and the gunicorn hook
 (:mod:`flask_torchpool.gunicorn`), so that each of these is written once:
 
-* the socket's path (``TORCHPOOL_SOCKET``, else one per app in a private per-user directory) and the
-  check that its directory is ours and private (mode 0700);
+* the socket's path (``TORCHPOOL_SOCKET``, else one per app in a private per-user directory under
+  ``$RUNTIME_DIRECTORY``, ``$XDG_RUNTIME_DIR`` or the temp dir) and the check that its directory is
+  ours, private (mode 0700) and not a symbolic link (opened with ``O_NOFOLLOW`` and checked with
+  ``fstat``, so that another user cannot plant a link or squat the name under /tmp);
 * the server lock beside the socket (``<socket>.lock``, ``flock``), held for the server's whole life: a
   second server refuses to start, and a web process can tell "a server is loading its models" (locked,
   not yet listening) from "no server" (unlocked);
@@ -27,16 +29,24 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 
 from ..errors import ConfigError, TorchPoolError
 
 # --- the socket's path, directory and lock ---------------------------------------------------------------
 
 
+def runtime_base() -> str:
+    """Where the default socket directory goes: systemd's ``$RUNTIME_DIRECTORY`` (the first, when it
+    lists several), else ``$XDG_RUNTIME_DIR``, else the temp dir."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return runtime or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+
+
 def default_socket_path(app_name: str) -> str:
     """Where the socket of *app_name*'s pool server is by default: a per-user private directory in
-    ``$XDG_RUNTIME_DIR`` (or the temp dir), one socket per app."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
+    :func:`runtime_base`, one socket per app."""
+    base = runtime_base()
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in app_name) or "app"
     return os.path.join(base, f"flask_torchpool-{os.getuid()}", f"{safe}.sock")
 
@@ -47,15 +57,32 @@ def socket_path_for(socket_setting: str | None, app_name: str) -> str:
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create the socket's directory with mode 0700, or check that an existing one is ours and private.
-    Raises :class:`ConfigError` naming ``TORCHPOOL_SOCKET`` otherwise."""
+    """Create the socket's directory with mode 0700, or check that an existing one is a directory (not
+    a symbolic link), ours and private. Raises :class:`ConfigError` naming ``TORCHPOOL_SOCKET``
+    otherwise."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
     except OSError as exc:
         raise ConfigError("TORCHPOOL_SOCKET", f"cannot create the socket's directory {directory}: "
                                               f"{exc.strerror}") from None
-    info = os.stat(directory)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ConfigError("TORCHPOOL_SOCKET", f"the socket's directory {directory} is a symbolic link "
+                                                  "or not a directory (another user may have planted it); "
+                                                  "remove it or set TORCHPOOL_SOCKET to a path in a "
+                                                  "directory of your own") from None
+        raise ConfigError("TORCHPOOL_SOCKET", f"cannot open the socket's directory {directory}: "
+                                              f"{exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
     if info.st_uid != os.getuid():
         raise ConfigError("TORCHPOOL_SOCKET", f"the socket's directory {directory} belongs to uid "
                                               f"{info.st_uid}, not to this user ({os.getuid()}); use a "
@@ -72,7 +99,14 @@ def lock_path(path: str) -> str:
 
 def try_lock(path: str) -> int | None:
     """Take the server lock of socket *path*; the descriptor holding it, or None when a server holds it."""
-    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError("TORCHPOOL_SOCKET", f"the server lock {lock_path(path)} is a symbolic link; "
+                                                  "remove it or set TORCHPOOL_SOCKET to a path in a "
+                                                  "directory of your own") from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -130,6 +164,14 @@ def shutdown_socket(fd: int) -> None:
     descriptor stays open: only that thread closes it, so that its number cannot be reused meanwhile)."""
     with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
         sock.shutdown(socket.SHUT_RDWR)
+
+
+def set_send_timeout(fd: int, seconds: float) -> None:
+    """A send timeout on a blocking socket: a send that cannot progress for *seconds* fails
+    (``BlockingIOError``) instead of blocking for ever on a peer that does not read."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
 
 def set_recv_timeout(fd: int, seconds: float) -> None:

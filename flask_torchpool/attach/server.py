@@ -32,6 +32,18 @@ the server stops, every client sees end-of-file at once and fails its calls with
 :class:`~flask_torchpool.PoolUnavailableError` (503), then reconnects on its next call.
 
 The server holds its socket's lock (:func:`.rendezvous.take_lock`) for its whole life.
+
+Note [Hostile clients]
+~~~~~~~~~~~~~~~~~~~~~~
+Any process of the server's user can connect, so the server assumes nothing of what a client sends:
+messages are decoded without pickle and checked field by field (Note [The wire format] in
+:mod:`flask_torchpool.messages`), every descriptor received must be a sealed memfd (Note [Sealed
+segments] in :mod:`flask_torchpool.shm`) and is closed on every path, and each resource a client can
+make the server spend has a bound (the module constants below; docs/reliability.rst, "Hostile peers"):
+connections, the time a handshake may take, the size of a message and of an arena, the calls a client
+may have in flight, and the time a reply may wait for a client that does not read. A client past a
+bound is dropped; the others never notice. Logs name a client by the pid the kernel reports for its
+socket (``SO_PEERCRED``), not the one it claims.
 """
 
 from __future__ import annotations
@@ -41,7 +53,6 @@ import contextlib
 import functools
 import logging
 import os
-import pickle
 import queue
 import select
 import signal
@@ -59,7 +70,7 @@ from .rendezvous import (
     check_same_user,
     ensure_private_dir,
     exit_now,
-    set_recv_timeout,
+    set_send_timeout,
     shutdown_socket,
     take_lock,
 )
@@ -67,6 +78,22 @@ from .rendezvous import (
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+#: Connections (attached or still in their handshake) a server accepts at once; more are closed at once.
+MAX_CONNECTIONS = 1024
+#: Seconds from accept to a complete hello; a slower client is dropped.
+HANDSHAKE_SECONDS = 10.0
+#: Size of a hello.
+MAX_HELLO_BYTES = 64 * 1024
+#: Bytes a call header may have beyond its model's ``TORCHPOOL_MAX_INPUT_BYTES`` (str/bytes arguments
+#: count against that key; the rest is the header's own fields).
+HEADER_SLACK_BYTES = 1 << 20
+#: A client's arena may be at most the largest ``TORCHPOOL_ARENA_BYTES`` of the models served, or this.
+MAX_ARENA_BYTES = 1 << 30
+#: Calls one client may have taken and not yet been answered; a client past it is dropped.
+MAX_PENDING_CALLS = 4096
+#: Seconds a reply may wait to be written to a client that does not read; then the client is dropped.
+SEND_TIMEOUT = 30.0
 
 
 # --- the server ----------------------------------------------------------------------------------------
@@ -89,6 +116,10 @@ class PoolServer:
         self._listener: socket.socket | None = None
         self._clients: set[_Client] = set()
         self._clients_lock = threading.Lock()
+        self._connections = 0  # attached or in their handshake; under _clients_lock
+        self.max_message_bytes = max(p.config.max_input_bytes for p in self.pools.values()) + \
+            HEADER_SLACK_BYTES
+        self.max_arena_bytes = max(MAX_ARENA_BYTES, *(p.config.arena_bytes for p in self.pools.values()))
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._accepter: threading.Thread | None = None
@@ -170,6 +201,16 @@ class PoolServer:
                 if self._listener is None:
                     return
                 log.exception("torchpool server: accept failed")
+                self._stopped.wait(0.1)  # out of descriptors (EMFILE): do not spin on it
+                continue
+            with self._clients_lock:
+                full = self._connections >= MAX_CONNECTIONS
+                if not full:
+                    self._connections += 1
+            if full:
+                log.warning("torchpool server: refused a connection: %d connections already (the bound)",
+                            MAX_CONNECTIONS)
+                sock.close()
                 continue
             # The handshake runs in the connection's own thread: a client slow to say hello (or one
             # that only probes the socket) must not hold up the others.
@@ -178,55 +219,70 @@ class PoolServer:
 
     def _serve_connection(self, sock: socket.socket) -> None:
         try:
-            client = self._welcome(sock)
-        except (OSError, EOFError, ValueError, pickle.UnpicklingError, TorchPoolError) as exc:
-            log.info("torchpool server: refused a connection: %s", exc or type(exc).__name__)
+            pid = check_same_user(sock, "web process")
+        except OSError as exc:
+            log.warning("torchpool server: refused a connection: %s", exc)
             sock.close()
+            self._disconnected()
             return
+        channel = messages.Channel(Connection(sock.detach()), messages.ATTACH_PROTOCOL, MAX_HELLO_BYTES)
+        # The whole handshake has one deadline: past it the socket is shut down, so the read in
+        # progress ends, however slowly the client trickles its bytes.
+        timer = threading.Timer(HANDSHAKE_SECONDS, shutdown_socket, (channel.fileno(),))
+        timer.daemon = True
+        timer.start()
+        client = None
+        try:
+            client = self._welcome(channel, pid)
+        except (OSError, EOFError, ValueError, TorchPoolError) as exc:
+            log.info("torchpool server: refused a connection from pid %d: %s", pid,
+                     exc or type(exc).__name__)
         except Exception:
-            log.exception("torchpool server: the handshake of a connection failed")
-            sock.close()
+            log.exception("torchpool server: the handshake of a connection from pid %d failed", pid)
+        finally:
+            timer.cancel()
+            timer.join()  # the timer must not touch the descriptor once it may be closed and reused
+        if client is None:
+            channel.close()
+            self._disconnected()
             return
         with self._clients_lock:
             if self._stopped.is_set() or self._listener is None:
                 client.close()
                 client.channel.close()
+                self._connections -= 1
                 return
             self._clients.add(client)
         client.start()
 
-    def _welcome(self, sock: socket.socket) -> _Client:
-        check_same_user(sock, "web process")
-        set_recv_timeout(sock.fileno(), 10.0)  # the hello follows the connect at once
-        channel = messages.Channel(Connection(sock.detach()), messages.ATTACH_PROTOCOL)
+    def _disconnected(self) -> None:
+        with self._clients_lock:
+            self._connections -= 1
+
+    def _welcome(self, channel: messages.Channel, pid: int) -> _Client:
         fds: list[int] = []
         try:
             msg, fds = channel.recv()
             if not isinstance(msg, messages.Hello) or len(fds) != 1:
                 raise ValueError(f"expected a Hello with one descriptor, got {type(msg).__name__}")
             if msg.version != messages.PROTOCOL_VERSION:
-                raise ValueError(f"client pid {msg.pid} speaks protocol {msg.version}, this server "
+                raise ValueError(f"client pid {pid} speaks protocol {msg.version}, this server "
                                  f"{messages.PROTOCOL_VERSION}: upgrade flask_torchpool on both sides")
-            size = os.fstat(fds[0]).st_size
-            if size != msg.arena_bytes or size < shm.CONTROL_BYTES + 2 * shm.ALIGN:
-                raise ValueError(f"client pid {msg.pid} sent an arena of {size} bytes, "
-                                 f"announced {msg.arena_bytes}")
+            size = shm.check_sealed(fds[0])
+            smallest = shm.CONTROL_BYTES + 2 * shm.ALIGN
+            if size != msg.arena_bytes or not smallest <= size <= self.max_arena_bytes:
+                raise ValueError(f"client pid {pid} sent an arena of {size} bytes, announced "
+                                 f"{msg.arena_bytes}; it must be at most {self.max_arena_bytes}")
             arena = shm.Arena(fds[0], size)
-        except BaseException:
-            channel.close()
-            raise
         finally:
             for fd in fds:
                 os.close(fd)
-        try:
-            set_recv_timeout(channel.fileno(), 0.0)
-            client = _Client(self, channel, arena, msg.pid)
-            channel.send(messages.Welcome(messages.PROTOCOL_VERSION, os.getpid(), self.default_model,
-                                          self._models()))
-        except BaseException:
-            channel.close()
-            raise
-        log.info("torchpool server: web process %d attached", msg.pid)
+        channel.max_bytes = self.max_message_bytes
+        set_send_timeout(channel.fileno(), SEND_TIMEOUT)
+        client = _Client(self, channel, arena, pid)
+        channel.send(messages.Welcome(messages.PROTOCOL_VERSION, os.getpid(), self.default_model,
+                                      self._models()))
+        log.info("torchpool server: web process %d attached", pid)
         return client
 
     def _models(self) -> dict[str, Any]:
@@ -237,7 +293,9 @@ class PoolServer:
 
     def _forget(self, client: _Client) -> None:
         with self._clients_lock:
-            self._clients.discard(client)
+            if client in self._clients:
+                self._clients.discard(client)
+                self._connections -= 1
 
     def status(self) -> dict[str, Any]:
         """Every model's :class:`~flask_torchpool.status.ModelStatus`, with this server's pid, socket and
@@ -283,14 +341,22 @@ class _Client:
             while True:
                 try:
                     msg, fds = self.channel.recv()
+                except messages.ProtocolError as exc:
+                    log.warning("torchpool server: web process %d sent a bad message (%s); closing it",
+                                self.pid, exc.strerror)
+                    break
                 except (EOFError, OSError):
                     break
                 if isinstance(msg, messages.RemoteCall):
-                    self._on_call(msg, fds)
+                    if not self._on_call(msg, fds):
+                        break
                 elif isinstance(msg, messages.StatusRequest):
                     for fd in fds:
                         os.close(fd)
-                    self._send(messages.StatusReply(msg.id, self.server.status()))
+                    try:
+                        self._send(messages.StatusReply(msg.id, self.server.status()))
+                    except OSError:  # it does not read (SEND_TIMEOUT) or went away
+                        break
                 else:
                     for fd in fds:
                         os.close(fd)
@@ -308,12 +374,19 @@ class _Client:
             # still refers to this object.
             self.arena = self.outputs = None  # type: ignore[assignment]
 
-    def _on_call(self, msg: messages.RemoteCall, fds: list[int]) -> None:
-        for offset in msg.releases:
-            self.outputs.free(offset)
+    def _on_call(self, msg: messages.RemoteCall, fds: list[int]) -> bool:
+        """Take one call; False when the client is past :data:`MAX_PENDING_CALLS` (it is dropped)."""
         with self.idle:
+            if self.pending >= MAX_PENDING_CALLS:
+                for fd in fds:
+                    os.close(fd)
+                log.warning("torchpool server: web process %d has %d calls in flight (the bound); "
+                            "closing it", self.pid, self.pending)
+                return False
             self.pending += 1
         try:
+            for offset in msg.releases:
+                self.outputs.free(offset)
             model = msg.model if msg.model is not None else self.server.default_model
             pool = self.server.pools.get(model) if model is not None else None
             if pool is None:
@@ -327,8 +400,9 @@ class _Client:
             future = pool.submit(tuple(args), dict(kwargs), msg.timeout, msg.batch)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             self.replies.put((msg.id, exc))
-            return
+            return True
         future.add_done_callback(functools.partial(self._done, msg.id))
+        return True
 
     def _done(self, call_id: int, future: Future[Any]) -> None:
         if self.closed:  # the client is gone: drop the result (its blocks go back to the worker)
@@ -401,7 +475,7 @@ def _read_inputs(arena: shm.Arena, refs: tuple[shm.TensorRef, ...], fds: list[in
     sizes = []
     try:
         for fd in fds:
-            sizes.append(os.fstat(fd).st_size)
+            sizes.append(shm.check_sealed(fd))
         start, length = arena.inputs
         for ref in refs:
             dtype = codec.dtype_from_name(ref.dtype)
@@ -421,7 +495,7 @@ def _read_inputs(arena: shm.Arena, refs: tuple[shm.TensorRef, ...], fds: list[in
                 ok = 0 <= ref.seg < len(fds) and ref.offset == 0 and ref.nbytes <= sizes[ref.seg]
             if not ok:
                 raise InvalidInputError("a tensor reference points outside the caller's shared memory")
-    except (codec.UnsupportedValue, OSError) as exc:
+    except (codec.UnsupportedValue, shm.UnsealedSegment, OSError) as exc:
         for fd in fds:
             os.close(fd)
         raise InvalidInputError(f"bad call header: {exc}") from None
