@@ -137,7 +137,7 @@ class InlinePool:
                batch: bool = True) -> Future[Any]:
         """Run one call now, in this thread, and return its (completed) future. *timeout* is not
         enforced and *batch* is ignored in inline mode."""
-        codec.check_timeout(timeout)  # a NaN deadline would stall the manager
+        codec.check_timeout(timeout)  # refused as on every backend, though not enforced here
         skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
         self._check_open()
         if not self.started:

@@ -379,8 +379,7 @@ class RemotePool:
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
                batch: bool = True) -> Future[Any]:
         if self._closing:
-            raise errors.PoolClosedError("the pool is shutting down and takes no new calls",
-                                         retry_after=self.config.retry_after)
+            raise errors.PoolClosedError.closing(self.config.retry_after)
         return self.connection.submit(self.model, args, kwargs, timeout, batch,
                                       self.config.max_input_bytes)
 

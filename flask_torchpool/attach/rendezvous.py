@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import socket
 import stat
@@ -210,8 +211,6 @@ def exit_now(code: int) -> None:
     threads (connections, the owner watch) may still be inside torch, and torch's static destructors
     then abort the process ("terminate called without an active exception", exit by SIGABRT) instead
     of letting it exit with *code*. Workers end the same way (worker.py)."""
-    import logging
-
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
