@@ -31,6 +31,7 @@ _EXPORTS = {
     "PoolClosedError": "errors",
     "PoolUnavailableError": "errors",
     "RemoteTraceback": "errors",
+    "ReloadError": "errors",
 }
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "PoolClosedError",
     "PoolUnavailableError",
     "RemoteTraceback",
+    "ReloadError",
 ]
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
         PoolClosedError,
         PoolOverloadedError,
         PoolUnavailableError,
+        ReloadError,
         RemoteTraceback,
         TorchPoolError,
         WorkerCrashedError,

@@ -15,6 +15,7 @@ with the per-model overrides of its ``TORCHPOOL_MODELS`` entry. Every default is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -62,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_MODEL_SHA256": None,
     "TORCHPOOL_START_METHOD": "forkserver",
     "TORCHPOOL_WORKER_NICE": 10,
+    "TORCHPOOL_RELOAD_SURGE": 1,
+    "TORCHPOOL_MODEL_VERSION": None,
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
@@ -71,7 +74,8 @@ DEFAULT_MODEL = "default"
 #: ``TORCHPOOL_*`` keys that make sense per model. The others are the app's (start, shutdown, health).
 MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
                    "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
-                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256")
+                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256",
+                   "reload_surge", "model_version")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -136,6 +140,11 @@ class ModelConfig:
     start_method: str = DEFAULTS["TORCHPOOL_START_METHOD"]
     #: ``TORCHPOOL_WORKER_NICE``: how much lower than the web process's the workers' CPU priority is.
     worker_nice: int = DEFAULTS["TORCHPOOL_WORKER_NICE"]
+    #: ``TORCHPOOL_RELOAD_SURGE``: how many workers a reload may run beyond ``workers`` (0: take one out,
+    #: then replace it).
+    reload_surge: int = DEFAULTS["TORCHPOOL_RELOAD_SURGE"]
+    #: ``TORCHPOOL_MODEL_VERSION``: a label for the model's version, shown in status, metrics and logs.
+    model_version: str | None = DEFAULTS["TORCHPOOL_MODEL_VERSION"]
 
     #: The model's name: ``"default"`` for ``TORCHPOOL_MODEL``, else its key in ``TORCHPOOL_MODELS``.
     name: str = DEFAULT_MODEL
@@ -245,6 +254,25 @@ def _model_entry(cls: type[ModelConfig], name: str, source: str, entry: Any,
             values[field_name] = _FIELDS[field_name](f'{source}["{field_name}"]', entry[field_name])
     model = _model(f'{source}["model"]', entry.get("model"))
     return cls(model=model, name=name, source=source, overrides=frozenset(entry), **values)
+
+
+def example_args(config: ModelConfig) -> tuple[Any, ...]:
+    """The positional arguments of ``TORCHPOOL_EXAMPLE_INPUT`` (a tuple is spread, anything else is one
+    argument; a callable is called first)."""
+    import torch
+
+    example = config.example_input
+    if example is None:
+        raise ConfigError(config.key("example_input"), "is not set; give a value the model accepts (a "
+                                                       "tuple is spread as arguments) or a function "
+                                                       "returning one")
+    value = example() if callable(example) and not isinstance(example, torch.Tensor) else example
+    return value if isinstance(value, tuple) else (value,)
+
+
+def replace_model(config: ModelConfig, model: Any, key: str) -> ModelConfig:
+    """*config* with another *model*, validated as *key* (a reload's new model)."""
+    return dataclasses.replace(config, model=_model(key, model))
 
 
 def _model(key: str, value: Any) -> ModelSpec:
@@ -392,6 +420,15 @@ def _sha256(key: str, value: Any) -> str | None:
     return value.strip().lower()
 
 
+def _label(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 200 or not value.isprintable():
+        raise ConfigError(key, f"{value!r} is not allowed; use None or a short printable string such as "
+                               "'2026-12-02' or 'v7'")
+    return value.strip()
+
+
 def _passthrough(key: str, value: Any) -> Any:
     return value
 
@@ -431,4 +468,6 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "model_sha256": lambda k, v: _sha256(k, v),
     "start_method": lambda k, v: _choice(k, v, ("forkserver", "spawn")),
     "worker_nice": _nice,
+    "reload_surge": lambda k, v: _int(k, v, minimum=0),
+    "model_version": lambda k, v: _label(k, v),
 }

@@ -272,6 +272,21 @@ class PoolUnavailableError(_HTTPError, ServiceUnavailable):
     public = "the model server is not reachable; try again later"
 
 
+class ReloadError(TorchPoolError):
+    """A reload did not happen: refused (another one runs, the pool is not serving, the backend cannot
+    reload) or aborted (the new version failed; Note [Rolling reload]). The old version keeps serving.
+    ``model``, ``version`` (the generation tried) and ``cause`` say which and why."""
+
+    def __init__(self, message: str, model: str = "", version: int | None = None, cause: str = "") -> None:
+        super().__init__(message)
+        self.model = model
+        self.version = version
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.model, self.version, self.cause))
+
+
 class WireError(NamedTuple):
     """An error as it crosses a process boundary: builtins only. See :func:`to_wire`."""
 

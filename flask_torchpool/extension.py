@@ -32,7 +32,7 @@ from .config import DEFAULTS, load
 from .errors import ConfigError, InferenceTimeoutError
 from .group import ModelGroup, drain_all
 from .placement import Placement
-from .status import AppStatus
+from .status import AppStatus, ModelVersion
 
 if TYPE_CHECKING:
     from typing_extensions import Concatenate, ParamSpec
@@ -178,6 +178,17 @@ class TorchPool:
             states = [self._state(app)]
         for state in states:
             state.shutdown(wait=wait, drain_timeout=drain_timeout)
+
+    def reload(self, name: str | None = None, *, model: Any = None, version: str | None = None,
+               app: Flask | None = None) -> dict[str, ModelVersion]:
+        """Put a new version of model *name* in service, worker by worker, without failing a call
+        (docs/operating.rst, "Reloading a model"): its recipe again (the factory's module imported
+        afresh, the file read again), or *model* instead (validated like ``TORCHPOOL_MODEL``); *version*
+        labels it. Without *name* and *model*: every model, one after the other. Returns each reloaded
+        model's :class:`~flask_torchpool.status.ModelVersion` once it serves every new call. Raises
+        :class:`ReloadError` when the new version fails to load or to warm up (the old one keeps
+        serving), when another reload of the model runs, or when the model is not serving."""
+        return self._state(app).reload(name, model, version)
 
     def model(self, name: str | None = None, *, timeout: float | None = None, app: Flask | None = None,
               batch: bool = True) -> ModelProxy:

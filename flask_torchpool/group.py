@@ -25,7 +25,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .attach import rendezvous
 from .backend import Backend
@@ -36,8 +36,9 @@ from .inline import plan as inline_plan
 from .metrics import Metrics
 from .placement import Placement, plan_models
 from .pool import Pool
+from .reload import reload_models
 from .startup import check_resources
-from .status import AppStatus, ModelStatus, app_status, not_started
+from .status import AppStatus, ModelStatus, ModelVersion, app_status, not_started
 
 if TYPE_CHECKING:
     from .attach.client import PoolConnection
@@ -271,6 +272,12 @@ class ModelGroup:
                                   "TorchPool.start() to start a new one",
                                   retry_after=self.configs[name].retry_after)
         return self.start()[name]
+
+    def reload(self, name: str | None = None, model: Any = None,
+               version: str | None = None) -> dict[str, ModelVersion]:
+        """See :meth:`TorchPool.reload`."""
+        names = list(self.configs) if name is None and model is None else [self.model_name(name)]
+        return reload_models(self.pools, names, model, version)
 
     def start_in_background(self) -> bool:
         """Start backends that are waiting for first use, in a thread (for the readiness probe). Does

@@ -24,6 +24,7 @@ class WorkerState(str, enum.Enum):
     NOT_STARTED = "not started"   # its pool has not started yet
     STARTING = "starting"         # loading its model
     READY = "ready"               # serving
+    RETIRING = "retiring"         # reload: an old version's worker finishes its calls, takes no new one
     DEAD = "dead"                 # died; a respawn is scheduled
     FAILED = "failed"             # restart budget spent; retried after TORCHPOOL_RESTART_WINDOW
     STOPPED = "stopped"           # shut down
@@ -44,6 +45,8 @@ class WorkerStatus(TypedDict):
     errors: int              # of those, failures
     restarts: int            # respawns of its slot
     last_exit: str | None    # how its last process ended
+    generation: int          # the model version it runs (ModelVersion's generation)
+    incoming: bool           # a reload's new worker, not taking calls yet
 
 
 class Counters(TypedDict):
@@ -83,11 +86,26 @@ class _ModelStatusRequired(TypedDict):
     mode: str                # "embedded", "inline" or "attach"
 
 
+class ModelVersion(TypedDict):
+    """Which version of a model serves (Note [Rolling reload] in :mod:`flask_torchpool.reload`)."""
+
+    generation: int          # 1 at start, +1 per successful reload
+    model: str               # the model spec, as configured or given to reload()
+    sha256: str | None       # of the model file, when the model is a file
+    mtime: float | None      # of the model file (seconds since the epoch), when the model is a file
+    version: str | None      # TORCHPOOL_MODEL_VERSION, or reload(version=...)
+
+
 class ModelStatus(_ModelStatusRequired, total=False):
     """What one backend (one model) reports. ``error``: why it is not serving; attach mode adds
-    ``socket`` and ``server`` (the pool server's pid and attached clients)."""
+    ``socket`` and ``server`` (the pool server's pid and attached clients). A backend that reloads adds
+    ``version`` (the version serving), ``reloading`` (a reload is in progress) and ``reloads`` (counts of
+    reload outcomes: "ok", "failed")."""
 
     error: str
+    version: ModelVersion
+    reloading: bool
+    reloads: dict[str, int]
     socket: str
     server: dict[str, Any]
 
@@ -102,11 +120,12 @@ class AppStatus(ModelStatus):
 
 def worker_status(placement: Placement, state: WorkerState, *, pid: int | None = None, inflight: int = 0,
                   calls: int = 0, errors: int = 0, restarts: int = 0,
-                  last_exit: str | None = None) -> WorkerStatus:
+                  last_exit: str | None = None, generation: int = 1,
+                  incoming: bool = False) -> WorkerStatus:
     return WorkerStatus(worker=placement.worker, model=placement.model, pid=pid, state=state.value,
                         device=placement.device, cores=list(placement.cores), threads=placement.threads,
                         inflight=inflight, calls=calls, errors=errors, restarts=restarts,
-                        last_exit=last_exit)
+                        last_exit=last_exit, generation=generation, incoming=incoming)
 
 
 def plan_entries(plan: Iterable[Placement]) -> list[PlanEntry]:
@@ -128,18 +147,25 @@ def counters(metrics: MetricsSnapshot) -> Counters:
 def model_status(*, mode: str, started: bool, closed: bool, queued: int, busy_workers: int,
                  arena_bytes: int, metrics: MetricsSnapshot, workers: list[WorkerStatus],
                  plan: Iterable[Placement], shared_weight_bytes: int = 0,
-                 error: str | None = None) -> ModelStatus:
-    """The status of one backend; ``ready`` and the counters are derived here, nowhere else."""
+                 error: str | None = None, version: ModelVersion | None = None, reloading: bool = False,
+                 reloads: dict[str, int] | None = None) -> ModelStatus:
+    """The status of one backend; ``ready`` and the counters are derived here, nowhere else. During a
+    reload, a retiring old worker and a new one not in rotation yet do not make the model unready."""
+    serving = [w for w in workers if not w.get("incoming") and w["state"] != WorkerState.RETIRING.value]
     status = ModelStatus(
         started=started, closed=closed,
-        ready=bool(started and not closed and workers
-                   and all(w["state"] == WorkerState.READY.value for w in workers)),
+        ready=bool(started and not closed and serving
+                   and all(w["state"] == WorkerState.READY.value for w in serving)),
         queued=queued, busy_workers=busy_workers, arena_bytes=arena_bytes,
         shared_weight_bytes=shared_weight_bytes, counters=counters(metrics), metrics=metrics,
         latency_quantiles=metrics["latency_quantiles"], workers=workers, plan=plan_entries(plan),
         mode=mode)
     if error is not None:
         status["error"] = error
+    if version is not None:
+        status["version"] = version
+        status["reloading"] = reloading
+        status["reloads"] = reloads if reloads is not None else {"ok": 0, "failed": 0}
     return status
 
 

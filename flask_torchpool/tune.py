@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from .config import PoolConfig
-from .errors import ConfigError, TorchPoolError
+from .config import example_args as example_args
+from .errors import TorchPoolError
 from .placement import plan as compute_plan
 from .placement import resolve_devices, usable_cores
 from .pool import Pool
@@ -68,18 +69,6 @@ class TuneResult:
                 "errors": self.errors, "seconds": self.seconds, "calls_per_second": self.calls_per_second,
                 "rows_per_second": self.rows_per_second, "p50_seconds": self.latency(0.5),
                 "p99_seconds": self.latency(0.99), "error": self.error}
-
-
-def example_args(config: PoolConfig) -> tuple[Any, ...]:
-    """The positional arguments of ``TORCHPOOL_EXAMPLE_INPUT`` (a tuple is spread, anything else is one
-    argument; a callable is called first)."""
-    example = config.example_input
-    if example is None:
-        raise ConfigError(config.key("example_input"), "is not set; give a value the model accepts (a "
-                                                       "tuple is spread as arguments) or a function "
-                                                       "returning one")
-    value = example() if callable(example) and not isinstance(example, torch.Tensor) else example
-    return value if isinstance(value, tuple) else (value,)
 
 
 def rows_per_call(args: tuple[Any, ...]) -> int:

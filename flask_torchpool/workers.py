@@ -86,6 +86,12 @@ class WorkerSlot:
     spawned_at: float = 0.0         # monotonic time of its current process's start
     ready_at: float | None = None   # when that process said Ready (None: still loading)
     calls_at_spawn: int = 0         # :attr:`calls` when it was spawned: it served if they grew
+    # Note [Rolling reload] in flask_torchpool.reload: what it loads, which version that is, and whether
+    # it is a reload's new worker that takes no call until the reload puts it in rotation.
+    spec: Any = None
+    generation: int = 1
+    incoming: bool = False
+    load_error: str | None = None   # why its model failed to load (StartupFailed), for a reload's error
 
     @property
     def index(self) -> int:
@@ -155,14 +161,16 @@ class WorkerSet:
 
     def __init__(self, placements: list[Placement], config: PoolConfig, name: str, logger_name: str,
                  lock: threading.Lock) -> None:
-        self.slots = [WorkerSlot(p) for p in placements]
+        self.slots = [WorkerSlot(p, spec=config.spec) for p in placements]
         self.config = config
         self.name = name
         self.logger_name = logger_name
         self.lock = lock
         #: A channel, process or pipe changed: the manager must re-register them (:meth:`sync`).
         self.changed = True
-        self._fork_server: ForkServer | None = None
+        # One per model generation: a reload's workers fork from a server that has not imported the
+        # old version's code (it re-imports ``__main__``); see Note [Rolling reload].
+        self._fork_servers: dict[int, ForkServer] = {}
         self._fork_server_failed = config.start_method != "forkserver"
 
     # --- the selector ---------------------------------------------------------------------------------------
@@ -260,7 +268,7 @@ class WorkerSet:
             except ForkServerError as exc:
                 # Gone (OOM-killed, say): spawn this one; the next start tries a fresh fork server.
                 log.warning("%s: %s; spawning worker %d instead", self.name, exc, slot.index)
-                self._stop_fork_server()
+                self._stop_fork_server(slot.generation)
         process = _SPAWN.Process(
             target=worker_main, name=name, daemon=True,
             args=self._args(slot, child_end, _InheritedFd(arena_fd), size,
@@ -271,7 +279,7 @@ class WorkerSet:
     def _args(self, slot: WorkerSlot, conn: Any, arena_fd: Any, size: int,
               out_fds: Any) -> tuple[Any, ...]:
         """``worker_main``'s arguments."""
-        return (slot.placement, self.config.spec, conn, arena_fd, size, os.getpid(),
+        return (slot.placement, slot.spec, conn, arena_fd, size, os.getpid(),
                 self.config.share_weights, out_fds, self.config.worker_log_level, self.name,
                 self.config.worker_nice)
 
@@ -280,7 +288,7 @@ class WorkerSet:
         configuration, on a GPU (see docs/design.rst, Workers), or because it cannot start here."""
         if self._fork_server_failed or slot.placement.device != "cpu":
             return None
-        if self._fork_server is None:
+        if slot.generation not in self._fork_servers:
             with self.lock:
                 # Importing torch in the fork server is part of starting these workers.
                 for other in self.slots:
@@ -295,19 +303,42 @@ class WorkerSet:
                             "without trying)", self.name, exc)
                 self._fork_server_failed = True
                 return None
-            self._fork_server = server
-        return self._fork_server
+            self._fork_servers[slot.generation] = server
+        return self._fork_servers[slot.generation]
 
-    def _stop_fork_server(self) -> None:
-        server, self._fork_server = self._fork_server, None
-        if server is not None:
-            server.stop()
+    def _stop_fork_server(self, generation: int | None = None) -> None:
+        """Stop the fork server of *generation* (None: every one)."""
+        for gen in [generation] if generation is not None else list(self._fork_servers):
+            server = self._fork_servers.pop(gen, None)
+            if server is not None:
+                server.stop()
+
+    def stop_unused_fork_servers(self) -> None:
+        """Stop the fork servers of the generations no slot runs any more (after a reload)."""
+        for gen in set(self._fork_servers) - {s.generation for s in self.slots}:
+            self._stop_fork_server(gen)
+
+    def add_slot(self, placement: Placement, spec: Any, generation: int, incoming: bool,
+                 after: WorkerSlot | None) -> WorkerSlot:
+        """A new slot (for a reload), placed after *after* in :attr:`slots`; the caller spawns it."""
+        slot = WorkerSlot(placement, spec=spec, generation=generation, incoming=incoming)
+        with self.lock:
+            at = self.slots.index(after) + 1 if after is not None and after in self.slots else len(self.slots)
+            self.slots.insert(at, slot)
+            self.changed = True
+        return slot
+
+    def remove_slot(self, slot: WorkerSlot) -> None:
+        """Under the lock: forget a stopped slot (a reload replaced it)."""
+        if slot in self.slots:
+            self.slots.remove(slot)
+        self.changed = True
 
     def _retire_idle_fork_server(self) -> None:
         """Under the lock: with every slot failed (a crash loop, waiting out its window), let the fork
         server go, not to hold its memory, and no process, meanwhile; the next respawn starts another.
         It exits as soon as it reads the end of its socket (milliseconds, in a rare path)."""
-        if self._fork_server is not None and all(s.state is WorkerState.FAILED for s in self.slots):
+        if self._fork_servers and all(s.state is WorkerState.FAILED for s in self.slots):
             self._stop_fork_server()
 
     def reap(self, slot: WorkerSlot) -> tuple[int | None, str | None]:
