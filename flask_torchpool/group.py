@@ -36,9 +36,9 @@ from .inline import plan as inline_plan
 from .metrics import Metrics
 from .placement import Placement, plan_models
 from .pool import Pool
-from .reload import reload_models
 from .startup import check_resources
 from .status import AppStatus, ModelStatus, ModelVersion, app_status, not_started
+from .versions import reload_models
 
 if TYPE_CHECKING:
     from .attach.client import PoolConnection

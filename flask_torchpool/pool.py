@@ -50,7 +50,6 @@ from .errors import (
     InferenceTimeoutError,
     PoolClosedError,
     PoolOverloadedError,
-    ReloadError,
     TorchPoolError,
     WireError,
     WorkerCrashedError,
@@ -59,9 +58,8 @@ from .errors import (
 )
 from .metrics import Metrics
 from .placement import Placement
-from .reload import Reload, model_version, new_config
 from .status import ModelStatus, ModelVersion, WorkerState, model_status, worker_status
-from .weights import SharedWeights
+from .versions import Versions
 from .workers import ChannelReady, OutputReady, ProcessEnded, Registration, WorkerSet, WorkerSlot
 
 log = logging.getLogger(__name__)
@@ -96,12 +94,9 @@ class Pool:
                                 max_batch_size=config.max_batch_size,
                                 batch_delay=config.max_batch_delay_ms / 1000.0,
                                 pipeline_depth=config.pipeline_depth, retry_after=config.retry_after)
-        self._weights: dict[int, SharedWeights] = {}   # by generation (Note [Rolling reload])
-        self._version = model_version(config, 1)
-        self._reload: Reload | None = None
-        self._reload_lock = threading.Lock()
-        self._reloads = {"ok": 0, "failed": 0}
-        self._generations = 1
+        # Shared weights per generation, and reloads (Note [Rolling reload] in flask_torchpool.reload).
+        self._versions = Versions(name, config, self._workers, self._sched, self._wake,
+                                  lambda new: setattr(self, "config", new))
         self._deadlines = _Deadlines(self._sched, self._workers)
         self._next_wake = float("inf")
         self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
@@ -306,8 +301,8 @@ class Pool:
                 self._sched.flush()
                 if self._sched.queue:
                     self._sched.dispatch()
-                if self._reload is not None:
-                    self._step_reload()
+                if self._versions.current is not None:
+                    self._versions.step(self._sched.closing)
 
     def _next_timer(self, now: float) -> float:
         """When the manager must next look at deadlines, batches, respawns or the drain. With nothing
@@ -320,9 +315,7 @@ class Pool:
                 times += self._workers.start_deadlines()
             if self._sched.closing and self._drain_deadline is not None:
                 times.append(self._drain_deadline)
-            reload_due = self._reload.next_timer() if self._reload is not None else None
-            if reload_due is not None:
-                times.append(reload_due)
+            times += [t for t in (self._versions.next_timer(),) if t is not None]
             times.append(now + (self.config.timeout or 3600.0))
             self._next_wake = min(times)
             return self._next_wake
@@ -346,9 +339,9 @@ class Pool:
         if kind is messages.Result or kind is messages.Failure:
             self._sched.complete(worker, msg, fds)
         elif kind is messages.Loaded:
-            self._weights_of(worker).on_loaded(worker, msg)
+            self._versions.weights_of(worker).on_loaded(worker, msg)
         elif kind is messages.Ready:
-            self._weights_of(worker).on_ready(worker)
+            self._versions.weights_of(worker).on_ready(worker)
             with self._lock:
                 # A reload's new worker takes calls once the reload puts it in rotation.
                 worker.state = WorkerState.STARTING if worker.incoming else WorkerState.READY
@@ -410,7 +403,7 @@ class Pool:
             self._receive(worker)  # results it sent before dying still count
         if worker.channel is not None:
             worker.channel.close()
-        self._weights_of(worker).on_death(worker)
+        self._versions.weights_of(worker).on_death(worker)
 
         def crashed() -> TorchPoolError:
             return WorkerCrashedError(
@@ -419,15 +412,13 @@ class Pool:
                 exitcode=exitcode, signal=signame)
 
         with self._lock:
-            # A reload's worker (an old one, or a new one it gave up) is forgotten, not respawned.
-            forget = self._reload is not None and self._reload.on_death(worker)
+            self._versions.on_death(worker)   # a reload's worker: forgotten (STOPPED), not respawned
             running = worker.arena.running if worker.arena is not None else 0
             affected = self._sched.evacuate(worker, running, crashed)
             self._workers.clear(worker)
             was_ready = worker.ready_at is not None  # also when a deadline kill marked it dead already
-            if forget:
-                worker.state = WorkerState.STOPPED
-                self._workers.remove_slot(worker)
+            if worker.state is WorkerState.STOPPED:
+                pass
             elif not self._started.is_set():
                 self._fail_start(WorkerStartupError(f"worker {worker.index} (pid {worker.pid}) died while "
                                                     f"loading the model: {worker.last_exit}"))
@@ -438,11 +429,6 @@ class Pool:
                 self._workers.schedule_respawn(worker)
         self._sched.flush()
         if worker.state is WorkerState.STOPPED:
-            if forget:
-                log.log(logging.INFO if affected == 0 else logging.WARNING,
-                        "%s: worker %d (pid %s, generation %d) stopped for the reload, %s; %d call(s) "
-                        "affected",
-                        self.name, worker.index, worker.pid, worker.generation, worker.last_exit, affected)
             return
         level = logging.ERROR if was_ready else logging.WARNING
         log.log(level, "%s: worker %d (pid %s) died, %s; %d call(s) affected; %s", self.name,
@@ -461,15 +447,13 @@ class Pool:
         """Stop every worker (:meth:`WorkerSet.stop_all`), then fail what is left. Runs in the manager
         thread."""
         self._workers.stop_all()
-        if self._reload is not None:
-            self._step_reload()   # fails it: shut down during the reload
+        self._versions.step(closing=True)   # a reload in progress fails: shut down during it
         retry_after = self.config.retry_after
         with self._lock:
             self._sched.abandon(lambda: PoolClosedError.before_finish(retry_after),
                                 lambda: PoolClosedError.before_run(retry_after))
         self._sched.flush()
-        for weights in self._weights.values():
-            weights.close()
+        self._versions.close()
         self._wakeup_r.close()
         self._wakeup_w.close()
         log.info("%s: stopped", self.name)
@@ -478,83 +462,27 @@ class Pool:
 
     def status(self) -> ModelStatus:
         with self._lock:
-            return model_status(
-                mode="embedded", started=self.started, closed=self._sched.closing,
-                queued=len(self._sched.queue), busy_workers=sum(1 for w in self.workers if w.jobs),
-                arena_bytes=sum(self.config.arena_bytes for w in self.workers if w.arena is not None),
-                shared_weight_bytes=sum(w.shared_bytes for w in self._weights.values()),
-                metrics=self.metrics.snapshot(),
-                workers=[worker_status(w.placement, w.state, pid=w.pid, inflight=w.load, calls=w.calls,
-                                       errors=w.errors, restarts=w.total_restarts, last_exit=w.last_exit,
-                                       generation=w.generation, incoming=w.incoming)
-                         for w in self.workers],
-                plan=self.placements, version=self._version, reloading=self._reload is not None,
-                reloads=dict(self._reloads))
+            return _status(self, self._sched, self._versions)
 
     # --- reload (Note [Rolling reload] in flask_torchpool.reload) ----------------------------------------
 
     def reload(self, model: Any = None, *, version: str | None = None) -> ModelVersion:
-        """Replace every worker by one running the model's recipe again (or *model*, validated like
-        ``TORCHPOOL_MODEL``), ``TORCHPOOL_RELOAD_SURGE`` at a time, without failing a call. Returns the
-        new version once it serves every new call; raises :class:`ReloadError` (the old version keeps
-        serving) when the new one fails, or when another reload runs. *version*: a label for the new
-        version (default: ``TORCHPOOL_MODEL_VERSION`` when the model is unchanged)."""
-        if os.getpid() != self._owner_pid or threading.current_thread() is self._manager:
-            raise ReloadError(f"{self.name}: reload() from a worker's fork or the manager thread is not "
-                              "possible; call it from the process and a thread that serve the pool")
-        config = new_config(self.config, model)
-        label = version if version is not None else (self.config.model_version if model is None else None)
-        with self._reload_lock:
-            if self._reload is not None:
-                raise ReloadError(
-                    f"{self.name}: a reload to version {self._reload.generation} is in progress; try again "
-                    "when it has finished (reloads are not queued)", self.config.name,
-                    self._reload.generation, "another reload is in progress")
-            generation = self._generations + 1
-            new_version = model_version(config, generation, label)
-            with self._lock:
-                if not self.started or self._sched.closing:
-                    raise ReloadError(f"{self.name}: the pool is not serving (not started, or shut down); "
-                                      "nothing to reload", self.config.name, generation, "not serving")
-                self._generations = generation
-                self._reload = Reload(name=self.name, config=config, version=new_version,
-                                      workers=self._workers, sched=self._sched, old_config=self.config,
-                                      old_version=self._version)
-                future = self._reload.future
-        self._wake()
-        return future.result()
+        """:meth:`TorchPool.reload <flask_torchpool.TorchPool.reload>` of this model (see there)."""
+        return self._versions.reload(self.config, model, version, lambda: self.started and not self.closed)
 
-    def _weights_of(self, worker: WorkerSlot) -> SharedWeights:
-        weights = self._weights.get(worker.generation)
-        if weights is None:
-            weights = self._weights[worker.generation] = SharedWeights(self.name)
-        return weights
 
-    def _step_reload(self) -> None:
-        """In the manager thread: advance the reload; at its end, adopt or drop the new version."""
-        reload = self._reload
-        assert reload is not None
-        finished, rollback = reload.step(self._sched.closing)
-        if rollback is not None:
-            with self._reload_lock:
-                self._reload = rollback
-            self._wake()
-            return
-        if not finished:
-            return
-        ok = not isinstance(reload.outcome, BaseException)
-        with self._reload_lock, self._lock:
-            if ok:
-                self.config = self._workers.config = reload.config
-                self._version = reload.version
-            self._reloads["ok" if ok else "failed"] += 1
-            self._reload = None
-            live = {w.generation for w in self.workers}
-            for generation in set(self._weights) - live:
-                self._weights.pop(generation).close()   # freed with the last worker that mapped it
-        if not self._sched.closing:
-            self._workers.stop_unused_fork_servers()
-        reload.resolve()
+def _status(pool: Pool, sched: Scheduler[WorkerSlot], versions: Versions) -> ModelStatus:
+    """Under the pool's lock: :meth:`Pool.status`."""
+    workers = pool.workers
+    return model_status(
+        mode="embedded", started=pool.started, closed=sched.closing, queued=len(sched.queue),
+        busy_workers=sum(1 for w in workers if w.jobs),
+        arena_bytes=sum(pool.config.arena_bytes for w in workers if w.arena is not None),
+        shared_weight_bytes=versions.shared_bytes, metrics=pool.metrics.snapshot(),
+        workers=[worker_status(w.placement, w.state, pid=w.pid, inflight=w.load, calls=w.calls,
+                               errors=w.errors, restarts=w.total_restarts, last_exit=w.last_exit,
+                               generation=w.generation, incoming=w.incoming) for w in workers],
+        plan=pool.placements, **versions.status())
 
 
 class _Deadlines:

@@ -36,83 +36,20 @@ decides whether to retry. Shutdown during a reload stops both generations like a
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
-import os
 import time
-from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import codec, messages
-from .backend import Backend
 from .batching import Call, Job, Scheduler, idle
-from .config import ModelConfig, PinnedFile, example_args, replace_model
+from .config import ModelConfig, example_args
 from .errors import ReloadError
 from .status import ModelVersion, WorkerState
 from .workers import WorkerSet, WorkerSlot
 
 log = logging.getLogger(__name__)
-
-
-def model_version(config: ModelConfig, generation: int, version: str | None = None) -> ModelVersion:
-    """The version record of *config*'s model: for a model file, its SHA-256 and mtime as read now."""
-    spec = config.spec
-    path = spec.path if isinstance(spec, PinnedFile) else spec if isinstance(spec, str) and (
-        ":" not in spec) else None
-    sha256 = mtime = None
-    if path is not None:
-        try:
-            mtime = os.stat(path).st_mtime
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            sha256 = digest.hexdigest()
-        except OSError:
-            pass  # the worker's load reports it, naming the file
-    return ModelVersion(generation=generation, model=_describe(config.model), sha256=sha256, mtime=mtime,
-                        version=version if version is not None else config.model_version)
-
-
-def reload_models(pools: Mapping[str, Backend], names: list[str], model: Any = None,
-                  version: str | None = None) -> dict[str, ModelVersion]:
-    """Reload models *names* (one after the other) of started *pools*; see :meth:`TorchPool.reload`.
-    A model that fails stops the sequence: those before it keep their new version."""
-    done: dict[str, ModelVersion] = {}
-    for name in names:
-        backend = pools.get(name)
-        if backend is None or not backend.started or backend.closed:
-            raise ReloadError(f"model {name!r} is not serving (not started yet, or shut down); start it "
-                              "first" + _reloaded(done), name, None, "not serving")
-        reload = getattr(backend, "reload", None)
-        if reload is None:
-            raise ReloadError(f"model {name!r} runs on a backend that cannot reload "
-                              f"({type(backend).__name__}); restart it instead" + _reloaded(done), name,
-                              None, "not supported")
-        try:
-            done[name] = reload(model, version=version)
-        except ReloadError as exc:
-            if done:
-                raise ReloadError(f"{exc}{_reloaded(done)}", exc.model, exc.version, exc.cause) from exc
-            raise
-    return done
-
-
-def _reloaded(done: dict[str, ModelVersion]) -> str:
-    return f" (reloaded before it: {', '.join(done)})" if done else ""
-
-
-def new_config(config: ModelConfig, model: Any) -> ModelConfig:
-    """*config* with the model given to ``reload(model=...)``, validated like ``TORCHPOOL_MODEL``."""
-    return config if model is None else replace_model(config, model, f"reload(model=...) of {config.name!r}")
-
-
-def _describe(model: Any) -> str:
-    if isinstance(model, str):
-        return model
-    return f"{getattr(model, '__module__', '?')}:{getattr(model, '__qualname__', repr(model))}"
 
 
 class _Phase(enum.Enum):

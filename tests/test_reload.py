@@ -7,6 +7,7 @@ version that computed it. Processes are real; the tests wait on gates, futures a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -59,6 +60,17 @@ def answer(pool: TorchPool, name: str | None = None) -> float:
 def worker_generations(app: Flask, name: str = "default") -> list[tuple[int, str, bool]]:
     status = app.extensions["torchpool"].extension.status(app=app)["models"][name]
     return [(w["generation"], w["state"], w["incoming"]) for w in status["workers"]]
+
+
+def release_until_done(gate: Gate, thread: threading.Thread, timeout: float = 60.0) -> None:
+    """Open *gate* for every caller that comes to it until *thread* ends. (One opening may release
+    several waiting callers, or none that arrives while it closes: so open it until done.)"""
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(AssertionError):
+            gate.open(timeout=0.5)
+    thread.join(1)
+    assert not thread.is_alive(), "the reload did not finish"
 
 
 # --- the happy path -------------------------------------------------------------------------------------
@@ -202,8 +214,7 @@ def test_a_second_reload_is_refused(make_pool: Any, models_dir: Path, gate: Gate
     with pytest.raises(ReloadError, match="in progress"):
         pool.reload(app=app)
     assert answer(pool) == 1.0   # the old version serves while the new one loads
-    gate.open()
-    first.join(60)
+    release_until_done(gate, first)
     assert outcome["first"]["default"]["generation"] == 2
     assert answer(pool) == 2.0
 
@@ -227,9 +238,7 @@ def test_old_worker_that_dies_mid_reload_is_replaced_by_the_new_version(
     # Its slot is not respawned with the old version: a second new worker starts at once.
     assert wait_until(lambda: sum(1 for g, _, inc in worker_generations(app) if inc) == 2, timeout=20)
     assert all(g == 2 for g, _, inc in worker_generations(app) if inc)
-    gate.open()
-    gate.open()   # the second new worker waits at the same gate
-    thread.join(60)
+    release_until_done(gate, thread)   # both new workers wait at the gate
     assert outcome["v"]["default"]["generation"] == 2
     assert worker_generations(app) == [(2, "ready", False)] * 2
     assert answer(pool) == 2.0
