@@ -124,6 +124,42 @@ def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) 
         raise click.ClickException(probe_error)
 
 
+@torchpool.command("reload")
+@click.option("--model", "name", metavar="NAME", default=None,
+              help="The model to reload (default: every model of the pool server).")
+@click.option("--spec", metavar="SPEC", default=None,
+              help="Load this factory ('package.module:callable') or model file instead of the configured "
+                   "one (with several models, name the model with --model).")
+@click.option("--version", "label", metavar="LABEL", default=None,
+              help="A label for the new version (status, metrics, logs).")
+@click.option("--timeout", type=float, default=900.0, show_default=True,
+              help="Seconds to wait for the reload to finish.")
+def reload_command(name: str | None, spec: str | None, label: str | None, timeout: float) -> None:
+    """Reload models of the running pool server (attach mode), worker by worker, without failing a call:
+    the model's recipe again (its module imported afresh, its file read again), or --spec. Prints each
+    model's new version; exits 1 when the reload failed (the old version keeps serving).
+
+    In embedded mode (workers are children of the web process), send SIGHUP to the web process instead.
+    """
+    from .attach.client import PoolConnection
+
+    state = _state()
+    connection = PoolConnection(state.socket_path(), 1 << 20)
+    try:
+        reply = connection.reload(name, spec, label, timeout)
+    except TorchPoolError as exc:
+        raise click.ClickException(f"{exc}. In embedded mode (no pool server), send SIGHUP to the web "
+                                   "process to reload its models") from exc
+    finally:
+        connection.close()
+    for model, version in reply.versions.items():
+        label_text = f" ({version['version']})" if version.get("version") else ""
+        digest = f" sha256 {version['sha256'][:12]}" if version.get("sha256") else ""
+        click.echo(f"{model}: version {version['generation']}{label_text} [{version['model']}]{digest}")
+    if reply.error is not None:
+        raise click.ClickException(f"reload failed: {reply.error}")
+
+
 @torchpool.command("tune")
 @click.option("--workers", "worker_counts", metavar="N,N,...",
               help="Worker counts to try.  [default: 1, 2, 4, ... up to the number of cores]")

@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_DRAIN_TIMEOUT": 30.0,
     "TORCHPOOL_START": "auto",
     "TORCHPOOL_HANDLE_SIGTERM": True,
+    "TORCHPOOL_HANDLE_SIGHUP": True,
     "TORCHPOOL_RETRY_AFTER": 1,
     "TORCHPOOL_HEALTH_URL": None,
     "TORCHPOOL_INLINE": False,
@@ -91,6 +92,8 @@ class AppConfig:
     #: ``TORCHPOOL_START``: "auto", "eager" or "lazy".
     start: str = DEFAULTS["TORCHPOOL_START"]
     handle_sigterm: bool = DEFAULTS["TORCHPOOL_HANDLE_SIGTERM"]
+    #: ``TORCHPOOL_HANDLE_SIGHUP``: SIGHUP reloads every model this process's workers run.
+    handle_sighup: bool = DEFAULTS["TORCHPOOL_HANDLE_SIGHUP"]
     health_url: str | None = DEFAULTS["TORCHPOOL_HEALTH_URL"]
     inline: bool = DEFAULTS["TORCHPOOL_INLINE"]
     #: "embedded" (workers are children of this process), "attach" (use a pool server's) or "auto".
@@ -437,6 +440,7 @@ def _passthrough(key: str, value: Any) -> Any:
 _APP_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "start": lambda k, v: _choice(k, v, ("auto", "eager", "lazy")),
     "handle_sigterm": _bool,
+    "handle_sighup": _bool,
     "health_url": _url_prefix,
     "inline": _bool,
     "mode": lambda k, v: _choice(k, v, ("embedded", "attach", "auto")),

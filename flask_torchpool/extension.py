@@ -30,7 +30,7 @@ from flask import Flask, current_app, has_app_context
 from . import startup
 from .config import DEFAULTS, load
 from .errors import ConfigError, InferenceTimeoutError
-from .group import ModelGroup, drain_all
+from .group import ModelGroup, drain_all, reload_all
 from .placement import Placement
 from .status import AppStatus, ModelVersion
 
@@ -133,6 +133,8 @@ class TorchPool:
         group.register()
         if app_config.handle_sigterm:
             _install_sigterm_drain()
+        if app_config.handle_sighup and not _sighup:
+            _sighup.append(startup.SighupReload.install(reload_all))
         startup.guard_reloader_watcher(app, group.stop_for_watcher)
         if startup.loading_to_serve():
             return  # the pool server's command starts the workers itself, embedded
@@ -358,6 +360,7 @@ def extension_of(app: Flask) -> TorchPool:
 
 
 _sigterm: list[startup.SigtermDrain] = []
+_sighup: list[startup.SighupReload | None] = []   # installed (or not) once per process
 
 
 def _install_sigterm_drain() -> None:

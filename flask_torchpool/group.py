@@ -376,6 +376,22 @@ def drain_all() -> None:
         group.wait_views_idle(drain)
 
 
+def reload_all() -> None:
+    """SIGHUP: reload every model whose workers this process owns (embedded; the pool server's in attach
+    mode), one after the other; a failure is logged (the old version serves on) and the others go on."""
+    for group in ModelGroup.of():
+        for name, pool in list(group.pools.items()):
+            if not isinstance(pool, Pool) or not pool.started or pool.closed:
+                continue
+            try:
+                version = pool.reload()
+            except TorchPoolError as exc:
+                log.error("torchpool %s: SIGHUP: %s", group.app_name, exc)
+            else:
+                log.warning("torchpool %s: SIGHUP: model %r now serves version %d", group.app_name, name,
+                            version["generation"])
+
+
 def _after_fork_in_child() -> None:
     global _groups_lock
     _groups_lock = threading.Lock()

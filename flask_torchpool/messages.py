@@ -150,6 +150,21 @@ class StatusReply(NamedTuple):
     status: dict[str, Any]
 
 
+class ReloadRequest(NamedTuple):
+    """``flask torchpool reload``: reload *model* (None: every model, or the default one with *spec*)."""
+
+    id: int
+    model: str | None
+    spec: str | None        # another factory or file ('package.module:callable', a path); None: the same
+    version: str | None     # a label for the new version
+
+
+class ReloadReply(NamedTuple):
+    id: int
+    error: str | None                # None: every model asked for was reloaded
+    versions: dict[str, Any]         # model name -> its ModelVersion (those reloaded)
+
+
 
 # --- the wire format ----------------------------------------------------------------------------------
 #
@@ -362,6 +377,8 @@ _SCHEMAS: dict[type, tuple[int, tuple[tuple[type, ...], ...] | None]] = {
     RemoteError: (23, (_INT, *_ERROR_FIELDS)),
     StatusRequest: (24, (_INT,)),
     StatusReply: (25, (_INT, _DICT)),
+    ReloadRequest: (30, (_INT, _OPT_STR, _OPT_STR, _OPT_STR)),
+    ReloadReply: (31, (_INT, _OPT_STR, _DICT)),
 }
 _HOT_ENCODERS: dict[type, Callable[[Any, bytearray], None]] = {
     Call: _enc_call, Result: _enc_result, RemoteCall: _enc_remote_call}
@@ -385,7 +402,7 @@ WORKER_PROTOCOL = _protocol("worker", Call, Cancel, Stop, Loaded, Adopt, Ready, 
                             Failure)
 #: Between an attached web process and the pool server.
 ATTACH_PROTOCOL = _protocol("attach", Hello, Welcome, RemoteCall, RemoteError, StatusRequest, StatusReply,
-                            Result)
+                            Result, ReloadRequest, ReloadReply)
 
 
 def encode(msg: Any, nfds: int = 0) -> bytearray:

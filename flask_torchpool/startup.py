@@ -166,6 +166,52 @@ def check_resources(workers: int) -> None:
                         "emptyDir with medium: Memory at /dev/shm", total >> 20)
 
 
+class SighupReload:
+    """Reload every model on SIGHUP (Note [Rolling reload] in :mod:`flask_torchpool.reload`), as
+    gunicorn's master replaces its workers on HUP. Installed when SIGHUP still has its default action
+    (which would end the process): the handler sets an event, a daemon thread runs *reload*."""
+
+    def __init__(self, reload: Callable[[], None]) -> None:
+        self._reload = reload
+        self._requested = threading.Event()
+        self._start_thread()
+
+    def _start_thread(self) -> None:
+        threading.Thread(target=self._run, args=(self._requested,), name="torchpool-sighup",
+                         daemon=True).start()
+
+    def _after_fork_in_child(self) -> None:
+        self._requested = threading.Event()
+        self._start_thread()
+
+    @classmethod
+    def install(cls, reload: Callable[[], None]) -> SighupReload | None:
+        """Install the handler (from the main thread, when SIGHUP has its default action); None when it
+        was not installed."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
+            return None
+        hook = cls(reload)
+        signal.signal(signal.SIGHUP, hook._on_signal)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=hook._after_fork_in_child)
+        return hook
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._requested.set()
+
+    def _run(self, requested: threading.Event) -> None:
+        while True:
+            requested.wait()
+            requested.clear()   # a HUP during the reload asks for one more after it
+            log.warning("torchpool: SIGHUP: reloading every model")
+            try:
+                self._reload()
+            except Exception:  # noqa: BLE001 - the next HUP must still work
+                log.exception("torchpool: reloading on SIGHUP failed")
+
+
 class SigtermDrain:
     """Drain on SIGTERM, when nobody else handles it (gunicorn installs its own before loading the app;
     its graceful shutdown ends in the exit hooks).

@@ -10,10 +10,11 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Callable
 
+from . import messages
 from .backend import Backend
 from .batching import Scheduler
 from .config import ModelConfig, PinnedFile, replace_model
-from .errors import ReloadError
+from .errors import ReloadError, TorchPoolError
 from .reload import Reload
 from .status import ModelVersion, WorkerState
 from .weights import SharedWeights
@@ -181,6 +182,26 @@ def reload_models(pools: Mapping[str, Backend], names: list[str], model: Any = N
                 raise ReloadError(f"{exc}{_reloaded(done)}", exc.model, exc.version, exc.cause) from exc
             raise
     return done
+
+
+def reload_request(pools: Mapping[str, Backend], default_model: str | None,
+                   msg: messages.ReloadRequest) -> messages.ReloadReply:
+    """The pool server's answer to ``flask torchpool reload`` (a :class:`~messages.ReloadRequest`):
+    *msg.model* (None: every model; the default one when *msg.spec* names another model)."""
+    versions: dict[str, ModelVersion] = {}
+    try:
+        if msg.model is not None and msg.model not in pools:
+            raise ReloadError(f"the pool server has no model named {msg.model!r}; its models are "
+                              f"{', '.join(map(repr, pools))}", msg.model, None, "unknown model")
+        if msg.model is None and msg.spec is not None and default_model is None:
+            raise ReloadError("the pool server serves several models: name the one to change (--model)")
+        names = [msg.model] if msg.model is not None else (
+            list(pools) if msg.spec is None else [default_model or ""])
+        versions = reload_models(pools, names, msg.spec, msg.version)
+    except TorchPoolError as exc:
+        log.error("torchpool server: reload: %s", exc)
+        return messages.ReloadReply(msg.id, f"{type(exc).__name__}: {exc}", dict(versions))
+    return messages.ReloadReply(msg.id, None, dict(versions))
 
 
 def _reloaded(done: dict[str, ModelVersion]) -> str:

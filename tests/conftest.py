@@ -126,7 +126,7 @@ def make_app(**config: Any) -> Flask:
     app = Flask("tests")
     app.config.update(TESTING=True, TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_WORKERS=1,
                       TORCHPOOL_DEVICES="cpu", TORCHPOOL_ARENA_BYTES=32 << 20,
-                      TORCHPOOL_HANDLE_SIGTERM=False,
+                      TORCHPOOL_HANDLE_SIGTERM=False, TORCHPOOL_HANDLE_SIGHUP=False,
                       # The tests read server errors' messages: the documented opt-in (docs/errors.rst).
                       TORCHPOOL_ERROR_DETAILS=True)
     app.config.update(config)

@@ -242,6 +242,18 @@ class PoolConnection:
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The server's status (every model); raises :class:`PoolUnavailableError` without a server."""
+        status: dict[str, Any] = self._ask(lambda call_id: messages.StatusRequest(call_id), timeout)
+        return status
+
+    def reload(self, model: str | None, spec: str | None, version: str | None,
+               timeout: float) -> messages.ReloadReply:
+        """Have the server reload *model* (``flask torchpool reload``); its :class:`~messages.ReloadReply`."""
+        reply: messages.ReloadReply = self._ask(
+            lambda call_id: messages.ReloadRequest(call_id, model, spec, version), timeout)
+        return reply
+
+    def _ask(self, request: Callable[[int], Any], timeout: float) -> Any:
+        """Send the request ``request(id)`` and wait for the server's reply to it."""
         self.connect()
         with self._lock:
             link = self._link
@@ -251,9 +263,8 @@ class PoolConnection:
         if link is None:
             raise self._unavailable(f"not attached to the pool server at {self.path}")
         try:
-            link.channel.send(messages.StatusRequest(call_id))
-            status: dict[str, Any] = future.result(timeout)
-            return status
+            link.channel.send(request(call_id))
+            return future.result(timeout)
         except (OSError, TimeoutError) as exc:
             raise self._unavailable(f"the pool server at {self.path} did not answer: {exc}") from None
         finally:
@@ -271,11 +282,11 @@ class PoolConnection:
                 if isinstance(exc, OSError):
                     reason = f"the connection to the pool server failed: {exc}"
                 break
-            if isinstance(msg, messages.StatusReply):
+            if isinstance(msg, (messages.StatusReply, messages.ReloadReply)):
                 with self._lock:
                     waiter = self._statuses.pop(msg.id, None)
                 if waiter is not None:
-                    waiter.set_result(msg.status)
+                    waiter.set_result(msg.status if isinstance(msg, messages.StatusReply) else msg)
                 continue
             with self._lock:
                 pending = self._pending.pop(msg.id, None)

@@ -66,6 +66,7 @@ from typing import Any
 from .. import codec, messages, shm
 from ..backend import Backend
 from ..errors import InferenceError, InvalidInputError, TorchPoolError, to_wire
+from ..versions import reload_request
 from .rendezvous import (
     check_same_user,
     ensure_private_dir,
@@ -350,6 +351,9 @@ class _Client:
                 if isinstance(msg, messages.RemoteCall):
                     if not self._on_call(msg, fds):
                         break
+                elif isinstance(msg, messages.ReloadRequest) and not fds:
+                    # In a thread: a reload takes seconds, and this client's calls must keep flowing.
+                    threading.Thread(target=self._reload, args=(msg,), daemon=True).start()
                 elif isinstance(msg, messages.StatusRequest):
                     for fd in fds:
                         os.close(fd)
@@ -373,6 +377,11 @@ class _Client:
             # Unmap the client's arena as soon as no call of it holds a view: drop ours now, whatever
             # still refers to this object.
             self.arena = self.outputs = None  # type: ignore[assignment]
+
+    def _reload(self, msg: messages.ReloadRequest) -> None:
+        """``flask torchpool reload`` (:func:`flask_torchpool.versions.reload_request`)."""
+        with contextlib.suppress(OSError):   # it went away: the reload happened all the same
+            self._send(reload_request(self.server.pools, self.server.default_model, msg))
 
     def _on_call(self, msg: messages.RemoteCall, fds: list[int]) -> bool:
         """Take one call; False when the client is past :data:`MAX_PENDING_CALLS` (it is dropped)."""
