@@ -46,6 +46,10 @@ class TorchPoolCollector:
     ``torchpool_ready``                     gauge       1 when every worker is ready
     ``torchpool_worker_restarts_total``     counter     worker respawns since the pool started
     ``torchpool_shared_memory_bytes``       gauge       bytes of shared-memory arenas mapped
+    ``torchpool_model_generation``          gauge       the model version serving (reloads)
+    ``torchpool_model_info``                gauge       1, labelled generation, version, sha256
+    ``torchpool_reloading``                 gauge       1 while a reload runs
+    ``torchpool_reloads_total``             counter     reloads that ended, by ``outcome``
     ======================================  ==========  =========================================
     """
 
@@ -142,3 +146,27 @@ def _families(status: AppStatus | None) -> Iterator[Any]:
     yield restarts
     yield gauge("torchpool_shared_memory_bytes", "Bytes of shared-memory arenas mapped by the pool.",
                 lambda p: p["arena_bytes"])
+    yield from _version_families(models)
+
+
+def _version_families(models: list[tuple[str, ModelStatus]]) -> Iterator[Any]:
+    """The model versions (Note [Rolling reload]), of the backends that report them."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    versioned = [(model, part) for model, part in models if "version" in part]
+    generation = GaugeMetricFamily("torchpool_model_generation", "The model version serving (1 at start, "
+                                   "+1 per reload).", labels=["model"])
+    info = GaugeMetricFamily("torchpool_model_info", "1, labelled with the version serving.",
+                             labels=["model", "generation", "version", "sha256"])
+    reloading = GaugeMetricFamily("torchpool_reloading", "1 while a reload runs.", labels=["model"])
+    reloads = CounterMetricFamily("torchpool_reloads", "Reloads that ended, by outcome (ok, failed).",
+                                  labels=["model", "outcome"])
+    for model, part in versioned:
+        version = part["version"]
+        generation.add_metric([model], version["generation"])
+        info.add_metric([model, str(version["generation"]), version["version"] or "",
+                         version["sha256"] or ""], 1)
+        reloading.add_metric([model], 1 if part.get("reloading") else 0)
+        for outcome, count in part.get("reloads", {}).items():
+            reloads.add_metric([model, outcome], count)
+    yield from (generation, info, reloading, reloads)

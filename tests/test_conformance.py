@@ -409,12 +409,12 @@ STATUS_KEYS = {"started", "closed", "ready", "inline", "mode", "queued", "busy_w
                "shared_weight_bytes", "counters", "workers", "latency_quantiles", "plan", "metrics",
                "models"}
 #: "error": why it is not serving (after a failed start); attached apps add "socket" and "server" (the
-#: pool server's pid and client count).
-STATUS_KEYS_OPTIONAL = {"error", "socket", "server"}
+#: pool server's pid and client count); a backend that reloads adds "version", "reloading", "reloads".
+STATUS_KEYS_OPTIONAL = {"error", "socket", "server", "version", "reloading", "reloads"}
 COUNTER_KEYS = {"calls", "ok", "errors", "timeouts", "crashes", "overloaded", "retries", "batches"}
 WORKER_KEYS = {"worker", "model", "pid", "state", "device", "cores", "threads", "inflight", "calls",
-               "errors", "restarts", "last_exit"}
-WORKER_STATES = {"not started", "starting", "ready", "dead", "failed", "stopped"}
+               "errors", "restarts", "last_exit", "generation", "incoming"}
+WORKER_STATES = {"not started", "starting", "ready", "retiring", "dead", "failed", "stopped"}
 PLAN_KEYS = {"worker", "device", "cores", "threads", "model"}
 
 

@@ -93,7 +93,8 @@ def test_prometheus_exposition(health_app: Flask) -> None:
         "torchpool_batch_calls": "histogram", "torchpool_queue_depth": "gauge",
         "torchpool_inflight_calls": "gauge", "torchpool_busy_workers": "gauge", "torchpool_workers": "gauge",
         "torchpool_ready": "gauge", "torchpool_worker_restarts": "counter",
-        "torchpool_shared_memory_bytes": "gauge",
+        "torchpool_shared_memory_bytes": "gauge", "torchpool_model_generation": "gauge",
+        "torchpool_model_info": "gauge", "torchpool_reloading": "gauge", "torchpool_reloads": "counter",
     }
     calls = families["torchpool_calls"]
     assert {s.labels["outcome"] for s in calls.samples} == set(OUTCOMES)
@@ -112,6 +113,10 @@ def test_prometheus_exposition(health_app: Flask) -> None:
     assert _value(families["torchpool_busy_workers"]) == 0
     assert _value(families["torchpool_worker_restarts"], "_total") == 0
     assert _value(families["torchpool_shared_memory_bytes"]) == 4 << 20
+    assert _value(families["torchpool_model_generation"]) == 1
+    assert _value(families["torchpool_model_info"], generation="1", version="", sha256="") == 1
+    assert _value(families["torchpool_reloading"]) == 0
+    assert _value(families["torchpool_reloads"], "_total", outcome="ok") == 0
 
 
 def test_busy_worker_gauges(health_app: Flask) -> None:
