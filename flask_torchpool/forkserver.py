@@ -36,6 +36,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import weakref
 from multiprocessing import connection
@@ -100,6 +101,9 @@ class ForkServer:
         self.start_timeout = start_timeout
         self._process: Any = None
         self._sock: socket.socket | None = None
+        #: Set once :meth:`wait_ready` returned (``ready`` says how); see :meth:`launch`.
+        self.settled = threading.Event()
+        self.ready = False
 
     @property
     def pid(self) -> int | None:
@@ -108,6 +112,12 @@ class ForkServer:
     def start(self) -> None:
         """Spawn the fork server and wait until it has imported torch. Raises :class:`ForkServerError`
         when it cannot fork workers safely (the pool then spawns them)."""
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Spawn the fork server, without waiting for it (:meth:`wait_ready`, which may run in another
+        thread: a reload starts the new version's server while the manager thread serves)."""
         reason = supported()
         if reason:
             raise ForkServerError(reason)
@@ -122,15 +132,29 @@ class ForkServer:
         finally:
             theirs.close()
         self._process, self._sock = process, ours
-        ready = connection.wait([ours, process.sentinel], self.start_timeout)
-        hello = ours.recv(4096) if ours in ready else b""
-        if not hello.startswith(b"R"):
-            why = hello[1:].decode(errors="replace") if hello else (
-                f"it exited with code {process.exitcode} (see its traceback above)"
-                if process.exitcode is not None else f"no answer within {self.start_timeout:g}s")
-            self.stop()
-            raise ForkServerError(f"the fork server cannot fork workers: {why}")
-        log.debug("%s: fork server ready (pid %d)", self.name, process.pid)
+
+    def wait_ready(self) -> None:
+        """Wait until the launched server has imported torch; raises :class:`ForkServerError` (and
+        stops it) when it cannot fork workers."""
+        process, ours = self._process, self._sock
+        try:
+            if process is None or ours is None:
+                raise ForkServerError("the fork server cannot fork workers: it was stopped")
+            try:
+                ready = connection.wait([ours, process.sentinel], self.start_timeout)
+                hello = ours.recv(4096) if ours in ready else b""
+            except (OSError, ValueError) as exc:   # stopped meanwhile (another thread)
+                raise ForkServerError(f"the fork server cannot fork workers: {exc}") from None
+            if not hello.startswith(b"R"):
+                why = hello[1:].decode(errors="replace") if hello else (
+                    f"it exited with code {process.exitcode} (see its traceback above)"
+                    if process.exitcode is not None else f"no answer within {self.start_timeout:g}s")
+                self.close()
+                raise ForkServerError(f"the fork server cannot fork workers: {why}")
+            self.ready = True
+            log.debug("%s: fork server ready (pid %d)", self.name, process.pid)
+        finally:
+            self.settled.set()
 
     def start_process(self, target: Callable[..., Any], args: tuple[Any, ...], fds: list[int],
                       name: str) -> ForkedProcess:

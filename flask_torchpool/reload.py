@@ -40,7 +40,7 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from . import codec, messages
 from .batching import Call, Job, Scheduler, idle
@@ -82,7 +82,8 @@ class Reload:
 
     def __init__(self, *, name: str, config: ModelConfig, version: ModelVersion, workers: WorkerSet,
                  sched: Scheduler[WorkerSlot], old_config: ModelConfig, old_version: ModelVersion,
-                 future: Future[ModelVersion] | None = None, rollback_of: ReloadError | None = None) -> None:
+                 future: Future[ModelVersion] | None = None, rollback_of: ReloadError | None = None,
+                 wake: Callable[[], None] = lambda: None) -> None:
         self.name = name
         self.config = config
         self.version = version
@@ -93,6 +94,7 @@ class Reload:
         self.rollback_of = rollback_of
         self._workers = workers
         self._sched = sched
+        self._wake = wake   # wakes the manager thread (the new fork server is ready)
         self._surge = config.reload_surge
         self._swaps: list[_Swap] = []
         self._doomed: set[WorkerSlot] = set()   # slots to forget, not respawn, when they die
@@ -185,6 +187,8 @@ class Reload:
                      len(old), self._surge)
 
     def _start_more(self) -> None:
+        if not self._workers.prepare(self.generation, self._wake):
+            return   # the new version's fork server is still importing torch: the old workers serve
         # Each swap whose old worker still runs holds one extra process; with surge 0, one swap at a time.
         active = sum(1 for s in self._swaps if s.phase not in (_Phase.WAITING, _Phase.DONE)
                      and (s.old is not None or self._surge == 0))
@@ -391,7 +395,8 @@ class Reload:
                     self.old_version["generation"])
         rollback = Reload(name=self.name, config=self.old_config, version=self.old_version,
                           workers=self._workers, sched=self._sched, old_config=self.config,
-                          old_version=self.version, future=self.future, rollback_of=error)
+                          old_version=self.version, future=self.future, rollback_of=error,
+                          wake=self._wake)
         rollback.began = self.began
         rollback._started = True
         rollback._swaps = back

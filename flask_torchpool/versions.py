@@ -91,7 +91,7 @@ class Versions:
             self._generations = generation
             self.current = Reload(name=self.name, config=new, version=model_version(new, generation, label),
                                   workers=self._workers, sched=self._sched, old_config=config,
-                                  old_version=self.version)
+                                  old_version=self.version, wake=self._wake)
             future = self.current.future
         self._wake()
         return future.result()

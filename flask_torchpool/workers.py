@@ -14,6 +14,7 @@ objects: each worker's channel, its process sentinel and its stdout and stderr p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import reduction
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch.multiprocessing as tmp
 
@@ -288,6 +289,13 @@ class WorkerSet:
         configuration, on a GPU (see docs/design.rst, Workers), or because it cannot start here."""
         if self._fork_server_failed or slot.placement.device != "cpu":
             return None
+        server = self._fork_servers.get(slot.generation)
+        if server is not None and server.settled.is_set() and not server.ready:   # prepare()'s failed
+            log.warning("%s: the new version's fork server cannot fork workers; spawning them instead",
+                        self.name)
+            self._stop_fork_server(slot.generation)
+            self._fork_server_failed = True
+            return None
         if slot.generation not in self._fork_servers:
             with self.lock:
                 # Importing torch in the fork server is part of starting these workers.
@@ -312,6 +320,31 @@ class WorkerSet:
             server = self._fork_servers.pop(gen, None)
             if server is not None:
                 server.stop()
+
+    def prepare(self, generation: int, wake: Callable[[], None]) -> bool:
+        """A reload's new *generation*: launch its fork server (in this, the manager thread) and wait
+        for it in another thread, which calls *wake* when it is ready; True once workers of the
+        generation can be started without the manager waiting for their fork server."""
+        if self._fork_server_failed or not any(s.placement.device == "cpu" for s in self.slots):
+            return True
+        server = self._fork_servers.get(generation)
+        if server is None:
+            server = ForkServer(self.name, self.config.start_timeout)
+            try:
+                server.launch()
+            except ForkServerError as exc:
+                log.warning("%s: %s; spawning the new version's workers instead", self.name, exc)
+                self._fork_server_failed = True
+                return True
+            self._fork_servers[generation] = server
+
+            def wait() -> None:
+                with contextlib.suppress(ForkServerError):
+                    server.wait_ready()
+                wake()
+
+            threading.Thread(target=wait, name=f"{self.name}-forkserver-{generation}", daemon=True).start()
+        return server.settled.is_set()
 
     def stop_unused_fork_servers(self) -> None:
         """Stop the fork servers of the generations no slot runs any more (after a reload)."""
