@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from flask_torchpool import TorchPool
 from flask_torchpool.attach.client import PoolConnection
 
-from .conftest import wait_until
+from .conftest import make_app, wait_until
 from .reload_models import write_model
 from .servers import ROOT, free_port, running, server_env
 
@@ -126,6 +128,18 @@ def test_sighup_and_cli_reload_the_pool_server(project: Path) -> None:
             out = subprocess.run([*cli[:-2], "--model", "nope"], cwd=project, env=env, capture_output=True,
                                  text=True, timeout=240)
             assert out.returncode == 1 and "no model named 'nope'" in out.stderr
+
+            # An attached app's pool.reload() asks the server too.
+            write_model(project, 5)
+            app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=str(sock), TORCHPOOL_START="lazy",
+                           TORCHPOOL_MODEL="reloadable:build")
+            web = TorchPool(app)
+            try:
+                assert web.model(app=app)(torch.zeros(2)).tolist() == [3.0, 3.0]
+                assert web.reload(app=app, version="v5")["default"]["generation"] == 5
+                assert web.model(app=app)(torch.zeros(2)).tolist() == [5.0, 5.0]
+            finally:
+                web.shutdown(app=app)
         finally:
             connection.close()
         server.proc.send_signal(signal.SIGTERM)

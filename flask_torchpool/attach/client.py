@@ -364,6 +364,18 @@ class RemotePool:
     def _model_name(self, welcome: messages.Welcome) -> str | None:
         return self.model if self.model is not None else welcome.default_model
 
+    def reload(self, model: Any = None, *, version: str | None = None) -> Any:
+        """Have the pool server reload this model (``flask torchpool reload``); *model*: a spec string."""
+        if model is not None and not isinstance(model, str):
+            raise errors.ReloadError("an attached app can only name another model as a string "
+                                     "('package.module:callable' or a file path)", self.name)
+        welcome = self.connection.connect()
+        name = self._model_name(welcome)
+        reply = self.connection.reload(name, model, version, timeout=3600.0)
+        if reply.error is not None:
+            raise errors.ReloadError(reply.error, name or "")
+        return reply.versions[name or ""]
+
     def start(self) -> None:
         """Attach now if a server listens. One that is still loading its model is waited for in the
         background (up to ``TORCHPOOL_START_TIMEOUT``), not here: a gunicorn worker that does not
