@@ -12,7 +12,9 @@ the same error classes (:mod:`flask_torchpool.errors`) and reports a
 :class:`~flask_torchpool.status.ModelStatus` built by :mod:`flask_torchpool.status`. What a backend cannot
 do is said by its capability flags, not by raising: inline mode, for one, cannot interrupt a call, so it
 has ``enforces_deadlines = False``. ``tests/test_conformance.py`` runs the same tests against every
-backend.
+backend. A backend that can put a new model version in service without failing a call also has
+``reload(model=None, *, version=None)`` (the process pool and the attached client; Note [Rolling
+reload] in :mod:`flask_torchpool.reload`); :meth:`TorchPool.reload` refuses the others.
 """
 
 from __future__ import annotations

@@ -439,9 +439,11 @@ def test_status_has_the_documented_keys_and_worker_states(backend: Backend) -> N
     status = backend.status()
     _check_status_shape(status, backend)
     assert status["started"] is True and status["closed"] is False and status["ready"] is True, status
-    # The same keys on every backend; an attached app adds where its pool server is.
+    # The same keys on every backend; an attached app adds where its pool server is; a backend that
+    # reloads (the process pool, and so the pool server) its version.
     attached = {"socket", "server"} if backend.kind == "attach" else set()
-    assert status.keys() & STATUS_KEYS_OPTIONAL == attached
+    versioned = {"version", "reloading", "reloads"} if backend.kind in ("embedded", "attach") else set()
+    assert status.keys() & STATUS_KEYS_OPTIONAL == attached | versioned
     assert {w["state"] for w in status["workers"]} == {"ready"}
     resp = backend.app.test_client().get(f"{HEALTH_URL}/status")
     assert resp.status_code == 200 and resp.json.keys() == status.keys()
