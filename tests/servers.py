@@ -164,6 +164,16 @@ def pool_server(socket_path: os.PathLike[str] | str, **config: Any) -> Iterator[
         server.stop(drain_timeout=5)
 
 
+def connectable(path: os.PathLike[str] | str) -> bool:
+    """Whether something accepts connections on the Unix socket at *path*."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:
     try:
         os.killpg(pgid, sig)

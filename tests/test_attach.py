@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from .servers import (
     Server,
     all_children,
     cmdline,
+    connectable,
     free_port,
     new_shm_entries,
     pid_alive,
@@ -514,7 +514,7 @@ def test_flask_torchpool_serve_restart_and_reconnect(project: Path) -> None:
     sock = project / "run" / "pool.sock"
     with running(serve, 0, project / "serve.log", env, cwd=project) as pool_proc, \
             running(_gunicorn(port, 2), port, project / "server.log", env, cwd=project) as web:
-        wait_until(lambda: _connectable(sock) or pool_proc.proc.poll() is not None, timeout=90)
+        wait_until(lambda: connectable(sock) or pool_proc.proc.poll() is not None, timeout=90)
         assert pool_proc.proc.poll() is None, pool_proc.log()
         first = _wait_ok(web, also=pool_proc)
         workers = pool_workers_below(pool_proc.pid)
@@ -537,15 +537,6 @@ def test_flask_torchpool_serve_restart_and_reconnect(project: Path) -> None:
         assert web.wait_exit(60) == 0, web.log()
 
 
-def _connectable(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def test_the_gunicorn_hook_module_imports_no_torch() -> None:
     code = "import sys, flask_torchpool.gunicorn; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
@@ -564,7 +555,7 @@ def test_a_stopped_pool_server_fails_calls_at_once_and_serves_again_when_continu
     serve = [sys.executable, "-m", "flask", "--app", "attach_app", "torchpool", "serve"]
     sock = project / "run" / "pool.sock"
     with running(serve, 0, project / "serve.log", env, cwd=project) as pool_proc:
-        wait_until(lambda: _connectable(sock) or pool_proc.proc.poll() is not None, timeout=90)
+        wait_until(lambda: connectable(sock) or pool_proc.proc.poll() is not None, timeout=90)
         assert pool_proc.proc.poll() is None, pool_proc.log()
         # No deadline at all: before the fix, a call to a stopped server waited for ever.
         app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=str(sock), TORCHPOOL_TIMEOUT=None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from flask_torchpool.attach.client import PoolConnection
 
 from .conftest import make_app, wait_until
 from .reload_models import write_model
-from .servers import ROOT, free_port, running, server_env
+from .servers import ROOT, connectable, free_port, running, server_env
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -84,21 +83,12 @@ def test_sighup_reloads_the_web_process_models(project: Path) -> None:
         assert _answer(web) == 2.0 and "version 3 cannot be built" in web.log()
 
 
-def _connectable(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def test_sighup_and_cli_reload_the_pool_server(project: Path) -> None:
     sock = project / "pool.sock"
     env = server_env(project, APP_MODE="attach", APP_SOCKET=str(sock))
     serve = [sys.executable, "-m", "flask", "--app", "reload_app", "torchpool", "serve"]
     with running(serve, 0, project / "serve.log", env, cwd=project) as server:
-        assert wait_until(lambda: _connectable(sock) or server.proc.poll() is not None, timeout=120)
+        assert wait_until(lambda: connectable(sock) or server.proc.poll() is not None, timeout=120)
         assert server.proc.poll() is None, server.log()
         connection = PoolConnection(str(sock), 1 << 20)
         try:
