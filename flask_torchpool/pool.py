@@ -343,8 +343,9 @@ class Pool:
         elif kind is messages.Ready:
             self._versions.weights_of(worker).on_ready(worker)
             with self._lock:
-                # A reload's new worker takes calls once the reload puts it in rotation.
-                worker.state = WorkerState.STARTING if worker.incoming else WorkerState.READY
+                # A reload's new worker takes calls once the reload puts it in rotation; a retiring one, none.
+                if worker.state is not WorkerState.RETIRING:
+                    worker.state = WorkerState.STARTING if worker.incoming else WorkerState.READY
                 worker.pid = msg.pid
                 worker.ready_at = time.monotonic()
                 if worker.total_restarts:
