@@ -62,6 +62,8 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_MODEL_SHA256": None,
     "TORCHPOOL_START_METHOD": "forkserver",
     "TORCHPOOL_WORKER_NICE": 10,
+    "TORCHPOOL_STREAM_BUFFER": 4,
+    "TORCHPOOL_STREAM_TIMEOUT": None,
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
@@ -71,7 +73,8 @@ DEFAULT_MODEL = "default"
 #: ``TORCHPOOL_*`` keys that make sense per model. The others are the app's (start, shutdown, health).
 MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
                    "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
-                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256")
+                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256", "stream_buffer",
+                   "stream_timeout")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -136,6 +139,10 @@ class ModelConfig:
     start_method: str = DEFAULTS["TORCHPOOL_START_METHOD"]
     #: ``TORCHPOOL_WORKER_NICE``: how much lower than the web process's the workers' CPU priority is.
     worker_nice: int = DEFAULTS["TORCHPOOL_WORKER_NICE"]
+    #: ``TORCHPOOL_STREAM_BUFFER``: chunks of a stream that may wait in shared memory for its reader.
+    stream_buffer: int = DEFAULTS["TORCHPOOL_STREAM_BUFFER"]
+    #: ``TORCHPOOL_STREAM_TIMEOUT``: seconds a whole stream may take; None: no bound but the per-chunk one.
+    stream_timeout: float | None = DEFAULTS["TORCHPOOL_STREAM_TIMEOUT"]
 
     #: The model's name: ``"default"`` for ``TORCHPOOL_MODEL``, else its key in ``TORCHPOOL_MODELS``.
     name: str = DEFAULT_MODEL
@@ -431,4 +438,6 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "model_sha256": lambda k, v: _sha256(k, v),
     "start_method": lambda k, v: _choice(k, v, ("forkserver", "spawn")),
     "worker_nice": _nice,
+    "stream_buffer": lambda k, v: _int(k, v, minimum=1),
+    "stream_timeout": lambda k, v: _seconds(k, v, allow_none=True),
 }

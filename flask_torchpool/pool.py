@@ -31,6 +31,7 @@ worker. :mod:`flask_torchpool.batching` holds the calls, jobs and that schedulin
 from __future__ import annotations
 
 import atexit
+import functools
 import heapq
 import logging
 import multiprocessing
@@ -59,6 +60,7 @@ from .errors import (
 from .metrics import Metrics
 from .placement import Placement
 from .status import ModelStatus, WorkerState, model_status, worker_status
+from .streaming import Stream, StreamBook, check_method
 from .weights import SharedWeights
 from .workers import ChannelReady, OutputReady, ProcessEnded, Registration, WorkerSet, WorkerSlot
 
@@ -95,9 +97,10 @@ class Pool:
                                 batch_delay=config.max_batch_delay_ms / 1000.0,
                                 pipeline_depth=config.pipeline_depth, retry_after=config.retry_after)
         self._weights = SharedWeights(name)
-        self._deadlines = _Deadlines(self._sched, self._workers)
         self._next_wake = float("inf")
         self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
+        self._streams = StreamBook(config, self._sched, self._workers, self.metrics, self._wake)
+        self._deadlines = _Deadlines(self._sched, self._workers, self._streams)
         self._manager: threading.Thread | None = None
         self._started = threading.Event()
         self._startup_error: WorkerStartupError | None = None
@@ -170,20 +173,45 @@ class Pool:
     # --- calls ----------------------------------------------------------------------------------------
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True) -> Future[Any]:
+               batch: bool = True, method: str | None = None) -> Future[Any]:
         """Queue one call; the returned future holds the model's output or a :class:`TorchPoolError`.
+        Cancelling the future drops the call if it has not started (Note [Streams]).
 
         Input that cannot travel is refused here, in the calling thread, before anything is queued.
         """
+        call = self._call(args, kwargs, timeout, method)
+        if batch and self.config.max_batch_size > 1 and method is None:
+            call.key, call.rows = batch_key(call)
+        future = call.future
+        assert future is not None
+        future.add_done_callback(functools.partial(self._streams.cancelled, call))
+        self._enqueue(call)
+        return future
+
+    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               method: str | None = None) -> Stream:
+        """Start a streaming call (Note [Streams] in :mod:`flask_torchpool.streaming`): an iterator over
+        what the model (or its *method*) yields. *timeout* bounds the time to each chunk."""
+        call = self._call(args, kwargs, timeout, method)
+        stream = self._streams.open(call)
+        try:
+            self._enqueue(call)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
+              method: str | None) -> Call:
         codec.check_timeout(timeout)  # a NaN deadline would stall the manager
+        check_method(method)
         skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
         timeout = self.config.timeout if timeout is None else timeout
-        future: Future[Any] = Future()
-        call = Call(skel_args, skel_kwargs, tensors, future,
-                    None if timeout is None else time.monotonic() + timeout, self.config.retries)
-        if batch and self.config.max_batch_size > 1:
-            call.key, call.rows = batch_key(call)
-        future.set_running_or_notify_cancel()
+        return Call(skel_args, skel_kwargs, tensors, Future(),
+                    None if timeout is None else time.monotonic() + timeout, self.config.retries,
+                    target=(method, 0))
+
+    def _enqueue(self, call: Call) -> None:
         sched = self._sched
         with self._lock:
             try:
@@ -213,7 +241,6 @@ class Pool:
             sched.flush()
         if wake:
             self._wake()
-        return future
 
     def _check_open(self) -> None:
         if self._startup_error is not None:  # first: a pool whose start failed is closed too
@@ -269,6 +296,7 @@ class Pool:
                         self._workers.respawn_due(now)
                         if self._started.is_set():  # the first start has its own limit (start())
                             self._workers.kill_overdue(now)
+                    self._streams.kill_due(now)
                     if self._sched.closing and self._drained(now):
                         return
                     timers_due = self._next_timer(now)
@@ -305,7 +333,8 @@ class Pool:
         pending it still wakes one ``TORCHPOOL_TIMEOUT`` from now, so that a new call with the default
         timeout never needs to wake it (see :meth:`submit`)."""
         with self._lock:
-            times = [t for t in (self._deadlines.next(), self._sched.next_seal()) if t is not None]
+            times = [t for t in (self._deadlines.next(), self._sched.next_seal(), self._streams.next_kill())
+                     if t is not None]
             times += self._workers.respawn_times()
             if self._started.is_set():
                 times += self._workers.start_deadlines()
@@ -333,6 +362,10 @@ class Pool:
         worker.last_reply = time.monotonic()
         if kind is messages.Result or kind is messages.Failure:
             self._sched.complete(worker, msg, fds)
+        elif kind is messages.StreamChunk:
+            self._streams.on_chunk(worker, msg, fds)
+        elif kind is messages.StreamEnd:
+            self._streams.on_end(worker, msg)
         elif kind is messages.Loaded:
             self._weights.on_loaded(worker, msg)
         elif kind is messages.Ready:
@@ -467,9 +500,10 @@ class _Deadlines:
     :class:`InferenceTimeoutError`, queued or not; a job nobody waits for any more is cancelled, or, when
     its worker is running it or frozen, the worker is killed (and replaced)."""
 
-    def __init__(self, sched: Scheduler[WorkerSlot], workers: WorkerSet) -> None:
+    def __init__(self, sched: Scheduler[WorkerSlot], workers: WorkerSet, streams: StreamBook) -> None:
         self._sched = sched
         self._workers = workers
+        self._streams = streams
         self._heap: list[tuple[float, int, Call]] = []   # finished calls are dropped lazily
 
     def add(self, call: Call) -> None:
@@ -493,10 +527,13 @@ class _Deadlines:
                 _, _, call = heapq.heappop(self._heap)
                 if call.state is CallState.DONE:
                     continue
+                if call.deadline is not None and call.deadline > now:  # a stream's, moved by its progress
+                    heapq.heappush(self._heap, (call.deadline, call.id, call))
+                    continue
                 waited = now - call.enqueued
                 queued = call.state is CallState.QUEUED
                 job = call.job
-                sched.finish(call, exc=InferenceTimeoutError(
+                sched.finish(call, exc=self._streams.timeout_error(call, waited) or InferenceTimeoutError(
                     f"the call did not finish within its deadline ({waited:.3g}s; it was "
                     f"{'waiting for a worker' if queued else 'in a worker'}). Raise TORCHPOOL_TIMEOUT "
                     "or the view's timeout, or add workers"))
@@ -510,8 +547,10 @@ class _Deadlines:
                 if worker.arena is None or worker.jobs.get(job.id) is not job:
                     continue  # its worker died meanwhile
                 stalled = worker.stalled(job)
-                if stalled is None:
+                if stalled is None or call.target[1]:
                     cancel.append((worker, job.id))
+                    if stalled is not None:  # a stream: its worker may stop it (Note [Streams])
+                        self._streams.stop_later(worker, job.id)
                 elif worker not in kill:
                     kill.append(worker)
                     # Status must not show it ready (and no call may be placed on it) until it is reaped.
