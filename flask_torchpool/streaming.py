@@ -160,6 +160,13 @@ class Sink:
             await fut
 
 
+def stream_ended(sink: Sink, done: Future[Any]) -> None:
+    """The done-callback of a stream's call: it resolves after every chunk was put (the reader reads in
+    order); its error is the stream's error. A cancelled stream ends without one."""
+    exc = None if done.cancelled() else done.exception()
+    sink.end(None if isinstance(exc, CancelledError) else exc)
+
+
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -295,10 +302,7 @@ class StreamBook:
         book = weakref.ref(self)
 
         def ended(done: Future[Any]) -> None:
-            # The call's future resolves after every chunk the worker sent was put (the manager reads in
-            # order); an error is the stream's error. Once the caller cancelled, nothing is raised.
-            exc = None if done.cancelled() else done.exception()
-            record.sink.end(None if isinstance(exc, CancelledError) else exc)
+            stream_ended(record.sink, done)
             me = book()
             if me is not None:
                 with me._sched.lock:
