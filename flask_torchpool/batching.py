@@ -102,6 +102,8 @@ class JobSlot(Protocol):
 
     @property
     def channel(self) -> Sender | None: ...
+    @property
+    def streams(self) -> bool: ...    # runs a stream: takes no other job meanwhile (Note [Streams])
 
 
 S = TypeVar("S", bound=JobSlot)
@@ -204,7 +206,7 @@ class Scheduler(Generic[S]):
         """The ready slot with room and the fewest outstanding jobs."""
         best = None
         for s in self.slots:
-            if s.state is WorkerState.READY and len(s.jobs) < self.pipeline_depth:
+            if s.state is WorkerState.READY and len(s.jobs) < self.pipeline_depth and not s.streams:
                 if best is None or load(s) < load(best):
                     best = s
         return best

@@ -190,6 +190,21 @@ def test_stream_metrics_and_status(stream_app: Flask, model: Any) -> None:
     assert wait_until(lambda: pool.status()["metrics"]["streams_open"] == 0)
 
 
+def test_a_call_waits_in_the_queue_rather_than_behind_a_stream(stream_app: Flask, model: Any,
+                                                               gate: Gate, tmp_path: Path) -> None:
+    pool: TorchPool = stream_app.extensions["torchpool"].extension
+    notes = tmp_path / "notes"
+    stream = model.stream(2, gate=str(gate), gate_at=1)
+    assert int(next(stream)) == 0
+    waiting = model.method("note").submit(str(notes), "after")
+    # Not pipelined onto the worker that runs the stream (TORCHPOOL_PIPELINE_DEPTH is 2): queued, so that
+    # any other worker that frees up could take it.
+    assert pool.status()["queued"] == 1
+    gate.open()
+    assert [int(c) for c in stream] == [1]
+    assert waiting.result(30) == "after"
+
+
 # --- cancelling plain calls ----------------------------------------------------------------------------
 
 

@@ -207,10 +207,15 @@ class PoolConnection:
     # --- calls ------------------------------------------------------------------------------------------
 
     def submit(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
-               timeout: float | None, batch: bool, max_input_bytes: int, method: str | None = None,
-               sink: Sink | None = None) -> tuple[Future[Any], int]:
-        """Send one call (a stream with *sink*); its future, and its id. Cancelling the future of a plain
-        call tells the server to drop it if it has not started."""
+               timeout: float | None, batch: bool, max_input_bytes: int,
+               method: str | None = None) -> Future[Any]:
+        """Send one call. Cancelling its future tells the server to drop it if it has not started."""
+        return self._start(model, args, kwargs, timeout, batch, max_input_bytes, method, None)[0]
+
+    def _start(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+               timeout: float | None, batch: bool, max_input_bytes: int, method: str | None,
+               sink: Sink | None) -> tuple[Future[Any], int]:
+        """Send one call (a stream with *sink*): its future, and its id."""
         codec.check_timeout(timeout)
         check_method(method)
         skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, max_input_bytes)
@@ -248,7 +253,7 @@ class PoolConnection:
                timeout: float | None, method: str | None, config: PoolConfig) -> Stream:
         """Start a stream on the server (Note [Streams]; :mod:`.relay` is the server's half)."""
         sink = Sink()
-        future, call_id = self.submit(model, args, kwargs, timeout, False, config.max_input_bytes, method,
+        future, call_id = self._start(model, args, kwargs, timeout, False, config.max_input_bytes, method,
                                       sink)
         link = self._link
         future.add_done_callback(functools.partial(stream_ended, sink))
@@ -440,7 +445,7 @@ class RemotePool:
         if self._closing:
             raise errors.PoolClosedError.closing(self.config.retry_after)
         return self.connection.submit(self.model, args, kwargs, timeout, batch,
-                                      self.config.max_input_bytes, method)[0]
+                                      self.config.max_input_bytes, method)
 
     def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
                method: str | None = None) -> Stream:
