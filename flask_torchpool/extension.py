@@ -17,6 +17,7 @@ How a call travels::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -112,7 +113,13 @@ class ModelProxy:
         generator or an iterator), and iterate them as they come: ``for chunk in model.stream(x)``, or
         ``async for``. Closing the iterator (or dropping it) stops the model's generator in its worker;
         see the Streaming docs for backpressure, deadlines and errors. Streams are not batched."""
-        return self._state.pool_for_call(self.name).stream(args, kwargs, self.timeout, self._method)
+        stream = self._state.pool_for_call(self.name).stream(args, kwargs, self.timeout, self._method)
+        # A view in progress until its reader is done (the response is written after the view returned):
+        # a SIGTERM drain waits for it (group.wait_views_idle).
+        reading = contextlib.ExitStack()
+        reading.enter_context(self._state.view())
+        stream.on_end(reading.close)
+        return stream
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         """Awaitable form of a call, for ``async def`` views."""

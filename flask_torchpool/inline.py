@@ -291,21 +291,20 @@ class _InlineStream(Stream):
 
     def __init__(self, step: Callable[[], Any], ended: Callable[[BaseException | None], None],
                  metrics: Metrics, started: float) -> None:
-        sink = Sink()
-        super().__init__(sink, lambda: ended(None))
+        super().__init__(Sink(), lambda: ended(None))
         self._step = step
-        self._ended: Callable[[BaseException | None], None] | None = ended
+        self._done = ended
         self._metrics = metrics
         self._started = started
 
     def __next__(self) -> Any:
-        if self._ended is None:
+        if self._hooks is None:
             raise StopIteration
         try:
             value = InlinePool._output(self._step())
         except BaseException as exc:
-            ended, self._ended, self._cancel = self._ended, None, None
-            ended(None if isinstance(exc, StopIteration) else exc)
+            self._done(None if isinstance(exc, StopIteration) else exc)
+            self._ended()
             raise
         self._metrics.record_chunk(time.monotonic() - self._started if not self._sink.chunks else None)
         self._sink.chunks += 1
@@ -316,11 +315,6 @@ class _InlineStream(Stream):
             return self.__next__()
         except StopIteration:
             raise StopAsyncIteration from None
-
-    def close(self) -> None:
-        ended, self._ended, self._cancel = self._ended, None, None
-        if ended is not None:
-            ended(None)
 
 
 def _method(model: Any, name: str) -> Any:

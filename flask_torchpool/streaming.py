@@ -40,8 +40,11 @@ to its end and its result is discarded: the model cannot be interrupted without 
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
+import logging
 import os
+import queue
 import threading
 import time
 import weakref
@@ -60,6 +63,8 @@ if TYPE_CHECKING:
     from .config import PoolConfig
     from .metrics import Metrics
     from .workers import WorkerSet, WorkerSlot
+
+log = logging.getLogger(__name__)
 
 #: Seconds a worker told to stop a stream may take to stop before it is killed.
 CANCEL_GRACE = 1.0
@@ -187,11 +192,19 @@ class Stream(Iterator[Any], AsyncIterator[Any]):
         self._cancel: Callable[[], None] | None = cancel
         self._consumed = consumed
         self._wait_limit = wait_limit
+        self._hooks: list[Callable[[], None]] | None = []  # None once it ended for its reader
 
     @property
     def chunks(self) -> int:
         """Chunks received so far."""
         return self._sink.chunks
+
+    def on_end(self, hook: Callable[[], None]) -> None:
+        """Run *hook* once the stream has ended for its reader: it finished, failed or was closed."""
+        if self._hooks is None:
+            hook()
+        else:
+            self._hooks.append(hook)
 
     def __iter__(self) -> Stream:
         return self
@@ -200,10 +213,10 @@ class Stream(Iterator[Any], AsyncIterator[Any]):
         try:
             value = self._sink.take(self._wait_limit)
         except BaseException:
-            self._cancel = None  # ended: nothing left to cancel
+            self._ended()
             raise
         if value is FINISHED:
-            self._cancel = None
+            self._ended()
             raise StopIteration
         if self._consumed is not None:
             self._consumed()
@@ -219,24 +232,25 @@ class Stream(Iterator[Any], AsyncIterator[Any]):
             self.close()
             raise
         except BaseException:
-            self._cancel = None
+            self._ended()
             raise
         if value is FINISHED:
-            self._cancel = None
+            self._ended()
             raise StopAsyncIteration
         if self._consumed is not None:
             self._consumed()
         return value
 
+    def _ended(self) -> None:
+        cancel, hooks, self._cancel, self._hooks = self._cancel, self._hooks, None, None
+        _close(self._sink, None, hooks)
+        del cancel
+
     def close(self) -> None:
-        """Stop the stream: the worker closes the model's generator and takes its next call. Idempotent;
-        a no-op once the stream ended."""
-        cancel, self._cancel = self._cancel, None
-        if cancel is not None and not self._sink.ended:
-            self._sink.discard()
-            cancel()
-        elif cancel is not None:
-            self._sink.discard()
+        """Stop the stream: the worker closes the model's generator and takes its next call; chunks not
+        taken yet are dropped. Idempotent; once the stream ended, it only drops what is left."""
+        cancel, hooks, self._cancel, self._hooks = self._cancel, self._hooks, None, None
+        _close(self._sink, cancel, hooks)
 
     async def aclose(self) -> None:
         self.close()
@@ -248,8 +262,50 @@ class Stream(Iterator[Any], AsyncIterator[Any]):
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_cancel", None) is not None:
-            self.close()
+        hooks = getattr(self, "_hooks", None)
+        if hooks is not None:
+            # Not close() here: garbage collection may run this in any thread, while it holds a lock
+            # that cancelling takes (the scheduler's, a channel's). A SimpleQueue put is safe here.
+            _closer().put(functools.partial(_close, self._sink, self._cancel, hooks))
+
+
+def _close(sink: Sink, cancel: Callable[[], None] | None, hooks: list[Callable[[], None]] | None) -> None:
+    running = not sink.ended
+    sink.discard()
+    if cancel is not None and running:
+        cancel()
+    for hook in hooks or ():
+        hook()
+
+
+_closer_queue: tuple[int, queue.SimpleQueue[Callable[[], None]]] | None = None
+_closer_lock = threading.Lock()
+
+
+def _closer() -> queue.SimpleQueue[Callable[[], None]]:
+    """The queue of a daemon thread (one per process) that closes the streams garbage collection
+    finds: cancelling takes locks, which a finalizer must not."""
+    global _closer_queue
+    current = _closer_queue
+    if current is not None and current[0] == os.getpid():
+        return current[1]
+    with _closer_lock:
+        if _closer_queue is None or _closer_queue[0] != os.getpid():
+            todo: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+            threading.Thread(target=_run_closer, args=(todo,), name="torchpool-stream-closer",
+                             daemon=True).start()
+            _closer_queue = (os.getpid(), todo)
+        return _closer_queue[1]
+
+
+def _run_closer(todo: queue.SimpleQueue[Callable[[], None]]) -> None:
+    while True:
+        close = todo.get()
+        try:
+            close()
+        except Exception:
+            log.exception("torchpool: closing a dropped stream failed")
+        del close
 
 
 # --- the process pool's half ---------------------------------------------------------------------------

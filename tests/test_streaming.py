@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
@@ -31,6 +33,7 @@ from flask_torchpool import (
 from flask_torchpool.streaming import Stream
 
 from .conftest import Gate, make_app, shared_mappings, wait_until
+from .servers import free_port, running, server_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -384,3 +387,56 @@ def test_a_client_that_disconnects_mid_stream_frees_the_only_worker_at_once(
         # cancelled and the generator closed; the one worker serves the next call now, not in hours.
         assert wait_until(lambda n=round_: lines(log).count("finally") == n + 1, timeout=30), lines(log)[-5:]
         assert requests.get(base_url + "/pid", timeout=30).json()["pid"] == pid
+
+
+SSE_SCRIPT = '''
+import sys
+
+from flask import Flask, Response, stream_with_context
+from werkzeug.serving import make_server
+
+from flask_torchpool import TorchPool
+
+
+def main():
+    port, gate = int(sys.argv[1]), sys.argv[2]
+    app = Flask("sse")
+    app.config.update(TORCHPOOL_MODEL="tests.stream_models:counter", TORCHPOOL_WORKERS=1,
+                      TORCHPOOL_DEVICES="cpu", TORCHPOOL_ARENA_BYTES=32 << 20)
+    pool = TorchPool(app)
+
+    @app.post("/generate")
+    @pool.infer
+    def generate(model):
+        stream = model.stream(3, gate=gate, gate_at=1)
+
+        def events():
+            for chunk in stream:
+                yield f"data: {int(chunk)}\\n\\n"
+            yield "event: end\\n\\n"
+        return Response(stream_with_context(events()), mimetype="text/event-stream")
+
+    make_server("127.0.0.1", port, app, threaded=True).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.timeout(180)
+def test_a_sigterm_drain_lets_a_stream_that_is_being_sent_finish(tmp_path: Path, gate: Gate) -> None:
+    script = tmp_path / "sse_app.py"
+    script.write_text(SSE_SCRIPT)
+    port = free_port()
+    with running([sys.executable, str(script), str(port), str(gate)], port, tmp_path / "server.log",
+                 server_env()) as server:
+        assert server.wait_answers("/").status_code == 404, server.log()
+        with requests.post(server.base_url + "/generate", stream=True, timeout=60) as response:
+            events = (line for line in response.iter_lines() if line)
+            assert next(events) == b"data: 0"
+            os.kill(server.pid, signal.SIGTERM)
+            assert wait_until(lambda: "SIGTERM: draining" in server.log(), timeout=30), server.log()
+            gate.open()  # the model goes on: the drain waits for the stream, then for its reader
+            assert list(events) == [b"data: 1", b"data: 2", b"event: end"], server.log()
+        assert server.wait_exit() == -signal.SIGTERM, server.log()
