@@ -34,7 +34,7 @@ from .metrics import Metrics, outcome_of
 from .placement import Placement, resolve_devices, usable_cores
 from .status import ModelStatus, WorkerState, model_status, worker_status
 from .streaming import Sink, Stream, check_method
-from .worker import load_model
+from .worker import call_target, close_iterator, load_model
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class InlinePool:
 
         def ended(exc: BaseException | None) -> None:
             if box:
-                _close(box.pop())
+                close_iterator(box.pop())
             self.metrics.record_stream(-1)
             self.metrics.record_call(outcome_of(exc), time.monotonic() - started, 0.0)
 
@@ -232,7 +232,7 @@ class InlinePool:
              method: str | None = None) -> Any:
         out = self._invoke(model, skel_args, skel_kwargs, tensors, method)
         if isinstance(out, Iterator):
-            _close(out)
+            close_iterator(out)
             raise OutputError(f"the model returned {codec.describe(out)}: it yields its outputs one by one; "
                               "iterate them with model.stream(...) instead of calling model(...)",
                               remote_type="Iterator")
@@ -246,7 +246,10 @@ class InlinePool:
         copies = [t.to(device, copy=True, memory_format=torch.contiguous_format) for t in tensors]
         args = codec.unflatten(skel_args, copies)
         kwargs = codec.unflatten(skel_kwargs, copies)
-        return self._produce(lambda: (model if method is None else _method(model, method))(*args, **kwargs))
+        def run() -> Any:
+            return (model if method is None else call_target(model, method))(*args, **kwargs)
+
+        return self._produce(run)
 
     @staticmethod
     def _produce(run: Callable[[], Any]) -> Any:
@@ -315,16 +318,3 @@ class _InlineStream(Stream):
             return self.__next__()
         except StopIteration:
             raise StopAsyncIteration from None
-
-
-def _method(model: Any, name: str) -> Any:
-    method = getattr(model, name, None)
-    if not callable(method):
-        raise AttributeError(f"the model ({type(model).__qualname__}) has no method {name!r}")
-    return method
-
-
-def _close(out: Any) -> None:
-    close = getattr(out, "close", None)
-    if close is not None:
-        close()

@@ -261,7 +261,7 @@ class _Server:
                     f"the worker could not read the inputs: {type(exc).__name__}: {exc}")))
                 return
             try:
-                out = (self.model if call.method is None else _method(self.model, call.method))(
+                out = (self.model if call.method is None else call_target(self.model, call.method))(
                     *args, **kwargs)
             except Exception as exc:
                 self._fail(call.id, InferenceError.model_raised(type(exc).__name__, str(exc),
@@ -271,7 +271,7 @@ class _Server:
             if call.window:
                 self._stream(call.id, out, call.window)
             elif isinstance(out, Iterator):
-                _close(out)
+                close_iterator(out)
                 self._fail(call.id, OutputError(
                     f"the model returned {codec.describe(out)}: it yields its outputs one by one; iterate "
                     "them with model.stream(...) instead of calling model(...)", remote_type="Iterator"))
@@ -314,7 +314,7 @@ class _Server:
                 self.credit -= 1
         finally:
             self.streaming = 0
-            _close(out)
+            close_iterator(out)
         if failure is not None:
             self._fail(call_id, failure)
         else:
@@ -381,7 +381,7 @@ class _Server:
         self.channel.send(messages.Failure(call_id, *to_wire(err)))
 
 
-def _method(model: Any, name: str) -> Any:
+def call_target(model: Any, name: str) -> Any:
     """The public method *name* of *model* (``model.call("generate", ...)``)."""
     if not name.isidentifier() or name.startswith("_"):
         raise AttributeError(f"{name!r} is not a public method name")
@@ -391,7 +391,7 @@ def _method(model: Any, name: str) -> Any:
     return method
 
 
-def _close(out: Any) -> None:
+def close_iterator(out: Any) -> None:
     """Close a generator the model returned (its ``finally`` blocks run); log what closing raises."""
     close = getattr(out, "close", None)
     if close is None:

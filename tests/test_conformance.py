@@ -550,6 +550,8 @@ def test_streams_yield_in_order_and_end_with_the_models_error(backend: Backend) 
     assert_same(got, want[:2])
     with pytest.raises(InferenceError, match=r"model\.stream"):
         backend.proxy()(torch.ones(1), action="yield", n=3)
+    with pytest.raises(InferenceError, match="no method 'nope'"):
+        backend.proxy().call("nope")
 
 
 def test_closing_a_stream_closes_the_generator(backend: Backend, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from .. import codec, messages, shm
+from .. import messages
 from ..streaming import Stream
 
 if TYPE_CHECKING:
@@ -38,18 +38,8 @@ class Chunk:
         self.value = value
 
     def send(self, client: _Client, call_id: int) -> bool:
-        tensors: list[Any] = []
-        skel = codec.flatten(self.value, tensors, "output")
-        placer = shm.Placer(client.arena, client.outputs)
-        refs = placer.place_all(tensors)
-        self.value = None
-        del tensors
-        try:
-            client._send(messages.StreamChunk(call_id, skel, refs), tuple(placer.fds))
-        except BaseException:
-            placer.rollback()
-            raise
-        placer.close_fds()
+        value, self.value = self.value, None
+        client._send_result(call_id, value, messages.StreamChunk)
         return False
 
 

@@ -454,7 +454,7 @@ class _Client:
             while True:
                 self.replies.get_nowait()
 
-    def _send_result(self, call_id: int, result: Any) -> None:
+    def _send_result(self, call_id: int, result: Any, kind: type = messages.Result) -> None:  # or a chunk
         tensors: list[Any] = []
         try:
             skel = codec.flatten(result, tensors, "output")
@@ -465,7 +465,7 @@ class _Client:
         refs = placer.place_all(tensors)
         del tensors, result
         try:
-            self._send(messages.Result(call_id, skel, refs), tuple(placer.fds))
+            self._send(kind(call_id, skel, refs), tuple(placer.fds))
         except BaseException:
             placer.rollback()
             raise
