@@ -31,7 +31,6 @@ worker. :mod:`flask_torchpool.batching` holds the calls, jobs and that schedulin
 from __future__ import annotations
 
 import atexit
-import functools
 import heapq
 import logging
 import multiprocessing
@@ -44,7 +43,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
-from . import codec, messages
+from . import messages
 from .batching import Call, CallState, Scheduler, batch_key
 from .config import PoolConfig
 from .errors import (
@@ -60,7 +59,7 @@ from .errors import (
 from .metrics import Metrics
 from .placement import Placement
 from .status import ModelStatus, WorkerState, model_status, worker_status
-from .streaming import Stream, StreamBook, check_method
+from .streaming import Stream, StreamBook, new_call
 from .weights import SharedWeights
 from .workers import ChannelReady, OutputReady, ProcessEnded, Registration, WorkerSet, WorkerSlot
 
@@ -175,16 +174,13 @@ class Pool:
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
                batch: bool = True, method: str | None = None) -> Future[Any]:
         """Queue one call; the returned future holds the model's output or a :class:`TorchPoolError`.
-        Cancelling the future drops the call if it has not started (Note [Streams]).
-
-        Input that cannot travel is refused here, in the calling thread, before anything is queued.
+        Cancelling the future drops the call if it has not started. Input that cannot travel is
+        refused here, in the calling thread, before anything is queued.
         """
-        call = self._call(args, kwargs, timeout, method)
+        call = new_call(self.config, args, kwargs, timeout, method)
         if batch and self.config.max_batch_size > 1 and method is None:
             call.key, call.rows = batch_key(call)
-        future = call.future
-        assert future is not None
-        future.add_done_callback(functools.partial(self._streams.cancelled, call))
+        future = self._streams.cancellable(call)
         self._enqueue(call)
         return future
 
@@ -192,24 +188,7 @@ class Pool:
                method: str | None = None) -> Stream:
         """Start a streaming call (Note [Streams] in :mod:`flask_torchpool.streaming`): an iterator over
         what the model (or its *method*) yields. *timeout* bounds the time to each chunk."""
-        call = self._call(args, kwargs, timeout, method)
-        stream = self._streams.open(call)
-        try:
-            self._enqueue(call)
-        except BaseException:
-            stream.close()
-            raise
-        return stream
-
-    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
-              method: str | None) -> Call:
-        codec.check_timeout(timeout)  # a NaN deadline would stall the manager
-        check_method(method)
-        skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
-        timeout = self.config.timeout if timeout is None else timeout
-        return Call(skel_args, skel_kwargs, tensors, Future(),
-                    None if timeout is None else time.monotonic() + timeout, self.config.retries,
-                    target=(method, 0))
+        return self._streams.start(new_call(self.config, args, kwargs, timeout, method), self._enqueue)
 
     def _enqueue(self, call: Call) -> None:
         sched = self._sched
@@ -362,10 +341,8 @@ class Pool:
         worker.last_reply = time.monotonic()
         if kind is messages.Result or kind is messages.Failure:
             self._sched.complete(worker, msg, fds)
-        elif kind is messages.StreamChunk:
-            self._streams.on_chunk(worker, msg, fds)
-        elif kind is messages.StreamEnd:
-            self._streams.on_end(worker, msg)
+        elif kind is messages.StreamChunk or kind is messages.StreamEnd:
+            self._streams.on_message(worker, msg, fds)
         elif kind is messages.Loaded:
             self._weights.on_loaded(worker, msg)
         elif kind is messages.Ready:

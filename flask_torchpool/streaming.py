@@ -70,6 +70,17 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE = 1.0
 
 
+def new_call(config: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
+             method: str | None) -> Call:
+    """A call of the process pool, its arguments checked and flattened here, in the calling thread."""
+    codec.check_timeout(timeout)  # a NaN deadline would stall the manager
+    check_method(method)
+    skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, config.max_input_bytes)
+    timeout = config.timeout if timeout is None else timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return Call(skel_args, skel_kwargs, tensors, Future(), deadline, config.retries, target=(method, 0))
+
+
 def check_method(method: str | None) -> None:
     """Refuse a method name that is not a public attribute name (every backend checks it the same way)."""
     if method is not None and not (isinstance(method, str) and method.isidentifier()
@@ -340,6 +351,23 @@ class StreamBook:
 
     # --- caller threads ----------------------------------------------------------------------------------
 
+    def start(self, call: Call, enqueue: Callable[[Call], None]) -> Stream:
+        """Open *call* as a stream and ``enqueue`` it; its caller's iterator."""
+        stream = self.open(call)
+        try:
+            enqueue(call)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    def cancellable(self, call: Call) -> Future[Any]:
+        """The future of a plain *call*, whose cancellation drops the call if it has not started."""
+        future = call.future
+        assert future is not None
+        future.add_done_callback(functools.partial(self.cancelled, call))
+        return future
+
     def open(self, call: Call) -> Stream:
         """*call* is a stream: register it (before it is queued) and return its caller's iterator."""
         config = self._config
@@ -449,8 +477,12 @@ class StreamBook:
             self._metrics.record_chunk(now - call.enqueued if first else None)
             self._move_deadline(call, record, now)
 
-    def on_end(self, slot: WorkerSlot, msg: messages.StreamEnd) -> None:
-        self._sched.complete(slot, messages.Result(msg.id, None, ()), [])
+    def on_message(self, slot: WorkerSlot, msg: messages.StreamChunk | messages.StreamEnd,
+                   fds: list[int]) -> None:
+        if isinstance(msg, messages.StreamChunk):
+            self.on_chunk(slot, msg, fds)
+        else:  # the end: complete the call, free its inputs and its worker
+            self._sched.complete(slot, messages.Result(msg.id, None, ()), fds)
 
     def _move_deadline(self, call: Call, record: _Open, now: float) -> None:
         # A float written without the lock: _Deadlines.expire re-reads it before it fails the call.
