@@ -19,6 +19,7 @@ exits 1 if the workers are not free within 30 s.
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import statistics
 import sys
@@ -171,6 +172,8 @@ def part2(clients: int, workers: int) -> bool:
 
 
 def main() -> int:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request would drown the table
+    logging.getLogger("flask_torchpool").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
