@@ -327,6 +327,7 @@ class _Open:
     """A stream of the pool still running."""
 
     sink: Sink
+    timeout: float | None     # to each chunk: the call's timeout (TORCHPOOL_TIMEOUT or the view's)
     total: float | None       # TORCHPOOL_STREAM_TIMEOUT's deadline
     first: float | None = None
 
@@ -371,13 +372,13 @@ class StreamBook:
     def open(self, call: Call) -> Stream:
         """*call* is a stream: register it (before it is queued) and return its caller's iterator."""
         config = self._config
-        now = time.monotonic()
+        now = call.enqueued
         total = None if config.stream_timeout is None else now + config.stream_timeout
-        first = None if config.timeout is None else now + config.timeout
-        call.deadline = min((t for t in (first, total) if t is not None), default=None)
+        timeout = None if call.deadline is None else call.deadline - now  # new_call's
+        call.deadline = min((t for t in (call.deadline, total) if t is not None), default=None)
         call.retries = 0
         call.target = (call.target[0], config.stream_buffer)
-        record = _Open(Sink(), total)
+        record = _Open(Sink(), timeout, total)
         future = call.future
         assert future is not None
         with self._sched.lock:
@@ -394,7 +395,7 @@ class StreamBook:
                 me._metrics.record_stream(-1)
 
         future.add_done_callback(ended)
-        wait = None if config.timeout is None else config.timeout + 5.0
+        wait = None if timeout is None else timeout + 5.0
         return Stream(record.sink, lambda: self.cancel(call), lambda: self.consumed(call, record), wait)
 
     def consumed(self, call: Call, record: _Open) -> None:
@@ -486,8 +487,7 @@ class StreamBook:
 
     def _move_deadline(self, call: Call, record: _Open, now: float) -> None:
         # A float written without the lock: _Deadlines.expire re-reads it before it fails the call.
-        timeout = self._config.timeout
-        nxt = None if timeout is None else now + timeout
+        nxt = None if record.timeout is None else now + record.timeout
         call.deadline = min((t for t in (nxt, record.total) if t is not None), default=None)
 
     def timeout_error(self, call: Call, waited: float) -> InferenceTimeoutError | None:
@@ -499,8 +499,9 @@ class StreamBook:
             why = (f"the stream did not end within TORCHPOOL_STREAM_TIMEOUT={self._config.stream_timeout:g}s "
                    f"({record.sink.chunks} chunks)")
         else:
-            why = (f"the stream made no progress for {self._config.timeout:g}s (TORCHPOOL_TIMEOUT; "
-                   f"{'no chunk yet' if record.first is None else f'after {record.sink.chunks} chunks'}): "
+            done = "no chunk yet" if record.first is None else f"after {record.sink.chunks} chunks"
+            why = (f"the stream made no progress for {record.timeout or 0:g}s (TORCHPOOL_TIMEOUT or the "
+                   f"view's timeout; {done}): "
                    "the model produced no chunk, or the view took none")
         return InferenceTimeoutError(f"{why}. Raise the timeout, or add workers")
 

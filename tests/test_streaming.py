@@ -250,12 +250,12 @@ def test_a_generator_stuck_past_the_deadline_is_an_error_and_its_worker_is_repla
         make_pool: Any, tmp_path: Path) -> None:
     stuck = tmp_path / "never"
     os.mkfifo(stuck)
-    app, pool = make_pool(TORCHPOOL_MODEL="tests.stream_models:counter", TORCHPOOL_TIMEOUT=1.0)
+    app, pool = make_pool(TORCHPOOL_MODEL="tests.stream_models:counter")
     with app.app_context():
-        model = pool.model()
+        model = pool.model(timeout=1.0)  # the view's timeout, not TORCHPOOL_TIMEOUT (60 s)
         pid = worker_pid(model)
         got = []
-        with pytest.raises(InferenceTimeoutError, match="no progress") as info:
+        with pytest.raises(InferenceTimeoutError, match="no progress for 1s") as info:
             for chunk in model.stream(10, gate=str(stuck), hang_at=2):
                 got.append(int(chunk))
         assert got == [0, 1]

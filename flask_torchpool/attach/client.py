@@ -281,8 +281,8 @@ class PoolConnection:
                 self.tell(link, messages.Cancel(call_id))
                 self.tell(link, messages.Credit(call_id, 0, link.releases.drain()))
 
-        wait = None if config.timeout is None else config.timeout + 5.0
-        return Stream(sink, cancel, consumed, wait)
+        limit = config.timeout if timeout is None else timeout
+        return Stream(sink, cancel, consumed, None if limit is None else limit + 5.0)
 
     def _cancelled(self, link: _Link, call_id: int, future: Future[Any]) -> None:
         if future.cancelled():
