@@ -77,8 +77,9 @@ def new_call(config: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any], 
     check_method(method)
     skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, config.max_input_bytes)
     timeout = config.timeout if timeout is None else timeout
-    deadline = None if timeout is None else time.monotonic() + timeout
-    return Call(skel_args, skel_kwargs, tensors, Future(), deadline, config.retries, target=(method, 0))
+    call = Call(skel_args, skel_kwargs, tensors, Future(), None, config.retries, target=(method, 0))
+    call.deadline = None if timeout is None else call.enqueued + timeout
+    return call
 
 
 def check_method(method: str | None) -> None:
