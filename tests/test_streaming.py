@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 from flask import Flask, Response, stream_with_context
 from werkzeug.serving import make_server
 
@@ -78,6 +79,8 @@ def test_chunks_arrive_in_order_and_values_of_every_kind_travel(model: Any) -> N
     big = list(model.stream(3, size=1 << 20))  # zero-copy chunks from the arena
     assert [int(t[0]) for t in big] == [0, 1, 2] and all(t.numel() == 1 << 20 for t in big)
     assert list(model.stream(0)) == []
+    x = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(torch.stack(list(model.method("rows").stream(x))), x * 2)  # tensors in, too
 
 
 def test_calling_a_model_that_yields_names_stream_and_the_reverse(model: Any) -> None:
