@@ -152,12 +152,12 @@ def reload_command(name: str | None, spec: str | None, label: str | None, timeou
                                    "process to reload its models") from exc
     finally:
         connection.close()
-    for model, version in reply.versions.items():
+    for model, version in reply["versions"].items():
         label_text = f" ({version['version']})" if version.get("version") else ""
         digest = f" sha256 {version['sha256'][:12]}" if version.get("sha256") else ""
         click.echo(f"{model}: version {version['generation']}{label_text} [{version['model']}]{digest}")
-    if reply.error is not None:
-        raise click.ClickException(f"reload failed: {reply.error}")
+    if reply["error"] is not None:
+        raise click.ClickException(f"reload failed: {reply['error']}")
 
 
 @torchpool.command("tune")

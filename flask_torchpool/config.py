@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_WORKER_NICE": 10,
     "TORCHPOOL_RELOAD_SURGE": 1,
     "TORCHPOOL_MODEL_VERSION": None,
+    "TORCHPOOL_STREAM_BUFFER": 4,
+    "TORCHPOOL_STREAM_TIMEOUT": None,
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
@@ -75,8 +77,8 @@ DEFAULT_MODEL = "default"
 #: ``TORCHPOOL_*`` keys that make sense per model. The others are the app's (start, shutdown, health).
 MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
                    "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
-                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256",
-                   "reload_surge", "model_version")
+                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256", "stream_buffer",
+                   "stream_timeout", "reload_surge", "model_version")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -148,6 +150,10 @@ class ModelConfig:
     reload_surge: int = DEFAULTS["TORCHPOOL_RELOAD_SURGE"]
     #: ``TORCHPOOL_MODEL_VERSION``: a label for the model's version, shown in status, metrics and logs.
     model_version: str | None = DEFAULTS["TORCHPOOL_MODEL_VERSION"]
+    #: ``TORCHPOOL_STREAM_BUFFER``: chunks of a stream that may wait in shared memory for its reader.
+    stream_buffer: int = DEFAULTS["TORCHPOOL_STREAM_BUFFER"]
+    #: ``TORCHPOOL_STREAM_TIMEOUT``: seconds a whole stream may take; None: no bound but the per-chunk one.
+    stream_timeout: float | None = DEFAULTS["TORCHPOOL_STREAM_TIMEOUT"]
 
     #: The model's name: ``"default"`` for ``TORCHPOOL_MODEL``, else its key in ``TORCHPOOL_MODELS``.
     name: str = DEFAULT_MODEL
@@ -474,4 +480,6 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "worker_nice": _nice,
     "reload_surge": lambda k, v: _int(k, v, minimum=0),
     "model_version": lambda k, v: _label(k, v),
+    "stream_buffer": lambda k, v: _int(k, v, minimum=1),
+    "stream_timeout": lambda k, v: _seconds(k, v, allow_none=True),
 }

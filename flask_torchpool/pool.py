@@ -43,7 +43,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
-from . import codec, messages
+from . import messages
 from .batching import Call, CallState, Scheduler, batch_key
 from .config import PoolConfig
 from .errors import (
@@ -59,6 +59,7 @@ from .errors import (
 from .metrics import Metrics
 from .placement import Placement
 from .status import ModelStatus, ModelVersion, WorkerState, model_status, worker_status
+from .streaming import Stream, StreamBook, new_call
 from .versions import Versions
 from .workers import ChannelReady, OutputReady, ProcessEnded, Registration, WorkerSet, WorkerSlot
 
@@ -94,12 +95,12 @@ class Pool:
                                 max_batch_size=config.max_batch_size,
                                 batch_delay=config.max_batch_delay_ms / 1000.0,
                                 pipeline_depth=config.pipeline_depth, retry_after=config.retry_after)
-        # Shared weights per generation, and reloads (Note [Rolling reload] in flask_torchpool.reload).
         self._versions = Versions(name, config, self._workers, self._sched, self._wake,
                                   lambda new: setattr(self, "config", new))
-        self._deadlines = _Deadlines(self._sched, self._workers)
         self._next_wake = float("inf")
         self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
+        self._streams = StreamBook(config, self._sched, self._workers, self.metrics, self._wake)
+        self._deadlines = _Deadlines(self._sched, self._workers, self._streams)
         self._manager: threading.Thread | None = None
         self._started = threading.Event()
         self._startup_error: WorkerStartupError | None = None
@@ -172,20 +173,25 @@ class Pool:
     # --- calls ----------------------------------------------------------------------------------------
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True) -> Future[Any]:
+               batch: bool = True, method: str | None = None) -> Future[Any]:
         """Queue one call; the returned future holds the model's output or a :class:`TorchPoolError`.
-
-        Input that cannot travel is refused here, in the calling thread, before anything is queued.
+        Cancelling the future drops the call if it has not started. Input that cannot travel is
+        refused here, in the calling thread, before anything is queued.
         """
-        codec.check_timeout(timeout)  # a NaN deadline would stall the manager
-        skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
-        timeout = self.config.timeout if timeout is None else timeout
-        future: Future[Any] = Future()
-        call = Call(skel_args, skel_kwargs, tensors, future,
-                    None if timeout is None else time.monotonic() + timeout, self.config.retries)
-        if batch and self.config.max_batch_size > 1:
+        call = new_call(self.config, args, kwargs, timeout, method)
+        if batch and self.config.max_batch_size > 1 and method is None:
             call.key, call.rows = batch_key(call)
-        future.set_running_or_notify_cancel()
+        future = self._streams.cancellable(call)
+        self._enqueue(call)
+        return future
+
+    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               method: str | None = None) -> Stream:
+        """Start a streaming call (Note [Streams] in :mod:`flask_torchpool.streaming`): an iterator over
+        what the model (or its *method*) yields. *timeout* bounds the time to each chunk."""
+        return self._streams.start(new_call(self.config, args, kwargs, timeout, method), self._enqueue)
+
+    def _enqueue(self, call: Call) -> None:
         sched = self._sched
         with self._lock:
             try:
@@ -215,7 +221,6 @@ class Pool:
             sched.flush()
         if wake:
             self._wake()
-        return future
 
     def _check_open(self) -> None:
         if self._startup_error is not None:  # first: a pool whose start failed is closed too
@@ -271,6 +276,7 @@ class Pool:
                         self._workers.respawn_due(now)
                         if self._started.is_set():  # the first start has its own limit (start())
                             self._workers.kill_overdue(now)
+                    self._streams.kill_due(now)
                     if self._sched.closing and self._drained(now):
                         return
                     timers_due = self._next_timer(now)
@@ -301,15 +307,15 @@ class Pool:
                 self._sched.flush()
                 if self._sched.queue:
                     self._sched.dispatch()
-                if self._versions.current is not None:
-                    self._versions.step(self._sched.closing)
+                self._versions.step(self._sched.closing)   # a reload in progress: Note [Rolling reload]
 
     def _next_timer(self, now: float) -> float:
         """When the manager must next look at deadlines, batches, respawns or the drain. With nothing
         pending it still wakes one ``TORCHPOOL_TIMEOUT`` from now, so that a new call with the default
         timeout never needs to wake it (see :meth:`submit`)."""
         with self._lock:
-            times = [t for t in (self._deadlines.next(), self._sched.next_seal()) if t is not None]
+            times = [t for t in (self._deadlines.next(), self._sched.next_seal(), self._streams.next_kill())
+                     if t is not None]
             times += self._workers.respawn_times()
             if self._started.is_set():
                 times += self._workers.start_deadlines()
@@ -338,13 +344,14 @@ class Pool:
         worker.last_reply = time.monotonic()
         if kind is messages.Result or kind is messages.Failure:
             self._sched.complete(worker, msg, fds)
+        elif kind is messages.StreamChunk or kind is messages.StreamEnd:
+            self._streams.on_message(worker, msg, fds)
         elif kind is messages.Loaded:
             self._versions.weights_of(worker).on_loaded(worker, msg)
         elif kind is messages.Ready:
             self._versions.weights_of(worker).on_ready(worker)
             with self._lock:
-                # A reload's new worker takes calls once the reload puts it in rotation; a retiring one, none.
-                if worker.state is not WorkerState.RETIRING:
+                if worker.state is not WorkerState.RETIRING:   # a reload's new worker: not in rotation yet
                     worker.state = WorkerState.STARTING if worker.incoming else WorkerState.READY
                 worker.pid = msg.pid
                 worker.ready_at = time.monotonic()
@@ -418,13 +425,11 @@ class Pool:
             affected = self._sched.evacuate(worker, running, crashed)
             self._workers.clear(worker)
             was_ready = worker.ready_at is not None  # also when a deadline kill marked it dead already
-            if worker.state is WorkerState.STOPPED:
-                pass
-            elif not self._started.is_set():
+            if not self._started.is_set():
                 self._fail_start(WorkerStartupError(f"worker {worker.index} (pid {worker.pid}) died while "
                                                     f"loading the model: {worker.last_exit}"))
                 worker.state = WorkerState.STOPPED
-            elif self._sched.closing:
+            elif self._sched.closing or worker.state is WorkerState.STOPPED:
                 worker.state = WorkerState.STOPPED
             else:
                 self._workers.schedule_respawn(worker)
@@ -465,8 +470,6 @@ class Pool:
         with self._lock:
             return _status(self, self._sched, self._versions)
 
-    # --- reload (Note [Rolling reload] in flask_torchpool.reload) ----------------------------------------
-
     def reload(self, model: Any = None, *, version: str | None = None) -> ModelVersion:
         """:meth:`TorchPool.reload <flask_torchpool.TorchPool.reload>` of this model (see there)."""
         return self._versions.reload(self.config, model, version, lambda: self.started and not self.closed)
@@ -491,9 +494,10 @@ class _Deadlines:
     :class:`InferenceTimeoutError`, queued or not; a job nobody waits for any more is cancelled, or, when
     its worker is running it or frozen, the worker is killed (and replaced)."""
 
-    def __init__(self, sched: Scheduler[WorkerSlot], workers: WorkerSet) -> None:
+    def __init__(self, sched: Scheduler[WorkerSlot], workers: WorkerSet, streams: StreamBook) -> None:
         self._sched = sched
         self._workers = workers
+        self._streams = streams
         self._heap: list[tuple[float, int, Call]] = []   # finished calls are dropped lazily
 
     def add(self, call: Call) -> None:
@@ -517,10 +521,13 @@ class _Deadlines:
                 _, _, call = heapq.heappop(self._heap)
                 if call.state is CallState.DONE:
                     continue
+                if call.deadline is not None and call.deadline > now:  # a stream's, moved by its progress
+                    heapq.heappush(self._heap, (call.deadline, call.id, call))
+                    continue
                 waited = now - call.enqueued
                 queued = call.state is CallState.QUEUED
                 job = call.job
-                sched.finish(call, exc=InferenceTimeoutError(
+                sched.finish(call, exc=self._streams.timeout_error(call, waited) or InferenceTimeoutError(
                     f"the call did not finish within its deadline ({waited:.3g}s; it was "
                     f"{'waiting for a worker' if queued else 'in a worker'}). Raise TORCHPOOL_TIMEOUT "
                     "or the view's timeout, or add workers"))
@@ -534,8 +541,10 @@ class _Deadlines:
                 if worker.arena is None or worker.jobs.get(job.id) is not job:
                     continue  # its worker died meanwhile
                 stalled = worker.stalled(job)
-                if stalled is None:
+                if stalled is None or call.target[1]:
                     cancel.append((worker, job.id))
+                    if stalled is not None:  # a stream: its worker may stop it (Note [Streams])
+                        self._streams.stop_later(worker, job.id)
                 elif worker not in kill:
                     kill.append(worker)
                     # Status must not show it ready (and no call may be placed on it) until it is reaped.

@@ -185,8 +185,9 @@ def reload_models(pools: Mapping[str, Backend], names: list[str], model: Any = N
 
 
 def reload_request(pools: Mapping[str, Backend], default_model: str | None,
-                   msg: messages.ReloadRequest) -> messages.ReloadReply:
-    """The pool server's answer to ``flask torchpool reload`` (a :class:`~messages.ReloadRequest`):
+                   msg: messages.ReloadRequest) -> messages.StatusReply:
+    """The pool server's answer to ``flask torchpool reload`` (a :class:`~messages.ReloadRequest`; the
+    reply's status: ``{"error": message or None, "versions": {name: ModelVersion}}``):
     *msg.model* (None: every model; the default one when *msg.spec* names another model)."""
     versions: dict[str, ModelVersion] = {}
     try:
@@ -200,8 +201,8 @@ def reload_request(pools: Mapping[str, Backend], default_model: str | None,
         versions = reload_models(pools, names, msg.spec, msg.version)
     except TorchPoolError as exc:
         log.error("torchpool server: reload: %s", exc)
-        return messages.ReloadReply(msg.id, f"{type(exc).__name__}: {exc}", dict(versions))
-    return messages.ReloadReply(msg.id, None, dict(versions))
+        return messages.StatusReply(msg.id, {"error": f"{type(exc).__name__}: {exc}", "versions": versions})
+    return messages.StatusReply(msg.id, {"error": None, "versions": versions})
 
 
 def _reloaded(done: dict[str, ModelVersion]) -> str:
