@@ -142,11 +142,12 @@ def reload_command(name: str | None, spec: str | None, label: str | None, timeou
     In embedded mode (workers are children of the web process), send SIGHUP to the web process instead.
     """
     from .attach.client import PoolConnection
+    from .attach.control import ask_reload
 
     state = _state()
     connection = PoolConnection(state.socket_path(), 1 << 20)
     try:
-        reply = connection.reload(name, spec, label, timeout)
+        reply = ask_reload(connection, name, spec, label, timeout)
     except TorchPoolError as exc:
         raise click.ClickException(f"{exc}. In embedded mode (no pool server), send SIGHUP to the web "
                                    "process to reload its models") from exc

@@ -37,6 +37,7 @@ from ..metrics import Metrics
 from ..placement import Placement
 from ..status import ModelStatus, WorkerState, model_status, not_started, worker_status
 from ..streaming import Sink, Stream, check_method, stream_ended
+from .control import reload_model
 from .rendezvous import (
     check_same_user,
     ensure_private_dir,
@@ -303,18 +304,12 @@ class PoolConnection:
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The server's status (every model); raises :class:`PoolUnavailableError` without a server."""
-        status: dict[str, Any] = self._ask(lambda call_id: messages.StatusRequest(call_id), timeout)
+        status: dict[str, Any] = self.ask(lambda call_id: messages.StatusRequest(call_id), timeout)
         return status
 
-    def reload(self, model: str | None, spec: str | None, version: str | None,
-               timeout: float) -> dict[str, Any]:
-        """Have the server reload *model* (``flask torchpool reload``): ``{"error", "versions"}``."""
-        reply: dict[str, Any] = self._ask(
-            lambda call_id: messages.ReloadRequest(call_id, model, spec, version), timeout)
-        return reply
-
-    def _ask(self, request: Callable[[int], Any], timeout: float) -> Any:
-        """Send the request ``request(id)`` and wait for the server's reply to it."""
+    def ask(self, request: Callable[[int], Any], timeout: float) -> Any:
+        """Send the request ``request(id)`` and wait for the server's :class:`~messages.StatusReply` to it
+        (its status). Raises :class:`PoolUnavailableError` without a server."""
         self.connect()
         with self._lock:
             link = self._link
@@ -457,16 +452,8 @@ class RemotePool:
         return self.model if self.model is not None else welcome.default_model
 
     def reload(self, model: Any = None, *, version: str | None = None) -> Any:
-        """Have the pool server reload this model (``flask torchpool reload``); *model*: a spec string."""
-        if model is not None and not isinstance(model, str):
-            raise errors.ReloadError("an attached app can only name another model as a string "
-                                     "('package.module:callable' or a file path)", self.name)
-        welcome = self.connection.connect()
-        name = self._model_name(welcome)
-        reply = self.connection.reload(name, model, version, timeout=3600.0)
-        if reply["error"] is not None:
-            raise errors.ReloadError(reply["error"], name or "")
-        return reply["versions"][name or ""]
+        """The pool server reloads this model (:func:`~flask_torchpool.attach.control.reload_model`)."""
+        return reload_model(self.connection, self._model_name(self.connection.connect()), model, version)
 
     def start(self) -> None:
         """Attach now if a server listens. One that is still loading its model is waited for in the
