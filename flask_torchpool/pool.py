@@ -46,6 +46,7 @@ from typing import Any
 from . import codec, messages
 from .batching import Call, CallState, Scheduler, batch_key
 from .config import PoolConfig
+from .drain import drained
 from .errors import (
     InferenceTimeoutError,
     PoolClosedError,
@@ -269,7 +270,8 @@ class Pool:
                         self._workers.respawn_due(now)
                         if self._started.is_set():  # the first start has its own limit (start())
                             self._workers.kill_overdue(now)
-                    if self._sched.closing and self._drained(now):
+                    if self._sched.closing and drained(self._sched, self.workers, self._drain_deadline, now,
+                                                      self.config.retry_after):
                         return
                     timers_due = self._next_timer(now)
                 if self._workers.changed:
@@ -367,28 +369,6 @@ class Pool:
         self._sched.closing = True
         self._drain_deadline = time.monotonic()
         self._started.set()
-
-    def _drained(self, now: float) -> bool:
-        """While closing: whether every call is done (failing what is left past the drain deadline)."""
-        sched, retry_after = self._sched, self.config.retry_after
-        try:
-            with self._lock:
-                if not sched.busy():
-                    return True
-                if sched.queue and not any(w.state is WorkerState.READY for w in self.workers):
-                    # Draining with no worker left to run what is queued (they died meanwhile, and are
-                    # not respawned while closing): waiting for the drain deadline would change nothing.
-                    sched.fail_queue(lambda: PoolClosedError.before_run(
-                        retry_after, " (no worker was left to run it)"))
-                    return not sched.busy()
-                if self._drain_deadline is not None and now >= self._drain_deadline:
-                    sched.fail_queue(lambda: PoolClosedError.before_run(retry_after))
-                    sched.fail_running(lambda: PoolClosedError.before_finish(
-                        retry_after, " (TORCHPOOL_DRAIN_TIMEOUT)"))
-                    return True
-                return False
-        finally:
-            sched.flush()
 
     def _on_death(self, worker: WorkerSlot) -> None:
         exitcode, signame = self._workers.reap(worker)
@@ -496,10 +476,7 @@ class _Deadlines:
                 waited = now - call.enqueued
                 queued = call.state is CallState.QUEUED
                 job = call.job
-                sched.finish(call, exc=InferenceTimeoutError(
-                    f"the call did not finish within its deadline ({waited:.3g}s; it was "
-                    f"{'waiting for a worker' if queued else 'in a worker'}). Raise TORCHPOOL_TIMEOUT "
-                    "or the view's timeout, or add workers"))
+                sched.finish(call, exc=InferenceTimeoutError.past_deadline(waited, queued))
                 if queued:
                     sched.queue.remove(call)
                     continue

@@ -29,8 +29,7 @@ class WorkerState(str, enum.Enum):
     STOPPED = "stopped"           # shut down
 
 
-class WorkerStatus(TypedDict):
-    """One worker (or the model itself in inline mode)."""
+class _WorkerStatusRequired(TypedDict):
 
     worker: int
     model: str
@@ -44,6 +43,17 @@ class WorkerStatus(TypedDict):
     errors: int              # of those, failures
     restarts: int            # respawns of its slot
     last_exit: str | None    # how its last process ended
+
+
+class WorkerStatus(_WorkerStatusRequired, total=False):
+    """One worker (or the model itself in inline mode). A Ray actor (``TORCHPOOL_BACKEND = "ray"``) adds
+    ``actor_id``, ``node_id``, ``node_ip`` (where Ray placed it; None until it is ready) and ``resources``
+    (what Ray assigned it, e.g. ``{"CPU": 1.0, "GPU": 1.0}``)."""
+
+    actor_id: str | None
+    node_id: str | None
+    node_ip: str | None
+    resources: dict[str, float]
 
 
 class Counters(TypedDict):
@@ -80,7 +90,7 @@ class _ModelStatusRequired(TypedDict):
     latency_quantiles: dict[str, float | None]
     workers: list[WorkerStatus]
     plan: list[PlanEntry]
-    mode: str                # "embedded", "inline" or "attach"
+    mode: str                # "embedded", "inline", "attach" or "ray"
 
 
 class ModelStatus(_ModelStatusRequired, total=False):
@@ -102,11 +112,15 @@ class AppStatus(ModelStatus):
 
 def worker_status(placement: Placement, state: WorkerState, *, pid: int | None = None, inflight: int = 0,
                   calls: int = 0, errors: int = 0, restarts: int = 0,
-                  last_exit: str | None = None) -> WorkerStatus:
-    return WorkerStatus(worker=placement.worker, model=placement.model, pid=pid, state=state.value,
-                        device=placement.device, cores=list(placement.cores), threads=placement.threads,
-                        inflight=inflight, calls=calls, errors=errors, restarts=restarts,
-                        last_exit=last_exit)
+                  last_exit: str | None = None, actor: dict[str, Any] | None = None) -> WorkerStatus:
+    """One worker's status; *actor*: the keys of a Ray actor (see :class:`WorkerStatus`)."""
+    status = WorkerStatus(worker=placement.worker, model=placement.model, pid=pid, state=state.value,
+                          device=placement.device, cores=list(placement.cores), threads=placement.threads,
+                          inflight=inflight, calls=calls, errors=errors, restarts=restarts,
+                          last_exit=last_exit)
+    if actor is not None:
+        status.update(actor)  # type: ignore[typeddict-item]
+    return status
 
 
 def plan_entries(plan: Iterable[Placement]) -> list[PlanEntry]:
