@@ -363,3 +363,30 @@ def test_attach_mode_the_pool_server_schedules_onto_ray_actors(ray_cluster: Any,
             pool.shutdown(app=app)
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=30), \
         "the server's actors outlived it"
+
+
+# --- status, /ready, metrics, the CLI ----------------------------------------------------------------------
+
+
+def test_status_ready_metrics_and_the_cli_list_the_actors(
+        make_ray_pool: Callable[..., tuple[Flask, TorchPool]]) -> None:
+    app, pool = make_ray_pool(TORCHPOOL_WORKERS=2, TORCHPOOL_RAY_ACTOR_OPTIONS={"num_cpus": 0.5},
+                              TORCHPOOL_HEALTH_URL="/torchpool")
+    status = pool.status(app)
+    assert status["mode"] == "ray" and status["ready"] and status["arena_bytes"] == 0
+    for w in status["workers"]:
+        assert w["state"] == "ready" and pid_alive(w["pid"]) and w["resources"] == {"CPU": 0.5}, w
+        assert w["node_id"] and w["node_ip"] and w["actor_id"] and w["threads"] == 1, w
+    client = app.test_client()
+    ready = client.get("/torchpool/ready")
+    assert ready.status_code == 200 and {w["pid"] for w in ready.json["workers"]} == \
+        {w["pid"] for w in status["workers"]}
+    metrics = client.get("/torchpool/metrics")
+    assert metrics.status_code == 200 and b"torchpool" in metrics.data
+    result = app.test_cli_runner().invoke(args=["torchpool", "status"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("worker"))
+    assert lines[header].split()[-2:] == ["node", "resources"], lines[header]
+    row = lines[header + 1].split()
+    assert row[-2:] == [status["workers"][0]["node_ip"], "CPU=0.5"], row
