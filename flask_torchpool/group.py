@@ -274,12 +274,23 @@ class ModelGroup:
         if pool is not None and pool.started and not pool.closed:
             return pool
         if self.start_error is not None:
+            self._count_refusal(name)
             raise self.start_error  # don't respawn a failing model on every request; start() retries
         if pool is not None and pool.closed:
             raise PoolClosedError("the pool is shut down, or draining before it stops; call "
                                   "TorchPool.start() to start a new one",
                                   retry_after=self.configs[name].retry_after)
-        return self.start()[name]
+        try:
+            return self.start()[name]
+        except WorkerStartupError:
+            self._count_refusal(name)
+            raise
+
+    def _count_refusal(self, name: str) -> None:
+        """Count a call refused because the models failed to start, as ``startup_failed``."""
+        metrics = getattr(self.pools.get(name), "metrics", None)  # the backends that count calls here
+        if isinstance(metrics, Metrics):
+            metrics.record_call("startup_failed")
 
     def start_in_background(self) -> bool:
         """Start backends that are waiting for first use, in a thread (for the readiness probe). Does

@@ -553,3 +553,59 @@ def test_the_gunicorn_hook_module_imports_no_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+
+
+@pytest.mark.timeout(240)
+def test_a_stopped_pool_server_fails_calls_at_once_and_serves_again_when_continued(project: Path) -> None:
+    """Issue 11, item 6: a frozen (SIGSTOPped) pool server was noticed only by call deadlines, and a call
+    without one waited for ever. Now its calls (in flight and new) fail with 503 within about a second,
+    /ready says why, and once the server is continued the next call attaches again and is served."""
+    env = _env(project, "attach")
+    serve = [sys.executable, "-m", "flask", "--app", "attach_app", "torchpool", "serve"]
+    sock = project / "run" / "pool.sock"
+    with running(serve, 0, project / "serve.log", env, cwd=project) as pool_proc:
+        wait_until(lambda: _connectable(sock) or pool_proc.proc.poll() is not None, timeout=90)
+        assert pool_proc.proc.poll() is None, pool_proc.log()
+        # No deadline at all: before the fix, a call to a stopped server waited for ever.
+        app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=str(sock), TORCHPOOL_TIMEOUT=None,
+                       TORCHPOOL_HEALTH_URL="/torchpool")
+        pool = TorchPool(app)
+
+        @app.post("/p")
+        @pool.infer
+        def predict(model):  # type: ignore[no-untyped-def]
+            return {"out": model(torch.ones(2)).tolist()}
+
+        @app.post("/hold")
+        @pool.infer
+        def hold(model):  # type: ignore[no-untyped-def]
+            return {"out": model(torch.ones(1), action="sleep", seconds=10).tolist()}
+
+        def busy() -> int:
+            with app.app_context():
+                return int(pool.status()["models"]["default"]["busy_workers"])
+
+        client = app.test_client()
+        try:
+            assert client.post("/p").status_code == 200
+            in_flight = ThreadPoolExecutor(1).submit(app.test_client().post, "/hold")
+            assert wait_until(lambda: busy() == 1, timeout=30), "the held call never started"
+            os.kill(pool_proc.pid, signal.SIGSTOP)
+            try:
+                resp = in_flight.result(60)
+                assert resp.status_code == 503, resp.get_data(as_text=True)
+                assert resp.json["type"] == "PoolUnavailableError"
+                assert f"pid {pool_proc.pid}" in resp.json["error"] and "stopped" in resp.json["error"]
+                assert resp.headers["Retry-After"] == "1"
+                again = client.post("/p")  # a new call does not wait for the hello of a stopped server
+                assert again.status_code == 503 and "stopped" in again.json["error"], again.json
+                ready = client.get("/torchpool/ready")
+                assert ready.status_code == 503 and "stopped" in ready.json["reason"], ready.json
+            finally:
+                os.kill(pool_proc.pid, signal.SIGCONT)
+            served = wait_until(lambda: client.post("/p").status_code == 200, timeout=60)
+            assert served, pool_proc.log()
+        finally:
+            pool.shutdown(app=app)
+        pool_proc.proc.send_signal(signal.SIGTERM)
+        assert pool_proc.wait_exit(60) == 0, pool_proc.log()

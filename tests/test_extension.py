@@ -183,6 +183,8 @@ def test_lazy_start_and_start_failure_is_remembered(make_pool) -> None:
         with pytest.raises(WorkerStartupError) as second:  # not respawned on every call
             pool(1)
         assert second.value is first.value
+        # Issue 11, item 6: both calls the failed start refused are counted, as startup_failed.
+        assert pool.status()["models"]["default"]["metrics"]["calls"]["startup_failed"] == 2
 
 
 def test_lazy_start_on_first_request(make_pool) -> None:

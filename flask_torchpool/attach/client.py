@@ -39,8 +39,10 @@ from .rendezvous import (
     check_same_user,
     ensure_private_dir,
     launch_server,
+    process_stopped,
     server_running,
     shutdown_socket,
+    stopped_message,
     try_lock,
 )
 
@@ -49,6 +51,10 @@ log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 #: How long to wait between connection attempts while a server is starting.
 _CONNECT_BACKOFF = (0.01, 0.25)
+#: How often the reader looks at a server that sends nothing, and how long the server must stay stopped
+#: (SIGSTOP) before its calls fail: a stopped server would otherwise be noticed only by call deadlines.
+_WATCH_INTERVAL = 0.5
+_STOPPED_GRACE = 1.0
 
 
 @dataclass
@@ -119,7 +125,7 @@ class PoolConnection:
                 except (FileNotFoundError, ConnectionRefusedError) as exc:
                     reason = exc
                 except OSError as exc:
-                    raise self._unavailable(f"cannot attach: {exc}") from None
+                    raise self._unavailable(f"cannot attach: {exc.strerror or exc}") from None
             starting = self.starting()
             if not starting and self.on_missing is not None:
                 self.on_missing()
@@ -147,6 +153,8 @@ class PoolConnection:
             raise
         try:
             server_pid = check_same_user(sock, f"the process serving {self.path}")  # our user only
+            if process_stopped(server_pid):  # it would never answer the hello
+                raise OSError(errno.EAGAIN, stopped_message(server_pid))
         except OSError:
             sock.close()
             raise
@@ -155,8 +163,12 @@ class PoolConnection:
         try:
             arena = shm.Arena(fd, self.arena_bytes)
             channel.send(messages.Hello(messages.PROTOCOL_VERSION, os.getpid(), self.arena_bytes), (fd,))
-            if not channel.poll(30.0):
-                raise OSError(errno.ETIMEDOUT, "the pool server did not answer the hello")
+            hello_deadline = time.monotonic() + 30.0
+            while not channel.poll(_WATCH_INTERVAL):
+                if process_stopped(server_pid):
+                    raise OSError(errno.EAGAIN, stopped_message(server_pid))
+                if time.monotonic() > hello_deadline:
+                    raise OSError(errno.ETIMEDOUT, "the pool server did not answer the hello")
             welcome, fds = channel.recv()
             for extra in fds:
                 os.close(extra)
@@ -164,6 +176,8 @@ class PoolConnection:
                 raise OSError(errno.EPROTO, f"expected a Welcome, got {type(welcome).__name__}")
         except (EOFError, OSError) as exc:
             channel.close()
+            if isinstance(exc, OSError) and exc.errno in (errno.EAGAIN, errno.ETIMEDOUT):
+                raise
             raise OSError(getattr(exc, "errno", None) or errno.ECONNRESET,
                           f"the pool server closed the connection: {exc}") from None
         finally:
@@ -264,8 +278,22 @@ class PoolConnection:
 
     def _read_loop(self, link: _Link) -> None:
         reason = "the pool server closed the connection (it stopped, died or restarted)"
+        stopped_since: float | None = None
         while True:
             try:
+                if not link.channel.poll(_WATCH_INTERVAL):
+                    # Quiet: is the server frozen? Its calls (and status requests) fail now rather
+                    # than at their deadlines (or never, without one), and the link is dropped.
+                    if not process_stopped(link.server_pid):
+                        stopped_since = None
+                        continue
+                    now = time.monotonic()
+                    stopped_since = now if stopped_since is None else stopped_since
+                    if now - stopped_since < _STOPPED_GRACE:
+                        continue
+                    reason = stopped_message(link.server_pid)
+                    break
+                stopped_since = None
                 msg, fds = link.channel.recv()
             except (EOFError, OSError) as exc:
                 if isinstance(exc, OSError):

@@ -160,6 +160,23 @@ def check_same_user(sock: socket.socket, what: str) -> int:
     return pid
 
 
+def process_stopped(pid: int) -> bool:
+    """Whether process *pid* is stopped (SIGSTOP, SIGTSTP, or held by a debugger): its state in
+    ``/proc/PID/stat`` is ``T`` or ``t``. False for a process that is gone or cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return False
+    end = stat_line.rfind(b")")  # the command name is in parentheses and may hold anything
+    return stat_line[end + 2:end + 3] in (b"T", b"t")
+
+
+def stopped_message(pid: int) -> str:
+    return (f"the pool server (pid {pid}) is stopped (SIGSTOP, or held by a debugger): calls fail "
+            "until it is continued (SIGCONT)")
+
+
 def shutdown_socket(fd: int) -> None:
     """Shut the socket *fd* down both ways, so that a thread blocked reading it sees end-of-file (the
     descriptor stays open: only that thread closes it, so that its number cannot be reused meanwhile)."""
