@@ -43,14 +43,12 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
-from . import codec, messages
-from .batching import Call, CallState, Scheduler, batch_key
+from . import admission, messages
+from .batching import Call, CallState, Scheduler
 from .config import PoolConfig
-from .drain import drained
 from .errors import (
     InferenceTimeoutError,
     PoolClosedError,
-    PoolOverloadedError,
     TorchPoolError,
     WireError,
     WorkerCrashedError,
@@ -176,45 +174,12 @@ class Pool:
 
         Input that cannot travel is refused here, in the calling thread, before anything is queued.
         """
-        codec.check_timeout(timeout)  # a NaN deadline would stall the manager
-        skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
-        timeout = self.config.timeout if timeout is None else timeout
-        future: Future[Any] = Future()
-        call = Call(skel_args, skel_kwargs, tensors, future,
-                    None if timeout is None else time.monotonic() + timeout, self.config.retries)
-        if batch and self.config.max_batch_size > 1:
-            call.key, call.rows = batch_key(call)
-        future.set_running_or_notify_cancel()
-        sched = self._sched
-        with self._lock:
-            try:
-                self._check_open()
-            except WorkerStartupError:
-                self.metrics.record_call("startup_failed")
-                raise
-            job = sched.place(call)
-            if job is None:
-                if len(sched.queue) >= self.config.max_queue:
-                    self.metrics.record_call("overloaded")
-                    raise PoolOverloadedError(
-                        f"{len(sched.queue)} calls are already waiting (TORCHPOOL_MAX_QUEUE="
-                        f"{self.config.max_queue}); try again shortly",
-                        retry_after=self.config.retry_after)
-                sched.queue.append(call)
-            self.metrics.record_submit()
-            wake = False
-            if call.deadline is not None:
-                self._deadlines.add(call)
-                wake = call.deadline < self._next_wake
-            if job is not None and job.key is not None and not job.sealed and sched.batch_delay:
-                wake = wake or job.opened + sched.batch_delay < self._next_wake
-        if job is not None:
-            sched.write(job, call)
-        else:
-            sched.flush()
-        if wake:
-            self._wake()
-        return future
+        return admission.submit(self._sched, self.config, args, kwargs, timeout, batch,
+                                check_open=self._check_open, add_deadline=self._deadlines.add,
+                                next_wake=self._wake_time, wake=self._wake)
+
+    def _wake_time(self) -> float:
+        return self._next_wake
 
     def _check_open(self) -> None:
         if self._startup_error is not None:  # first: a pool whose start failed is closed too
@@ -270,8 +235,8 @@ class Pool:
                         self._workers.respawn_due(now)
                         if self._started.is_set():  # the first start has its own limit (start())
                             self._workers.kill_overdue(now)
-                    if self._sched.closing and drained(self._sched, self.workers, self._drain_deadline, now,
-                                                      self.config.retry_after):
+                    if self._sched.closing and admission.drained(
+                            self._sched, self.workers, self._drain_deadline, now, self.config.retry_after):
                         return
                     timers_due = self._next_timer(now)
                 if self._workers.changed:

@@ -33,6 +33,7 @@ kills them (no orphans); shutdown kills ours and nothing else.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -40,18 +41,17 @@ import queue
 import threading
 import time
 import traceback
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
-from .. import codec
-from ..batching import Call, Job, batch_key, load
+from .. import admission
+from ..batching import Job, load
 from ..config import PoolConfig
-from ..drain import drained
 from ..errors import (
     InferenceError,
     InferenceTimeoutError,
     PoolClosedError,
-    PoolOverloadedError,
     TorchPoolError,
     WorkerCrashedError,
     WorkerStartupError,
@@ -138,6 +138,9 @@ class RayPool:
                 raise PoolClosedError("the pool is shut down; create a new TorchPool to serve again")
             if self._supervisor is None:
                 self._ray = cluster.connect(self.address)
+                # Registered after ray.init, so it runs before Ray's own exit hook disconnects us: the
+                # calls in flight drain (TORCHPOOL_DRAIN_TIMEOUT) and the actors are killed.
+                atexit.register(_shutdown_at_exit, weakref.ref(self))
                 self._actor_class = self._ray.remote(ModelActor)
                 self._supervisor = threading.Thread(target=self._supervise, name=f"{self.name}-ray",
                                                     daemon=True)
@@ -184,44 +187,15 @@ class RayPool:
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
                batch: bool = True) -> Future[Any]:
         """Queue one call (see :meth:`flask_torchpool.backend.Backend.submit`)."""
-        codec.check_timeout(timeout)
-        skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
-        timeout = self.config.timeout if timeout is None else timeout
-        future: Future[Any] = Future()
-        call = Call(skel_args, skel_kwargs, tensors, future,
-                    None if timeout is None else time.monotonic() + timeout, self.config.retries)
-        if batch and self.config.max_batch_size > 1:
-            call.key, call.rows = batch_key(call)
-        future.set_running_or_notify_cancel()
-        sched = self._sched
-        with self._lock:
-            try:
-                self._check_open()
-            except WorkerStartupError:
-                self.metrics.record_call("startup_failed")
-                raise
-            job = sched.place(call)
-            if job is None:
-                if len(sched.queue) >= self.config.max_queue:
-                    self.metrics.record_call("overloaded")
-                    raise PoolOverloadedError(
-                        f"{len(sched.queue)} calls are already waiting (TORCHPOOL_MAX_QUEUE="
-                        f"{self.config.max_queue}); try again shortly", retry_after=self.config.retry_after)
-                sched.queue.append(call)
-            self.metrics.record_submit()
-            wake = False
-            if call.deadline is not None:
-                self._deadlines.add(call)
-                wake = call.deadline < self._next_wake
-            if job is not None and job.key is not None and not job.sealed and sched.batch_delay:
-                wake = wake or job.opened + sched.batch_delay < self._next_wake
-        if job is not None:
-            sched.write(job, call)
-        else:
-            sched.flush()
-        if wake:
-            self._events.put((_WAKE,))
-        return future
+        return admission.submit(self._sched, self.config, args, kwargs, timeout, batch,
+                                check_open=self._check_open, add_deadline=self._deadlines.add,
+                                next_wake=self._wake_time, wake=self._wake)
+
+    def _wake(self) -> None:
+        self._events.put((_WAKE,))
+
+    def _wake_time(self) -> float:
+        return self._next_wake
 
     def _check_open(self) -> None:
         if self._startup_error is not None:
@@ -264,8 +238,9 @@ class RayPool:
                 self._sched.seal_due(now)
                 if not self._sched.closing:
                     self._respawn_due(now)
-                if self._sched.closing and drained(self._sched, self.workers, self._drain_deadline, now,
-                                                  self.config.retry_after, "actor"):
+                if self._sched.closing and admission.drained(
+                        self._sched, self.workers, self._drain_deadline, now, self.config.retry_after,
+                        "actor"):
                     return
                 timers_due = self._next_timer(now)
             try:
@@ -333,7 +308,8 @@ class RayPool:
             self._on_loaded(slot, generation, ("failed", f"{type(exc).__name__}: {exc}",
                                                traceback.format_exc()), None)
             return
-        slot.handle = handle
+        with self._lock:
+            slot.handle = handle
         ref.future().add_done_callback(functools.partial(self._sched.on_future, "loaded", slot, generation,
                                                          None))
 
@@ -466,3 +442,12 @@ class RayPool:
                                 busy_workers=sum(1 for w in self.workers if w.jobs),
                                 arena_bytes=0, metrics=self.metrics.snapshot(), workers=workers,
                                 plan=self.placements)
+
+
+def _shutdown_at_exit(ref: weakref.ReferenceType[RayPool]) -> None:
+    pool = ref()
+    if pool is not None:
+        try:
+            pool.shutdown(wait=True)
+        except TorchPoolError:  # pragma: no cover
+            pass
