@@ -63,22 +63,22 @@ def death_cause(exc: BaseException) -> str | None:
     if isinstance(exc, rex.RayActorError):
         text = str(exc)
         reason = next((line.strip() for line in text.splitlines()
-                       if line.strip().startswith("The actor is dead because")), _first_line(text))
+                       if line.strip().startswith("The actor is dead because")), first_line(text))
         if "ray.kill" in reason:
             return "it was killed (ray.kill)"
         if "its node" in reason.lower():
-            return f"its node was lost ({_first_line(reason)})"
+            return f"its node was lost ({first_line(reason)})"
         if "worker process has died" in reason:
             return ("its process died (killed by a signal, such as the OOM killer's SIGKILL, or a native "
                     "crash; the Ray logs of its node say which)")
-        return f"the actor died ({_first_line(reason)})"
+        return f"the actor died ({first_line(reason)})"
     if isinstance(exc, (rex.ObjectLostError, rex.OwnerDiedError, rex.WorkerCrashedError,
                         rex.LocalRayletDiedError)):
-        return f"Ray lost it ({type(exc).__name__}: {_first_line(str(exc))})"
+        return f"Ray lost it ({type(exc).__name__}: {first_line(str(exc))})"
     return None
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     for line in text.splitlines():
         if line.strip():
             return line.strip()[:200]

@@ -288,7 +288,7 @@ class RayPool:
                 err = (InferenceTimeoutError("the call was cancelled before it ran")
                        if isinstance(exc, ray_exc.TaskCancelledError) else
                        InferenceError(f"Ray could not run the call: {type(exc).__name__}: "
-                                      f"{cluster._first_line(str(exc))}"))
+                                      f"{cluster.first_line(str(exc))}"))
                 reply = ("error", tuple(to_wire(err)))
             self._sched.answer(slot, job, reply)
 
