@@ -60,6 +60,11 @@ def death_cause(exc: BaseException) -> str | None:
         return "Ray's memory monitor killed it (the node ran out of memory)"
     if isinstance(exc, getattr(rex, "NodeDiedError", ())):
         return "its node was lost"
+    if isinstance(exc, getattr(rex, "ActorUnavailableError", ())):
+        # The connection to the actor broke mid-call (its process died, or its node is unreachable);
+        # Ray may restart nothing (max_restarts=0): the pool replaces it.
+        return (f"its process died or its node became unreachable (Ray: "
+                f"{first_line(str(exc)).split(' The task may')[0]})")
     if isinstance(exc, rex.RayActorError):
         text = str(exc)
         reason = next((line.strip() for line in text.splitlines()
