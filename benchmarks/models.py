@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -167,3 +168,17 @@ WORKLOADS: dict[str, Workload] = {
                  "tiny MLP 256-512-512-10, under 0.1 ms a sample on one core"),
     )
 }
+
+
+class _Chunks(torch.nn.Module):
+    """``forward(n, size)``: yields ``n`` float32 tensors of ``size`` elements (the streaming benchmark's
+    transport-only generator)."""
+
+    def forward(self, n: int, size: int = 1) -> Iterator[torch.Tensor]:
+        for i in range(n):
+            yield torch.full((size,), float(i))
+
+
+def chunks_factory() -> torch.nn.Module:
+    """The generator that measures streaming overhead alone (``benchmarks/streaming.py``)."""
+    return _Chunks()

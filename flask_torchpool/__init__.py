@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TorchPool": "extension",
     "ModelProxy": "extension",
+    "Stream": "streaming",
     "Placement": "placement",
     "TorchPoolError": "errors",
     "ConfigError": "errors",
@@ -36,6 +37,7 @@ _EXPORTS = {
 __all__ = [
     "TorchPool",
     "ModelProxy",
+    "Stream",
     "Placement",
     "TorchPoolError",
     "ConfigError",
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
     )
     from .extension import ModelProxy, TorchPool
     from .placement import Placement
+    from .streaming import Stream
 
 
 def __getattr__(name: str) -> Any:

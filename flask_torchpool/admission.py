@@ -5,36 +5,29 @@ while it closes, so that both refuse, queue, time out and drain the same way."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from . import codec
 from .batching import Call, Scheduler, batch_key
 from .config import PoolConfig
 from .errors import PoolClosedError, PoolOverloadedError, WorkerStartupError
 from .status import WorkerState
 
 
-def submit(sched: Scheduler[Any], config: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any],
-           timeout: float | None, batch: bool, *, check_open: Callable[[], None],
-           add_deadline: Callable[[Call], None], next_wake: Callable[[], float],
-           wake: Callable[[], None]) -> Future[Any]:
-    """Queue one call; the future holds the model's output or a :class:`TorchPoolError`. Input that
-    cannot travel is refused here, in the calling thread, before anything is queued.
+def submit(sched: Scheduler[Any], config: PoolConfig, call: Call, batch: bool, *,
+           check_open: Callable[[], None], add_deadline: Callable[[Call], None],
+           next_wake: Callable[[], float], wake: Callable[[], None]) -> Future[Any]:
+    """Queue *call* (made by :func:`flask_torchpool.streaming.new_call`, which refuses input that cannot
+    travel in the calling thread); the future holds the model's output or a :class:`TorchPoolError`.
 
     *check_open* raises when the backend takes no calls (under the lock); *add_deadline* registers a
     call's deadline (under the lock); *next_wake* is when the backend's supervisor next wakes, and
     *wake* wakes it, for a deadline or a batch delay that ends sooner."""
-    codec.check_timeout(timeout)  # a NaN deadline would stall the supervisor
-    skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, config.max_input_bytes)
-    timeout = config.timeout if timeout is None else timeout
-    future: Future[Any] = Future()
-    call = Call(skel_args, skel_kwargs, tensors, future,
-                None if timeout is None else time.monotonic() + timeout, config.retries)
-    if batch and config.max_batch_size > 1:
+    if batch and config.max_batch_size > 1 and call.target[0] is None:
         call.key, call.rows = batch_key(call)
+    future = call.future
+    assert future is not None
     future.set_running_or_notify_cancel()
     metrics = sched.metrics
     with sched.lock:

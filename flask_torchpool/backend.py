@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from .config import PoolConfig
 from .placement import Placement
 from .status import ModelStatus
+from .streaming import Stream
 
 
 @runtime_checkable
@@ -54,11 +55,18 @@ class Backend(Protocol):
         :class:`~flask_torchpool.WorkerStartupError` when it cannot be."""
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True) -> Future[Any]:
+               batch: bool = True, method: str | None = None) -> Future[Any]:
         """Start one call; the future holds the model's output or a
         :class:`~flask_torchpool.TorchPoolError`. Arguments that cannot travel raise here, in the calling
         thread. *timeout* is the call's deadline in seconds (None: ``TORCHPOOL_TIMEOUT``); *batch* lets
-        it join a dynamic batch."""
+        it join a dynamic batch; *method* names the model's method to run (None: the model itself).
+        Cancelling the future drops a call that has not started."""
+
+    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               method: str | None = None) -> Stream:
+        """Start a streaming call (Note [Streams] in :mod:`flask_torchpool.streaming`): an iterator over
+        what the model (or its *method*) yields, never batched. *timeout* bounds the time to the first
+        chunk and between chunks (None: ``TORCHPOOL_TIMEOUT``); closing the iterator cancels it."""
 
     def shutdown(self, wait: bool = True, drain_timeout: float | None = None) -> None:
         """Take no new calls, let calls in flight finish (up to *drain_timeout*, default

@@ -13,6 +13,7 @@ in the caller's thread; futures are resolved outside the lock too (a done-callba
 from __future__ import annotations
 
 import bisect
+import contextlib
 import enum
 import itertools
 import os
@@ -21,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
@@ -81,6 +82,7 @@ class Call:
     job: Job[Any] | None = None
     enqueued: float = field(default_factory=time.monotonic)
     dispatched: float | None = None
+    target: tuple[str | None, int] = (None, 0)  # messages.Call's (method, window): Note [Streams]
 
 
 class Sender(Protocol):
@@ -100,6 +102,8 @@ class JobSlot(Protocol):
 
     @property
     def channel(self) -> Sender | None: ...
+    @property
+    def streams(self) -> bool: ...    # runs a stream: takes no other job meanwhile (Note [Streams])
 
 
 S = TypeVar("S", bound=JobSlot)
@@ -202,7 +206,7 @@ class Scheduler(Generic[S]):
         """The ready slot with room and the fewest outstanding jobs."""
         best = None
         for s in self.slots:
-            if s.state is WorkerState.READY and len(s.jobs) < self.pipeline_depth:
+            if s.state is WorkerState.READY and len(s.jobs) < self.pipeline_depth and not s.streams:
                 if best is None or load(s) < load(best):
                     best = s
         return best
@@ -382,7 +386,7 @@ class Scheduler(Generic[S]):
                                        (job.rows, *t.shape[1:]))
                          for t, (offset, row_bytes) in zip(first.tensors, job.regions))
             self.metrics.record_batch(job.rows, len(job.members))
-        msg = messages.Call(job.id, first.args, first.kwargs, refs, job.slot.releases.drain())
+        msg = messages.Call(job.id, first.args, first.kwargs, refs, job.slot.releases.drain(), *first.target)
         channel = job.slot.channel
         try:
             if channel is None:
@@ -399,10 +403,8 @@ class Scheduler(Generic[S]):
         for job in _take_all(self._outbox):
             self.send(job)
         for future, result, exc in _take_all(self._done):
-            if exc is None:
-                future.set_result(result)
-            else:
-                future.set_exception(exc)
+            with contextlib.suppress(InvalidStateError):  # its caller cancelled it (Pool.submit)
+                future.set_result(result) if exc is None else future.set_exception(exc)
 
     # --- completing calls ---------------------------------------------------------------------------------
 

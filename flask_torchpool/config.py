@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_BACKEND": "process",
     "TORCHPOOL_RAY_ADDRESS": None,
     "TORCHPOOL_RAY_ACTOR_OPTIONS": None,
+    "TORCHPOOL_STREAM_BUFFER": 4,
+    "TORCHPOOL_STREAM_TIMEOUT": None,
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
@@ -75,8 +77,8 @@ DEFAULT_MODEL = "default"
 #: ``TORCHPOOL_*`` keys that make sense per model. The others are the app's (start, shutdown, health).
 MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
                    "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
-                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256", "backend",
-                   "ray_actor_options")
+                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256", "stream_buffer",
+                   "stream_timeout", "backend", "ray_actor_options")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -148,6 +150,10 @@ class ModelConfig:
     backend: str = DEFAULTS["TORCHPOOL_BACKEND"]
     #: ``TORCHPOOL_RAY_ACTOR_OPTIONS``: passed to Ray's ``.options()`` for every actor of the model.
     ray_actor_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: ``TORCHPOOL_STREAM_BUFFER``: chunks of a stream that may wait in shared memory for its reader.
+    stream_buffer: int = DEFAULTS["TORCHPOOL_STREAM_BUFFER"]
+    #: ``TORCHPOOL_STREAM_TIMEOUT``: seconds a whole stream may take; None: no bound but the per-chunk one.
+    stream_timeout: float | None = DEFAULTS["TORCHPOOL_STREAM_TIMEOUT"]
 
     #: The model's name: ``"default"`` for ``TORCHPOOL_MODEL``, else its key in ``TORCHPOOL_MODELS``.
     name: str = DEFAULT_MODEL
@@ -506,4 +512,6 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "worker_nice": _nice,
     "backend": lambda k, v: _backend(k, v),
     "ray_actor_options": lambda k, v: _actor_options(k, v),
+    "stream_buffer": lambda k, v: _int(k, v, minimum=1),
+    "stream_timeout": lambda k, v: _seconds(k, v, allow_none=True),
 }

@@ -17,6 +17,7 @@ How a call travels::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -33,6 +34,7 @@ from .errors import ConfigError, InferenceTimeoutError
 from .group import ModelGroup, drain_all
 from .placement import Placement
 from .status import AppStatus
+from .streaming import Stream, check_method
 
 if TYPE_CHECKING:
     from typing_extensions import Concatenate, ParamSpec
@@ -52,15 +54,16 @@ class ModelProxy:
     """What a ``@pool.infer`` view receives: calling it runs the model in a worker process.
 
     ``proxy(*args, **kwargs)`` blocks the calling thread (without holding the GIL) until the worker
-    answers; :meth:`submit` returns a :class:`concurrent.futures.Future`; :meth:`acall` is awaitable.
-    Arguments and results may be tensors, ``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``,
-    ``bytes`` and tuples, lists and dicts of them.
+    answers; :meth:`submit` returns a :class:`concurrent.futures.Future`; :meth:`acall` is awaitable;
+    :meth:`stream` iterates what a model that yields produces. Arguments and results may be tensors,
+    ``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``, ``bytes`` and tuples, lists and dicts of
+    them. ``proxy.method("generate")`` is the same proxy for another method of the model.
     """
 
-    __slots__ = ("_state", "timeout", "batch", "name")
+    __slots__ = ("_state", "timeout", "batch", "name", "_method")
 
     def __init__(self, state: ModelGroup, timeout: float | None = None, batch: bool = True,
-                 name: str | None = None) -> None:
+                 name: str | None = None, method: str | None = None) -> None:
         self._state = state
         #: Deadline of each call in seconds (queueing plus execution); None means the model's
         #: ``TORCHPOOL_TIMEOUT``.
@@ -69,10 +72,23 @@ class ModelProxy:
         self.batch = batch
         #: The name of the model its calls go to (``"default"`` for ``TORCHPOOL_MODEL``).
         self.name = state.model_name(name)
+        check_method(method)
+        self._method = method
+
+    def method(self, name: str) -> ModelProxy:
+        """This proxy for the model's method *name* instead of the model itself (``forward``):
+        ``model.method("generate").stream(prompt)``. A name that is not a public method of the model
+        fails the call with :class:`InferenceError`."""
+        return ModelProxy(self._state, self.timeout, self.batch, self.name, name)
 
     def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        """Start a call and return its future. Invalid input raises here, in the calling thread."""
-        return self._state.pool_for_call(self.name).submit(args, kwargs, self.timeout, self.batch)
+        """Start a call and return its future. Invalid input raises here, in the calling thread.
+        Cancelling the future drops the call if it has not started yet (a started one runs to its end and
+        its result is discarded)."""
+        backend = self._state.pool_for_call(self.name)
+        if self._method is None:  # the Backend contract before named methods
+            return backend.submit(args, kwargs, self.timeout, self.batch)
+        return backend.submit(args, kwargs, self.timeout, self.batch, method=self._method)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         future = self.submit(*args, **kwargs)
@@ -81,15 +97,37 @@ class ModelProxy:
             return future.result(None if timeout is None else timeout + _DEADLINE_GRACE)
         except FutureTimeout:
             # The manager fails calls at their deadline; reaching this means it could not.
+            future.cancel()
             log.error("torchpool: a call outlived its deadline by %ss without an answer", _DEADLINE_GRACE)
             raise InferenceTimeoutError(f"the call did not finish within {timeout:g}s") from None
+        except BaseException:
+            future.cancel()  # interrupted while waiting: nobody wants the result any more
+            raise
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run the model's method *method* (e.g. ``"generate"``) in a worker and return its output."""
+        return self.method(method)(*args, **kwargs)
+
+    def stream(self, *args: Any, **kwargs: Any) -> Stream:
+        """Run the model (or the method of :meth:`method`), which must yield its outputs (return a
+        generator or an iterator), and iterate them as they come: ``for chunk in model.stream(x)``, or
+        ``async for``. Closing the iterator (or dropping it) stops the model's generator in its worker;
+        see the Streaming docs for backpressure, deadlines and errors. Streams are not batched."""
+        stream = self._state.pool_for_call(self.name).stream(args, kwargs, self.timeout, self._method)
+        # A view in progress until its reader is done (the response is written after the view returned):
+        # a SIGTERM drain waits for it (group.wait_views_idle).
+        reading = contextlib.ExitStack()
+        reading.enter_context(self._state.view())
+        stream.on_end(reading.close)
+        return stream
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         """Awaitable form of a call, for ``async def`` views."""
         return await asyncio.wrap_future(self.submit(*args, **kwargs))
 
     def __repr__(self) -> str:
-        return (f"<ModelProxy {self.name!r}: {self._state.configs[self.name].model!r} "
+        method = f".{self._method}" if self._method else ""
+        return (f"<ModelProxy {self.name!r}: {self._state.configs[self.name].model!r}{method} "
                 f"timeout={self.timeout}>")
 
 
@@ -198,6 +236,11 @@ class TorchPool:
         """Run ``model(*args, **kwargs)`` in a worker of the default model and return its output
         (blocking). ``pool.model("name")(...)`` calls another model."""
         return self.model()(*args, **kwargs)
+
+    def stream(self, *args: Any, **kwargs: Any) -> Stream:
+        """Iterate what the default model yields for ``(*args, **kwargs)`` (see
+        :meth:`ModelProxy.stream`); ``pool.model("name").stream(...)`` streams another model."""
+        return self.model().stream(*args, **kwargs)
 
     @property
     def plan(self) -> list[Placement]:

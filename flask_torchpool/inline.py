@@ -8,7 +8,9 @@ them (:func:`flask_torchpool.codec.flatten`), tensors are copied on the way in a
 when they travel through shared memory, and failures raise the pool's exceptions, so views and tests see
 the same results and the same errors. What does not apply: deadlines (``TORCHPOOL_TIMEOUT`` is not
 enforced, a running call cannot be interrupted), the queue limit, crashes and restarts (a model that
-kills its process kills the web process), batching and core pinning.
+kills its process kills the web process), batching and core pinning. A stream (``model.stream``) runs the
+model's generator in the iterating thread, one chunk at a time under the same lock; closing the
+iterator closes the generator.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,7 +33,8 @@ from .errors import InferenceError, OutputError, PoolClosedError, TorchPoolError
 from .metrics import Metrics, outcome_of
 from .placement import Placement, resolve_devices, usable_cores
 from .status import ModelStatus, WorkerState, model_status, worker_status
-from .worker import load_model
+from .streaming import Sink, Stream, check_method
+from .worker import call_target, close_iterator, load_model
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +138,10 @@ class InlinePool:
                 self._call_lock.release()
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True) -> Future[Any]:
+               batch: bool = True, method: str | None = None) -> Future[Any]:
         """Run one call now, in this thread, and return its (completed) future. *timeout* is not
         enforced and *batch* is ignored in inline mode."""
-        codec.check_timeout(timeout)  # refused as on every backend, though not enforced here
-        skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
-        self._check_open()
-        if not self.started:
-            self.start()
+        skel_args, skel_kwargs, tensors = self._accept(args, kwargs, timeout, method)
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         enqueued = time.monotonic()
@@ -165,7 +165,7 @@ class InlinePool:
                 exc = PoolClosedError.before_run(self.config.retry_after)
             else:
                 try:
-                    result = self._run(model, skel_args, skel_kwargs, tensors)
+                    result = self._run(model, skel_args, skel_kwargs, tensors, method)
                 except TorchPoolError as err:
                     exc = err
                 worker.calls += 1
@@ -181,30 +181,94 @@ class InlinePool:
             future.set_exception(exc)
         return future
 
+    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               method: str | None = None) -> Stream:
+        """Iterate what the model yields, in the iterating thread (each chunk under the call lock);
+        *timeout* is not enforced."""
+        skel_args, skel_kwargs, tensors = self._accept(args, kwargs, timeout, method)
+        self.metrics.record_submit()
+        self.metrics.record_stream(1)
+        started = time.monotonic()
+        box: list[Any] = []
+
+        def step() -> Any:
+            with self._call_lock:
+                if self._closing or self._model is None:
+                    raise PoolClosedError.before_finish(self.config.retry_after)
+                if not box:
+                    out = self._invoke(self._model, skel_args, skel_kwargs, tensors, method)
+                    if not isinstance(out, Iterator):
+                        raise OutputError(f"model.stream() needs a model that yields its outputs (a "
+                                          f"generator or an iterator); it returned {codec.describe(out)}: "
+                                          "call model(...) instead", remote_type="NotAnIterator")
+                    box.append(out)
+                return self._produce(lambda: next(box[0]))
+
+        def ended(exc: BaseException | None) -> None:
+            if box:
+                close_iterator(box.pop())
+            self.metrics.record_stream(-1)
+            self.metrics.record_call(outcome_of(exc), time.monotonic() - started, 0.0)
+
+        return _InlineStream(step, ended, self.metrics, started)
+
+    def _accept(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
+                method: str | None) -> tuple[Any, Any, list[torch.Tensor]]:
+        codec.check_timeout(timeout)  # refused as on every backend, though not enforced here
+        check_method(method)
+        flat = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
+        self._check_open()
+        if not self.started:
+            self.start()
+        return flat
+
     def _check_open(self) -> None:
         if self._startup_error is not None:
             raise self._startup_error
         if self._closing:
             raise PoolClosedError.closing(self.config.retry_after)
 
-    def _run(self, model: Any, skel_args: Any, skel_kwargs: Any, tensors: list[torch.Tensor]) -> Any:
+    def _run(self, model: Any, skel_args: Any, skel_kwargs: Any, tensors: list[torch.Tensor],
+             method: str | None = None) -> Any:
+        out = self._invoke(model, skel_args, skel_kwargs, tensors, method)
+        if isinstance(out, Iterator):
+            close_iterator(out)
+            raise OutputError(f"the model returned {codec.describe(out)}: it yields its outputs one by one; "
+                              "iterate them with model.stream(...) instead of calling model(...)",
+                              remote_type="Iterator")
+        return self._output(out)
+
+    def _invoke(self, model: Any, skel_args: Any, skel_kwargs: Any, tensors: list[torch.Tensor],
+                method: str | None) -> Any:
         # Copies, as the arena makes them: the model may modify its inputs in place without the caller
         # seeing it, and the caller gets tensors that nothing else holds.
         device = torch.device(self.workers[0].placement.device)
         copies = [t.to(device, copy=True, memory_format=torch.contiguous_format) for t in tensors]
         args = codec.unflatten(skel_args, copies)
         kwargs = codec.unflatten(skel_kwargs, copies)
+        def run() -> Any:
+            return (model if method is None else call_target(model, method))(*args, **kwargs)
+
+        return self._produce(run)
+
+    @staticmethod
+    def _produce(run: Callable[[], Any]) -> Any:
+        """``run()`` under inference mode; the model's exception becomes :class:`InferenceError`
+        (StopIteration passes through)."""
         failure: tuple[str, str, str] | None = None
         try:
             with torch.inference_mode():
-                out = model(*args, **kwargs)
+                return run()
+        except StopIteration:
+            raise
         except Exception as exc:
             failure = (type(exc).__name__, str(exc), traceback.format_exc())
-        if failure is not None:
-            # Raised outside the except block, like the pool's errors: no __context__ holding the model's
-            # frames (and their tensors) alive, only the formatted traceback.
-            raise InferenceError.model_raised(*failure)
-        del args, kwargs, copies
+        # Raised outside the except block, like the pool's errors: no __context__ holding the model's
+        # frames (and their tensors) alive, only the formatted traceback.
+        raise InferenceError.model_raised(*failure)
+
+    @staticmethod
+    def _output(out: Any) -> Any:
         produced: list[torch.Tensor] = []
         try:
             skel = codec.flatten(out, produced, "output")
@@ -223,3 +287,34 @@ class InlinePool:
             return model_status(mode="inline", started=self.started, closed=self._closing,
                                 queued=self._waiting, busy_workers=1 if worker.running else 0, arena_bytes=0,
                                 metrics=self.metrics.snapshot(), workers=workers, plan=self.placements)
+
+
+class _InlineStream(Stream):
+    """A stream of inline mode: each ``next`` runs the model's generator one step in this thread."""
+
+    def __init__(self, step: Callable[[], Any], ended: Callable[[BaseException | None], None],
+                 metrics: Metrics, started: float) -> None:
+        super().__init__(Sink(), lambda: ended(None))
+        self._step = step
+        self._done = ended
+        self._metrics = metrics
+        self._started = started
+
+    def __next__(self) -> Any:
+        if self._hooks is None:
+            raise StopIteration
+        try:
+            value = InlinePool._output(self._step())
+        except BaseException as exc:
+            self._done(None if isinstance(exc, StopIteration) else exc)
+            self._ended()
+            raise
+        self._metrics.record_chunk(time.monotonic() - self._started if not self._sink.chunks else None)
+        self._sink.chunks += 1
+        return value
+
+    async def __anext__(self) -> Any:
+        try:
+            return self.__next__()
+        except StopIteration:
+            raise StopAsyncIteration from None

@@ -3,12 +3,19 @@
 Two protocols, each with its own allow-list, so that a peer of one can never send a message of the other:
 
 * the **worker protocol** (:data:`WORKER_PROTOCOL`), between a pool (the supervisor in the web process or
-  the pool server) and its model worker over a socketpair: :class:`Call`, :class:`Cancel`, :class:`Stop`
-  one way; :class:`Loaded`, :class:`Ready`, :class:`StartupFailed`, :class:`Result`, :class:`Failure` the
-  other, and :class:`Adopt` for Note [Shared weights];
+  the pool server) and its model worker over a socketpair: :class:`Call`, :class:`Cancel`,
+  :class:`Credit`, :class:`Stop` one way; :class:`Loaded`, :class:`Ready`, :class:`StartupFailed`,
+  :class:`Result`, :class:`Failure`, :class:`StreamChunk`, :class:`StreamEnd` the other, and
+  :class:`Adopt` for Note [Shared weights];
 * the **attach protocol** (:data:`ATTACH_PROTOCOL`), between an attached web process and the pool server
-  over a Unix socket: :class:`Hello`, :class:`RemoteCall`, :class:`StatusRequest` one way;
-  :class:`Welcome`, :class:`Result`, :class:`RemoteError`, :class:`StatusReply` the other.
+  over a Unix socket: :class:`Hello`, :class:`RemoteCall`, :class:`StatusRequest`, :class:`Cancel`,
+  :class:`Credit` one way; :class:`Welcome`, :class:`Result`, :class:`RemoteError`, :class:`StatusReply`,
+  :class:`StreamChunk`, :class:`StreamEnd` the other.
+
+A stream (Note [Streams] in :mod:`flask_torchpool.streaming`) is a :class:`Call` (or :class:`RemoteCall`)
+with a credit *window* > 0: the answer is zero or more :class:`StreamChunk` (each one like a
+:class:`Result`), then :class:`StreamEnd` or :class:`Failure`; the caller hands credits back with
+:class:`Credit` as it consumes chunks, and stops the stream with :class:`Cancel`.
 
 Tensors never travel in a message: a message carries :class:`~flask_torchpool.shm.TensorRef` into shared
 memory, and descriptors of one-off segments pass beside it (``SCM_RIGHTS``). Nothing is pickled: see
@@ -41,6 +48,8 @@ class Call(NamedTuple):
     kwargs: Any
     refs: tuple[TensorRef, ...]
     releases: tuple[int, ...]  # output blocks the web process is done with
+    method: str | None = None  # the model's method to run; None: the model itself (forward)
+    window: int = 0            # > 0: a stream, with this many chunks of credit; 0: a plain call
 
 
 class Cancel(NamedTuple):
@@ -49,6 +58,16 @@ class Cancel(NamedTuple):
 
 class Stop(NamedTuple):
     pass
+
+
+class Credit(NamedTuple):
+    """The caller of stream *id* consumed *chunks* more chunks (the worker may produce that many more);
+    *releases*: output blocks it is done with (a worker running a stream gets no :class:`Call` to carry
+    them)."""
+
+    id: int
+    chunks: int
+    releases: tuple[int, ...]
 
 
 class Loaded(NamedTuple):
@@ -87,6 +106,22 @@ class Result(NamedTuple):
     refs: tuple[TensorRef, ...]
 
 
+class StreamChunk(NamedTuple):
+    """One output of stream *id*, laid out like a :class:`Result`."""
+
+    id: int
+    value: Any
+    refs: tuple[TensorRef, ...]
+
+
+class StreamEnd(NamedTuple):
+    """Stream *id* ended (its generator finished, or was closed after a :class:`Cancel`) after *chunks*
+    chunks. A stream that fails ends with a :class:`Failure` instead."""
+
+    id: int
+    chunks: int
+
+
 class Failure(NamedTuple):
     """Call *id* failed: the fields of an :class:`~flask_torchpool.errors.WireError` (the worker's
     :func:`~flask_torchpool.errors.to_wire` of the error the caller gets)."""
@@ -103,7 +138,7 @@ class Failure(NamedTuple):
 # --- the attach protocol -----------------------------------------------------------------------------
 
 #: Bumped when the attach protocol changes; a client and a server of different versions refuse each other.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class Hello(NamedTuple):
@@ -130,6 +165,8 @@ class RemoteCall(NamedTuple):
     timeout: float | None   # None: the model's TORCHPOOL_TIMEOUT
     batch: bool
     releases: tuple[int, ...]  # output blocks of this client's arena it is done with
+    method: str | None = None  # as Call.method
+    stream: bool = False       # answered with StreamChunk ... StreamEnd (credits: Credit)
 
 
 class RemoteError(NamedTuple):
@@ -188,12 +225,13 @@ class ProtocolError(OSError):
 
 
 _FRAME = struct.Struct("<BB")
-_CALL = struct.Struct("<qII")
+_CALL = struct.Struct("<qIII")
 _RESULT = struct.Struct("<qI")
+_CREDIT = struct.Struct("<qII")
 _REMOTE_CALL = struct.Struct("<qIIdB")
 _REF = struct.Struct("<iQQBB")
 _DIMS = tuple(struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1))
-_BATCH, _HAS_TIMEOUT = 1, 2
+_BATCH, _HAS_TIMEOUT, _STREAM = 1, 2, 4
 _DTYPE_STRS = tuple(str(d) if d is not None else "" for d in codec.DTYPES)
 _tuple_new = tuple.__new__  # builds a NamedTuple from checked fields without its Python __new__
 
@@ -283,38 +321,55 @@ def _get_releases(data: bytes, pos: int, count: int) -> tuple[tuple[int, ...], i
 
 
 def _enc_call(msg: Call, out: bytearray) -> None:
-    out += _CALL.pack(msg.id, len(msg.refs), len(msg.releases))
+    out += _CALL.pack(msg.id, len(msg.refs), len(msg.releases), msg.window)
     _put_refs(out, msg.refs)
     _put_releases(out, msg.releases)
     encode_value(msg.args, out)
     encode_value(msg.kwargs, out)
+    encode_value(msg.method, out)
 
 
 def _dec_call(data: bytes, pos: int, nfds: int) -> Call:
-    call_id, nrefs, nrel = _CALL.unpack_from(data, pos)
+    call_id, nrefs, nrel, window = _CALL.unpack_from(data, pos)
     refs, pos = _get_refs(data, pos + _CALL.size, nrefs, nfds, False)
     releases, pos = _get_releases(data, pos, nrel)
-    args, kwargs = _values(data, pos, nrefs, 2)
-    if type(args) is not tuple or type(kwargs) is not dict:
-        raise WireFormatError("a call's arguments must be a tuple and a dict")
-    return _tuple_new(Call, (call_id, args, kwargs, refs, releases))
+    args, kwargs, method = _values(data, pos, nrefs, 3)
+    if type(args) is not tuple or type(kwargs) is not dict or not (method is None or type(method) is str):
+        raise WireFormatError("a call's arguments must be a tuple and a dict, its method a str or None")
+    return _tuple_new(Call, (call_id, args, kwargs, refs, releases, method, window))
 
 
-def _enc_result(msg: Result, out: bytearray) -> None:
+def _enc_result(msg: Result | StreamChunk, out: bytearray) -> None:
     out += _RESULT.pack(msg.id, len(msg.refs))
     _put_refs(out, msg.refs)
     encode_value(msg.value, out)
 
 
-def _dec_result(data: bytes, pos: int, nfds: int) -> Result:
-    call_id, nrefs = _RESULT.unpack_from(data, pos)
-    refs, pos = _get_refs(data, pos + _RESULT.size, nrefs, nfds, True)
-    (value,) = _values(data, pos, nrefs, 1)
-    return _tuple_new(Result, (call_id, value, refs))
+def _result_decoder(kind: type) -> Callable[[bytes, int, int], Any]:
+    def decode(data: bytes, pos: int, nfds: int) -> Any:
+        call_id, nrefs = _RESULT.unpack_from(data, pos)
+        refs, pos = _get_refs(data, pos + _RESULT.size, nrefs, nfds, True)
+        (value,) = _values(data, pos, nrefs, 1)
+        return _tuple_new(kind, (call_id, value, refs))
+    return decode
+
+
+def _enc_credit(msg: Credit, out: bytearray) -> None:
+    out += _CREDIT.pack(msg.id, msg.chunks, len(msg.releases))
+    _put_releases(out, msg.releases)
+
+
+def _dec_credit(data: bytes, pos: int, nfds: int) -> Credit:
+    call_id, chunks, nrel = _CREDIT.unpack_from(data, pos)
+    releases, pos = _get_releases(data, pos + _CREDIT.size, nrel)
+    if nfds or pos != len(data):
+        raise WireFormatError("descriptors or bytes left over on a credit")
+    return _tuple_new(Credit, (call_id, chunks, releases))
 
 
 def _enc_remote_call(msg: RemoteCall, out: bytearray) -> None:
-    flags = (_BATCH if msg.batch else 0) | (_HAS_TIMEOUT if msg.timeout is not None else 0)
+    flags = ((_BATCH if msg.batch else 0) | (_HAS_TIMEOUT if msg.timeout is not None else 0)
+             | (_STREAM if msg.stream else 0))
     out += _REMOTE_CALL.pack(msg.id, len(msg.refs), len(msg.releases),
                              0.0 if msg.timeout is None else msg.timeout, flags)
     _put_refs(out, msg.refs)
@@ -322,21 +377,24 @@ def _enc_remote_call(msg: RemoteCall, out: bytearray) -> None:
     encode_value(msg.model, out)
     encode_value(msg.args, out)
     encode_value(msg.kwargs, out)
+    encode_value(msg.method, out)
 
 
 def _dec_remote_call(data: bytes, pos: int, nfds: int) -> RemoteCall:
     call_id, nrefs, nrel, timeout, flags = _REMOTE_CALL.unpack_from(data, pos)
-    if flags & ~(_BATCH | _HAS_TIMEOUT):
+    if flags & ~(_BATCH | _HAS_TIMEOUT | _STREAM):
         raise WireFormatError(f"unknown call flags {flags:#x}")
     if flags & _HAS_TIMEOUT and not (math.isfinite(timeout) and timeout > 0):
         raise WireFormatError(f"a call's timeout must be a finite number of seconds > 0, not {timeout!r}")
     refs, pos = _get_refs(data, pos + _REMOTE_CALL.size, nrefs, nfds, False)
     releases, pos = _get_releases(data, pos, nrel)
-    model, args, kwargs = _values(data, pos, nrefs, 3)
-    if (model is not None and type(model) is not str) or type(args) is not tuple or type(kwargs) is not dict:
-        raise WireFormatError("a call's model must be a str or None, its arguments a tuple and a dict")
+    model, args, kwargs, method = _values(data, pos, nrefs, 4)
+    if (model is not None and type(model) is not str) or type(args) is not tuple or type(kwargs) is not dict \
+            or (method is not None and type(method) is not str):
+        raise WireFormatError("a call's model and method must be a str or None, its arguments a tuple and "
+                              "a dict")
     return RemoteCall(call_id, model, args, kwargs, refs, timeout if flags & _HAS_TIMEOUT else None,
-                      bool(flags & _BATCH), releases)
+                      bool(flags & _BATCH), releases, method, bool(flags & _STREAM))
 
 
 _NONE = type(None)
@@ -362,11 +420,16 @@ _SCHEMAS: dict[type, tuple[int, tuple[tuple[type, ...], ...] | None]] = {
     RemoteError: (23, (_INT, *_ERROR_FIELDS)),
     StatusRequest: (24, (_INT,)),
     StatusReply: (25, (_INT, _DICT)),
+    StreamChunk: (30, None),
+    StreamEnd: (31, (_INT, _INT)),
+    Credit: (32, None),
 }
 _HOT_ENCODERS: dict[type, Callable[[Any, bytearray], None]] = {
-    Call: _enc_call, Result: _enc_result, RemoteCall: _enc_remote_call}
+    Call: _enc_call, Result: _enc_result, RemoteCall: _enc_remote_call, StreamChunk: _enc_result,
+    Credit: _enc_credit}
 _HOT_DECODERS: dict[type, Callable[[bytes, int, int], Any]] = {
-    Call: _dec_call, Result: _dec_result, RemoteCall: _dec_remote_call}
+    Call: _dec_call, Result: _result_decoder(Result), RemoteCall: _dec_remote_call,
+    StreamChunk: _result_decoder(StreamChunk), Credit: _dec_credit}
 
 
 class Protocol(NamedTuple):
@@ -382,10 +445,10 @@ def _protocol(name: str, *types: type) -> Protocol:
 
 #: Between a pool and its workers.
 WORKER_PROTOCOL = _protocol("worker", Call, Cancel, Stop, Loaded, Adopt, Ready, StartupFailed, Result,
-                            Failure)
+                            Failure, StreamChunk, StreamEnd, Credit)
 #: Between an attached web process and the pool server.
 ATTACH_PROTOCOL = _protocol("attach", Hello, Welcome, RemoteCall, RemoteError, StatusRequest, StatusReply,
-                            Result)
+                            Result, StreamChunk, StreamEnd, Credit, Cancel)
 
 
 def encode(msg: Any, nfds: int = 0) -> bytearray:

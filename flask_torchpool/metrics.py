@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from concurrent.futures import CancelledError
 from typing import Any, TypedDict
 
 #: Seconds: from 0.5 ms to 60 s.
@@ -21,7 +22,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 #: Outcomes a call can end with (the ``outcome`` label).
 OUTCOMES = ("ok", "model_error", "output_error", "invalid_input", "timeout", "crashed", "overloaded",
-            "closed", "startup_failed")
+            "closed", "startup_failed", "cancelled")
 
 
 class HistogramSnapshot(TypedDict):
@@ -43,6 +44,10 @@ class MetricsSnapshot(TypedDict):
     batch_rows: HistogramSnapshot
     batch_calls: HistogramSnapshot
     latency_quantiles: dict[str, float | None]
+    streams: int                         # streams started (model.stream)
+    streams_open: int                    # of those, not ended yet
+    stream_chunks: int                   # chunks delivered to streams' callers
+    first_chunk_seconds: HistogramSnapshot  # from a stream's start to its first chunk
 
 
 class Histogram:
@@ -95,6 +100,10 @@ class Metrics:
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.batch_rows = Histogram(BATCH_BUCKETS)
         self.batch_calls = Histogram(BATCH_BUCKETS)
+        self.streams = 0
+        self.streams_open = 0
+        self.stream_chunks = 0
+        self.first_chunk = Histogram(LATENCY_BUCKETS)
 
     def record_submit(self) -> None:
         """A call was accepted (queued or placed)."""
@@ -120,13 +129,28 @@ class Metrics:
             self.batch_rows.observe(rows)
             self.batch_calls.observe(calls)
 
+    def record_stream(self, change: int) -> None:
+        """A stream started (+1) or ended (-1)."""
+        with self._lock:
+            self.streams += change > 0
+            self.streams_open += change
+
+    def record_chunk(self, first_after: float | None = None) -> None:
+        """A stream's chunk arrived; *first_after*: seconds since the stream started, for its first."""
+        with self._lock:
+            self.stream_chunks += 1
+            if first_after is not None:
+                self.first_chunk.observe(first_after)
+
     def snapshot(self) -> MetricsSnapshot:
         with self._lock:
             return MetricsSnapshot(
                 model=self.model, submitted=self.submitted, retries=self.retries, calls=dict(self.calls),
                 latency_seconds=self.latency.snapshot(), queue_seconds=self.queue_time.snapshot(),
                 batch_rows=self.batch_rows.snapshot(), batch_calls=self.batch_calls.snapshot(),
-                latency_quantiles=_quantiles(self.latency))
+                latency_quantiles=_quantiles(self.latency), streams=self.streams,
+                streams_open=self.streams_open, stream_chunks=self.stream_chunks,
+                first_chunk_seconds=self.first_chunk.snapshot())
 
 
 def merge(snapshots: list[MetricsSnapshot], model: str | None = None) -> MetricsSnapshot:
@@ -139,8 +163,10 @@ def merge(snapshots: list[MetricsSnapshot], model: str | None = None) -> Metrics
     merged: dict[str, Any] = {"model": model, "calls": calls,
                               "submitted": sum(s.get("submitted", 0) for s in snapshots),
                               "retries": sum(s.get("retries", 0) for s in snapshots)}
-    for key in ("latency_seconds", "queue_seconds", "batch_rows", "batch_calls"):
-        parts = [snapshot[key] for snapshot in snapshots]
+    for key in ("streams", "streams_open", "stream_chunks"):
+        merged[key] = sum(s.get(key, 0) for s in snapshots)
+    for key in ("latency_seconds", "queue_seconds", "batch_rows", "batch_calls", "first_chunk_seconds"):
+        parts = [snapshot[key] for snapshot in snapshots]  # type: ignore[literal-required]
         merged[key] = {"buckets": list(parts[0]["buckets"]),
                        "cumulative": [sum(column) for column in zip(*(p["cumulative"] for p in parts))],
                        "sum": sum(p["sum"] for p in parts), "count": sum(p["count"] for p in parts)}
@@ -163,6 +189,8 @@ def outcome_of(exc: BaseException | None) -> str:
 
     if exc is None:
         return "ok"
+    if isinstance(exc, CancelledError):
+        return "cancelled"
     for cls, name in ((errors.OutputError, "output_error"), (errors.InferenceError, "model_error"),
                       (errors.InferenceTimeoutError, "timeout"), (errors.WorkerCrashedError, "crashed"),
                       (errors.PoolOverloadedError, "overloaded"), (errors.PoolClosedError, "closed"),

@@ -43,12 +43,13 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
-from . import admission, messages
-from .batching import Call, CallState, Scheduler
+from . import messages
+from .batching import Call, CallState, Scheduler, batch_key
 from .config import PoolConfig
 from .errors import (
     InferenceTimeoutError,
     PoolClosedError,
+    PoolOverloadedError,
     TorchPoolError,
     WireError,
     WorkerCrashedError,
@@ -58,6 +59,7 @@ from .errors import (
 from .metrics import Metrics
 from .placement import Placement
 from .status import ModelStatus, WorkerState, model_status, worker_status
+from .streaming import Stream, StreamBook, new_call
 from .weights import SharedWeights
 from .workers import ChannelReady, OutputReady, ProcessEnded, Registration, WorkerSet, WorkerSlot
 
@@ -94,9 +96,10 @@ class Pool:
                                 batch_delay=config.max_batch_delay_ms / 1000.0,
                                 pipeline_depth=config.pipeline_depth, retry_after=config.retry_after)
         self._weights = SharedWeights(name)
-        self._deadlines = _Deadlines(self._sched, self._workers)
         self._next_wake = float("inf")
         self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
+        self._streams = StreamBook(config, self._sched, self._workers, self.metrics, self._wake)
+        self._deadlines = _Deadlines(self._sched, self._workers, self._streams)
         self._manager: threading.Thread | None = None
         self._started = threading.Event()
         self._startup_error: WorkerStartupError | None = None
@@ -169,17 +172,54 @@ class Pool:
     # --- calls ----------------------------------------------------------------------------------------
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True) -> Future[Any]:
+               batch: bool = True, method: str | None = None) -> Future[Any]:
         """Queue one call; the returned future holds the model's output or a :class:`TorchPoolError`.
-
-        Input that cannot travel is refused here, in the calling thread, before anything is queued.
+        Cancelling the future drops the call if it has not started. Input that cannot travel is
+        refused here, in the calling thread, before anything is queued.
         """
-        return admission.submit(self._sched, self.config, args, kwargs, timeout, batch,
-                                check_open=self._check_open, add_deadline=self._deadlines.add,
-                                next_wake=self._wake_time, wake=self._wake)
+        call = new_call(self.config, args, kwargs, timeout, method)
+        if batch and self.config.max_batch_size > 1 and method is None:
+            call.key, call.rows = batch_key(call)
+        future = self._streams.cancellable(call)
+        self._enqueue(call)
+        return future
 
-    def _wake_time(self) -> float:
-        return self._next_wake
+    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               method: str | None = None) -> Stream:
+        """Start a streaming call (Note [Streams] in :mod:`flask_torchpool.streaming`): an iterator over
+        what the model (or its *method*) yields. *timeout* bounds the time to each chunk."""
+        return self._streams.start(new_call(self.config, args, kwargs, timeout, method), self._enqueue)
+
+    def _enqueue(self, call: Call) -> None:
+        sched = self._sched
+        with self._lock:
+            try:
+                self._check_open()
+            except WorkerStartupError:
+                self.metrics.record_call("startup_failed")
+                raise
+            job = sched.place(call)
+            if job is None:
+                if len(sched.queue) >= self.config.max_queue:
+                    self.metrics.record_call("overloaded")
+                    raise PoolOverloadedError(
+                        f"{len(sched.queue)} calls are already waiting (TORCHPOOL_MAX_QUEUE="
+                        f"{self.config.max_queue}); try again shortly",
+                        retry_after=self.config.retry_after)
+                sched.queue.append(call)
+            self.metrics.record_submit()
+            wake = False
+            if call.deadline is not None:
+                self._deadlines.add(call)
+                wake = call.deadline < self._next_wake
+            if job is not None and job.key is not None and not job.sealed and sched.batch_delay:
+                wake = wake or job.opened + sched.batch_delay < self._next_wake
+        if job is not None:
+            sched.write(job, call)
+        else:
+            sched.flush()
+        if wake:
+            self._wake()
 
     def _check_open(self) -> None:
         if self._startup_error is not None:  # first: a pool whose start failed is closed too
@@ -235,8 +275,8 @@ class Pool:
                         self._workers.respawn_due(now)
                         if self._started.is_set():  # the first start has its own limit (start())
                             self._workers.kill_overdue(now)
-                    if self._sched.closing and admission.drained(
-                            self._sched, self.workers, self._drain_deadline, now, self.config.retry_after):
+                    self._streams.kill_due(now)
+                    if self._sched.closing and self._drained(now):
                         return
                     timers_due = self._next_timer(now)
                 if self._workers.changed:
@@ -272,7 +312,8 @@ class Pool:
         pending it still wakes one ``TORCHPOOL_TIMEOUT`` from now, so that a new call with the default
         timeout never needs to wake it (see :meth:`submit`)."""
         with self._lock:
-            times = [t for t in (self._deadlines.next(), self._sched.next_seal()) if t is not None]
+            times = [t for t in (self._deadlines.next(), self._sched.next_seal(), self._streams.next_kill())
+                     if t is not None]
             times += self._workers.respawn_times()
             if self._started.is_set():
                 times += self._workers.start_deadlines()
@@ -300,6 +341,8 @@ class Pool:
         worker.last_reply = time.monotonic()
         if kind is messages.Result or kind is messages.Failure:
             self._sched.complete(worker, msg, fds)
+        elif kind is messages.StreamChunk or kind is messages.StreamEnd:
+            self._streams.on_message(worker, msg, fds)
         elif kind is messages.Loaded:
             self._weights.on_loaded(worker, msg)
         elif kind is messages.Ready:
@@ -334,6 +377,28 @@ class Pool:
         self._sched.closing = True
         self._drain_deadline = time.monotonic()
         self._started.set()
+
+    def _drained(self, now: float) -> bool:
+        """While closing: whether every call is done (failing what is left past the drain deadline)."""
+        sched, retry_after = self._sched, self.config.retry_after
+        try:
+            with self._lock:
+                if not sched.busy():
+                    return True
+                if sched.queue and not any(w.state is WorkerState.READY for w in self.workers):
+                    # Draining with no worker left to run what is queued (they died meanwhile, and are
+                    # not respawned while closing): waiting for the drain deadline would change nothing.
+                    sched.fail_queue(lambda: PoolClosedError.before_run(
+                        retry_after, " (no worker was left to run it)"))
+                    return not sched.busy()
+                if self._drain_deadline is not None and now >= self._drain_deadline:
+                    sched.fail_queue(lambda: PoolClosedError.before_run(retry_after))
+                    sched.fail_running(lambda: PoolClosedError.before_finish(
+                        retry_after, " (TORCHPOOL_DRAIN_TIMEOUT)"))
+                    return True
+                return False
+        finally:
+            sched.flush()
 
     def _on_death(self, worker: WorkerSlot) -> None:
         exitcode, signame = self._workers.reap(worker)
@@ -412,9 +477,10 @@ class _Deadlines:
     :class:`InferenceTimeoutError`, queued or not; a job nobody waits for any more is cancelled, or, when
     its worker is running it or frozen, the worker is killed (and replaced)."""
 
-    def __init__(self, sched: Scheduler[WorkerSlot], workers: WorkerSet) -> None:
+    def __init__(self, sched: Scheduler[WorkerSlot], workers: WorkerSet, streams: StreamBook) -> None:
         self._sched = sched
         self._workers = workers
+        self._streams = streams
         self._heap: list[tuple[float, int, Call]] = []   # finished calls are dropped lazily
 
     def add(self, call: Call) -> None:
@@ -438,10 +504,16 @@ class _Deadlines:
                 _, _, call = heapq.heappop(self._heap)
                 if call.state is CallState.DONE:
                     continue
+                if call.deadline is not None and call.deadline > now:  # a stream's, moved by its progress
+                    heapq.heappush(self._heap, (call.deadline, call.id, call))
+                    continue
                 waited = now - call.enqueued
                 queued = call.state is CallState.QUEUED
                 job = call.job
-                sched.finish(call, exc=InferenceTimeoutError.past_deadline(waited, queued))
+                sched.finish(call, exc=self._streams.timeout_error(call, waited) or InferenceTimeoutError(
+                    f"the call did not finish within its deadline ({waited:.3g}s; it was "
+                    f"{'waiting for a worker' if queued else 'in a worker'}). Raise TORCHPOOL_TIMEOUT "
+                    "or the view's timeout, or add workers"))
                 if queued:
                     sched.queue.remove(call)
                     continue
@@ -452,8 +524,10 @@ class _Deadlines:
                 if worker.arena is None or worker.jobs.get(job.id) is not job:
                     continue  # its worker died meanwhile
                 stalled = worker.stalled(job)
-                if stalled is None:
+                if stalled is None or call.target[1]:
                     cancel.append((worker, job.id))
+                    if stalled is not None:  # a stream: its worker may stop it (Note [Streams])
+                        self._streams.stop_later(worker, job.id)
                 elif worker not in kill:
                     kill.append(worker)
                     # Status must not show it ready (and no call may be placed on it) until it is reaped.

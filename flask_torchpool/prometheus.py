@@ -46,6 +46,10 @@ class TorchPoolCollector:
     ``torchpool_ready``                     gauge       1 when every worker is ready
     ``torchpool_worker_restarts_total``     counter     worker respawns since the pool started
     ``torchpool_shared_memory_bytes``       gauge       bytes of shared-memory arenas mapped
+    ``torchpool_streams_total``             counter     streams started
+    ``torchpool_streams_open``              gauge       streams running now
+    ``torchpool_stream_chunks_total``       counter     chunks streams delivered
+    ``torchpool_stream_first_chunk_seconds``  histogram  seconds from a stream's start to its first chunk
     ======================================  ==========  =========================================
     """
 
@@ -100,13 +104,15 @@ def _families(status: AppStatus | None) -> Iterator[Any]:
             calls.add_metric([model, outcome], n)
     yield calls
 
-    histograms: tuple[tuple[str, Literal["latency_seconds", "queue_seconds", "batch_rows", "batch_calls"],
-                            str], ...] = (
+    histograms: tuple[tuple[str, Literal["latency_seconds", "queue_seconds", "batch_rows", "batch_calls",
+                                         "first_chunk_seconds"], str], ...] = (
         ("torchpool_call_latency_seconds", "latency_seconds",
          "Seconds from submitting a call to its result, queueing included."),
         ("torchpool_queue_seconds", "queue_seconds", "Seconds a call waited for a worker."),
         ("torchpool_batch_rows", "batch_rows", "Rows (along dim 0) of each batch a worker ran."),
         ("torchpool_batch_calls", "batch_calls", "Calls in each batch a worker ran."),
+        ("torchpool_stream_first_chunk_seconds", "first_chunk_seconds",
+         "Seconds from starting a stream to its first chunk."),
     )
     for name, key, doc in histograms:
         family = HistogramMetricFamily(name, doc, labels=["model"])
@@ -140,5 +146,13 @@ def _families(status: AppStatus | None) -> Iterator[Any]:
     for model, part in models:
         restarts.add_metric([model], sum(w["restarts"] for w in part["workers"]))
     yield restarts
+    streams = CounterMetricFamily("torchpool_streams", "Streams started (model.stream).", labels=["model"])
+    chunks = CounterMetricFamily("torchpool_stream_chunks", "Chunks streams delivered.", labels=["model"])
+    for model, part in models:
+        streams.add_metric([model], part["metrics"]["streams"])
+        chunks.add_metric([model], part["metrics"]["stream_chunks"])
+    yield streams
+    yield chunks
+    yield gauge("torchpool_streams_open", "Streams running now.", lambda p: p["metrics"]["streams_open"])
     yield gauge("torchpool_shared_memory_bytes", "Bytes of shared-memory arenas mapped by the pool.",
                 lambda p: p["arena_bytes"])

@@ -28,6 +28,7 @@ import signal
 import sys
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -189,6 +190,12 @@ class _Server:
         start, size = arena.outputs
         self.outputs = shm.Allocator(start, size)
         self.pending: deque[tuple[messages.Call, list[int]]] = deque()
+        # The stream being run (Note [Streams] in streaming.py): its call id, credits, and whether it was
+        # cancelled or the pool said Stop meanwhile.
+        self.streaming = 0
+        self.credit = 0
+        self.cancelled = False
+        self.stopping = False
         if self.device.type == "cuda":
             _pin_host_memory(arena)
 
@@ -210,6 +217,8 @@ class _Server:
                     return
             if self.pending:
                 self._run(*self.pending.popleft())
+                if self.stopping:  # a Stop read while a stream ran
+                    return
 
     def _handle(self, msg: Any, fds: list[int]) -> bool:
         kind = type(msg)
@@ -217,7 +226,14 @@ class _Server:
             for offset in msg.releases:
                 self.outputs.free(offset)
             self.pending.append((msg, fds))
+        elif kind is messages.Credit:
+            for offset in msg.releases:
+                self.outputs.free(offset)
+            if msg.id == self.streaming:
+                self.credit += msg.chunks
         elif kind is messages.Cancel:
+            if msg.id == self.streaming:
+                self.cancelled = True
             for i, (call, call_fds) in enumerate(self.pending):
                 if call.id == msg.id:
                     del self.pending[i]
@@ -226,6 +242,7 @@ class _Server:
                     self._fail(call.id, InferenceTimeoutError("the call was cancelled before it ran"))
                     break
         elif kind is messages.Stop:
+            self.stopping = True
             return False
         return True
 
@@ -244,15 +261,85 @@ class _Server:
                     f"the worker could not read the inputs: {type(exc).__name__}: {exc}")))
                 return
             try:
-                out = self.model(*args, **kwargs)
+                out = (self.model if call.method is None else call_target(self.model, call.method))(
+                    *args, **kwargs)
             except Exception as exc:
                 self._fail(call.id, InferenceError.model_raised(type(exc).__name__, str(exc),
                                                                 traceback.format_exc()))
                 return
             del args, kwargs, tensors
-            self._reply(call.id, out)
+            if call.window:
+                self._stream(call.id, out, call.window)
+            elif isinstance(out, Iterator):
+                close_iterator(out)
+                self._fail(call.id, OutputError(
+                    f"the model returned {codec.describe(out)}: it yields its outputs one by one; iterate "
+                    "them with model.stream(...) instead of calling model(...)", remote_type="Iterator"))
+            else:
+                self._reply(call.id, out)
         finally:
             control[shm.CTRL_RUNNING] = 0
+
+    def _stream(self, call_id: int, out: Any, window: int) -> None:
+        """Note [Streams]: send what *out* yields, *window* chunks ahead of the caller's credits; stop at a
+        Cancel or Stop (closing the generator, so its ``finally`` blocks run)."""
+        if not isinstance(out, Iterator):
+            self._fail(call_id, OutputError(
+                f"model.stream() needs a model that yields its outputs (a generator or an iterator); it "
+                f"returned {codec.describe(out)}: call model(...) instead", remote_type="NotAnIterator"))
+            return
+        self.streaming, self.credit, self.cancelled = call_id, window, False
+        sent = 0
+        failure: TorchPoolError | None = None
+        try:
+            while True:
+                # What arrived first (a Cancel, credits, new calls); at 0 credits, wait for more.
+                while self.channel.poll(0) or (self.credit <= 0 and not (self.cancelled or self.stopping)):
+                    if not self._handle(*self.channel.recv()):
+                        break
+                if self.cancelled or self.stopping:
+                    break
+                try:
+                    item = next(out)
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    failure = InferenceError.model_raised(type(exc).__name__, str(exc),
+                                                          traceback.format_exc())
+                    break
+                failure = self._chunk(call_id, item)
+                if failure is not None:
+                    break
+                sent += 1
+                self.credit -= 1
+        finally:
+            self.streaming = 0
+            close_iterator(out)
+        if failure is not None:
+            self._fail(call_id, failure)
+        else:
+            self.channel.send(messages.StreamEnd(call_id, sent))
+
+    def _chunk(self, call_id: int, item: Any) -> TorchPoolError | None:
+        """Send one chunk of a stream, as :meth:`_reply` sends a result (never aliasing an input: the
+        input blocks are freed when the stream ends); the error that ends the stream if it cannot."""
+        placer = shm.Placer(self.arena, self.outputs)
+        try:
+            produced: list[torch.Tensor] = []
+            value = codec.flatten(item, produced, "output")
+            msg = messages.StreamChunk(call_id, value, tuple(placer.place(t) for t in produced))
+        except codec.UnsupportedValue as exc:
+            placer.rollback()
+            return OutputError(f"the model yielded {codec.describe(item)}, which cannot travel back: {exc}",
+                               remote_type="UnsupportedValue")
+        except Exception as exc:
+            placer.rollback()
+            return _traced(OutputError(str(exc), remote_type=type(exc).__name__))
+        try:
+            self.channel.send(msg, tuple(placer.fds))
+        finally:
+            placer.close_fds()
+        return None
 
     def _reply(self, call_id: int, out: Any) -> None:
         placer = shm.Placer(self.arena, self.outputs)
@@ -292,6 +379,27 @@ class _Server:
     def _fail(self, call_id: int, err: TorchPoolError) -> None:
         """Call *call_id* failed with *err*, the error its caller gets (rebuilt there by ``from_wire``)."""
         self.channel.send(messages.Failure(call_id, *to_wire(err)))
+
+
+def call_target(model: Any, name: str) -> Any:
+    """The public method *name* of *model* (``model.call("generate", ...)``)."""
+    if not name.isidentifier() or name.startswith("_"):
+        raise AttributeError(f"{name!r} is not a public method name")
+    method = getattr(model, name, None)
+    if not callable(method):
+        raise AttributeError(f"the model ({type(model).__qualname__}) has no method {name!r}")
+    return method
+
+
+def close_iterator(out: Any) -> None:
+    """Close a generator the model returned (its ``finally`` blocks run); log what closing raises."""
+    close = getattr(out, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:
+        log.warning("closing the model's generator raised", exc_info=True)
 
 
 def _traced(err: TorchPoolError) -> TorchPoolError:

@@ -92,6 +92,12 @@ class WorkerSlot:
         return self.placement.worker
 
     @property
+    def streams(self) -> bool:
+        """Whether it was sent a stream not ended yet: it takes no other job meanwhile (Note [Streams]
+        in :mod:`flask_torchpool.streaming`)."""
+        return any(job.members and job.members[0].target[1] for job in self.jobs.values())
+
+    @property
     def load(self) -> int:
         return batching.load(self)
 

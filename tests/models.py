@@ -38,9 +38,24 @@ class Echo(nn.Module):
             return torch.ones(kwargs.pop("n"), dtype=torch.uint8)
         if action == "pid":
             return os.getpid()
+        if action == "yield":
+            return self.count(kwargs.pop("n"))
         if len(args) == 1 and not kwargs:
             return args[0]
         return {"args": args, "kwargs": kwargs}
+
+    def count(self, n, fail_at=-1, log=None):
+        """Yields ``tensor([i])``, then ``{"i": i}`` (any output travels) for i < n; raises at *fail_at*;
+        appends "finally" to *log* when closed (streams, issue 13)."""
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise ValueError(f"bad token at step {i}")
+                yield torch.tensor([i]) if i % 2 == 0 else {"i": i, "text": f"t{i}"}
+        finally:
+            if log:
+                with open(log, "a") as f:
+                    f.write("finally\n")
 
 
 def echo():

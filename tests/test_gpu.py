@@ -44,3 +44,12 @@ def test_large_payload_through_pinned_arena(make_pool) -> None:
     with app.app_context():
         y = pool(x)
     assert torch.equal(x, y)
+
+
+def test_a_stream_of_cuda_tensors_arrives_as_cpu_tensors(make_pool) -> None:
+    app, pool = make_pool(TORCHPOOL_MODEL="tests.stream_models:counter", TORCHPOOL_DEVICES="cuda:0")
+    x = torch.arange(12.0).reshape(4, 3)
+    with app.app_context():
+        chunks = list(pool.model().method("rows").stream(x))
+    assert all(c.device.type == "cpu" for c in chunks)
+    assert torch.equal(torch.stack(chunks), x * 2)

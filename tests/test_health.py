@@ -93,7 +93,9 @@ def test_prometheus_exposition(health_app: Flask) -> None:
         "torchpool_batch_calls": "histogram", "torchpool_queue_depth": "gauge",
         "torchpool_inflight_calls": "gauge", "torchpool_busy_workers": "gauge", "torchpool_workers": "gauge",
         "torchpool_ready": "gauge", "torchpool_worker_restarts": "counter",
-        "torchpool_shared_memory_bytes": "gauge",
+        "torchpool_shared_memory_bytes": "gauge", "torchpool_streams": "counter",
+        "torchpool_stream_chunks": "counter", "torchpool_streams_open": "gauge",
+        "torchpool_stream_first_chunk_seconds": "histogram",
     }
     calls = families["torchpool_calls"]
     assert {s.labels["outcome"] for s in calls.samples} == set(OUTCOMES)

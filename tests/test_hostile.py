@@ -373,7 +373,7 @@ class _FakePool:
         self.futures: list[Future[Any]] = []
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True) -> Future[Any]:
+               batch: bool = True, method: str | None = None) -> Future[Any]:
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         if self.result is not None:

@@ -319,6 +319,24 @@ def _curl(command: str, base_url: str) -> tuple[int, Any]:
     return int(code), json.loads(body)
 
 
+def _check_event_stream(command: str, base_url: str) -> None:
+    """Run the README's ``curl -N`` line: one ``data`` event per generated character, then ``end``; the
+    text is what the generator yields for that prompt when run here."""
+    from example_app.generator import build_generator, encode
+
+    argv = shlex.split(command.replace("http://127.0.0.1:5000", base_url))
+    body = json.loads(argv[argv.index("--data") + 1])
+    if shutil.which("curl") is not None:
+        text = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=60, check=True).stdout.decode()
+    else:  # pragma: no cover
+        text = requests.post(argv[-1], json=body, timeout=60).text
+    events = [e for e in text.split("\n\n") if e]
+    assert events[-1] == "event: end\ndata: {}", text
+    chars = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all(e.startswith("data: ") for e in events[:-1]) and len(chars) == body["max_new_tokens"], text
+    assert "".join(chars) == "".join(build_generator()(encode(body["prompt"]), body["max_new_tokens"]))
+
+
 def _curl_with_requests(argv: list[str]) -> tuple[int, Any]:  # pragma: no cover
     method, headers, data, url = "GET", {}, None, argv[-1]
     args = iter(argv[1:-1])
@@ -375,7 +393,8 @@ def test_example_app_answers_the_readme_examples(tmp_path: Path) -> None:
         assert index.status_code == 200, server.log()
         # The README: "the pool has started by then".
         workers = {p for p in child_pids(server.pid) if is_pool_worker(p)}
-        assert len(workers) == 2 and pool_workers_below(server.pid) == workers, server.log()
+        # Two for the classifier, one for the text generator.
+        assert len(workers) == 3 and pool_workers_below(server.pid) == workers, server.log()
 
         answers = {}
         for command, documented in examples:
@@ -409,6 +428,9 @@ def test_example_app_answers_the_readme_examples(tmp_path: Path) -> None:
         top = [line for lang, text in _fenced_blocks(_readme_top()) if lang == "sh"
                for line in text.splitlines() if line.startswith("curl ")]
         for command in top:
+            if command.startswith("curl -N "):
+                _check_event_stream(command, server.base_url)
+                continue
             status, body = _curl(command, server.base_url)
             expected = answers["image" if "/predict/image" in command else "json"][1]
             assert status == 200, (command, body)

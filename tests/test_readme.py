@@ -83,6 +83,11 @@ BLOCKS: dict[tuple[str, str], Run | Skip] = {
     ("sh", "curl -s -X POST --data-binary @example_app/sample.pgm http://127.0.0.1:5000/predict/image"):
         Run("test_lifecycle.py::test_example_app_answers_the_readme_examples (every `curl` line above "
             "the README's first section, against the example app)"),
+    ("sh", "curl -N -X POST -H 'Content-Type: application/json' --data '{\"prompt\": \"the \", "
+           "\"max_new_tokens\": 32}' http://127.0.0.1:5000/generate"):
+        Run("test_lifecycle.py::test_example_app_answers_the_readme_examples (runs it with curl against the "
+            "example app: every character arrives as its own event, then `event: end`, and the text is "
+            "the generator's run in the test process)"),
     ("python", "# myproject/model.py"): Run("test_quickstart_serves_as_the_readme_says"),
     ("python", "# myproject/app.py"): Run("test_quickstart_serves_as_the_readme_says"),
     ("sh", "flask --app myproject.app run"): Run("test_quickstart_serves_as_the_readme_says"),

@@ -19,9 +19,11 @@ import torch
 
 from flask_torchpool import InferenceTimeoutError, OutputError, codec, messages, shm
 from flask_torchpool.batching import Call, CallState, Job, Scheduler, batch_key, idle, load
+from flask_torchpool.config import PoolConfig
 from flask_torchpool.metrics import Metrics
 from flask_torchpool.pool import _Deadlines
 from flask_torchpool.status import WorkerState
+from flask_torchpool.streaming import StreamBook
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,6 +49,7 @@ class FakeSlot:
     channel: FakeChannel = field(default_factory=FakeChannel)
     calls: int = 0
     errors: int = 0
+    streams: bool = False
     inputs: shm.Allocator | None = None
     outputs: shm.Allocator | None = None
 
@@ -313,7 +316,7 @@ def test_dim0_mismatch_fails_every_member(make: Any) -> None:
 
 def test_a_call_past_its_deadline_is_dropped(make: Any) -> None:
     sched, [slot] = make(pipeline_depth=1)
-    deadlines = _Deadlines(sched, workers=None)  # nothing to kill: the call is queued
+    deadlines = _deadlines(sched)  # nothing to kill: the call is queued
     hold(sched)
     late = call(n=1, timeout=0.01)
     future = late.future
@@ -340,7 +343,7 @@ def test_an_unsent_job_whose_members_are_done_is_dropped(make: Any) -> None:
     job = jobs[0]
     assert job is not None and jobs[1] is job and not job.sent
     assert slot.inputs is not None and slot.inputs.used > 0
-    deadlines = _Deadlines(sched, workers=None)  # nothing to kill: the job was never sent
+    deadlines = _deadlines(sched)  # nothing to kill: the job was never sent
     with sched.lock:
         for c in members:
             deadlines.add(c)
@@ -350,3 +353,9 @@ def test_an_unsent_job_whose_members_are_done_is_dropped(make: Any) -> None:
     assert not job.sent and job.id not in slot.jobs and not sched.open
     assert slot.inputs.used == 0
     assert [m.id for m in slot.sent_calls()] == [busy.id] and list(slot.jobs) == [busy.id]
+
+
+def _deadlines(sched: Scheduler[Any]) -> _Deadlines:
+    """The pool's deadlines over *sched*, with no worker set (nothing to kill) and no stream."""
+    streams = StreamBook(PoolConfig(model="tests.models:echo"), sched, None, sched.metrics, lambda: None)  # type: ignore[arg-type]
+    return _Deadlines(sched, None, streams)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -24,7 +25,7 @@ import socket
 import subprocess
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -35,6 +36,7 @@ from ..errors import PoolUnavailableError, TorchPoolError, WireError, from_wire
 from ..metrics import Metrics
 from ..placement import Placement
 from ..status import ModelStatus, WorkerState, model_status, not_started, worker_status
+from ..streaming import Sink, Stream, check_method, stream_ended
 from .rendezvous import (
     check_same_user,
     ensure_private_dir,
@@ -61,6 +63,7 @@ _STOPPED_GRACE = 1.0
 class _Pending:
     future: Future[Any]
     blocks: list[int]
+    sink: Sink | None = None  # a stream's chunks
 
 
 @dataclass(eq=False)
@@ -218,8 +221,17 @@ class PoolConnection:
     # --- calls ------------------------------------------------------------------------------------------
 
     def submit(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
-               timeout: float | None, batch: bool, max_input_bytes: int) -> Future[Any]:
+               timeout: float | None, batch: bool, max_input_bytes: int,
+               method: str | None = None) -> Future[Any]:
+        """Send one call. Cancelling its future tells the server to drop it if it has not started."""
+        return self._start(model, args, kwargs, timeout, batch, max_input_bytes, method, None)[0]
+
+    def _start(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+               timeout: float | None, batch: bool, max_input_bytes: int, method: str | None,
+               sink: Sink | None) -> tuple[Future[Any], int]:
+        """Send one call (a stream with *sink*): its future, and its id."""
         codec.check_timeout(timeout)
+        check_method(method)
         skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, max_input_bytes)
         self.connect(wait=timeout if timeout is not None else 60.0)
         link = self._link
@@ -229,15 +241,16 @@ class PoolConnection:
         refs = placer.place_all(tensors)
         call_id = next(_ids)
         future: Future[Any] = Future()
-        future.set_running_or_notify_cancel()
         with self._lock:
             if self._link is not link:  # the server went away while we wrote
                 placer.rollback()
                 raise self._unavailable(f"lost the connection to the pool server at {self.path}")
-            self._pending[call_id] = _Pending(future, placer.blocks)
+            # Kept until the server answers, even once cancelled: it may still read these input blocks.
+            self._pending[call_id] = _Pending(future, placer.blocks, sink)
         try:
             link.channel.send(messages.RemoteCall(call_id, model, skel_args, skel_kwargs, refs, timeout,
-                                                  batch, link.releases.drain()), tuple(placer.fds))
+                                                  batch, link.releases.drain(), method, sink is not None),
+                              tuple(placer.fds))
         except OSError as exc:
             with self._lock:
                 self._pending.pop(call_id, None)
@@ -246,7 +259,41 @@ class PoolConnection:
             raise self._unavailable(f"lost the connection to the pool server at {self.path}: {exc}") \
                 from None
         placer.close_fds()
-        return future
+        if sink is None:
+            future.add_done_callback(functools.partial(self._cancelled, link, call_id))
+        return future, call_id
+
+    def stream(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+               timeout: float | None, method: str | None, config: PoolConfig) -> Stream:
+        """Start a stream on the server (Note [Streams]; :mod:`.relay` is the server's half)."""
+        sink = Sink()
+        future, call_id = self._start(model, args, kwargs, timeout, False, config.max_input_bytes, method,
+                                      sink)
+        link = self._link
+        future.add_done_callback(functools.partial(stream_ended, sink))
+
+        def consumed() -> None:
+            if link is not None:
+                self.tell(link, messages.Credit(call_id, 1, link.releases.drain()))
+
+        def cancel() -> None:
+            if link is not None:
+                self.tell(link, messages.Cancel(call_id))
+                self.tell(link, messages.Credit(call_id, 0, link.releases.drain()))
+
+        limit = config.timeout if timeout is None else timeout
+        return Stream(sink, cancel, consumed, None if limit is None else limit + 5.0)
+
+    def _cancelled(self, link: _Link, call_id: int, future: Future[Any]) -> None:
+        if future.cancelled():
+            self.tell(link, messages.Cancel(call_id))
+
+    def tell(self, link: _Link, msg: Any) -> None:
+        """Send a small message to the server; a lost connection fails the calls by itself."""
+        try:
+            link.channel.send(msg)
+        except OSError:
+            pass
 
     @property
     def server_pid(self) -> int | None:
@@ -306,26 +353,43 @@ class PoolConnection:
                     waiter.set_result(msg.status)
                 continue
             with self._lock:
-                pending = self._pending.pop(msg.id, None)
+                chunk = isinstance(msg, messages.StreamChunk)
+                pending = self._pending.get(msg.id) if chunk else self._pending.pop(msg.id, None)
             if pending is None:
                 for fd in fds:
                     os.close(fd)
+                continue
+            if chunk:
+                self._on_chunk(link, pending, msg, fds)
                 continue
             for offset in pending.blocks:
                 link.inputs.free(offset)
             if isinstance(msg, messages.Result):
                 try:
                     tensors = shm.read_refs(link.arena, msg.refs, fds, on_free=link.releases)
-                    pending.future.set_result(codec.unflatten(msg.value, tensors))
+                    _settle(pending.future, codec.unflatten(msg.value, tensors))
                 except Exception as exc:  # noqa: BLE001 - a bad result fails its call, not the reader
-                    pending.future.set_exception(errors.OutputError(f"cannot read the result: {exc}"))
+                    _settle(pending.future, exc=errors.OutputError(f"cannot read the result: {exc}"))
             elif isinstance(msg, messages.RemoteError):
                 for fd in fds:
                     os.close(fd)
-                pending.future.set_exception(from_wire(WireError(*msg[1:])))
+                _settle(pending.future, exc=from_wire(WireError(*msg[1:])))
+            elif isinstance(msg, messages.StreamEnd):
+                _settle(pending.future, None)
             del pending
         self._lost(link, reason)
         link.channel.close()  # only here: closing while this thread reads could reuse the descriptor
+
+    def _on_chunk(self, link: _Link, pending: _Pending, msg: messages.StreamChunk, fds: list[int]) -> None:
+        try:
+            tensors = shm.read_refs(link.arena, msg.refs, fds, on_free=link.releases)
+            value = codec.unflatten(msg.value, tensors)
+        except Exception as exc:  # noqa: BLE001 - a bad chunk fails its stream, not the reader
+            if pending.sink is not None:
+                pending.sink.end(errors.OutputError(f"cannot read a chunk of the stream: {exc}"))
+            return
+        if pending.sink is not None:
+            pending.sink.put(value)
 
     def _lost(self, link: _Link, reason: str) -> None:
         with self._lock:
@@ -339,7 +403,7 @@ class PoolConnection:
             log.warning("torchpool: %s; %d call(s) failed; the next call reconnects", reason, len(pending))
         err = self._unavailable(f"{reason}; {self.path}")
         for p in pending.values():
-            p.future.set_exception(err)
+            _settle(p.future, exc=err)
         for waiter in statuses.values():
             waiter.set_exception(err)
 
@@ -405,11 +469,17 @@ class RemotePool:
         threading.Thread(target=attach, name=f"{self.name}-attach", daemon=True).start()
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True) -> Future[Any]:
+               batch: bool = True, method: str | None = None) -> Future[Any]:
         if self._closing:
             raise errors.PoolClosedError.closing(self.config.retry_after)
         return self.connection.submit(self.model, args, kwargs, timeout, batch,
-                                      self.config.max_input_bytes)
+                                      self.config.max_input_bytes, method)
+
+    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               method: str | None = None) -> Stream:
+        if self._closing:
+            raise errors.PoolClosedError.closing(self.config.retry_after)
+        return self.connection.stream(self.model, args, kwargs, timeout, method, self.config)
 
     def shutdown(self, wait: bool = True, drain_timeout: float | None = None) -> None:
         """Detach this web process (the server and its workers keep running for the others)."""
@@ -503,6 +573,12 @@ def ensure_server(app_import: str | None, path: str, owner_pid: int) -> _ServerS
             "(flask_torchpool.gunicorn)")
     spawner = _ServerSpawner(app_import, path, owner_pid)
     return spawner if spawner.spawn_if_needed() else None
+
+
+def _settle(future: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+    """Resolve *future*, unless its caller cancelled it."""
+    with contextlib.suppress(InvalidStateError):
+        future.set_result(value) if exc is None else future.set_exception(exc)
 
 
 __all__ = ["PoolConnection", "RemotePool", "ensure_server"]

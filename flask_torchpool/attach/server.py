@@ -59,13 +59,14 @@ import signal
 import socket
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import codec, messages, shm
 from ..backend import Backend
 from ..errors import InferenceError, InvalidInputError, TorchPoolError, to_wire
+from .relay import Chunk, End, StreamRelay
 from .rendezvous import (
     check_same_user,
     ensure_private_dir,
@@ -318,6 +319,7 @@ class _Client:
         self.pending = 0
         self.idle = threading.Condition()
         self.closed = False
+        self.streams = StreamRelay(self)  # its streams, and its calls it may cancel
 
     def start(self) -> None:
         threading.Thread(target=self._read_loop, name=f"torchpool-client-{self.pid}-read",
@@ -330,6 +332,7 @@ class _Client:
             self.closed = True
             self.replies.put(_STOP)
             shutdown_socket(self.channel.fileno())
+            self.streams.close()
 
     def flush(self, timeout: float) -> None:
         """Wait (up to *timeout*) until every call taken has been answered."""
@@ -350,6 +353,8 @@ class _Client:
                 if isinstance(msg, messages.RemoteCall):
                     if not self._on_call(msg, fds):
                         break
+                elif isinstance(msg, (messages.Cancel, messages.Credit)):
+                    self.streams.on_message(msg)
                 elif isinstance(msg, messages.StatusRequest):
                     for fd in fds:
                         os.close(fd)
@@ -397,10 +402,13 @@ class _Client:
             tensors = _read_inputs(self.arena, msg.refs, fds)
             args = codec.unflatten(msg.args, tensors)
             kwargs = codec.unflatten(msg.kwargs, tensors)
-            future = pool.submit(tuple(args), dict(kwargs), msg.timeout, msg.batch)
+            if msg.stream:
+                return self.streams.start(msg, pool, tuple(args), dict(kwargs))
+            future = pool.submit(tuple(args), dict(kwargs), msg.timeout, msg.batch, method=msg.method)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             self.replies.put((msg.id, exc))
             return True
+        self.streams.track(msg.id, future)
         future.add_done_callback(functools.partial(self._done, msg.id))
         return True
 
@@ -418,8 +426,12 @@ class _Client:
             if item is _STOP:
                 break
             call_id, outcome = item
+            ends = not isinstance(outcome, Chunk)
             try:
                 if self.closed:
+                    continue
+                if isinstance(outcome, (Chunk, End)):
+                    outcome.send(self, call_id)
                     continue
                 if isinstance(outcome, BaseException):
                     self._send_error(call_id, outcome)
@@ -435,14 +447,14 @@ class _Client:
             finally:
                 del item, outcome
                 with self.idle:
-                    self.pending -= 1
+                    self.pending -= ends
                     self.idle.notify_all()
         # Anything still queued belongs to a closed client: drop it (and the worker blocks it holds).
         with contextlib.suppress(queue.Empty):
             while True:
                 self.replies.get_nowait()
 
-    def _send_result(self, call_id: int, result: Any) -> None:
+    def _send_result(self, call_id: int, result: Any, kind: type = messages.Result) -> None:  # or a chunk
         tensors: list[Any] = []
         try:
             skel = codec.flatten(result, tensors, "output")
@@ -453,14 +465,14 @@ class _Client:
         refs = placer.place_all(tensors)
         del tensors, result
         try:
-            self._send(messages.Result(call_id, skel, refs), tuple(placer.fds))
+            self._send(kind(call_id, skel, refs), tuple(placer.fds))
         except BaseException:
             placer.rollback()
             raise
         placer.close_fds()
 
     def _send_error(self, call_id: int, exc: BaseException) -> None:
-        if not isinstance(exc, TorchPoolError):
+        if not isinstance(exc, (TorchPoolError, CancelledError)):  # cancelled: by its client
             log.error("torchpool server: a call failed in the server itself", exc_info=exc)
         self._send(messages.RemoteError(call_id, *to_wire(exc)))
 

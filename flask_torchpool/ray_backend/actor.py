@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from .. import codec
 from ..errors import InferenceError, InvalidInputError, OutputError, RemoteTraceback, to_wire
-from ..worker import WORKER_ENV, load_model
+from ..worker import WORKER_ENV, close_iterator, load_model
 
 #: What :meth:`ModelActor.run` answers: ("ok", output skeleton, output tensors) or ("error", WireError).
 Reply = tuple[Any, ...]
@@ -65,8 +66,10 @@ class ModelActor:
     def ping(self) -> int:
         return os.getpid()
 
-    def run(self, args: Any, kwargs: Any, parts: list[list[torch.Tensor]]) -> Reply:
-        """Run one job: *parts* holds each member's tensors (one member: a plain call)."""
+    def run(self, args: Any, kwargs: Any, parts: list[list[torch.Tensor]],
+            method: str | None = None) -> Reply:
+        """Run one job: *parts* holds each member's tensors (one member: a plain call); *method*: the
+        model's method to run (None: the model itself)."""
         try:
             if len(parts) == 1:
                 tensors = parts[0]
@@ -80,13 +83,23 @@ class ModelActor:
             err = InvalidInputError(f"the actor could not read the inputs: {type(exc).__name__}: {exc}")
             err.__cause__ = RemoteTraceback(traceback.format_exc())
             return ("error", tuple(to_wire(err)))
+        target = self.model if method is None else getattr(self.model, method, None)
+        if target is None or not callable(target):
+            missing = InferenceError(f"the model ({type(self.model).__qualname__}) has no method {method!r}")
+            return ("error", tuple(to_wire(missing)))
         try:
             with torch.inference_mode():
-                out = self.model(*args, **kwargs)
+                out = target(*args, **kwargs)
         except Exception as exc:
             return ("error", tuple(to_wire(InferenceError.model_raised(type(exc).__name__, str(exc),
                                                                        traceback.format_exc()))))
         del args, kwargs, tensors
+        if isinstance(out, Iterator):
+            close_iterator(out)
+            yields = OutputError(f"the model returned {codec.describe(out)}: it yields its outputs one by "
+                                 "one; model.stream(...) would iterate them, but the Ray backend does not "
+                                 "stream (use the process backend for this model)", remote_type="Iterator")
+            return ("error", tuple(to_wire(yields)))
         produced: list[torch.Tensor] = []
         try:
             skel = codec.flatten(out, produced, "output")

@@ -60,6 +60,7 @@ from ..errors import (
 from ..metrics import Metrics
 from ..placement import Placement
 from ..status import ModelStatus, WorkerState, model_status, worker_status
+from ..streaming import Stream, check_method, new_call
 from ..workers import SETTLED
 from . import cluster
 from .actor import ModelActor
@@ -185,11 +186,23 @@ class RayPool:
     # --- calls --------------------------------------------------------------------------------------------
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True) -> Future[Any]:
-        """Queue one call (see :meth:`flask_torchpool.backend.Backend.submit`)."""
-        return admission.submit(self._sched, self.config, args, kwargs, timeout, batch,
-                                check_open=self._check_open, add_deadline=self._deadlines.add,
-                                next_wake=self._wake_time, wake=self._wake)
+               batch: bool = True, method: str | None = None) -> Future[Any]:
+        """Queue one call (see :meth:`flask_torchpool.backend.Backend.submit`); *method* runs that
+        method of the model on the actor. Cancelling the future does not drop the call on this backend
+        (the call runs; its result is discarded)."""
+        call = new_call(self.config, args, kwargs, timeout, method)
+        return admission.submit(self._sched, self.config, call, batch, check_open=self._check_open,
+                                add_deadline=self._deadlines.add, next_wake=self._wake_time,
+                                wake=self._wake)
+
+    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
+               method: str | None = None) -> Stream:
+        """Not supported on the Ray backend: raises :class:`InferenceError` (501-free: the call never
+        starts) saying so. See docs/configuration.rst, "The Ray backend"."""
+        check_method(method)
+        raise InferenceError("streaming calls (model.stream) are not supported by the Ray backend "
+                             "(TORCHPOOL_BACKEND='ray') yet; call the model without .stream, or serve "
+                             "this model with the process backend", remote_type="NotSupported")
 
     def _wake(self) -> None:
         self._events.put((_WAKE,))

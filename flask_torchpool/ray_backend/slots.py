@@ -81,6 +81,10 @@ class ActorSlot:
     def channel(self) -> None:
         return None
 
+    @property
+    def streams(self) -> bool:
+        return False  # the Ray backend runs no streams (RayPool.stream)
+
     def schedule_respawn(self, config: PoolConfig, served: bool, now: float) -> None:
         """Under the pool's lock: Note [Restart policy] (flask_torchpool.workers), for an actor. An actor
         that served is replaced at once; one that died loading (or just after) after a backoff, and after
@@ -141,7 +145,7 @@ class RayScheduler(Scheduler[ActorSlot]):
                 return
             first = job.members[0]
             try:
-                ref = handle.run.remote(first.args, first.kwargs, parts)
+                ref = handle.run.remote(first.args, first.kwargs, parts, first.target[0])
             except Exception as exc:  # cannot even submit: Ray is gone, or the actor handle is
                 self.events.put(("answer", slot, generation, job, None, exc))
                 return
