@@ -1,7 +1,8 @@
-"""Admitting and draining calls: what every backend that schedules with
-:class:`~flask_torchpool.batching.Scheduler` (the process pool, :mod:`flask_torchpool.pool`, and the Ray
-pool, :mod:`flask_torchpool.ray_backend.pool`) does with a new call, and with the calls it still has
-while it closes, so that both refuse, queue, time out and drain the same way."""
+"""Admitting and draining calls for the Ray pool (:mod:`flask_torchpool.ray_backend.pool`), which
+schedules with :class:`~flask_torchpool.batching.Scheduler` as the process pool does: the same rules as
+the process pool's ``Pool._enqueue`` and ``Pool._drained`` (:mod:`flask_torchpool.pool`), so that both
+refuse, queue, time out and drain the same way. (The process pool kept its own copy when streaming
+landed; moving it here is a follow-up.)"""
 
 from __future__ import annotations
 
