@@ -337,6 +337,11 @@ def _format_status(status: dict[str, Any]) -> str:
     rows = [[w.get("worker"), w.get("pid") or "-", w.get("state"), w.get("device"),
              _ranges(tuple(w.get("cores") or ())), w.get("threads"), w.get("inflight", 0), w.get("calls", 0),
              w.get("errors", 0), w.get("restarts", 0)] for w in workers]
+    if any("node_ip" in w for w in workers):  # Ray actors: where Ray placed each, and what it gave it
+        headers += ["node", "resources"]
+        for w, row in zip(workers, rows):
+            resources = ",".join(f"{k}={v:g}" for k, v in sorted((w.get("resources") or {}).items()))
+            row += [w.get("node_ip") or "-", resources or "-"]
     if several:
         headers = ["model"] + headers
         rows = [[w.get("model")] + row for w, row in zip(workers, rows)]

@@ -16,6 +16,7 @@ with the per-model overrides of its ``TORCHPOOL_MODELS`` entry. Every default is
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import pickle
@@ -66,6 +67,9 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_WORKER_NICE": 10,
     "TORCHPOOL_RELOAD_SURGE": 1,
     "TORCHPOOL_MODEL_VERSION": None,
+    "TORCHPOOL_BACKEND": "process",
+    "TORCHPOOL_RAY_ADDRESS": None,
+    "TORCHPOOL_RAY_ACTOR_OPTIONS": None,
     "TORCHPOOL_STREAM_BUFFER": 4,
     "TORCHPOOL_STREAM_TIMEOUT": None,
 }
@@ -78,7 +82,7 @@ DEFAULT_MODEL = "default"
 MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
                    "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
                    "max_batch_delay_ms", "share_weights", "example_input", "model_sha256", "stream_buffer",
-                   "stream_timeout", "reload_surge", "model_version")
+                   "stream_timeout", "reload_surge", "model_version", "backend", "ray_actor_options")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -104,6 +108,9 @@ class AppConfig:
     socket: str | None = DEFAULTS["TORCHPOOL_SOCKET"]
     #: ``TORCHPOOL_ERROR_DETAILS``: 5xx bodies carry the full message and fields (also when app.debug).
     error_details: bool = DEFAULTS["TORCHPOOL_ERROR_DETAILS"]
+    #: ``TORCHPOOL_RAY_ADDRESS``: the Ray cluster of models whose backend is "ray" ("auto", "ray://host:port",
+    #: "host:port"); None: start a local Ray in this process (unless it is connected already).
+    ray_address: str | None = DEFAULTS["TORCHPOOL_RAY_ADDRESS"]
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> AppConfig:
@@ -150,6 +157,10 @@ class ModelConfig:
     reload_surge: int = DEFAULTS["TORCHPOOL_RELOAD_SURGE"]
     #: ``TORCHPOOL_MODEL_VERSION``: a label for the model's version, shown in status, metrics and logs.
     model_version: str | None = DEFAULTS["TORCHPOOL_MODEL_VERSION"]
+    #: ``TORCHPOOL_BACKEND``: "process" (worker processes of this host) or "ray" (Ray actors).
+    backend: str = DEFAULTS["TORCHPOOL_BACKEND"]
+    #: ``TORCHPOOL_RAY_ACTOR_OPTIONS``: passed to Ray's ``.options()`` for every actor of the model.
+    ray_actor_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     #: ``TORCHPOOL_STREAM_BUFFER``: chunks of a stream that may wait in shared memory for its reader.
     stream_buffer: int = DEFAULTS["TORCHPOOL_STREAM_BUFFER"]
     #: ``TORCHPOOL_STREAM_TIMEOUT``: seconds a whole stream may take; None: no bound but the per-chunk one.
@@ -167,6 +178,8 @@ class ModelConfig:
                 isinstance(self.model, str) and self.model.endswith(_MODEL_FILE_SUFFIXES)):
             raise ConfigError(self.key("model_sha256"), f"pins the SHA-256 of a model file, but the model "
                                                         f"{self.model!r} is not a file; remove the pin")
+        if self.backend == "ray":
+            _check_ray(self)
 
     @property
     def spec(self) -> ModelSpec | PinnedFile:
@@ -438,6 +451,64 @@ def _label(key: str, value: Any) -> str | None:
     return value.strip()
 
 
+def _backend(key: str, value: Any) -> str:
+    backend = _choice(key, value, ("process", "ray"))
+    if backend == "ray" and not _installed("ray"):
+        raise ConfigError(key, "is 'ray', but Ray is not installed in this environment; install it with "
+                               'pip install "flask_torchpool[ray]", or use the process backend')
+    return backend
+
+
+def _installed(module: str) -> bool:
+    """Whether *module* can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _ray_address(key: str, value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip()):
+        return None if value is None else value.strip()
+    raise ConfigError(key, f"{value!r} is not allowed; use None (start a local Ray here), 'auto' (the "
+                           "cluster this node belongs to), 'ray://head:10001' or 'head:6379'")
+
+
+#: Actor options the Ray backend sets itself: it replaces dead actors (so Ray must not restart them or
+#: retry their calls), runs one call at a time per actor, and owns its actors (Note [Ray actors]).
+_RAY_OWN_OPTIONS = ("max_restarts", "max_task_retries", "max_concurrency", "concurrency_groups", "lifetime",
+                    "name", "namespace", "get_if_exists")
+
+
+def _actor_options(key: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(key, f"{value!r} is not allowed; use None or a dict of Ray actor options, e.g. "
+                               '{"num_gpus": 1, "num_cpus": 2}')
+    for option in _RAY_OWN_OPTIONS:
+        if option in value:
+            raise ConfigError(key, f"sets {option!r}, which flask_torchpool sets itself (it replaces dead "
+                                   "actors, runs one call at a time on each and owns them); remove it")
+    for option in ("num_cpus", "num_gpus"):
+        amount = value.get(option, 0)
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < float("inf"):
+            raise ConfigError(key, f"{option}={amount!r} is not allowed; use a number >= 0")
+    return dict(value)
+
+
+def _check_ray(config: ModelConfig) -> None:
+    """The keys that conflict with ``TORCHPOOL_BACKEND = "ray"``: on Ray, placement is Ray's."""
+    gpus = config.ray_actor_options.get("num_gpus", 0)
+    if config.devices not in ("auto", ("cpu",)):
+        raise ConfigError(config.key("devices"), f"is {config.devices!r}, but with TORCHPOOL_BACKEND='ray' "
+                                                 "Ray places the actors: leave it 'auto' and ask for GPUs "
+                                                 'with TORCHPOOL_RAY_ACTOR_OPTIONS={"num_gpus": 1}')
+    if config.devices == ("cpu",) and gpus:
+        raise ConfigError(config.key("ray_actor_options"), f"asks for num_gpus={gpus!r}, but "
+                                                           f"{config.key('devices')} is 'cpu'; use 'auto'")
+
+
 def _passthrough(key: str, value: Any) -> Any:
     return value
 
@@ -452,6 +523,7 @@ _APP_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "mode": lambda k, v: _choice(k, v, ("embedded", "attach", "auto")),
     "socket": _socket_path,
     "error_details": _bool,
+    "ray_address": lambda k, v: _ray_address(k, v),
 }
 
 #: Every field of :class:`ModelConfig` but ``model`` and the name, with its validator ``(key, value)``.
@@ -480,6 +552,8 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "worker_nice": _nice,
     "reload_surge": lambda k, v: _int(k, v, minimum=0),
     "model_version": lambda k, v: _label(k, v),
+    "backend": lambda k, v: _backend(k, v),
+    "ray_actor_options": lambda k, v: _actor_options(k, v),
     "stream_buffer": lambda k, v: _int(k, v, minimum=1),
     "stream_timeout": lambda k, v: _seconds(k, v, allow_none=True),
 }

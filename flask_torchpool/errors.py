@@ -230,6 +230,13 @@ class InferenceTimeoutError(_HTTPError, GatewayTimeout):
     code = 504
     public = "the call did not finish within its deadline"
 
+    @classmethod
+    def past_deadline(cls, waited: float, queued: bool) -> InferenceTimeoutError:
+        """A call that waited *waited* seconds, *queued* for a worker or in one, and got no answer."""
+        return cls(f"the call did not finish within its deadline ({waited:.3g}s; it was "
+                   f"{'waiting for a worker' if queued else 'in a worker'}). Raise TORCHPOOL_TIMEOUT or the "
+                   "view's timeout, or add workers")
+
 
 class PoolOverloadedError(_HTTPError, ServiceUnavailable):
     """``TORCHPOOL_MAX_QUEUE`` calls are already waiting; this one was refused at once."""

@@ -36,6 +36,7 @@ from .inline import plan as inline_plan
 from .metrics import Metrics
 from .placement import Placement, plan_models
 from .pool import Pool
+from .ray_backend import plan as ray_plan
 from .startup import check_resources
 from .status import AppStatus, ModelStatus, ModelVersion, app_status, not_started
 from .versions import reload_models
@@ -125,7 +126,11 @@ class ModelGroup:
     def _compute_plan(self) -> list[Placement]:
         if self.app_config.inline:
             return [p for config in self.configs.values() for p in inline_plan(config)]
-        return plan_models(self.configs)
+        process = {n: c for n, c in self.configs.items() if c.backend == "process"}
+        local = plan_models(process) if process else []
+        return [p for name, config in self.configs.items()
+                for p in (ray_plan(config) if config.backend == "ray" else
+                          [q for q in local if q.model == name])]
 
     def _create_backend(self, name: str, config: ModelConfig, placements: list[Placement],
                         attach: bool = False) -> Backend:
@@ -138,6 +143,10 @@ class ModelGroup:
             return RemotePool(config, self.connection, name, name=label)
         if self.app_config.inline:
             return InlinePool(config, placements, name=label)
+        if config.backend == "ray":
+            from .ray_backend import RayPool
+
+            return RayPool(config, placements, name=label, address=self.app_config.ray_address)
         return Pool(config, placements, name=label, logger_name=self.logger_name)
 
     # --- starting ------------------------------------------------------------------------------------

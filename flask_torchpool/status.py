@@ -30,8 +30,7 @@ class WorkerState(str, enum.Enum):
     STOPPED = "stopped"           # shut down
 
 
-class WorkerStatus(TypedDict):
-    """One worker (or the model itself in inline mode)."""
+class _WorkerStatusRequired(TypedDict):
 
     worker: int
     model: str
@@ -47,6 +46,17 @@ class WorkerStatus(TypedDict):
     last_exit: str | None    # how its last process ended
     generation: int          # the model version it runs (ModelVersion's generation)
     incoming: bool           # a reload's new worker, not taking calls yet
+
+
+class WorkerStatus(_WorkerStatusRequired, total=False):
+    """One worker (or the model itself in inline mode). A Ray actor (``TORCHPOOL_BACKEND = "ray"``) adds
+    ``actor_id``, ``node_id``, ``node_ip`` (where Ray placed it; None until it is ready) and ``resources``
+    (what Ray assigned it, e.g. ``{"CPU": 1.0, "GPU": 1.0}``)."""
+
+    actor_id: str | None
+    node_id: str | None
+    node_ip: str | None
+    resources: dict[str, float]
 
 
 class Counters(TypedDict):
@@ -83,7 +93,7 @@ class _ModelStatusRequired(TypedDict):
     latency_quantiles: dict[str, float | None]
     workers: list[WorkerStatus]
     plan: list[PlanEntry]
-    mode: str                # "embedded", "inline" or "attach"
+    mode: str                # "embedded", "inline", "attach" or "ray"
 
 
 class ModelVersion(TypedDict):
@@ -120,12 +130,16 @@ class AppStatus(ModelStatus):
 
 def worker_status(placement: Placement, state: WorkerState, *, pid: int | None = None, inflight: int = 0,
                   calls: int = 0, errors: int = 0, restarts: int = 0,
-                  last_exit: str | None = None, generation: int = 1,
-                  incoming: bool = False) -> WorkerStatus:
-    return WorkerStatus(worker=placement.worker, model=placement.model, pid=pid, state=state.value,
-                        device=placement.device, cores=list(placement.cores), threads=placement.threads,
-                        inflight=inflight, calls=calls, errors=errors, restarts=restarts,
-                        last_exit=last_exit, generation=generation, incoming=incoming)
+                  last_exit: str | None = None, generation: int = 1, incoming: bool = False,
+                  actor: dict[str, Any] | None = None) -> WorkerStatus:
+    """One worker's status; *actor*: the keys of a Ray actor (see :class:`WorkerStatus`)."""
+    status = WorkerStatus(worker=placement.worker, model=placement.model, pid=pid, state=state.value,
+                          device=placement.device, cores=list(placement.cores), threads=placement.threads,
+                          inflight=inflight, calls=calls, errors=errors, restarts=restarts,
+                          last_exit=last_exit, generation=generation, incoming=incoming)
+    if actor is not None:
+        status.update(actor)  # type: ignore[typeddict-item]
+    return status
 
 
 def plan_entries(plan: Iterable[Placement]) -> list[PlanEntry]:

@@ -10,6 +10,9 @@ Backends (the module-scoped ``backend`` fixture, one shared pool each, like CPyt
 ``attach``
     ``TORCHPOOL_MODE = "attach"``: the app attaches to a pool server (:func:`tests.servers.pool_server`,
     in this process, so that its workers are children of the test process).
+``ray``
+    ``TORCHPOOL_BACKEND = "ray"``: the workers are Ray actors on the session's Ray cluster
+    (``ray_cluster`` in conftest; flask_torchpool/ray_backend).
 
 Where the backends rightly differ, the :class:`Backend` says so as a capability (deadlines, who owns the
 worker processes) and the tests assert each backend's documented behaviour; nothing is skipped, and no
@@ -51,12 +54,12 @@ from flask_torchpool import (
 from flask_torchpool.attach.server import PoolServer
 
 from . import models
-from .conftest import child_pids, make_app, pid_alive, shm_entries, wait_until
+from .conftest import RAY_LEAKS_OK, child_pids, make_app, pid_alive, shm_entries, wait_until
 from .servers import pool_server
 
 pytestmark = pytest.mark.timeout(120)
 
-BACKENDS = ["embedded", "inline", "attach"]
+BACKENDS = ["embedded", "inline", "attach", "ray"]
 #: TORCHPOOL_MAX_INPUT_BYTES of every backend.
 LIMIT = 1 << 20
 #: The deadline of the ``/slow`` view and of the deadline tests, in seconds.
@@ -79,8 +82,9 @@ class Backend:
     #: replaced). Inline mode cannot interrupt the calling thread: the call completes (inline.py).
     enforces_deadlines: bool
     #: Who runs the model, which decides what ``shutdown`` stops: ``"children"`` (worker processes of
-    #: this app, stopped with it), ``"server"`` (the pool server's workers, which go on serving the
-    #: other attached web processes) or ``"none"`` (the web process itself, inline).
+    #: this app, stopped with it), ``"actors"`` (this app's Ray actors, killed with it), ``"server"`` (the
+    #: pool server's workers, which go on serving the other attached web processes) or ``"none"`` (the
+    #: web process itself, inline).
     workers: str
     #: The pool server an attached app talks to.
     server: PoolServer | None = None
@@ -154,33 +158,43 @@ def running_backend(kind: str, tmp: Path) -> Iterator[Backend]:
             app, pool = attached_app(server)
         else:
             mode = {"TORCHPOOL_INLINE": True} if kind == "inline" else {"TORCHPOOL_MODE": "embedded"}
+            if kind == "ray":
+                mode["TORCHPOOL_BACKEND"] = "ray"
+                mode["TORCHPOOL_DEVICES"] = "auto"
             app = make_app(TORCHPOOL_ARENA_BYTES=8 << 20, TORCHPOOL_MAX_INPUT_BYTES=LIMIT,
                            TORCHPOOL_HEALTH_URL=HEALTH_URL, **mode)
             pool = TorchPool(app)
             _add_views(app, pool)
         stack.callback(pool.shutdown, app=app)  # before the server stops (ExitStack unwinds backwards)
         backend = Backend(kind, app, pool, enforces_deadlines=kind != "inline",
-                          workers={"embedded": "children", "inline": "none", "attach": "server"}[kind],
+                          workers={"embedded": "children", "inline": "none", "attach": "server",
+                                   "ray": "actors"}[kind],
                           server=server)
         assert torch.equal(backend.proxy()(torch.ones(1)), torch.ones(1))
         yield backend
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=[pytest.param(kind, marks=RAY_LEAKS_OK) if kind == "ray" else kind
+                                        for kind in BACKENDS])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def backend(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+def backend(kind: str, tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[Backend]:
     """The shared, started backend of *kind* for this module."""
+    if kind == "ray":
+        request.getfixturevalue("ray_cluster")
     with running_backend(kind, tmp_path_factory.mktemp(kind)) as started:
         yield started
 
 
 @pytest.fixture
-def fresh_backend(kind: str, tmp_path: Path) -> Iterator[Backend]:
+def fresh_backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Backend]:
     """A backend of the test's own (for shutdown tests); no process and no /dev/shm entry outlives it."""
+    if kind == "ray":
+        request.getfixturevalue("ray_cluster")
     before_children, before_shm = child_pids(), shm_entries()
     with running_backend(kind, tmp_path) as started:
         yield started
@@ -414,6 +428,8 @@ STATUS_KEYS_OPTIONAL = {"error", "socket", "server", "version", "reloading", "re
 COUNTER_KEYS = {"calls", "ok", "errors", "timeouts", "crashes", "overloaded", "retries", "batches"}
 WORKER_KEYS = {"worker", "model", "pid", "state", "device", "cores", "threads", "inflight", "calls",
                "errors", "restarts", "last_exit", "generation", "incoming"}
+#: A Ray actor's status adds where Ray placed it (docs/operating.rst).
+RAY_WORKER_KEYS = {"actor_id", "node_id", "node_ip", "resources"}
 WORKER_STATES = {"not started", "starting", "ready", "retiring", "dead", "failed", "stopped"}
 PLAN_KEYS = {"worker", "device", "cores", "threads", "model"}
 
@@ -426,7 +442,7 @@ def _check_status_shape(status: dict[str, Any], backend: Backend) -> None:
     assert status["counters"].keys() == COUNTER_KEYS, status["counters"]
     assert status["workers"] and len(status["workers"]) == len(status["plan"])
     for worker, placement in zip(status["workers"], status["plan"]):
-        assert worker.keys() == WORKER_KEYS, worker
+        assert worker.keys() == WORKER_KEYS | (RAY_WORKER_KEYS if backend.kind == "ray" else set()), worker
         assert worker["state"] in WORKER_STATES, worker
         assert worker["model"] == "default"
         assert placement.keys() == PLAN_KEYS, placement
@@ -499,6 +515,12 @@ def test_shutdown_is_idempotent_and_later_calls_raise_pool_closed(fresh_backend:
         # shutdown(wait=True) returns once the workers are stopped (and reaped): no polling needed.
         assert not any(pid_alive(p) for p in pids), f"workers {pids} outlived shutdown"
         assert {w["state"] for w in status["workers"]} == {"stopped"}, status["workers"]
+    elif backend.workers == "actors":
+        # shutdown(wait=True) returns once Ray reports the actors dead; their processes (children of the
+        # raylet, on this machine here) exit just after.
+        assert {w["state"] for w in status["workers"]} == {"stopped"}, status["workers"]
+        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=30), \
+            f"actors {pids} outlived shutdown"
     elif backend.workers == "server":
         # The server's workers are not this app's: they go on serving the other attached apps.
         assert backend.server is not None
@@ -538,6 +560,16 @@ def test_streams_yield_in_order_and_end_with_the_models_error(backend: Backend) 
     """Issue 13 on every backend: ``model.stream`` (and a named method), async iteration, errors after the
     chunks, ``model(...)`` of a model that yields refused, and closing the iterator closes the generator."""
     want = [torch.tensor([0]), {"i": 1, "text": "t1"}, torch.tensor([2])]
+    if backend.kind == "ray":  # documented: the Ray backend does not stream (docs/configuration.rst)
+        for start in (lambda: backend.proxy().stream(torch.ones(1), action="yield", n=3),
+                      lambda: backend.proxy().method("count").stream(3)):
+            with pytest.raises(InferenceError, match="not supported by the Ray backend"):
+                start()
+        with pytest.raises(InferenceError, match=r"model\.stream"):
+            backend.proxy()(torch.ones(1), action="yield", n=3)
+        with pytest.raises(InferenceError, match="no method 'nope'"):
+            backend.proxy().call("nope")
+        return
     assert_same(list(backend.proxy().stream(torch.ones(1), action="yield", n=3)), want)
     assert_same(list(backend.proxy().method("count").stream(3)), want)
 
@@ -558,6 +590,11 @@ def test_streams_yield_in_order_and_end_with_the_models_error(backend: Backend) 
 
 def test_closing_a_stream_closes_the_generator(backend: Backend, tmp_path: Path) -> None:
     log = tmp_path / "log"
+    if backend.kind == "ray":  # documented: the Ray backend does not stream; nothing starts
+        with pytest.raises(InferenceError, match="not supported by the Ray backend"):
+            backend.proxy().method("count").stream(10**9, log=str(log))
+        assert not log.exists()
+        return
     stream = backend.proxy().method("count").stream(10**9, log=str(log))
     assert_same(next(stream), torch.tensor([0]))
     stream.close()

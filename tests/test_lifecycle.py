@@ -450,9 +450,12 @@ def test_readme_commands_run_the_example_app_and_the_tests() -> None:
     runs = [c for c in commands if "python -m example_app" in c or "python -m pytest" in c]
     assert any("python -m example_app" in c for c in runs), commands
     assert any("python -m pytest" in c for c in runs), commands
-    # Both install the test extra first, which must hold what these tests import.
-    assert all('pip install -e ".[test]"' in c.split("python -m ")[0] for c in runs), runs
+    # Both install the test extra first, which must hold what these tests import; the tests also install
+    # the ray extra, so that the Ray backend's tests run (not skip).
+    assert all('pip install -e ".[test' in c.split("python -m ")[0] for c in runs), runs
+    assert any('pip install -e ".[test,ray]"' in c for c in runs if "python -m pytest" in c), runs
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in extras["test"]}
     assert {"pytest", "pytest-timeout", "requests", "gunicorn"} <= names, extras["test"]
+    assert [re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0] for req in extras["ray"]] == ["ray"], extras["ray"]

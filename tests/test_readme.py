@@ -78,7 +78,7 @@ BLOCKS: dict[tuple[str, str], Run | Skip] = {
         Skip(_SETUP_REASON + "; the example app it starts is run by "
              "test_lifecycle.py::test_example_app_answers_the_readme_examples"),
     ("sh", 'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && '
-           'pip install -e ".[test]" && python -m pytest'):
+           'pip install -e ".[test,ray]" && python -m pytest'):
         Skip(_SETUP_REASON + "; the test suite it runs is this one"),
     ("sh", "curl -s -X POST --data-binary @example_app/sample.pgm http://127.0.0.1:5000/predict/image"):
         Run("test_lifecycle.py::test_example_app_answers_the_readme_examples (every `curl` line above "
