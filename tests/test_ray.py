@@ -30,6 +30,7 @@ from flask_torchpool import (
     ConfigError,
     InferenceError,
     PoolOverloadedError,
+    ReloadError,
     RemoteTraceback,
     TorchPool,
     WorkerCrashedError,
@@ -183,6 +184,18 @@ def test_a_full_queue_is_overloaded_with_retry_after(make_ray_pool: Callable[...
         gate.open()
         assert held.result(60) == 0 and torch.equal(queued.result(60)["y"], torch.full((1, 1), 2.0))
         assert pool.status(app)["counters"]["overloaded"] == 1
+
+
+def test_reload_is_refused_on_ray_and_the_actors_keep_serving(
+        make_ray_pool: Callable[..., tuple[Flask, TorchPool]]) -> None:
+    """Rolling reload (issue 14) is the process backend's: on Ray it is a clear ReloadError (documented in
+    docs/configuration.rst, "The Ray backend"), and nothing changes."""
+    app, pool = make_ray_pool(TORCHPOOL_MODEL="tests.models:echo")
+    with app.app_context():
+        with pytest.raises(ReloadError, match="cannot reload") as info:
+            pool.reload()
+        assert info.value.model == "default"
+        assert torch.equal(pool(torch.ones(2)), torch.ones(2))
 
 
 # --- crashes ------------------------------------------------------------------------------------------------
