@@ -40,6 +40,7 @@ from ..streaming import Sink, Stream, check_method, stream_ended
 from .control import reload_model
 from .rendezvous import (
     check_same_user,
+    close_at_exit,
     ensure_private_dir,
     launch_server,
     process_stopped,
@@ -47,6 +48,7 @@ from .rendezvous import (
     shutdown_socket,
     stopped_message,
     try_lock,
+    wait_for_hello,
 )
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class PoolConnection:
         self.on_missing: Callable[[], None] | None = None
         self.closed = False
         self._last_welcome: messages.Welcome | None = None
+        self._reader: threading.Thread | None = None
+        close_at_exit(self)
 
     # --- connecting -------------------------------------------------------------------------------------
 
@@ -167,12 +171,7 @@ class PoolConnection:
         try:
             arena = shm.Arena(fd, self.arena_bytes)
             channel.send(messages.Hello(messages.PROTOCOL_VERSION, os.getpid(), self.arena_bytes), (fd,))
-            hello_deadline = time.monotonic() + 30.0
-            while not channel.poll(_WATCH_INTERVAL):
-                if process_stopped(server_pid):
-                    raise OSError(errno.EAGAIN, stopped_message(server_pid))
-                if time.monotonic() > hello_deadline:
-                    raise OSError(errno.ETIMEDOUT, "the pool server did not answer the hello")
+            wait_for_hello(channel, server_pid, _WATCH_INTERVAL)
             welcome, fds = channel.recv()
             for extra in fds:
                 os.close(extra)
@@ -189,8 +188,9 @@ class PoolConnection:
         link = self._link = _Link(channel, arena, shm.Allocator(*arena.inputs), shm.ReleaseQueue(), welcome,
                                   server_pid)
         self._last_welcome = welcome
-        threading.Thread(target=self._read_loop, args=(link,), name="torchpool-attach-reader",
-                         daemon=True).start()
+        self._reader = threading.Thread(target=self._read_loop, args=(link,), name="torchpool-attach-reader",
+                         daemon=True)
+        self._reader.start()
         log.info("torchpool: attached to the pool server at %s (pid %d)", self.path, server_pid)
         return link
 
@@ -218,6 +218,12 @@ class PoolConnection:
         link = self._link
         if link is not None and self._pid == os.getpid():
             self._lost(link, "this web process detached from the pool server (shutdown)")
+        self._join_reader()
+
+    def _join_reader(self) -> None:  # before the interpreter finalizes: see rendezvous.close_at_exit
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread() and self._pid == os.getpid():
+            reader.join(2 * _WATCH_INTERVAL + 1.0)
 
     # --- calls ------------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ Imports neither torch nor Flask: the gunicorn master uses it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -31,6 +32,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
+import weakref
+from typing import Any
 
 from ..errors import ConfigError, TorchPoolError
 
@@ -175,6 +179,34 @@ def process_stopped(pid: int) -> bool:
 def stopped_message(pid: int) -> str:
     return (f"the pool server (pid {pid}) is stopped (SIGSTOP, or held by a debugger): calls fail "
             "until it is continued (SIGCONT)")
+
+
+def wait_for_hello(channel: Any, server_pid: int, interval: float, timeout: float = 30.0) -> None:
+    """Wait until *channel* (the server's answer to a hello) is readable; ``OSError`` when the server
+    is stopped (it would never answer) or has not answered within *timeout*."""
+    deadline = time.monotonic() + timeout
+    while not channel.poll(interval):
+        if process_stopped(server_pid):
+            raise OSError(errno.EAGAIN, stopped_message(server_pid))
+        if time.monotonic() > deadline:
+            raise OSError(errno.ETIMEDOUT, "the pool server did not answer the hello")
+
+
+_closing_at_exit: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def close_at_exit(connection: Any) -> None:
+    """Close *connection* (``close()``) when the interpreter exits, before it finalizes: a daemon reader
+    thread that wakes up during finalization is ended by ``pthread_exit``, which aborts a process that
+    loaded libstdc++ (torch) with "terminate called without an active exception"."""
+    _closing_at_exit.add(connection)
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for connection in list(_closing_at_exit):
+        with contextlib.suppress(Exception):
+            connection.close()
 
 
 def shutdown_socket(fd: int) -> None:
