@@ -1,8 +1,9 @@
-"""Admitting and draining calls for the Ray pool (:mod:`flask_torchpool.ray_backend.pool`), which
-schedules with :class:`~flask_torchpool.batching.Scheduler` as the process pool does: the same rules as
-the process pool's ``Pool._enqueue`` and ``Pool._drained`` (:mod:`flask_torchpool.pool`), so that both
-refuse, queue, time out and drain the same way. (The process pool kept its own copy when streaming
-landed; moving it here is a follow-up.)"""
+"""Admitting and draining calls for the pools that schedule with
+:class:`~flask_torchpool.batching.Scheduler`. :func:`drained` serves both the process pool
+(:mod:`flask_torchpool.pool`) and the Ray pool (:mod:`flask_torchpool.ray_backend.pool`); :func:`submit`
+is the Ray pool's, with the same rules as the process pool's ``Pool._enqueue`` (which kept its own copy
+when streaming landed: moving it here is a follow-up), so that both refuse, queue and time out the same
+way."""
 
 from __future__ import annotations
 

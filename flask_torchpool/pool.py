@@ -44,6 +44,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import messages
+from .admission import drained
 from .batching import Call, CallState, Scheduler, batch_key
 from .config import PoolConfig
 from .errors import (
@@ -277,7 +278,8 @@ class Pool:
                         if self._started.is_set():  # the first start has its own limit (start())
                             self._workers.kill_overdue(now)
                     self._streams.kill_due(now)
-                    if self._sched.closing and self._drained(now):
+                    if self._sched.closing and drained(self._sched, self.workers, self._drain_deadline, now,
+                                                       self.config.retry_after):
                         return
                     timers_due = self._next_timer(now)
                 if self._workers.changed:
@@ -382,28 +384,6 @@ class Pool:
         self._sched.closing = True
         self._drain_deadline = time.monotonic()
         self._started.set()
-
-    def _drained(self, now: float) -> bool:
-        """While closing: whether every call is done (failing what is left past the drain deadline)."""
-        sched, retry_after = self._sched, self.config.retry_after
-        try:
-            with self._lock:
-                if not sched.busy():
-                    return True
-                if sched.queue and not any(w.state is WorkerState.READY for w in self.workers):
-                    # Draining with no worker left to run what is queued (they died meanwhile, and are
-                    # not respawned while closing): waiting for the drain deadline would change nothing.
-                    sched.fail_queue(lambda: PoolClosedError.before_run(
-                        retry_after, " (no worker was left to run it)"))
-                    return not sched.busy()
-                if self._drain_deadline is not None and now >= self._drain_deadline:
-                    sched.fail_queue(lambda: PoolClosedError.before_run(retry_after))
-                    sched.fail_running(lambda: PoolClosedError.before_finish(
-                        retry_after, " (TORCHPOOL_DRAIN_TIMEOUT)"))
-                    return True
-                return False
-        finally:
-            sched.flush()
 
     def _on_death(self, worker: WorkerSlot) -> None:
         exitcode, signame = self._workers.reap(worker)
