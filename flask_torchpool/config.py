@@ -72,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_RAY_ACTOR_OPTIONS": None,
     "TORCHPOOL_STREAM_BUFFER": 4,
     "TORCHPOOL_STREAM_TIMEOUT": None,
+    "TORCHPOOL_DIRECT_CALLS": True,
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
@@ -82,7 +83,8 @@ DEFAULT_MODEL = "default"
 MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
                    "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
                    "max_batch_delay_ms", "share_weights", "example_input", "model_sha256", "stream_buffer",
-                   "stream_timeout", "reload_surge", "model_version", "backend", "ray_actor_options")
+                   "stream_timeout", "reload_surge", "model_version", "backend", "ray_actor_options",
+                   "direct_calls")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -142,6 +144,9 @@ class ModelConfig:
     #: is spread as positional arguments, anything else is the single argument.
     example_input: Any = field(default=None, compare=False, hash=False)
     max_batch_size: int = DEFAULTS["TORCHPOOL_MAX_BATCH_SIZE"]
+    #: ``TORCHPOOL_DIRECT_CALLS``: attached web processes call the workers of this (unbatched) model
+    #: directly, over lanes the pool server hands out (Note [Lanes]), instead of through the server.
+    direct_calls: bool = DEFAULTS["TORCHPOOL_DIRECT_CALLS"]
     max_batch_delay_ms: float = DEFAULTS["TORCHPOOL_MAX_BATCH_DELAY_MS"]
     share_weights: bool = DEFAULTS["TORCHPOOL_SHARE_WEIGHTS"]
     #: ``TORCHPOOL_MODEL_SHA256``: the SHA-256 (hex) a model file must have; None: not checked.
@@ -544,6 +549,7 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "retry_after": lambda k, v: _int(k, v, minimum=0),
     "example_input": _passthrough,
     "max_batch_size": lambda k, v: _int(k, v, minimum=1),
+    "direct_calls": _bool,
     "max_batch_delay_ms": lambda k, v: _seconds(k, v, zero=True, unit="milliseconds"),
     "share_weights": _bool,
     "worker_log_level": _log_level,

@@ -220,7 +220,7 @@ class ModelGroup:
                 now = time.monotonic()
                 if now - last_spawn[0] < min_interval:
                     return
-                spawner = client.ensure_server(app_import, path, owner_pid=os.getppid())
+                spawner = rendezvous.ensure_server(app_import, path, owner_pid=os.getppid())
                 if spawner is not None:
                     last_spawn[0] = now
                     connection.spawner = spawner

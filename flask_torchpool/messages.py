@@ -24,15 +24,9 @@ Note [The wire format] for the bytes, and the bounds every received message is c
 
 from __future__ import annotations
 
-import array
 import errno
 import math
-import os
-import socket
 import struct
-import threading
-from multiprocessing import reduction
-from multiprocessing.connection import Connection
 from typing import Any, Callable, NamedTuple
 
 from . import codec
@@ -50,6 +44,7 @@ class Call(NamedTuple):
     releases: tuple[int, ...]  # output blocks the web process is done with
     method: str | None = None  # the model's method to run; None: the model itself (forward)
     window: int = 0            # > 0: a stream, with this many chunks of credit; 0: a plain call
+    deadline: float = 0.0      # a direct call's deadline (CLOCK_MONOTONIC seconds); 0: none (Note [Lanes])
 
 
 class Cancel(NamedTuple):
@@ -135,10 +130,17 @@ class Failure(NamedTuple):
 
 
 
+class OpenLane(NamedTuple):
+    """The pool server gives the worker a lane to one attached web process (Note [Lanes] in
+    :mod:`flask_torchpool.lanes`): the lane's socket and arena are the two descriptors sent along."""
+
+    lane: int
+
+
 # --- the attach protocol -----------------------------------------------------------------------------
 
 #: Bumped when the attach protocol changes; a client and a server of different versions refuse each other.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class Hello(NamedTuple):
@@ -176,6 +178,26 @@ class RemoteError(NamedTuple):
     retry_after: int | None
     extra: dict[str, Any]
     tb: str | None          # the worker's traceback, when there is one
+
+
+class LaneOffer(NamedTuple):
+    """The pool server gives this web process a lane straight to worker *worker* of *model* (Note [Lanes]
+    in :mod:`flask_torchpool.lanes`): the lane's socket and its arena of *arena_bytes* are the two
+    descriptors sent along."""
+
+    model: str
+    worker: int
+    lane: int
+    arena_bytes: int
+
+
+class Observed(NamedTuple):
+    """Calls this web process made on its lanes to *model* ended: their outcomes (``metrics.OUTCOMES``)
+    and latencies, in the same order, for the server's metrics (Note [Lanes])."""
+
+    model: str
+    outcomes: tuple[str, ...]
+    seconds: tuple[float, ...]
 
 
 class StatusRequest(NamedTuple):
@@ -235,7 +257,7 @@ class ProtocolError(OSError):
 
 
 _FRAME = struct.Struct("<BB")
-_CALL = struct.Struct("<qIII")
+_CALL = struct.Struct("<qIIId")
 _RESULT = struct.Struct("<qI")
 _CREDIT = struct.Struct("<qII")
 _REMOTE_CALL = struct.Struct("<qIIdB")
@@ -331,7 +353,7 @@ def _get_releases(data: bytes, pos: int, count: int) -> tuple[tuple[int, ...], i
 
 
 def _enc_call(msg: Call, out: bytearray) -> None:
-    out += _CALL.pack(msg.id, len(msg.refs), len(msg.releases), msg.window)
+    out += _CALL.pack(msg.id, len(msg.refs), len(msg.releases), msg.window, msg.deadline)
     _put_refs(out, msg.refs)
     _put_releases(out, msg.releases)
     encode_value(msg.args, out)
@@ -340,13 +362,15 @@ def _enc_call(msg: Call, out: bytearray) -> None:
 
 
 def _dec_call(data: bytes, pos: int, nfds: int) -> Call:
-    call_id, nrefs, nrel, window = _CALL.unpack_from(data, pos)
+    call_id, nrefs, nrel, window, deadline = _CALL.unpack_from(data, pos)
+    if not (math.isfinite(deadline) and deadline >= 0):
+        raise WireFormatError(f"a call's deadline must be a finite number >= 0, not {deadline!r}")
     refs, pos = _get_refs(data, pos + _CALL.size, nrefs, nfds, False)
     releases, pos = _get_releases(data, pos, nrel)
     args, kwargs, method = _values(data, pos, nrefs, 3)
     if type(args) is not tuple or type(kwargs) is not dict or not (method is None or type(method) is str):
         raise WireFormatError("a call's arguments must be a tuple and a dict, its method a str or None")
-    return _tuple_new(Call, (call_id, args, kwargs, refs, releases, method, window))
+    return _tuple_new(Call, (call_id, args, kwargs, refs, releases, method, window, deadline))
 
 
 def _enc_result(msg: Result | StreamChunk, out: bytearray) -> None:
@@ -434,6 +458,9 @@ _SCHEMAS: dict[type, tuple[int, tuple[tuple[type, ...], ...] | None]] = {
     StreamEnd: (31, (_INT, _INT)),
     Credit: (32, None),
     ReloadRequest: (33, (_INT, _OPT_STR, _OPT_STR, _OPT_STR)),
+    OpenLane: (40, (_INT,)),
+    LaneOffer: (41, (_STR, _INT, _INT, _INT)),
+    Observed: (42, (_STR, (tuple,), (tuple,))),
 }
 _HOT_ENCODERS: dict[type, Callable[[Any, bytearray], None]] = {
     Call: _enc_call, Result: _enc_result, RemoteCall: _enc_remote_call, StreamChunk: _enc_result,
@@ -456,11 +483,14 @@ def _protocol(name: str, *types: type) -> Protocol:
 
 #: Between a pool and its workers.
 WORKER_PROTOCOL = _protocol("worker", Call, Cancel, Stop, Loaded, Adopt, Ready, StartupFailed, Result,
-                            Failure, StreamChunk, StreamEnd, Credit)
+                            Failure, StreamChunk, StreamEnd, Credit, OpenLane)
+#: A lane, between an attached web process and one worker (Note [Lanes]): calls and cancels one way,
+#: results and failures the other; Stop both ways (the worker retires, the web process agrees).
+LANE_PROTOCOL = _protocol("lane", Call, Cancel, Stop, Result, Failure)
 #: Between an attached web process and the pool server.
 ATTACH_PROTOCOL = _protocol("attach", Hello, Welcome, RemoteCall, RemoteError, StatusRequest, StatusReply,
                             Result, StreamChunk, StreamEnd, Credit, Cancel,
-                            ReloadRequest)
+                            ReloadRequest, LaneOffer, Observed)
 
 
 def encode(msg: Any, nfds: int = 0) -> bytearray:
@@ -496,16 +526,16 @@ def decode(data: bytes, protocol: Protocol) -> tuple[int, Any]:
     one (Note [The wire format])."""
     data = bytes(data)
     kind, nfds = peek(data, protocol)
-    return nfds, _decode(data, protocol, kind, nfds)
+    return nfds, decode_frame(data, protocol, kind, nfds)
 
 
-def _decode(data: bytes, protocol: Protocol, kind: type, nfds: int) -> Any:
+def decode_frame(data: bytes, protocol: Protocol, kind: type, nfds: int) -> Any:
     pos = _FRAME.size
     try:
         hot = _HOT_DECODERS.get(kind)
         if hot is not None:
             return hot(data, pos, nfds)
-        if nfds and kind not in (Hello, Adopt):
+        if nfds and kind not in (Hello, Adopt, OpenLane, LaneOffer):
             raise WireFormatError("descriptors on a message that carries none")
         reader = ValueReader(data, pos)
         fields = reader.value()
@@ -524,75 +554,3 @@ def _decode(data: bytes, protocol: Protocol, kind: type, nfds: int) -> Any:
         raise ProtocolError(f"a {kind.__name__} on the {protocol.name} protocol with "
                             f"{len(data) - pos} bytes left over")
     return msg
-
-
-def _recv_fds(fd: int, count: int) -> list[int]:
-    """Receive the byte that carries *count* descriptors; every descriptor received is closed unless
-    exactly *count* came."""
-    size = array.array("i").itemsize
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        data, ancdata, flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(count * size))
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(payload[:len(payload) - len(payload) % size])
-            fds.extend(received)
-    if not data and not fds:
-        raise EOFError
-    if len(fds) != count or flags & socket.MSG_CTRUNC or data[0] != count % 256:
-        for received_fd in fds:
-            os.close(received_fd)
-        raise ProtocolError(f"expected {count} descriptors, received {len(fds)}")
-    return fds
-
-
-class Channel:
-    """One end of a socket carrying whole messages of *protocol* (at most *max_bytes* each), plus
-    descriptors passed beside them."""
-
-    def __init__(self, conn: Connection, protocol: Protocol, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self.conn = conn
-        self.protocol = protocol
-        self.max_bytes = max_bytes
-        self._send_lock = threading.Lock()
-
-    def send(self, msg: Any, fds: tuple[int, ...] = ()) -> None:
-        data = encode(msg, len(fds))
-        with self._send_lock:
-            self.conn.send_bytes(data)
-            if fds:
-                with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
-                    reduction.sendfds(sock, list(fds))
-
-    def recv(self) -> tuple[Any, list[int]]:
-        """One message and the descriptors sent with it (the caller closes them). Raises
-        :class:`ProtocolError` (closing whatever descriptors came) for anything else."""
-        try:
-            data = self.conn.recv_bytes(self.max_bytes)
-        except OSError as exc:
-            if str(exc) == "bad message length":
-                raise ProtocolError(f"a message over {self.max_bytes} bytes on the {self.protocol.name} "
-                                    "protocol") from None
-            raise
-        kind, nfds = peek(data, self.protocol)
-        fds = _recv_fds(self.conn.fileno(), nfds) if nfds else []
-        try:
-            msg = _decode(data, self.protocol, kind, nfds)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return msg, fds
-
-    def poll(self, timeout: float = 0.0) -> bool:
-        return self.conn.poll(timeout)
-
-    def fileno(self) -> int:
-        return self.conn.fileno()
-
-    def close(self) -> None:
-        # Under the send lock: closing while another thread sends could let the descriptor number be
-        # reused by a new socket and the rest of the message go to the wrong worker.
-        with self._send_lock:
-            self.conn.close()

@@ -41,7 +41,7 @@ import time
 import traceback
 import weakref
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Callable
 
 from . import messages
 from .admission import drained
@@ -88,6 +88,8 @@ class Pool:
         #: The logger that what the workers log and print goes to (the Flask app's logger).
         self.logger_name = logger_name
         self.metrics = Metrics(config.name)
+        #: Called in the manager thread with each worker that said Ready (the pool server's lanes).
+        self.on_ready: list[Callable[[WorkerSlot], None]] = []
         # Guards the scheduler's queue and jobs, the workers' states and the pool's own state below.
         self._lock = threading.Lock()
         self._workers = WorkerSet(placements, config, name, logger_name, self._lock)
@@ -362,6 +364,8 @@ class Pool:
                 if not self._started.is_set() and all(w.state is WorkerState.READY for w in self.workers):
                     log.info("%s: %d worker(s) ready", self.name, len(self.workers))
                     self._started.set()
+            for hook in self.on_ready:
+                hook(worker)
         elif kind is messages.StartupFailed:
             err = from_wire(WireError(*msg))
             if not isinstance(err, WorkerStartupError):  # not what a worker sends
@@ -460,10 +464,10 @@ def _status(pool: Pool, sched: Scheduler[WorkerSlot], versions: Versions) -> Mod
     workers = pool.workers
     return model_status(
         mode="embedded", started=pool.started, closed=sched.closing, queued=len(sched.queue),
-        busy_workers=sum(1 for w in workers if w.jobs),
+        busy_workers=sum(1 for w in workers if w.jobs or w.lane_calls),
         arena_bytes=sum(pool.config.arena_bytes for w in workers if w.arena is not None),
         shared_weight_bytes=versions.shared_bytes, metrics=pool.metrics.snapshot(),
-        workers=[worker_status(w.placement, w.state, pid=w.pid, inflight=w.load, calls=w.calls,
+        workers=[worker_status(w.placement, w.state, pid=w.pid, inflight=w.load + w.lane_calls, calls=w.calls,
                                errors=w.errors, restarts=w.total_restarts, last_exit=w.last_exit,
                                generation=w.generation, incoming=w.incoming) for w in workers],
         plan=pool.placements, **versions.status())

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from . import codec, messages, shm
+from .channel import Channel
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Peer(Protocol):
     @property
     def index(self) -> int: ...
     @property
-    def channel(self) -> messages.Channel | None: ...
+    def channel(self) -> Channel | None: ...
 
 
 class SharedWeights:
@@ -145,7 +146,7 @@ def layout(tensors: list[tuple[str, torch.Tensor]]) -> tuple[str, int, list[int]
     return digest.hexdigest(), total, offsets
 
 
-def share_weights(channel: messages.Channel, model: Any) -> int:
+def share_weights(channel: Channel, model: Any) -> int:
     """In a worker: run the Note [Shared weights] handshake; returns the bytes now shared (0: kept
     private)."""
     tensors = weight_tensors(model)

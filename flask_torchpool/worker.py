@@ -24,8 +24,10 @@ import importlib
 import io
 import logging
 import os
+import selectors
 import signal
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -34,7 +36,8 @@ from typing import Any
 
 import torch
 
-from . import codec, messages, shm, weights
+from . import codec, lanes, messages, shm, weights
+from .channel import Channel
 from .config import PinnedFile
 from .errors import (
     ConfigError,
@@ -148,7 +151,7 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
     # control) must let the web process drain: it stops the workers itself, and PR_SET_PDEATHSIG
     # still ends them if it dies.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    channel = messages.Channel(conn, messages.WORKER_PROTOCOL)
+    channel = Channel(conn, messages.WORKER_PROTOCOL)
     try:
         fd = arena_fd.detach() if hasattr(arena_fd, "detach") else arena_fd
         arena = shm.Arena(fd, arena_size)
@@ -182,14 +185,20 @@ def worker_main(placement: Placement, model_spec: Any, conn: Connection, arena_f
 
 
 class _Server:
-    def __init__(self, channel: messages.Channel, arena: shm.Arena, model: Any, device: str) -> None:
+    def __init__(self, channel: Channel, arena: shm.Arena, model: Any, device: str) -> None:
         self.channel = channel
+        self.main = lanes.Peer(0, channel, arena)
         self.arena = arena
         self.model = model
         self.device = torch.device(device)
-        start, size = arena.outputs
-        self.outputs = shm.Allocator(start, size)
-        self.pending: deque[tuple[messages.Call, list[int]]] = deque()
+        self.outputs = self.main.outputs
+        self.pending: deque[tuple[lanes.Peer, messages.Call, list[int]]] = deque()
+        # Note [Lanes]: the direct lanes of attached web processes, by socket descriptor.
+        self.lanes: dict[int, lanes.Peer] = {}
+        self.selector: selectors.BaseSelector | None = None
+        self.alarm: lanes.Alarm | None = None
+        self.main_words = memoryview(arena.mmap)[:shm.CONTROL_BYTES].cast("q") if arena.mmap else None
+        self.stop_by = 0.0
         # The stream being run (Note [Streams] in streaming.py): its call id, credits, and whether it was
         # cancelled or the pool said Stop meanwhile.
         self.streaming = 0
@@ -209,82 +218,199 @@ class _Server:
             return  # the web process is gone
 
     def _serve(self) -> None:
+        main = self.main
         while True:
-            if not self.pending and not self._handle(*self.channel.recv()):
-                return
-            while self.channel.poll(0):
-                if not self._handle(*self.channel.recv()):
+            if self.selector is None:  # no lane yet: the pool's channel only
+                if not self.pending and not self._handle(main, *self.channel.recv()):
                     return
+                while self.channel.poll(0):
+                    if not self._handle(main, *self.channel.recv()):
+                        return
+            elif not self._select():
+                return
             if self.pending:
                 self._run(*self.pending.popleft())
-                if self.stopping:  # a Stop read while a stream ran
+                if self.stopping and not self.lanes:  # a Stop read while a stream ran
                     return
+                self._publish()
 
-    def _handle(self, msg: Any, fds: list[int]) -> bool:
+    def _select(self) -> bool:
+        """Read what the pool and the lanes sent (waiting when nothing is queued); False: stop now."""
+        assert self.selector is not None
+        if self.stopping:
+            timeout: float | None = max(0.0, self.stop_by - time.monotonic())
+            if not self.lanes or not timeout:
+                return False
+        else:
+            timeout = None
+        for key, _ in self.selector.select(0 if self.pending else timeout):
+            peer: lanes.Peer = key.data
+            try:
+                while (peer is self.main or peer.fd in self.lanes) and peer.channel.poll(0):
+                    if not self._handle(peer, *peer.channel.recv()):
+                        if peer is self.main:
+                            self._begin_stop()
+                        break
+            except (EOFError, OSError) as exc:
+                if peer is self.main:
+                    raise EOFError from exc
+                if isinstance(exc, messages.ProtocolError):
+                    log.warning("lane %d: %s; closing it", peer.lane, exc.strerror)
+                self._close_lane(peer)
+        self._publish()
+        return not (self.stopping and not self.lanes and not self.pending)
+
+    def _handle(self, peer: lanes.Peer, msg: Any, fds: list[int]) -> bool:
         kind = type(msg)
         if kind is messages.Call:
             for offset in msg.releases:
-                self.outputs.free(offset)
-            self.pending.append((msg, fds))
-        elif kind is messages.Credit:
+                peer.outputs.free(offset)
+            if peer.lane:
+                if peer.queued >= lanes.MAX_LANE_CALLS or msg.window:
+                    for fd in fds:
+                        os.close(fd)
+                    raise messages.ProtocolError("a stream, or more calls than a lane may queue")
+                peer.queued += 1
+            self.pending.append((peer, msg, fds))
+        elif kind is messages.Credit and not peer.lane:
             for offset in msg.releases:
                 self.outputs.free(offset)
             if msg.id == self.streaming:
                 self.credit += msg.chunks
         elif kind is messages.Cancel:
-            if msg.id == self.streaming:
+            if msg.id == self.streaming and not peer.lane:
                 self.cancelled = True
-            for i, (call, call_fds) in enumerate(self.pending):
-                if call.id == msg.id:
+            for i, (owner, call, call_fds) in enumerate(self.pending):
+                if call.id == msg.id and owner is peer:
                     del self.pending[i]
+                    owner.queued -= owner is not self.main
                     for fd in call_fds:
                         os.close(fd)
-                    self._fail(call.id, InferenceTimeoutError("the call was cancelled before it ran"))
+                    self._fail(peer, call.id, InferenceTimeoutError("the call was cancelled before it ran"))
                     break
         elif kind is messages.Stop:
+            if peer.lane:  # the web process agreed: it sends nothing more on this lane
+                peer.acked = True
+                if not peer.queued:
+                    self._close_lane(peer)
+                return True
             self.stopping = True
             return False
+        elif kind is messages.OpenLane and not peer.lane:
+            self._open_lane(msg, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
+            raise messages.ProtocolError(f"a {kind.__name__} on a lane")
         return True
 
-    def _run(self, call: messages.Call, fds: list[int]) -> None:
-        control = self.arena.control
-        control[shm.CTRL_RUNNING] = call.id
+    def _open_lane(self, msg: messages.OpenLane, fds: list[int]) -> None:
         try:
+            peer = lanes.open_lane(msg, fds)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot open lane %d: %s", msg.lane, exc)
+            return
+        if self.selector is None:
+            self.selector = selectors.DefaultSelector()
+            self.selector.register(self.channel.fileno(), selectors.EVENT_READ, self.main)
+            self.alarm = lanes.Alarm()
+        self.lanes[peer.fd] = peer
+        self.selector.register(peer.fd, selectors.EVENT_READ, peer)
+        if self.stopping:
+            self._stop_lane(peer)
+        self._publish()
+
+    def _begin_stop(self) -> None:
+        """Stop read from the pool: Note [Lanes], each lane is told and served until it agrees."""
+        self.stop_by = time.monotonic() + lanes.STOP_GRACE
+        for peer in list(self.lanes.values()):
+            self._stop_lane(peer)
+
+    def _stop_lane(self, peer: lanes.Peer) -> None:
+        peer.stopping = True
+        try:
+            peer.channel.send(messages.Stop())
+        except OSError:
+            self._close_lane(peer)
+
+    def _close_lane(self, peer: lanes.Peer, pending_too: bool = True) -> None:
+        fd = peer.fd
+        if self.lanes.pop(fd, None) is None:
+            return
+        if self.selector is not None:
+            self.selector.unregister(fd)
+        peer.channel.close()
+        if pending_too:  # the web process is gone: nobody waits for its calls
+            for item in [p for p in self.pending if p[0] is peer]:
+                self.pending.remove(item)
+                for call_fd in item[2]:
+                    os.close(call_fd)
+        peer.words = None
+
+    def _publish(self) -> None:
+        """Note [Lanes]: every lane sees this worker's load; the pool sees how many lane calls it holds."""
+        if self.lanes:
+            lanes.publish_load(self.lanes.values(), len(self.pending))
+        if self.selector is not None and self.main_words is not None:
+            main = self.main
+            self.main_words[lanes.CTRL_LOAD] = sum(1 for item in self.pending if item[0] is not main)
+
+    def _run(self, peer: lanes.Peer, call: messages.Call, fds: list[int]) -> None:
+        control = self.arena.control if peer is self.main else peer.words
+        if peer is not self.main:
+            peer.queued -= 1
+        assert control is not None
+        control[shm.CTRL_RUNNING] = call.id
+        alarm = self.alarm if call.deadline and peer is not self.main else None
+        try:
+            if alarm is not None and not alarm.arm(call.deadline):
+                for fd in fds:
+                    os.close(fd)
+                self._fail(peer, call.id, InferenceTimeoutError("the call's deadline passed before it ran"))
+                return
             try:
-                tensors = shm.read_refs(self.arena, call.refs, fds)
+                tensors = shm.read_refs(peer.arena, call.refs, fds)
                 if self.device.type != "cpu":
                     tensors = [t.to(self.device, non_blocking=True) for t in tensors]
                 args = codec.unflatten(call.args, tensors)
                 kwargs = codec.unflatten(call.kwargs, tensors)
             except Exception as exc:
-                self._fail(call.id, _traced(InvalidInputError(
+                self._fail(peer, call.id, _traced(InvalidInputError(
                     f"the worker could not read the inputs: {type(exc).__name__}: {exc}")))
                 return
             try:
                 out = (self.model if call.method is None else call_target(self.model, call.method))(
                     *args, **kwargs)
             except Exception as exc:
-                self._fail(call.id, InferenceError.model_raised(type(exc).__name__, str(exc),
-                                                                traceback.format_exc()))
+                self._fail(peer, call.id, InferenceError.model_raised(type(exc).__name__, str(exc),
+                                                                      traceback.format_exc()))
                 return
+            finally:
+                if alarm is not None:
+                    alarm.disarm()
             del args, kwargs, tensors
             if call.window:
                 self._stream(call.id, out, call.window)
             elif isinstance(out, Iterator):
                 close_iterator(out)
-                self._fail(call.id, OutputError(
+                self._fail(peer, call.id, OutputError(
                     f"the model returned {codec.describe(out)}: it yields its outputs one by one; iterate "
                     "them with model.stream(...) instead of calling model(...)", remote_type="Iterator"))
             else:
-                self._reply(call.id, out)
+                self._reply(peer, call.id, out)
         finally:
-            control[shm.CTRL_RUNNING] = 0
+            if alarm is not None:
+                alarm.disarm()
+            if peer.words is not None or peer is self.main:
+                control[shm.CTRL_RUNNING] = 0
+            if peer.acked and not peer.queued:
+                self._close_lane(peer)
 
     def _stream(self, call_id: int, out: Any, window: int) -> None:
         """Note [Streams]: send what *out* yields, *window* chunks ahead of the caller's credits; stop at a
         Cancel or Stop (closing the generator, so its ``finally`` blocks run)."""
         if not isinstance(out, Iterator):
-            self._fail(call_id, OutputError(
+            self._fail(self.main, call_id, OutputError(
                 f"model.stream() needs a model that yields its outputs (a generator or an iterator); it "
                 f"returned {codec.describe(out)}: call model(...) instead", remote_type="NotAnIterator"))
             return
@@ -295,7 +421,7 @@ class _Server:
             while True:
                 # What arrived first (a Cancel, credits, new calls); at 0 credits, wait for more.
                 while self.channel.poll(0) or (self.credit <= 0 and not (self.cancelled or self.stopping)):
-                    if not self._handle(*self.channel.recv()):
+                    if not self._handle(self.main, *self.channel.recv()):
                         break
                 if self.cancelled or self.stopping:
                     break
@@ -316,7 +442,7 @@ class _Server:
             self.streaming = 0
             close_iterator(out)
         if failure is not None:
-            self._fail(call_id, failure)
+            self._fail(self.main, call_id, failure)
         else:
             self.channel.send(messages.StreamEnd(call_id, sent))
 
@@ -341,44 +467,53 @@ class _Server:
             placer.close_fds()
         return None
 
-    def _reply(self, call_id: int, out: Any) -> None:
-        placer = shm.Placer(self.arena, self.outputs)
+    def _reply(self, peer: lanes.Peer, call_id: int, out: Any) -> None:
+        placer = shm.Placer(peer.arena, peer.outputs)
         try:
             produced: list[torch.Tensor] = []
             value = codec.flatten(out, produced, "output")
-            refs = tuple(self._alias(t) or placer.place(t) for t in produced)
+            refs = tuple(self._alias(peer, t) or placer.place(t) for t in produced)
             msg = messages.Result(call_id, value, refs)
         except codec.UnsupportedValue as exc:
             placer.rollback()
-            self._fail(call_id, OutputError(f"the model returned {codec.describe(out)}, which cannot travel "
-                                            f"back: {exc}", remote_type="UnsupportedValue"))
+            self._fail(peer, call_id, OutputError(f"the model returned {codec.describe(out)}, which cannot "
+                                                  f"travel back: {exc}", remote_type="UnsupportedValue"))
             return
         except Exception as exc:
             placer.rollback()
-            self._fail(call_id, _traced(OutputError(str(exc), remote_type=type(exc).__name__)))
+            self._fail(peer, call_id, _traced(OutputError(str(exc), remote_type=type(exc).__name__)))
             return
         try:
-            self.channel.send(msg, tuple(placer.fds))
+            self._send(peer, msg, tuple(placer.fds))
         finally:
             placer.close_fds()
 
-    def _alias(self, t: torch.Tensor) -> shm.TensorRef | None:
+    def _alias(self, peer: lanes.Peer, t: torch.Tensor) -> shm.TensorRef | None:
         """Note [Outputs that are inputs]: an output lying contiguously in this call's inputs (the
         identity, an in-place op, a view of an input) goes back as a reference to those bytes, not a
         copy; the web process keeps that input block until the output is collected."""
         nbytes = codec.tensor_nbytes(t)
         if nbytes < shm.ZERO_COPY_MIN_BYTES or t.device.type != "cpu" or not t.is_contiguous():
             return None
-        base = self.arena.bytes.data_ptr()
-        start, size = self.arena.inputs
+        base = peer.arena.bytes.data_ptr()
+        start, size = peer.arena.inputs
         offset = t.data_ptr() - base
         if offset < start or offset + nbytes > start + size or offset % t.element_size():
             return None
         return shm.TensorRef(shm.INPUT_ALIAS, offset, nbytes, str(t.dtype), tuple(t.shape))
 
-    def _fail(self, call_id: int, err: TorchPoolError) -> None:
+    def _fail(self, peer: lanes.Peer, call_id: int, err: TorchPoolError) -> None:
         """Call *call_id* failed with *err*, the error its caller gets (rebuilt there by ``from_wire``)."""
-        self.channel.send(messages.Failure(call_id, *to_wire(err)))
+        self._send(peer, messages.Failure(call_id, *to_wire(err)))
+
+    def _send(self, peer: lanes.Peer, msg: Any, fds: tuple[int, ...] = ()) -> None:
+        if peer is self.main:
+            peer.channel.send(msg, fds)
+            return
+        try:  # a lane's web process went away: that lane only ends
+            peer.channel.send(msg, fds)
+        except OSError:
+            self._close_lane(peer)
 
 
 def call_target(model: Any, name: str) -> Any:

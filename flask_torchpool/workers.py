@@ -28,8 +28,9 @@ from typing import Any, Callable, Union
 
 import torch.multiprocessing as tmp
 
-from . import batching, messages, shm
+from . import batching, lanes, messages, shm
 from .batching import Job
+from .channel import Channel
 from .config import PoolConfig
 from .forkserver import ForkServer, ForkServerError, PassedFd
 from .logs import WorkerOutput
@@ -69,7 +70,7 @@ class WorkerSlot:
     placement: Placement
     state: WorkerState = WorkerState.STOPPED
     process: Any = None
-    channel: messages.Channel | None = None
+    channel: Channel | None = None
     output: list[WorkerOutput] = field(default_factory=list)   # its stdout and stderr pipes
     arena: shm.Arena | None = None
     inputs: shm.Allocator | None = None
@@ -108,6 +109,12 @@ class WorkerSlot:
     def load(self) -> int:
         return batching.load(self)
 
+    @property
+    def lane_calls(self) -> int:
+        """Calls from attached web processes' lanes it holds (Note [Lanes]), as it last wrote them."""
+        arena = self.arena
+        return int(arena.control[lanes.CTRL_LOAD]) if arena is not None else 0
+
     def stalled(self, job: Job[Any]) -> str | None:
         """*job* was sent to this worker and every caller of it gave up (deadline): why the worker is not
         worth waiting for ("running" it, or "frozen"), or None when cancelling the job is enough."""
@@ -140,7 +147,7 @@ class ChannelReady:
     """A message (or the end) waits on a worker's channel."""
 
     slot: WorkerSlot
-    source: messages.Channel
+    source: Channel
 
 
 @dataclass(frozen=True, eq=False)
@@ -247,7 +254,7 @@ class WorkerSet:
         with self.lock:
             slot.process = process
             slot.pid = process.pid
-            slot.channel = messages.Channel(parent_end, messages.WORKER_PROTOCOL)
+            slot.channel = Channel(parent_end, messages.WORKER_PROTOCOL)
             slot.output = output
             slot.arena = arena
             slot.inputs = shm.Allocator(*arena.inputs)
@@ -583,6 +590,8 @@ def _likely_cause(exitcode: int | None) -> str:
                 "OOM events and the worker's memory), or someone ran kill -9")
     if exitcode in (-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGILL, -signal.SIGFPE, -signal.SIGABRT):
         return "a native crash in the model or one of its extensions"
+    if exitcode == -signal.SIGALRM:  # Note [Lanes]: its own alarm
+        return "a direct call (from an attached web process) ran past its deadline"
     if exitcode < 0:
         return f"killed by {_signal_name(exitcode)}"
     if exitcode == 70:

@@ -549,7 +549,8 @@ def test_the_gunicorn_hook_module_imports_no_torch() -> None:
 @pytest.mark.timeout(240)
 def test_a_stopped_pool_server_fails_calls_at_once_and_serves_again_when_continued(project: Path) -> None:
     """Issue 11, item 6: a frozen (SIGSTOPped) pool server was noticed only by call deadlines, and a call
-    without one waited for ever. Now its calls (in flight and new) fail with 503 within about a second,
+    without one waited for ever. Now new calls fail with 503 within about a second (a direct call already
+    in flight is answered by its worker),
     /ready says why, and once the server is continued the next call attaches again and is served."""
     env = _env(project, "attach")
     serve = [sys.executable, "-m", "flask", "--app", "attach_app", "torchpool", "serve"]
@@ -583,11 +584,10 @@ def test_a_stopped_pool_server_fails_calls_at_once_and_serves_again_when_continu
             assert wait_until(lambda: busy() == 1, timeout=30), "the held call never started"
             os.kill(pool_proc.pid, signal.SIGSTOP)
             try:
+                # The call in flight went straight to its worker (Note [Lanes]), which is not stopped: it
+                # is answered. New calls need the server (to attach, to be counted): they fail at once.
                 resp = in_flight.result(60)
-                assert resp.status_code == 503, resp.get_data(as_text=True)
-                assert resp.json["type"] == "PoolUnavailableError"
-                assert f"pid {pool_proc.pid}" in resp.json["error"] and "stopped" in resp.json["error"]
-                assert resp.headers["Retry-After"] == "1"
+                assert resp.status_code == 200, resp.get_data(as_text=True)
                 again = client.post("/p")  # a new call does not wait for the hello of a stopped server
                 assert again.status_code == 503 and "stopped" in again.json["error"], again.json
                 ready = client.get("/torchpool/ready")

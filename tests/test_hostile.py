@@ -51,6 +51,7 @@ from flask_torchpool.attach import rendezvous
 from flask_torchpool.attach import server as server_module
 from flask_torchpool.attach.client import PoolConnection
 from flask_torchpool.attach.server import PoolServer
+from flask_torchpool.channel import Channel
 
 from .conftest import make_app, wait_until
 from .servers import ROOT, server_env
@@ -130,13 +131,13 @@ def _connect(path: str) -> socket.socket:
     return sock
 
 
-def _attach(path: str, arena_fd: int, arena_bytes: int) -> messages.Channel:
-    channel = messages.Channel(Connection(_connect(path).detach()), messages.ATTACH_PROTOCOL)
+def _attach(path: str, arena_fd: int, arena_bytes: int) -> Channel:
+    channel = Channel(Connection(_connect(path).detach()), messages.ATTACH_PROTOCOL)
     channel.send(messages.Hello(messages.PROTOCOL_VERSION, os.getpid(), arena_bytes), (arena_fd,))
     return channel
 
 
-def _next(channel: messages.Channel, timeout: float) -> Any:
+def _next(channel: Channel, timeout: float) -> Any:
     """The next message, ``"closed"`` when the server closed the connection, None after *timeout*."""
     if not channel.poll(timeout):
         return None
@@ -150,7 +151,7 @@ def _next(channel: messages.Channel, timeout: float) -> Any:
 
 
 @contextlib.contextmanager
-def _attached(path: str, arena_bytes: int = 1 << 20) -> Iterator[tuple[messages.Channel, shm.Arena]]:
+def _attached(path: str, arena_bytes: int = 1 << 20) -> Iterator[tuple[Channel, shm.Arena]]:
     """A well-behaved handshake, by hand: the channel (after its Welcome) and the arena."""
     fd = shm.create_memfd(arena_bytes, "torchpool-hostile")
     try:
@@ -402,7 +403,7 @@ def _fake_server(tmp_path: Path, result: Any = None) -> Iterator[PoolServer]:
         server.stop(drain_timeout=1)
 
 
-def _call(channel: messages.Channel, call_id: int) -> None:
+def _call(channel: Channel, call_id: int) -> None:
     channel.send(messages.RemoteCall(call_id, None, (), {}, (), 30.0, False, ()))
 
 
@@ -445,7 +446,7 @@ def test_logs_name_a_client_by_its_kernel_pid(tmp_path: Path, caplog: pytest.Log
     with _fake_server(tmp_path) as server:
         fd = shm.create_memfd(1 << 20, "torchpool-hostile")
         try:
-            channel = messages.Channel(Connection(_connect(server.path).detach()), messages.ATTACH_PROTOCOL)
+            channel = Channel(Connection(_connect(server.path).detach()), messages.ATTACH_PROTOCOL)
             channel.send(messages.Hello(messages.PROTOCOL_VERSION, 1, 1 << 20), (fd,))  # claims pid 1
             try:
                 assert isinstance(_next(channel, 10), messages.Welcome)

@@ -22,7 +22,6 @@ import itertools
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -31,6 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from .. import codec, errors, messages, shm
+from ..channel import Channel
 from ..config import PoolConfig
 from ..errors import PoolUnavailableError, TorchPoolError, WireError, from_wire
 from ..metrics import Metrics
@@ -38,16 +38,16 @@ from ..placement import Placement
 from ..status import ModelStatus, WorkerState, model_status, not_started, worker_status
 from ..streaming import Sink, Stream, check_method, stream_ended
 from .control import reload_model
+from .lanes import ClientLanes
 from .rendezvous import (
+    ServerSpawner,
     check_same_user,
     close_at_exit,
-    ensure_private_dir,
-    launch_server,
+    process_gone,
     process_stopped,
     server_running,
     shutdown_socket,
     stopped_message,
-    try_lock,
     wait_for_hello,
 )
 
@@ -73,7 +73,7 @@ class _Pending:
 class _Link:
     """One connection to a server, with the arena made for it (a reconnect makes both afresh)."""
 
-    channel: messages.Channel
+    channel: Channel
     arena: shm.Arena
     inputs: shm.Allocator
     releases: shm.ReleaseQueue
@@ -93,12 +93,14 @@ class PoolConnection:
         self._pending: dict[int, _Pending] = {}
         self._statuses: dict[int, Future[Any]] = {}
         self._pid = os.getpid()
-        self.spawner: _ServerSpawner | None = None
+        self.spawner: ServerSpawner | None = None
         #: Called (auto mode) when no server holds the socket's lock: starts one.
         self.on_missing: Callable[[], None] | None = None
         self.closed = False
         self._last_welcome: messages.Welcome | None = None
+        self._last_pid: int | None = None
         self._reader: threading.Thread | None = None
+        self.lanes = ClientLanes(self._report, retry_after, self._server_gone)   # Note [Lanes]
         close_at_exit(self)
 
     # --- connecting -------------------------------------------------------------------------------------
@@ -166,19 +168,26 @@ class PoolConnection:
         except OSError:
             sock.close()
             raise
-        channel = messages.Channel(Connection(sock.detach()), messages.ATTACH_PROTOCOL)
+        channel = Channel(Connection(sock.detach()), messages.ATTACH_PROTOCOL)
         fd = shm.create_memfd(self.arena_bytes, "torchpool-client")
+        offers: list[tuple[messages.LaneOffer, list[int]]] = []
         try:
             arena = shm.Arena(fd, self.arena_bytes)
             channel.send(messages.Hello(messages.PROTOCOL_VERSION, os.getpid(), self.arena_bytes), (fd,))
             wait_for_hello(channel, server_pid, _WATCH_INTERVAL)
             welcome, fds = channel.recv()
+            while isinstance(welcome, messages.LaneOffer):  # Note [Lanes]: they come first
+                offers.append((welcome, fds))
+                welcome, fds = channel.recv()
             for extra in fds:
                 os.close(extra)
             if not isinstance(welcome, messages.Welcome):
                 raise OSError(errno.EPROTO, f"expected a Welcome, got {type(welcome).__name__}")
         except (EOFError, OSError) as exc:
             channel.close()
+            for _, offer_fds in offers:
+                for extra in offer_fds:
+                    os.close(extra)
             if isinstance(exc, OSError) and exc.errno in (errno.EAGAIN, errno.ETIMEDOUT):
                 raise
             raise OSError(getattr(exc, "errno", None) or errno.ECONNRESET,
@@ -188,6 +197,9 @@ class PoolConnection:
         link = self._link = _Link(channel, arena, shm.Allocator(*arena.inputs), shm.ReleaseQueue(), welcome,
                                   server_pid)
         self._last_welcome = welcome
+        self._last_pid = server_pid
+        for offer, offer_fds in offers:
+            self.lanes.add(offer, offer_fds)
         self._reader = threading.Thread(target=self._read_loop, args=(link,), name="torchpool-attach-reader",
                          daemon=True)
         self._reader.start()
@@ -201,6 +213,7 @@ class PoolConnection:
         self._pending.clear()
         self._statuses.clear()
         self.spawner = None
+        self.lanes = ClientLanes(self._report, self.retry_after, self._server_gone)  # not the parent's
         self._pid = os.getpid()
 
     def _unavailable(self, message: str) -> PoolUnavailableError:
@@ -212,10 +225,13 @@ class PoolConnection:
         with self._lock:
             self.closed = True
             pending = [p.future for p in self._pending.values()]
-        for future in pending:
+        for future in pending + self.lanes.futures():
             with contextlib.suppress(Exception):
                 future.exception(max(0.0, deadline - time.monotonic()))
         link = self._link
+        if self._pid == os.getpid():
+            self.lanes.close(self._unavailable(f"this web process detached from the pool server (shutdown); "
+                                               f"{self.path}"))
         if link is not None and self._pid == os.getpid():
             self._lost(link, "this web process detached from the pool server (shutdown)")
         self._join_reader()
@@ -235,8 +251,9 @@ class PoolConnection:
 
     def _start(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                timeout: float | None, batch: bool, max_input_bytes: int, method: str | None,
-               sink: Sink | None) -> tuple[Future[Any], int]:
-        """Send one call (a stream with *sink*): its future, and its id."""
+               sink: Sink | None, direct: bool = True) -> tuple[Future[Any], int]:
+        """Send one call (a stream with *sink*): its future, and its id. A plain call goes on a lane
+        when this process holds one for the model (Note [Lanes]), else through the server."""
         codec.check_timeout(timeout)
         check_method(method)
         skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, max_input_bytes)
@@ -244,6 +261,23 @@ class PoolConnection:
         link = self._link
         if link is None:
             raise self._unavailable(f"lost the connection to the pool server at {self.path}")
+        name = model if model is not None else link.welcome.default_model
+        lane = self.lanes.pick(name) if direct and sink is None and name is not None else None
+        if lane is not None:
+            limit = timeout if timeout is not None else link.welcome.models[lane.model]["timeout"]
+            deadline = time.monotonic() + limit if limit else 0.0
+
+            def resend() -> Future[Any]:  # the lane ended before its worker started the call
+                left = None if not deadline else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise errors.InferenceTimeoutError("the call did not finish within its deadline (its "
+                                                       "worker ended before running it)")
+                return self._start(model, args, kwargs, left, batch, max_input_bytes, method, None, False)[0]
+
+            lane_id = next(_ids)
+            sent = self.lanes.submit(lane, lane_id, skel_args, skel_kwargs, tensors, deadline, method, resend)
+            if sent is not None:
+                return sent, lane_id
         placer = shm.Placer(link.arena, link.inputs)
         refs = placer.place_all(tensors)
         call_id = next(_ids)
@@ -310,8 +344,21 @@ class PoolConnection:
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The server's status (every model); raises :class:`PoolUnavailableError` without a server."""
+        self.connect()
+        self.lanes.flush()  # this process's lane calls are counted before the status is taken
         status: dict[str, Any] = self.ask(lambda call_id: messages.StatusRequest(call_id), timeout)
         return status
+
+    def _server_gone(self) -> PoolUnavailableError | None:
+        pid = self._last_pid
+        if pid is None or not process_gone(pid):
+            return None
+        return self._unavailable(f"the pool server (pid {pid}) ended (its workers end with it); {self.path}")
+
+    def _report(self, msg: messages.Observed) -> None:
+        link = self._link
+        if link is not None:
+            self.tell(link, msg)
 
     def ask(self, request: Callable[[int], Any], timeout: float) -> Any:
         """Send the request ``request(id)`` and wait for the server's :class:`~messages.StatusReply` to it
@@ -358,6 +405,9 @@ class PoolConnection:
                 if isinstance(exc, OSError):
                     reason = f"the connection to the pool server failed: {exc}"
                 break
+            if isinstance(msg, messages.LaneOffer):
+                self.lanes.add(msg, fds)
+                continue
             if isinstance(msg, messages.StatusReply):
                 with self._lock:
                     waiter = self._statuses.pop(msg.id, None)
@@ -540,61 +590,10 @@ class RemotePool:
         return status
 
 
-# --- auto mode: the first web process starts the server ------------------------------------------------
-
-
-class _ServerSpawner:
-    """Starts ``python -m flask_torchpool.server`` as its own process (its own session, so that signals
-    for the web workers' process group do not reach it), owned by *owner_pid*: the server stops when
-    that process exits. Only the process that wins the server lock spawns; the lock passes to the
-    server."""
-
-    def __init__(self, app_import: str, path: str, owner_pid: int) -> None:
-        self.app_import = app_import
-        self.path = path
-        self.owner_pid = owner_pid
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def spawn_if_needed(self) -> bool:
-        """Spawn a server unless one holds the lock; True if this call spawned one."""
-        ensure_private_dir(self.path)
-        fd = try_lock(self.path)
-        if fd is None:
-            return False
-        try:
-            self.process = launch_server(self.app_import, owner_pid=self.owner_pid, socket_path=self.path,
-                                         lock_fd=fd)
-        finally:
-            os.close(fd)  # the server holds the lock now (same open file description)
-        log.info("torchpool: started the pool server (pid %d) for %s on %s", self.process.pid,
-                 self.app_import, self.path)
-        # Reap it when it exits, so that it does not linger as a zombie of this web process.
-        threading.Thread(target=self.process.wait, name="torchpool-server-reaper", daemon=True).start()
-        return True
-
-
-def ensure_server(app_import: str | None, path: str, owner_pid: int) -> _ServerSpawner | None:
-    """Auto mode: make sure a pool server for *path* runs, starting one (owned by *owner_pid*) if no
-    process holds its lock. Returns the spawner when this process started it."""
-    if server_running(path):
-        return None
-    if app_import is None:
-        raise errors.ConfigError(
-            "TORCHPOOL_MODE", "'auto' found no pool server and cannot tell how to import this app to "
-            "start one (it was not loaded by gunicorn from an import string); start it yourself with "
-            "`flask --app IMPORT torchpool serve`, or use the gunicorn.conf.py hook "
-            "(flask_torchpool.gunicorn)")
-    spawner = _ServerSpawner(app_import, path, owner_pid)
-    return spawner if spawner.spawn_if_needed() else None
-
-
 def _settle(future: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
     """Resolve *future*, unless its caller cancelled it."""
     with contextlib.suppress(InvalidStateError):
         future.set_result(value) if exc is None else future.set_exception(exc)
 
 
-__all__ = ["PoolConnection", "RemotePool", "ensure_server"]
+__all__ = ["PoolConnection", "RemotePool"]

@@ -15,11 +15,13 @@ started), and so does the client going away: its calls are dropped and its strea
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from .. import messages
+from .. import codec, messages, shm
+from ..errors import InvalidInputError
 from ..streaming import Stream
 
 if TYPE_CHECKING:
@@ -170,3 +172,40 @@ class StreamRelay:
 
 
 _DONE = object()
+
+
+def read_inputs(arena: shm.Arena, refs: tuple[shm.TensorRef, ...], fds: list[int]) -> list[Any]:
+    """Views of a client's inputs, after checking that every reference lies inside what it may name:
+    its arena's input half, or a descriptor it sent along."""
+    sizes = []
+    try:
+        for fd in fds:
+            sizes.append(shm.check_sealed(fd))
+        start, length = arena.inputs
+        for ref in refs:
+            dtype = codec.dtype_from_name(ref.dtype)
+            numel = 1
+            for dim in ref.shape:
+                if not isinstance(dim, int) or dim < 0:
+                    raise InvalidInputError(f"bad tensor shape {ref.shape!r} in a call header")
+                numel *= dim
+            if ref.nbytes != numel * dtype.itemsize:
+                raise InvalidInputError("a tensor reference's size does not match its shape")
+            if ref.nbytes == 0:
+                continue
+            if ref.seg == -1:
+                ok = start <= ref.offset and ref.offset + ref.nbytes <= start + length \
+                    and ref.offset % shm.ALIGN == 0
+            else:
+                ok = 0 <= ref.seg < len(fds) and ref.offset == 0 and ref.nbytes <= sizes[ref.seg]
+            if not ok:
+                raise InvalidInputError("a tensor reference points outside the caller's shared memory")
+    except (codec.UnsupportedValue, shm.UnsealedSegment, OSError) as exc:
+        for fd in fds:
+            os.close(fd)
+        raise InvalidInputError(f"bad call header: {exc}") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return shm.read_refs(arena, refs, fds)

@@ -32,11 +32,15 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from typing import Any
 
+from .. import errors
 from ..errors import ConfigError, TorchPoolError
+
+log = logging.getLogger(__name__)
 
 # --- the socket's path, directory and lock ---------------------------------------------------------------
 
@@ -176,6 +180,17 @@ def process_stopped(pid: int) -> bool:
     return stat_line[end + 2:end + 3] in (b"T", b"t")
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process *pid* has ended (no such process, or a zombie not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return True
+    end = stat_line.rfind(b")")
+    return stat_line[end + 2:end + 3] in (b"Z", b"X")
+
+
 def stopped_message(pid: int) -> str:
     return (f"the pool server (pid {pid}) is stopped (SIGSTOP, or held by a debugger): calls fail "
             "until it is continued (SIGCONT)")
@@ -265,3 +280,54 @@ def exit_now(code: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+# --- auto mode: the first web process starts the server ------------------------------------------------
+
+
+class ServerSpawner:
+    """Starts ``python -m flask_torchpool.server`` as its own process (its own session, so that signals
+    for the web workers' process group do not reach it), owned by *owner_pid*: the server stops when
+    that process exits. Only the process that wins the server lock spawns; the lock passes to the
+    server."""
+
+    def __init__(self, app_import: str, path: str, owner_pid: int) -> None:
+        self.app_import = app_import
+        self.path = path
+        self.owner_pid = owner_pid
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def spawn_if_needed(self) -> bool:
+        """Spawn a server unless one holds the lock; True if this call spawned one."""
+        ensure_private_dir(self.path)
+        fd = try_lock(self.path)
+        if fd is None:
+            return False
+        try:
+            self.process = launch_server(self.app_import, owner_pid=self.owner_pid, socket_path=self.path,
+                                         lock_fd=fd)
+        finally:
+            os.close(fd)  # the server holds the lock now (same open file description)
+        log.info("torchpool: started the pool server (pid %d) for %s on %s", self.process.pid,
+                 self.app_import, self.path)
+        # Reap it when it exits, so that it does not linger as a zombie of this web process.
+        threading.Thread(target=self.process.wait, name="torchpool-server-reaper", daemon=True).start()
+        return True
+
+
+def ensure_server(app_import: str | None, path: str, owner_pid: int) -> ServerSpawner | None:
+    """Auto mode: make sure a pool server for *path* runs, starting one (owned by *owner_pid*) if no
+    process holds its lock. Returns the spawner when this process started it."""
+    if server_running(path):
+        return None
+    if app_import is None:
+        raise errors.ConfigError(
+            "TORCHPOOL_MODE", "'auto' found no pool server and cannot tell how to import this app to "
+            "start one (it was not loaded by gunicorn from an import string); start it yourself with "
+            "`flask --app IMPORT torchpool serve`, or use the gunicorn.conf.py hook "
+            "(flask_torchpool.gunicorn)")
+    spawner = ServerSpawner(app_import, path, owner_pid)
+    return spawner if spawner.spawn_if_needed() else None

@@ -65,9 +65,11 @@ from typing import Any
 
 from .. import codec, messages, shm
 from ..backend import Backend
+from ..channel import Channel
 from ..errors import InferenceError, InvalidInputError, TorchPoolError, to_wire
 from .control import answer_request
-from .relay import Chunk, End, StreamRelay
+from .lanes import LaneBroker, record_observed
+from .relay import Chunk, End, StreamRelay, read_inputs
 from .rendezvous import (
     check_same_user,
     ensure_private_dir,
@@ -125,6 +127,12 @@ class PoolServer:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._accepter: threading.Thread | None = None
+        self.lanes = LaneBroker(self, enabled=True)   # Note [Lanes]
+        self.lanes.hook()
+
+    def client_list(self) -> list[_Client]:
+        with self._clients_lock:
+            return list(self._clients)
 
     @property
     def clients(self) -> int:
@@ -227,7 +235,7 @@ class PoolServer:
             sock.close()
             self._disconnected()
             return
-        channel = messages.Channel(Connection(sock.detach()), messages.ATTACH_PROTOCOL, MAX_HELLO_BYTES)
+        channel = Channel(Connection(sock.detach()), messages.ATTACH_PROTOCOL, MAX_HELLO_BYTES)
         # The whole handshake has one deadline: past it the socket is shut down, so the read in
         # progress ends, however slowly the client trickles its bytes.
         timer = threading.Timer(HANDSHAKE_SECONDS, shutdown_socket, (channel.fileno(),))
@@ -261,7 +269,7 @@ class PoolServer:
         with self._clients_lock:
             self._connections -= 1
 
-    def _welcome(self, channel: messages.Channel, pid: int) -> _Client:
+    def _welcome(self, channel: Channel, pid: int) -> _Client:
         fds: list[int] = []
         try:
             msg, fds = channel.recv()
@@ -282,6 +290,7 @@ class PoolServer:
         channel.max_bytes = self.max_message_bytes
         set_send_timeout(channel.fileno(), SEND_TIMEOUT)
         client = _Client(self, channel, arena, pid)
+        self.lanes.offer_all(client)  # before the Welcome: the client has them once attached
         channel.send(messages.Welcome(messages.PROTOCOL_VERSION, os.getpid(), self.default_model,
                                       self._models()))
         log.info("torchpool server: web process %d attached", pid)
@@ -310,7 +319,7 @@ class PoolServer:
 class _Client:
     """One attached web process: a reader thread takes its calls, a writer thread sends their results."""
 
-    def __init__(self, server: PoolServer, channel: messages.Channel, arena: shm.Arena, pid: int) -> None:
+    def __init__(self, server: PoolServer, channel: Channel, arena: shm.Arena, pid: int) -> None:
         self.server = server
         self.channel = channel
         self.arena = arena
@@ -356,6 +365,12 @@ class _Client:
                         break
                 elif isinstance(msg, (messages.Cancel, messages.Credit)):
                     self.streams.on_message(msg)
+                elif isinstance(msg, messages.Observed):  # its lane calls, for the metrics (Note [Lanes])
+                    pool = self.server.pools.get(msg.model)
+                    if pool is None or not record_observed(pool, msg):
+                        log.warning("torchpool server: web process %d sent a bad Observed; closing it",
+                                    self.pid)
+                        break
                 elif isinstance(msg, (messages.StatusRequest, messages.ReloadRequest)):
                     for fd in fds:
                         os.close(fd)
@@ -400,7 +415,7 @@ class _Client:
                     os.close(fd)
                 raise InvalidInputError(f"this pool server has no model {model!r}; it serves "
                                         f"{sorted(self.server.pools)}", model=model)
-            tensors = _read_inputs(self.arena, msg.refs, fds)
+            tensors = read_inputs(self.arena, msg.refs, fds)
             args = codec.unflatten(msg.args, tensors)
             kwargs = codec.unflatten(msg.kwargs, tensors)
             if msg.stream:
@@ -480,43 +495,6 @@ class _Client:
     def _send(self, msg: Any, fds: tuple[int, ...] = ()) -> None:
         if not self.closed:
             self.channel.send(msg, fds)
-
-
-def _read_inputs(arena: shm.Arena, refs: tuple[shm.TensorRef, ...], fds: list[int]) -> list[Any]:
-    """Views of a client's inputs, after checking that every reference lies inside what it may name:
-    its arena's input half, or a descriptor it sent along."""
-    sizes = []
-    try:
-        for fd in fds:
-            sizes.append(shm.check_sealed(fd))
-        start, length = arena.inputs
-        for ref in refs:
-            dtype = codec.dtype_from_name(ref.dtype)
-            numel = 1
-            for dim in ref.shape:
-                if not isinstance(dim, int) or dim < 0:
-                    raise InvalidInputError(f"bad tensor shape {ref.shape!r} in a call header")
-                numel *= dim
-            if ref.nbytes != numel * dtype.itemsize:
-                raise InvalidInputError("a tensor reference's size does not match its shape")
-            if ref.nbytes == 0:
-                continue
-            if ref.seg == -1:
-                ok = start <= ref.offset and ref.offset + ref.nbytes <= start + length \
-                    and ref.offset % shm.ALIGN == 0
-            else:
-                ok = 0 <= ref.seg < len(fds) and ref.offset == 0 and ref.nbytes <= sizes[ref.seg]
-            if not ok:
-                raise InvalidInputError("a tensor reference points outside the caller's shared memory")
-    except (codec.UnsupportedValue, shm.UnsealedSegment, OSError) as exc:
-        for fd in fds:
-            os.close(fd)
-        raise InvalidInputError(f"bad call header: {exc}") from None
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return shm.read_refs(arena, refs, fds)
 
 
 # --- running a server as its own process ---------------------------------------------------------------

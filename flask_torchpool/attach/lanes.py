@@ -1,0 +1,465 @@
+"""Lanes (Note [Lanes] in :mod:`flask_torchpool.lanes`): the web process's half (:class:`ClientLanes`) and
+the pool server's (:class:`LaneBroker`, which makes them and hands them out).
+
+A web process keeps its lanes by model. A plain call to a model it holds lanes for goes to the lane whose
+worker holds the fewest calls (control word ``CTRL_LOAD``, written by the worker for every web process to
+read); one reader thread, :class:`ClientLanes`, resolves the answers of every lane, fails calls at their
+deadlines, and sends the outcomes to the server for its metrics (:class:`~flask_torchpool.messages.Observed`,
+at most every :data:`REPORT_INTERVAL`, and before every status request). Everything else (streams,
+batched models, a model without lanes, every lane busy) goes through the server as before.
+
+When a lane ends (its worker died or retired) the calls on it that the worker had not started are sent
+again through the server; the one it was running fails with :class:`~flask_torchpool.WorkerCrashedError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import os
+import selectors
+import socket
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Callable
+
+from .. import codec, lanes, messages, shm
+from ..channel import Channel
+from ..errors import InferenceTimeoutError, OutputError, WireError, WorkerCrashedError, from_wire
+from ..metrics import OUTCOMES, outcome_of
+from ..status import WorkerState
+
+if TYPE_CHECKING:
+    from .server import PoolServer, _Client
+
+log = logging.getLogger(__name__)
+
+#: How often outcomes of lane calls are sent to the server (seconds).
+REPORT_INTERVAL = 0.25
+#: A web process sends a call through the server instead when every lane of the model holds this many.
+MAX_LANE_LOAD = 8
+#: Outcomes one Observed message may carry.
+MAX_OBSERVED = 4096
+
+
+class _Call:
+    __slots__ = ("future", "blocks", "deadline", "started", "settled", "resend")
+
+    def __init__(self, future: Future[Any], blocks: list[int], deadline: float,
+                 resend: Callable[[], Future[Any]]) -> None:
+        self.future = future
+        self.blocks = blocks
+        self.deadline = deadline
+        self.started = time.monotonic()
+        self.settled = False
+        self.resend = resend
+
+
+class Lane:
+    """This web process's end of one lane: its socket, its arena, the calls on it."""
+
+    def __init__(self, offer: messages.LaneOffer, fds: list[int]) -> None:
+        try:
+            if len(fds) != 2:
+                raise ValueError(f"a lane needs a socket and an arena, got {len(fds)} descriptors")
+            size = shm.check_sealed(fds[1], offer.arena_bytes)
+            self.arena = shm.Arena(fds[1], size)
+            sock_fd = os.dup(fds[0])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.model = offer.model
+        self.worker = offer.worker
+        self.id = offer.lane
+        self.channel = Channel(Connection(sock_fd), messages.LANE_PROTOCOL)
+        self.inputs = shm.Allocator(*self.arena.inputs)
+        self.releases = shm.ReleaseQueue()
+        assert self.arena.mmap is not None
+        self.words = memoryview(self.arena.mmap)[:shm.CONTROL_BYTES].cast("q")
+        self.calls: dict[int, _Call] = {}
+        self.open = True  # False once the worker said Stop: no new calls
+
+    def load(self) -> int:
+        try:
+            return max(int(self.words[lanes.CTRL_LOAD]), len(self.calls))
+        except ValueError:  # released: the lane was dropped meanwhile
+            return MAX_LANE_LOAD
+
+
+class ClientLanes:
+    """The lanes of one attached web process, and the thread that reads them."""
+
+    def __init__(self, report: Callable[[messages.Observed], None], retry_after: int,
+                 server_gone: Callable[[], BaseException | None]) -> None:
+        self._report = report
+        self._server_gone = server_gone  # the error to give when a lane ended with its server
+        self._retry_after = retry_after
+        self._lock = threading.Lock()
+        self._by_model: dict[str, list[Lane]] = {}
+        self._deadlines: list[tuple[float, int, Lane]] = []
+        self._wake_at = math.inf
+        self._observed: dict[str, tuple[list[str], list[float]]] = {}
+        self._report_at = math.inf
+        self._turn = itertools.count(os.getpid())
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_r: socket.socket | None = None   # made with the first lane, with the thread
+        self._wake_w: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self.closed = False
+        self._closed_error: BaseException | None = None
+
+    # --- the caller's side ------------------------------------------------------------------------------
+
+    def add(self, offer: messages.LaneOffer, fds: list[int]) -> None:
+        """A lane the server offered (the attach reader thread)."""
+        try:
+            lane = Lane(offer, fds)
+        except (OSError, ValueError) as exc:
+            log.warning("torchpool: cannot use lane %d to worker %d of %r: %s", offer.lane, offer.worker,
+                        offer.model, exc)
+            return
+        with self._lock:
+            if self.closed:
+                lane.channel.close()
+                return
+            if self._selector is None:
+                self._wake_r, self._wake_w = socket.socketpair()
+                self._selector = selectors.DefaultSelector()
+                self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+                self._thread = threading.Thread(target=self._read_loop, name="torchpool-lanes", daemon=True)
+                self._thread.start()
+            self._by_model.setdefault(lane.model, []).append(lane)
+            self._selector.register(lane.channel.fileno(), selectors.EVENT_READ, lane)
+
+    def pick(self, model: str) -> Lane | None:
+        """The open lane of *model* whose worker holds the fewest calls; None: go through the server."""
+        candidates = self._by_model.get(model)
+        if not candidates:
+            return None
+        best, best_load = None, MAX_LANE_LOAD
+        n = len(candidates)
+        start = next(self._turn)
+        for i in range(n):
+            try:
+                lane = candidates[(start + i) % n]
+            except IndexError:  # a lane was dropped meanwhile
+                break
+            if lane.open:
+                load = lane.load()
+                if load < best_load:
+                    best, best_load = lane, load
+                    if not load:
+                        break
+        return best
+
+    def submit(self, lane: Lane, call_id: int, args: Any, kwargs: Any, tensors: list[Any], deadline: float,
+               method: str | None, resend: Callable[[], Future[Any]]) -> Future[Any] | None:
+        """Send one call on *lane*; None when the lane failed (send it through the server instead)."""
+        placer = shm.Placer(lane.arena, lane.inputs)
+        refs = placer.place_all(tensors)
+        future: Future[Any] = Future()
+        call = _Call(future, placer.blocks, deadline, resend)
+        with self._lock:
+            if not lane.open:
+                placer.rollback()
+                return None
+            lane.calls[call_id] = call
+            if deadline:
+                heapq.heappush(self._deadlines, (deadline, call_id, lane))
+                wake = deadline < self._wake_at
+        try:
+            lane.channel.send(messages.Call(call_id, args, kwargs, refs, lane.releases.drain(), method, 0,
+                                            deadline), tuple(placer.fds))
+        except OSError:
+            with self._lock:
+                lane.calls.pop(call_id, None)
+            placer.rollback()
+            return None
+        placer.close_fds()
+        if deadline and wake:
+            self._wake()
+        channel = lane.channel  # not the lane: a future kept by its caller must not keep the arena mapped
+        future.add_done_callback(lambda f: _cancelled(channel, call_id, f))
+        return future
+
+    def futures(self) -> list[Future[Any]]:
+        """The futures of every call on a lane not answered yet."""
+        with self._lock:
+            return [c.future for ls in self._by_model.values() for lane in ls for c in lane.calls.values()
+                    if not c.settled]
+
+    def flush(self) -> None:
+        """Send the outcomes observed so far to the server (before a status request)."""
+        with self._lock:
+            observed, self._observed = self._observed, {}
+            self._report_at = math.inf
+        for model, (outcomes, seconds) in observed.items():
+            for i in range(0, len(outcomes), MAX_OBSERVED):
+                self._report(messages.Observed(model, tuple(outcomes[i:i + MAX_OBSERVED]),
+                                               tuple(seconds[i:i + MAX_OBSERVED])))
+
+    def close(self, error: BaseException) -> None:
+        """Drop every lane (detaching): the calls still on them fail with *error*."""
+        with self._lock:
+            self.closed = True
+            self._closed_error = error
+            all_lanes = [lane for ls in self._by_model.values() for lane in ls]
+        for lane in all_lanes:
+            shutdown(lane.channel)  # the reader sees end-of-file and drops it
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+
+    def _wake(self) -> None:
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"\0")
+
+    # --- the reader thread ------------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        selector = self._selector
+        assert selector is not None
+        while True:
+            with self._lock:
+                if self.closed and not any(self._by_model.values()):
+                    break
+                self._wake_at = min(self._deadlines[0][0] if self._deadlines else math.inf, self._report_at)
+                wake_at = self._wake_at
+            timeout = None if wake_at == math.inf else max(0.0, wake_at - time.monotonic())
+            self._serve_ready(selector, timeout)
+            now = time.monotonic()
+            self._expire(now)
+            if now >= self._report_at:
+                with contextlib.suppress(OSError):
+                    self.flush()
+        with self._lock:
+            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, None, None
+        for sock in (wake_r, wake_w):
+            if sock is not None:
+                sock.close()
+        selector.close()
+
+    def _serve_ready(self, selector: selectors.BaseSelector, timeout: float | None) -> None:
+        for key, _ in selector.select(timeout):
+            self._service(key.data)
+
+    def _service(self, lane: Lane | None) -> None:
+        """Read what *lane* sent (None: the wake-up socket). Methods, so that no local of the loop keeps a
+        dropped lane's arena mapped while the thread waits."""
+        if lane is None:
+            assert self._wake_r is not None
+            with contextlib.suppress(OSError):
+                self._wake_r.recv(4096)
+            return
+        try:
+            while lane.channel.poll(0):
+                self._on_message(lane, *lane.channel.recv())
+        except (EOFError, OSError) as exc:
+            if isinstance(exc, messages.ProtocolError):
+                log.warning("torchpool: lane %d to worker %d of %r: %s", lane.id, lane.worker, lane.model,
+                            exc.strerror)
+            self._drop(lane)
+
+    def _on_message(self, lane: Lane, msg: Any, fds: list[int]) -> None:
+        if type(msg) is messages.Stop:  # the worker retires: agree, then read until it closes
+            lane.open = False
+            with contextlib.suppress(OSError):
+                lane.channel.send(messages.Stop())
+            return
+        with self._lock:
+            call = lane.calls.pop(msg.id, None)
+        if call is None:
+            for fd in fds:
+                os.close(fd)
+            return
+        for offset in call.blocks:
+            lane.inputs.free(offset)
+        value: Any = None
+        exc: BaseException | None = None
+        if type(msg) is messages.Result:
+            try:
+                tensors = shm.read_refs(lane.arena, msg.refs, fds, on_free=lane.releases)
+                value = codec.unflatten(msg.value, tensors)
+            except Exception as err:  # noqa: BLE001 - a bad result fails its call, not the reader
+                exc = OutputError(f"cannot read the result: {err}")
+        else:
+            for fd in fds:
+                os.close(fd)
+            exc = from_wire(WireError(*msg[1:]))
+        if not call.settled:
+            self._settle(lane, call, value, exc)
+
+    def _settle(self, lane: Lane, call: _Call, value: Any, exc: BaseException | None) -> None:
+        """Record the outcome first (a status request right after the answer sees it), then resolve."""
+        call.settled = True
+        with self._lock:
+            outcomes, seconds = self._observed.setdefault(lane.model, ([], []))
+            outcomes.append(outcome_of(exc))
+            seconds.append(time.monotonic() - call.started)
+            if self._report_at == math.inf:
+                self._report_at = time.monotonic() + REPORT_INTERVAL
+        with contextlib.suppress(InvalidStateError):
+            call.future.set_result(value) if exc is None else call.future.set_exception(exc)
+
+    def _expire(self, now: float) -> None:
+        expired = []
+        with self._lock:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, call_id, lane = heapq.heappop(self._deadlines)
+                call = lane.calls.get(call_id)
+                if call is not None and not call.settled:
+                    expired.append((lane, call_id, call))
+        for lane, call_id, call in expired:
+            running = int(lane.words[lanes.CTRL_RUNNING]) == call_id
+            self._settle(lane, call, None, InferenceTimeoutError(
+                f"the call did not finish within its deadline ({now - call.started:.3g}s; it was "
+                f"{'running in' if running else 'queued for'} worker {lane.worker}). Raise TORCHPOOL_TIMEOUT "
+                "or the view's timeout, or add workers"))
+            with contextlib.suppress(OSError):  # a queued call is dropped; a running one ends the worker
+                lane.channel.send(messages.Cancel(call_id))
+
+    def _drop(self, lane: Lane) -> None:
+        """The lane ended: its worker died or retired (Note [Lanes])."""
+        with self._lock:
+            lanes_of = self._by_model.get(lane.model, [])
+            if lane in lanes_of:
+                lanes_of.remove(lane)
+            calls, lane.calls = lane.calls, {}
+            lane.open = False
+            if any(entry[2] is lane for entry in self._deadlines):
+                self._deadlines = [entry for entry in self._deadlines if entry[2] is not lane]
+                heapq.heapify(self._deadlines)
+        assert self._selector is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(lane.channel.fileno())
+        running = int(lane.words[lanes.CTRL_RUNNING])
+        lane.words.release()
+        lane.channel.close()
+        for call_id, call in calls.items():
+            if call.settled:
+                continue
+            if self._closed_error is not None:  # this process detached
+                self._settle(lane, call, None, self._closed_error)
+                continue
+            gone = self._server_gone()  # workers end with their server: say which ended
+            if gone is not None:
+                self._settle(lane, call, None, gone)
+                continue
+            if call_id == running:
+                self._settle(lane, call, None, WorkerCrashedError(
+                    f"worker {lane.worker} of {lane.model!r} died while running this call",
+                    retry_after=self._retry_after))
+                continue
+            # Never started: through the server, which runs it on another (or the respawned) worker.
+            call.settled = True
+            try:
+                _chain(call.resend(), call.future)
+            except Exception as exc:  # noqa: BLE001
+                with contextlib.suppress(InvalidStateError):
+                    call.future.set_exception(exc)
+
+
+def _cancelled(channel: Channel, call_id: int, future: Future[Any]) -> None:
+    if future.cancelled():
+        with contextlib.suppress(OSError):
+            channel.send(messages.Cancel(call_id))
+
+
+def _chain(source: Future[Any], target: Future[Any]) -> None:
+    def done(f: Future[Any]) -> None:
+        with contextlib.suppress(InvalidStateError):
+            if f.cancelled():
+                target.cancel()
+            elif f.exception() is not None:
+                target.set_exception(f.exception())
+            else:
+                target.set_result(f.result())
+    source.add_done_callback(done)
+
+
+def shutdown(channel: Channel) -> None:
+    """End a lane's socket so that its reader sees end-of-file (it closes the descriptor itself)."""
+    with contextlib.suppress(OSError):
+        socket.socket(fileno=os.dup(channel.fileno())).shutdown(socket.SHUT_RDWR)
+
+
+# --- the server's half ----------------------------------------------------------------------------------
+
+
+class LaneBroker:
+    """Makes lanes between the server's clients and the workers of its models that take direct calls."""
+
+    def __init__(self, server: PoolServer, enabled: bool) -> None:
+        self.server = server
+        self.enabled = enabled
+        self._ids = itertools.count(1)
+
+    def hook(self) -> None:
+        """Offer every new worker (a respawn, a reload's) to every client as it becomes ready."""
+        if not self.enabled:
+            return
+        pools: dict[str, Any] = self.server.pools
+        for name, pool in pools.items():
+            if self._eligible(pool):
+                pool.on_ready.append(lambda slot, name=name, pool=pool: self.worker_ready(name, pool, slot))
+
+    @staticmethod
+    def _eligible(pool: Any) -> bool:
+        return getattr(pool, "on_ready", None) is not None and pool.config.direct_calls \
+            and pool.config.max_batch_size <= 1
+
+    def offer_all(self, client: _Client) -> None:
+        """Lanes to every ready worker of every eligible model, for a client that just attached."""
+        if not self.enabled:
+            return
+        pools: dict[str, Any] = self.server.pools
+        for name, pool in pools.items():
+            if self._eligible(pool):
+                for slot in list(pool.workers):
+                    if slot.state is WorkerState.READY:
+                        self._open(client, name, pool, slot)
+
+    def worker_ready(self, name: str, pool: Any, slot: Any) -> None:
+        for client in self.server.client_list():
+            self._open(client, name, pool, slot)
+
+    def _open(self, client: _Client, name: str, pool: Any, slot: Any) -> None:
+        channel = slot.channel
+        if channel is None or client.closed:
+            return
+        size = pool.config.arena_bytes
+        lane = next(self._ids)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd = -1
+        try:
+            fd = shm.create_memfd(size, "torchpool-lane")
+            channel.send(messages.OpenLane(lane), (theirs.fileno(), fd))
+            client._send(messages.LaneOffer(name, slot.index, lane, size), (ours.fileno(), fd))
+        except OSError as exc:  # the worker or the client went away: the other end sees end-of-file
+            log.debug("torchpool server: lane %d not opened: %s", lane, exc)
+        finally:
+            ours.close()
+            theirs.close()
+            if fd >= 0:
+                os.close(fd)
+
+
+def record_observed(pool: Any, msg: messages.Observed) -> bool:
+    """Count a client's lane calls in *pool*'s metrics; False when the message is malformed."""
+    if len(msg.outcomes) != len(msg.seconds) or len(msg.outcomes) > MAX_OBSERVED:
+        return False
+    for outcome, seconds in zip(msg.outcomes, msg.seconds):
+        if outcome not in OUTCOMES or type(seconds) is not float or not 0 <= seconds < 1e9:
+            return False
+    metrics = pool.metrics
+    for outcome, seconds in zip(msg.outcomes, msg.seconds):
+        metrics.record_submit()
+        metrics.record_call(outcome, seconds, 0.0)
+    return True

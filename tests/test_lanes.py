@@ -1,0 +1,142 @@
+"""Direct calls in attach mode (Note [Lanes]): lanes from web processes straight to the workers.
+
+One pool server in this process (one echo worker) for the module; each test attaches its own
+:class:`PoolConnection` (a web process's) and closes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import torch
+
+from flask_torchpool import codec, messages, shm
+from flask_torchpool.attach.client import PoolConnection
+from flask_torchpool.attach.lanes import _Call
+from flask_torchpool.attach.server import PoolServer
+from flask_torchpool.errors import InferenceTimeoutError, InvalidInputError
+
+from .conftest import wait_until
+from .servers import pool_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolServer]:
+    path = tmp_path_factory.mktemp("lanes") / "run"
+    path.mkdir(mode=0o700)
+    with pool_server(path / "pool.sock", TORCHPOOL_WORKERS=1, TORCHPOOL_ARENA_BYTES=8 << 20) as server:
+        yield server
+
+
+@pytest.fixture
+def conn(served: PoolServer) -> Iterator[PoolConnection]:
+    c = PoolConnection(served.path, 1 << 20)
+    c.connect()
+    yield c
+    c.close()
+
+
+def _call(conn: PoolConnection, *args: object, timeout: float = 30.0, **kwargs: object) -> Future:
+    return conn.submit(None, args, kwargs, timeout, False, 1 << 20)
+
+
+def _worker_pid(served: PoolServer) -> int | None:
+    return served.pools["default"].workers[0].pid  # type: ignore[attr-defined]
+
+
+def test_a_plain_call_goes_straight_to_the_worker_and_is_counted(served: PoolServer,
+                                                                  conn: PoolConnection) -> None:
+    lane = conn.lanes.pick("default")
+    assert lane is not None, "attaching gave no lane"
+    before = served.pools["default"].status()
+    calls_via_server = before["workers"][0]["calls"]
+    assert torch.equal(_call(conn, torch.arange(4.0)).result(30), torch.arange(4.0))
+    after = served.pools["default"].status()
+    assert after["workers"][0]["calls"] == calls_via_server, "the call went through the server"
+    status = conn.status()   # the outcome is reported before the status is taken
+    ok = status["models"]["default"]["metrics"]["calls"]["ok"]
+    assert ok >= before["metrics"]["calls"]["ok"] + 1
+
+
+def test_a_forged_reference_fails_its_call_only(served: PoolServer, conn: PoolConnection) -> None:
+    lane = conn.lanes.pick("default")
+    assert lane is not None
+    pid = _worker_pid(served)
+    outside = shm.TensorRef(-1, 64 << 20, 4096, "torch.uint8", (4096,))   # past the end of the lane arena
+    forged: Future = Future()
+    with conn.lanes._lock:
+        lane.calls[10**9] = _Call(forged, [], 0.0, lambda: forged)
+    lane.channel.send(messages.Call(10**9, (codec.Slot(0),), {}, (outside,), ()))
+    with pytest.raises(InvalidInputError, match="could not read the inputs"):
+        forged.result(10)
+    assert torch.equal(_call(conn, torch.ones(3)).result(30), torch.ones(3))
+    assert _worker_pid(served) == pid, "the worker was replaced"
+
+
+def test_a_hostile_message_on_a_lane_closes_that_lane_only(served: PoolServer, conn: PoolConnection) -> None:
+    other = PoolConnection(served.path, 1 << 20)
+    other.connect()
+    try:
+        lane = other.lanes.pick("default")
+        assert lane is not None
+        pid = _worker_pid(served)
+        lane.channel.send(messages.Result(1, None, ()))          # not what a web process may send
+        assert wait_until(lambda: other.lanes.pick("default") is None, timeout=10), "the lane stayed open"
+        assert torch.equal(_call(conn, torch.ones(2)).result(30), torch.ones(2))
+        # The hostile process still gets answers, through the server.
+        assert torch.equal(_call(other, torch.ones(2)).result(30), torch.ones(2))
+        assert _worker_pid(served) == pid, "the worker was replaced"
+    finally:
+        other.close()
+
+
+def test_calls_queued_behind_a_crash_are_sent_again_and_served(served: PoolServer,
+                                                              conn: PoolConnection) -> None:
+    lane = conn.lanes.pick("default")
+    assert lane is not None
+    crash = _call(conn, torch.ones(1), action="exit")
+    queued = [_call(conn, torch.full((2,), float(i))) for i in range(3)]
+    with pytest.raises(Exception) as info:
+        crash.result(60)
+    assert type(info.value).__name__ == "WorkerCrashedError", info.value
+    for i, future in enumerate(queued):
+        assert torch.equal(future.result(60), torch.full((2,), float(i)))
+    # The replacement offers a lane again.
+    assert wait_until(lambda: conn.lanes.pick("default") is not None, timeout=30)
+
+
+def test_a_direct_call_past_its_deadline_ends_its_worker_which_is_replaced(served: PoolServer,
+                                                                            conn: PoolConnection) -> None:
+    assert conn.lanes.pick("default") is not None
+    pid = _worker_pid(served)
+    with pytest.raises(InferenceTimeoutError, match="deadline"):
+        _call(conn, torch.ones(1), action="sleep", seconds=30, timeout=0.3).result(30)
+    assert wait_until(lambda: _worker_pid(served) not in (None, pid)
+                      and served.pools["default"].status()["workers"][0]["state"] == "ready", timeout=30)
+    last_exit = served.pools["default"].status()["workers"][0]["last_exit"] or ""
+    assert "SIGALRM" in last_exit and "direct call" in last_exit, last_exit
+    assert torch.equal(_call(conn, torch.ones(2)).result(30), torch.ones(2))
+
+
+def test_direct_calls_can_be_turned_off(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    with pool_server(run / "p.sock", TORCHPOOL_WORKERS=1, TORCHPOOL_DIRECT_CALLS=False) as server:
+        c = PoolConnection(server.path, 1 << 20)
+        try:
+            c.connect()
+            assert c.lanes.pick("default") is None
+            assert torch.equal(_call(c, torch.ones(2)).result(30), torch.ones(2))
+            assert server.pools["default"].status()["workers"][0]["calls"] == 1
+        finally:
+            c.close()
+
+
+def test_the_worker_pid_is_not_this_process(served: PoolServer) -> None:
+    assert _worker_pid(served) not in (None, os.getpid())
