@@ -48,6 +48,9 @@ from .channel import Channel
 #: Control words of a lane's arena (int64 indexes): the lane call the worker runs, and its load.
 CTRL_RUNNING = shm.CTRL_RUNNING
 CTRL_LOAD = 1
+#: Control words of the worker's own arena, for its pool: lane calls it answered, and how many failed.
+CTRL_LANE_CALLS = 2
+CTRL_LANE_ERRORS = 3
 #: Calls one lane may have queued in its worker; past this the worker closes the lane.
 MAX_LANE_CALLS = 4096
 #: How long a stopping worker waits for its lanes' web processes to answer Stop.
@@ -82,7 +85,7 @@ def open_lane(msg: messages.OpenLane, fds: list[int]) -> Peer:
     finally:
         for fd in fds:
             os.close(fd)
-    return Peer(msg.lane, Channel(Connection(sock_fd), messages.LANE_PROTOCOL), arena)
+    return Peer(msg.lane, Channel(Connection(sock_fd), messages.LANE_PROTOCOL, msg.max_bytes), arena)
 
 
 def publish_load(lanes: Iterable[Peer], load: int) -> None:

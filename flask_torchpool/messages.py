@@ -1,16 +1,19 @@
-"""The wire: the messages of the two protocols, and the channel that carries them.
+"""The wire: the messages of the three protocols (:mod:`flask_torchpool.channel` carries them).
 
-Two protocols, each with its own allow-list, so that a peer of one can never send a message of the other:
+Three protocols, each with its own allow-list, so that a peer of one can never send a message of another:
 
 * the **worker protocol** (:data:`WORKER_PROTOCOL`), between a pool (the supervisor in the web process or
   the pool server) and its model worker over a socketpair: :class:`Call`, :class:`Cancel`,
   :class:`Credit`, :class:`Stop` one way; :class:`Loaded`, :class:`Ready`, :class:`StartupFailed`,
-  :class:`Result`, :class:`Failure`, :class:`StreamChunk`, :class:`StreamEnd` the other, and
-  :class:`Adopt` for Note [Shared weights];
+  :class:`Result`, :class:`Failure`, :class:`StreamChunk`, :class:`StreamEnd` the other,
+  :class:`Adopt` for Note [Shared weights], and :class:`OpenLane` (Note [Lanes]);
+* the **lane protocol** (:data:`LANE_PROTOCOL`), between an attached web process and one worker
+  (Note [Lanes] in :mod:`flask_torchpool.lanes`): :class:`Call` (with its deadline) and :class:`Cancel`
+  one way, :class:`Result` and :class:`Failure` the other, :class:`Stop` both ways;
 * the **attach protocol** (:data:`ATTACH_PROTOCOL`), between an attached web process and the pool server
   over a Unix socket: :class:`Hello`, :class:`RemoteCall`, :class:`StatusRequest`, :class:`Cancel`,
-  :class:`Credit` one way; :class:`Welcome`, :class:`Result`, :class:`RemoteError`, :class:`StatusReply`,
-  :class:`StreamChunk`, :class:`StreamEnd` the other.
+  :class:`Credit`, :class:`Observed` one way; :class:`Welcome`, :class:`LaneOffer`, :class:`Result`,
+  :class:`RemoteError`, :class:`StatusReply`, :class:`StreamChunk`, :class:`StreamEnd` the other.
 
 A stream (Note [Streams] in :mod:`flask_torchpool.streaming`) is a :class:`Call` (or :class:`RemoteCall`)
 with a credit *window* > 0: the answer is zero or more :class:`StreamChunk` (each one like a
@@ -132,9 +135,11 @@ class Failure(NamedTuple):
 
 class OpenLane(NamedTuple):
     """The pool server gives the worker a lane to one attached web process (Note [Lanes] in
-    :mod:`flask_torchpool.lanes`): the lane's socket and arena are the two descriptors sent along."""
+    :mod:`flask_torchpool.lanes`): the lane's socket and arena are the two descriptors sent along; what the
+    web process sends on it is at most *max_bytes* a message."""
 
     lane: int
+    max_bytes: int
 
 
 # --- the attach protocol -----------------------------------------------------------------------------
@@ -458,7 +463,7 @@ _SCHEMAS: dict[type, tuple[int, tuple[tuple[type, ...], ...] | None]] = {
     StreamEnd: (31, (_INT, _INT)),
     Credit: (32, None),
     ReloadRequest: (33, (_INT, _OPT_STR, _OPT_STR, _OPT_STR)),
-    OpenLane: (40, (_INT,)),
+    OpenLane: (40, (_INT, _INT)),
     LaneOffer: (41, (_STR, _INT, _INT, _INT)),
     Observed: (42, (_STR, (tuple,), (tuple,))),
 }

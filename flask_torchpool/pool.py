@@ -57,6 +57,7 @@ from .errors import (
     WorkerStartupError,
     from_wire,
 )
+from .exits import process_stopped
 from .metrics import Metrics
 from .placement import Placement
 from .status import ModelStatus, ModelVersion, WorkerState, model_status, worker_status
@@ -454,6 +455,18 @@ class Pool:
         with self._lock:
             return _status(self, self._sched, self._versions)
 
+    def kill_frozen(self, why: str) -> None:
+        """A direct call timed out (Note [Lanes]): kill the workers that are stopped (SIGSTOP), which
+        their own alarm cannot end, as :class:`_Deadlines` kills one frozen on a call of the pool's."""
+        with self._lock:
+            frozen = [w for w in self.workers if w.state is WorkerState.READY and w.pid is not None
+                      and w.process is not None and process_stopped(w.pid)]
+            for worker in frozen:
+                worker.state = WorkerState.DEAD
+                worker.killed_for = f"the pool killed it: it was stopped (SIGSTOP?) when {why}"
+        for worker in frozen:
+            self._workers.kill(worker)
+
     def reload(self, model: Any = None, *, version: str | None = None) -> ModelVersion:
         """:meth:`TorchPool.reload <flask_torchpool.TorchPool.reload>` of this model (see there)."""
         return self._versions.reload(self.config, model, version, lambda: self.started and not self.closed)
@@ -467,9 +480,10 @@ def _status(pool: Pool, sched: Scheduler[WorkerSlot], versions: Versions) -> Mod
         busy_workers=sum(1 for w in workers if w.jobs or w.lane_calls),
         arena_bytes=sum(pool.config.arena_bytes for w in workers if w.arena is not None),
         shared_weight_bytes=versions.shared_bytes, metrics=pool.metrics.snapshot(),
-        workers=[worker_status(w.placement, w.state, pid=w.pid, inflight=w.load + w.lane_calls, calls=w.calls,
-                               errors=w.errors, restarts=w.total_restarts, last_exit=w.last_exit,
-                               generation=w.generation, incoming=w.incoming) for w in workers],
+        workers=[worker_status(w.placement, w.state, pid=w.pid, inflight=w.load + w.lane_calls,
+                               calls=w.counts()[0], errors=w.counts()[1], restarts=w.total_restarts,
+                               last_exit=w.last_exit, generation=w.generation, incoming=w.incoming)
+                 for w in workers],
         plan=pool.placements, **versions.status())
 
 

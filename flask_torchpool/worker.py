@@ -510,6 +510,10 @@ class _Server:
         if peer is self.main:
             peer.channel.send(msg, fds)
             return
+        words = self.main_words
+        if words is not None and type(msg) is not messages.Stop:  # counted for the pool's status
+            words[lanes.CTRL_LANE_CALLS] += 1
+            words[lanes.CTRL_LANE_ERRORS] += type(msg) is messages.Failure
         try:  # a lane's web process went away: that lane only ends
             peer.channel.send(msg, fds)
         except OSError:

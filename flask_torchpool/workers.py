@@ -32,6 +32,7 @@ from . import batching, lanes, messages, shm
 from .batching import Job
 from .channel import Channel
 from .config import PoolConfig
+from .exits import likely_cause, signal_name
 from .forkserver import ForkServer, ForkServerError, PassedFd
 from .logs import WorkerOutput
 from .placement import Placement
@@ -114,6 +115,15 @@ class WorkerSlot:
         """Calls from attached web processes' lanes it holds (Note [Lanes]), as it last wrote them."""
         arena = self.arena
         return int(arena.control[lanes.CTRL_LOAD]) if arena is not None else 0
+
+    def counts(self) -> tuple[int, int]:
+        """Calls it answered and how many failed, lane calls (Note [Lanes]) included."""
+        arena = self.arena
+        if arena is None:
+            return self.calls, self.errors
+        control = arena.control
+        return (self.calls + int(control[lanes.CTRL_LANE_CALLS]),
+                self.errors + int(control[lanes.CTRL_LANE_ERRORS]))
 
     def stalled(self, job: Job[Any]) -> str | None:
         """*job* was sent to this worker and every caller of it gave up (deadline): why the worker is not
@@ -397,14 +407,15 @@ class WorkerSet:
         # before its death is, and before the callers hear of it.
         self.close_output(slot)
         exitcode = process.exitcode
-        cause = slot.killed_for or _likely_cause(exitcode)
-        signame = _signal_name(exitcode)
+        cause = slot.killed_for or likely_cause(exitcode)
+        signame = signal_name(exitcode)
         slot.last_exit = f"exit code {exitcode}" + (f" ({signame})" if signame else "") + f": {cause}"
         return exitcode, signame
 
     def clear(self, slot: WorkerSlot) -> None:
         """Under the lock: *slot* has no process any more (its arena stays mapped by the outputs that
         callers still hold)."""
+        slot.calls, slot.errors = slot.counts()  # its lane calls too: the arena goes
         slot.process = None
         slot.channel = None
         slot.arena = None
@@ -432,7 +443,8 @@ class WorkerSet:
         """Under the lock: *slot* died. See Note [Restart policy]."""
         now = time.monotonic()
         slot.total_restarts += 1
-        if slot.ready_at is not None and (slot.calls > slot.calls_at_spawn or now - slot.ready_at >= SETTLED):
+        served = slot.counts()[0] > slot.calls_at_spawn
+        if slot.ready_at is not None and (served or now - slot.ready_at >= SETTLED):
             # It loaded and served: whatever killed it (the OOM killer, a deadline kill, kill -9) is no
             # reason to wait, nor to hold its slot's earlier failures against it.
             slot.restarts.clear()
@@ -571,29 +583,3 @@ def _kill(process: Any) -> None:
             os.kill(process.pid, signal.SIGKILL)
         except (ProcessLookupError, OSError):
             pass
-
-
-def _signal_name(exitcode: int | None) -> str | None:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return signal.Signals(-exitcode).name
-        except ValueError:
-            return f"signal {-exitcode}"
-    return None
-
-
-def _likely_cause(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "unknown"
-    if exitcode == -signal.SIGKILL:
-        return ("killed by SIGKILL: probably the out-of-memory killer (check `dmesg` or the container's "
-                "OOM events and the worker's memory), or someone ran kill -9")
-    if exitcode in (-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGILL, -signal.SIGFPE, -signal.SIGABRT):
-        return "a native crash in the model or one of its extensions"
-    if exitcode == -signal.SIGALRM:  # Note [Lanes]: its own alarm
-        return "a direct call (from an attached web process) ran past its deadline"
-    if exitcode < 0:
-        return f"killed by {_signal_name(exitcode)}"
-    if exitcode == 70:
-        return "its parent process changed before it started"
-    return "the worker process exited (sys.exit or os._exit in the model?)"

@@ -6,7 +6,11 @@ One pool server in this process (one echo worker) for the module; each test atta
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -14,13 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from flask_torchpool import codec, messages, shm
+from flask_torchpool import codec, lanes, messages, shm
 from flask_torchpool.attach.client import PoolConnection
 from flask_torchpool.attach.lanes import _Call
 from flask_torchpool.attach.server import PoolServer
 from flask_torchpool.errors import InferenceTimeoutError, InvalidInputError
 
 from .conftest import wait_until
+from .reload_models import write_model
 from .servers import pool_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,11 +59,13 @@ def test_a_plain_call_goes_straight_to_the_worker_and_is_counted(served: PoolSer
                                                                   conn: PoolConnection) -> None:
     lane = conn.lanes.pick("default")
     assert lane is not None, "attaching gave no lane"
-    before = served.pools["default"].status()
-    calls_via_server = before["workers"][0]["calls"]
+    pool = served.pools["default"]
+    before = pool.status()
+    arena = pool.workers[0].arena  # type: ignore[attr-defined]
+    direct = int(arena.control[lanes.CTRL_LANE_CALLS])
     assert torch.equal(_call(conn, torch.arange(4.0)).result(30), torch.arange(4.0))
-    after = served.pools["default"].status()
-    assert after["workers"][0]["calls"] == calls_via_server, "the call went through the server"
+    assert int(arena.control[lanes.CTRL_LANE_CALLS]) == direct + 1, "the call went through the server"
+    assert pool.status()["workers"][0]["calls"] == before["workers"][0]["calls"] + 1
     status = conn.status()   # the outcome is reported before the status is taken
     ok = status["models"]["default"]["metrics"]["calls"]["ok"]
     assert ok >= before["metrics"]["calls"]["ok"] + 1
@@ -133,10 +140,77 @@ def test_direct_calls_can_be_turned_off(tmp_path: Path) -> None:
             c.connect()
             assert c.lanes.pick("default") is None
             assert torch.equal(_call(c, torch.ones(2)).result(30), torch.ones(2))
+            arena = server.pools["default"].workers[0].arena  # type: ignore[attr-defined]
             assert server.pools["default"].status()["workers"][0]["calls"] == 1
+            assert int(arena.control[lanes.CTRL_LANE_CALLS]) == 0
         finally:
             c.close()
 
 
 def test_the_worker_pid_is_not_this_process(served: PoolServer) -> None:
     assert _worker_pid(served) not in (None, os.getpid())
+
+
+def test_no_direct_call_fails_or_reaches_the_old_version_across_a_reload(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.syspath_prepend(str(models))
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    with pool_server(run / "p.sock", TORCHPOOL_WORKERS=2, TORCHPOOL_MODEL=write_model(models, 1)) as server:
+        c = PoolConnection(server.path, 1 << 20)
+        stop = threading.Event()
+        answers: list[tuple[float, float]] = []
+        failures: list[BaseException] = []
+
+        def load() -> None:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    answers.append((sent, float(_call(c, torch.zeros(2)).result(30)[0])))
+                except Exception as exc:  # noqa: BLE001 - collected and asserted on
+                    failures.append(exc)
+
+        try:
+            c.connect()
+            assert c.lanes.pick("default") is not None
+            threads = [threading.Thread(target=load) for _ in range(4)]
+            for t in threads:
+                t.start()
+            assert wait_until(lambda: len(answers) >= 20, timeout=30)
+            write_model(models, 2)
+            server.pools["default"].reload()
+            returned = time.monotonic()
+            seen = len(answers)
+            assert wait_until(lambda: len(answers) >= seen + 40, timeout=60)
+            stop.set()
+            for t in threads:
+                t.join(60)
+            assert failures == []
+            assert {v for _, v in answers} == {1.0, 2.0}
+            late = [v for sent, v in answers if sent > returned]
+            assert late and set(late) == {2.0}, "an answer from the old version after reload() returned"
+            assert c.lanes.pick("default") is not None, "no lane to the new version's workers"
+        finally:
+            stop.set()
+            c.close()
+
+
+def test_a_worker_frozen_under_a_direct_call_is_killed_and_replaced(served: PoolServer,
+                                                                    conn: PoolConnection) -> None:
+    assert conn.lanes.pick("default") is not None
+    pid = _worker_pid(served)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)   # its alarm cannot end it: a stopped process takes no signal but KILL
+    try:
+        with pytest.raises(InferenceTimeoutError, match="deadline"):
+            _call(conn, torch.ones(1), timeout=0.5).result(30)
+        assert wait_until(lambda: _worker_pid(served) not in (None, pid)
+                          and served.pools["default"].status()["workers"][0]["state"] == "ready", timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    last_exit = served.pools["default"].status()["workers"][0]["last_exit"] or ""
+    assert "stopped" in last_exit, last_exit
+    assert torch.equal(_call(conn, torch.ones(2)).result(30), torch.ones(2))

@@ -33,6 +33,7 @@ from .. import codec, errors, messages, shm
 from ..channel import Channel
 from ..config import PoolConfig
 from ..errors import PoolUnavailableError, TorchPoolError, WireError, from_wire
+from ..exits import process_gone, process_stopped
 from ..metrics import Metrics
 from ..placement import Placement
 from ..status import ModelStatus, WorkerState, model_status, not_started, worker_status
@@ -43,8 +44,6 @@ from .rendezvous import (
     ServerSpawner,
     check_same_user,
     close_at_exit,
-    process_gone,
-    process_stopped,
     server_running,
     shutdown_socket,
     stopped_message,

@@ -279,12 +279,10 @@ class ClientLanes:
             for fd in fds:
                 os.close(fd)
             return
-        for offset in call.blocks:
-            lane.inputs.free(offset)
         value: Any = None
         exc: BaseException | None = None
         if type(msg) is messages.Result:
-            try:
+            try:  # before the input blocks are freed: an output may alias an input (it is copied out)
                 tensors = shm.read_refs(lane.arena, msg.refs, fds, on_free=lane.releases)
                 value = codec.unflatten(msg.value, tensors)
             except Exception as err:  # noqa: BLE001 - a bad result fails its call, not the reader
@@ -293,6 +291,8 @@ class ClientLanes:
             for fd in fds:
                 os.close(fd)
             exc = from_wire(WireError(*msg[1:]))
+        for offset in call.blocks:
+            lane.inputs.free(offset)
         if not call.settled:
             self._settle(lane, call, value, exc)
 
@@ -301,7 +301,7 @@ class ClientLanes:
         call.settled = True
         with self._lock:
             outcomes, seconds = self._observed.setdefault(lane.model, ([], []))
-            outcomes.append(outcome_of(exc))
+            outcomes.append("cancelled" if call.future.cancelled() else outcome_of(exc))
             seconds.append(time.monotonic() - call.started)
             if self._report_at == math.inf:
                 self._report_at = time.monotonic() + REPORT_INTERVAL
@@ -440,7 +440,7 @@ class LaneBroker:
         fd = -1
         try:
             fd = shm.create_memfd(size, "torchpool-lane")
-            channel.send(messages.OpenLane(lane), (theirs.fileno(), fd))
+            channel.send(messages.OpenLane(lane, self.server.max_message_bytes), (theirs.fileno(), fd))
             client._send(messages.LaneOffer(name, slot.index, lane, size), (ours.fileno(), fd))
         except OSError as exc:  # the worker or the client went away: the other end sees end-of-file
             log.debug("torchpool server: lane %d not opened: %s", lane, exc)
@@ -462,4 +462,6 @@ def record_observed(pool: Any, msg: messages.Observed) -> bool:
     for outcome, seconds in zip(msg.outcomes, msg.seconds):
         metrics.record_submit()
         metrics.record_call(outcome, seconds, 0.0)
+    if "timeout" in msg.outcomes:  # a worker frozen on a direct call: its alarm cannot end it
+        pool.kill_frozen("a direct call to it timed out")
     return True

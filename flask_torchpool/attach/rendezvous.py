@@ -39,6 +39,7 @@ from typing import Any
 
 from .. import errors
 from ..errors import ConfigError, TorchPoolError
+from ..exits import process_stopped
 
 log = logging.getLogger(__name__)
 
@@ -166,29 +167,6 @@ def check_same_user(sock: socket.socket, what: str) -> int:
     if uid != os.getuid():
         raise PermissionError(errno.EPERM, f"{what} (pid {pid}) runs as uid {uid}, not as this user")
     return pid
-
-
-def process_stopped(pid: int) -> bool:
-    """Whether process *pid* is stopped (SIGSTOP, SIGTSTP, or held by a debugger): its state in
-    ``/proc/PID/stat`` is ``T`` or ``t``. False for a process that is gone or cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return False
-    end = stat_line.rfind(b")")  # the command name is in parentheses and may hold anything
-    return stat_line[end + 2:end + 3] in (b"T", b"t")
-
-
-def process_gone(pid: int) -> bool:
-    """Whether process *pid* has ended (no such process, or a zombie not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return True
-    end = stat_line.rfind(b")")
-    return stat_line[end + 2:end + 3] in (b"Z", b"X")
 
 
 def stopped_message(pid: int) -> str:
