@@ -160,7 +160,10 @@ def _attached(path: str, arena_bytes: int = 1 << 20) -> Iterator[tuple[Channel, 
     finally:
         os.close(fd)
     try:
-        assert isinstance(_next(channel, 30), messages.Welcome)
+        msg = _next(channel, 30)
+        while isinstance(msg, messages.LaneOffer):  # direct-call lanes come first (their fds are closed)
+            msg = _next(channel, 30)
+        assert isinstance(msg, messages.Welcome)
         yield channel, arena
     finally:
         channel.close()
