@@ -4,7 +4,9 @@ descriptors passed beside them (``SCM_RIGHTS``)."""
 from __future__ import annotations
 
 import array
+import math
 import os
+import select
 import socket
 import threading
 from multiprocessing import reduction
@@ -44,6 +46,7 @@ class Channel:
         self.protocol = protocol
         self.max_bytes = max_bytes
         self._send_lock = threading.Lock()
+        self._poller: select.poll | None = None
 
     def send(self, msg: Any, fds: tuple[int, ...] = ()) -> None:
         data = encode(msg, len(fds))
@@ -73,8 +76,21 @@ class Channel:
             raise
         return msg, fds
 
-    def poll(self, timeout: float = 0.0) -> bool:
-        return self.conn.poll(timeout)
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """Whether a message (or the end of the connection) is waiting, within *timeout* seconds (None:
+        wait for ever). One poll(2) on a cached poll object: ``Connection.poll`` builds a selector each
+        time, which costs more than the rest of a small call's reading."""
+        poller = self._poller
+        if poller is None:
+            if self.conn.closed:
+                raise OSError("handle is closed")
+            poller = select.poll()
+            poller.register(self.conn.fileno(), select.POLLIN)
+            self._poller = poller
+        try:
+            return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
+        except RuntimeError:  # another thread is polling it: the general way
+            return self.conn.poll(timeout)
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -83,4 +99,5 @@ class Channel:
         # Under the send lock: closing while another thread sends could let the descriptor number be
         # reused by a new socket and the rest of the message go to the wrong worker.
         with self._send_lock:
+            self._poller = None
             self.conn.close()
