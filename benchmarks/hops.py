@@ -1,0 +1,148 @@
+"""CPU per request of each process on the attach path: through the pool server, direct (lanes), and
+``gunicorn -w 2`` with the model in-process, in turn.
+
+    python -m benchmarks.hops [--workload tiny] [--seconds 8] [--connections 8] [--rounds 2]
+
+For each setup it starts ``gunicorn -w 2 -k sync 'benchmarks.peers.flask_app:create_app()'`` (the HTTP
+benchmark's app) in its own session, warms it up, runs wrk for ``--seconds`` and reads the CPU time
+(``utime + stime`` of ``/proc/PID/stat``) of every process of the app before and after: the gunicorn
+master and web workers, and in attach mode the pool server (started by the first web worker,
+``TORCHPOOL_MODE="auto"``) and its model workers (2, one torch thread each). It prints requests/s and
+CPU ms per request of each process, and their sum (wrk excluded). Setups:
+
+    server     attach, TORCHPOOL_DIRECT_CALLS False: every call through the pool server
+    direct     attach, TORCHPOOL_DIRECT_CALLS True (the default): calls straight to the workers
+    gunicorn   the model in every web worker (BENCH_MODE=inprocess)
+
+The setups alternate, ``--rounds`` times, on the same machine. Needs ``wrk``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 8765
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _tree(root: int) -> dict[int, str]:
+    """*root* and its descendants (the pool server runs in a session of its own), with their roles."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        cmd = _cmdline(pid)
+        role = ("pool server" if "flask_torchpool.server" in cmd else
+                "gunicorn master" if pid == root else
+                "web worker" if "gunicorn" in cmd else
+                "resource tracker" if "resource_tracker" in cmd else "model worker / fork server")
+        found[pid] = role
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _run(setup: str, workload: str, seconds: int, connections: int, body: Path, script: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_WORKLOAD=workload)
+    if setup == "gunicorn":
+        env.update(BENCH_MODE="inprocess", BENCH_TORCH_THREADS="1")
+    else:
+        sock = Path(tempfile.mkdtemp(prefix="hops-")) / "pool.sock"
+        env.update(BENCH_MODE="torchpool", BENCH_TORCHPOOL_CONFIG=json.dumps({
+            "TORCHPOOL_WORKERS": 2, "TORCHPOOL_MODE": "auto", "TORCHPOOL_SOCKET": str(sock),
+            "TORCHPOOL_DIRECT_CALLS": setup == "direct"}))
+    log = tempfile.NamedTemporaryFile(prefix="hops-", suffix=".log", delete=False)
+    argv = [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "sync", "-b", f"127.0.0.1:{PORT}", "--timeout",
+            "120", "benchmarks.peers.flask_app:create_app()"]
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, start_new_session=True, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{PORT}/predict", data=body.read_bytes())
+                urllib.request.urlopen(request, timeout=30).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{setup}: the server did not answer; see {log.name}") from None
+                time.sleep(0.2)
+        wrk = ["wrk", "-t1", f"-c{connections}", "-s", str(script), f"http://127.0.0.1:{PORT}/predict"]
+        subprocess.run([*wrk[:3], "-d3s", *wrk[3:]], capture_output=True, check=True)  # warm-up
+        tree = _tree(proc.pid)
+        before = {pid: _cpu(pid) for pid in tree}
+        out = subprocess.run([*wrk[:3], f"-d{seconds}s", *wrk[3:]], capture_output=True, text=True,
+                             check=True).stdout
+        after = {pid: _cpu(pid) for pid in tree if Path(f"/proc/{pid}").exists()}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    rps = float(match.group(1)) if match else 0.0
+    requests = max(1.0, rps * seconds)
+    per_process = {f"{tree[pid]} {pid}": 1000 * (after[pid] - before[pid]) / requests
+                   for pid in after if after[pid] > before[pid]}
+    return {"setup": setup, "rps": rps, "cpu_ms_per_request": per_process,
+            "total_cpu_ms_per_request": sum(per_process.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="tiny")
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--setups", default="server,direct,gunicorn")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    os.environ["BENCH_WORKLOAD"] = args.workload
+    from benchmarks.peers import common
+
+    workload = common.workload()
+    tmp = Path(tempfile.mkdtemp(prefix="hops-"))
+    body = tmp / "body.bin"
+    body.write_bytes(bytes(workload.body_bytes))
+    script = tmp / "post.lua"
+    script.write_text(f'wrk.method = "POST"\nlocal f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\n'
+                      "f:close()\n")
+    for round_ in range(1, args.rounds + 1):
+        for setup in args.setups.split(","):
+            result = _run(setup, args.workload, args.seconds, args.connections, body, script)
+            print(f"round {round_} {setup:9s} {result['rps']:8.1f} req/s  "
+                  f"CPU {result['total_cpu_ms_per_request']:.2f} ms/req (all processes, wrk excluded)")
+            for name, ms in sorted(result["cpu_ms_per_request"].items()):
+                print(f"    {ms:6.3f} ms/req  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
