@@ -31,24 +31,24 @@ def likely_cause(exitcode: int | None) -> str:
     return "the worker process exited (sys.exit or os._exit in the model?)"
 
 
-def process_stopped(pid: int) -> bool:
-    """Whether process *pid* is stopped (SIGSTOP, SIGTSTP, or held by a debugger): its state in
-    ``/proc/PID/stat`` is ``T`` or ``t``. False for a process that is gone or cannot be read."""
+def _state(pid: int) -> bytes | None:
+    """Process *pid*'s state letter in ``/proc/PID/stat``; None when it cannot be read (no such
+    process)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat_line = f.read()
     except OSError:
-        return False
+        return None
     end = stat_line.rfind(b")")  # the command name is in parentheses and may hold anything
-    return stat_line[end + 2:end + 3] in (b"T", b"t")
+    return stat_line[end + 2:end + 3]
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether process *pid* is stopped (SIGSTOP, SIGTSTP, or held by a debugger): its state in
+    ``/proc/PID/stat`` is ``T`` or ``t``. False for a process that is gone or cannot be read."""
+    return _state(pid) in (b"T", b"t")
 
 
 def process_gone(pid: int) -> bool:
     """Whether process *pid* has ended (no such process, or a zombie not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return True
-    end = stat_line.rfind(b")")
-    return stat_line[end + 2:end + 3] in (b"Z", b"X")
+    return _state(pid) in (None, b"Z", b"X")

@@ -60,7 +60,7 @@ STOP_GRACE = 5.0
 class Peer:
     """Where a worker's call came from and its answer goes: the pool (lane 0) or one lane."""
 
-    __slots__ = ("lane", "channel", "fd", "arena", "outputs", "words", "queued", "stopping", "acked")
+    __slots__ = ("lane", "channel", "fd", "arena", "outputs", "words", "queued", "acked")
 
     def __init__(self, lane: int, channel: Channel, arena: shm.Arena) -> None:
         self.lane = lane
@@ -68,24 +68,39 @@ class Peer:
         self.fd = channel.fileno()
         self.arena = arena
         self.outputs = shm.Allocator(*arena.outputs)
-        self.words = memoryview(arena.mmap)[:shm.CONTROL_BYTES].cast("q") if lane and arena.mmap else None
+        #: The arena's control words (None once the lane is closed).
+        self.words: memoryview | None = control_words(arena)
         self.queued = 0
-        self.stopping = False
         self.acked = False
 
 
-def open_lane(msg: messages.OpenLane, fds: list[int]) -> Peer:
-    """The worker's end of the lane the pool server sent (closes *fds*, whatever happens)."""
+def control_words(arena: shm.Arena) -> memoryview:
+    """*arena*'s control words as int64s: reading or writing one costs far less than through
+    ``arena.control`` (a tensor), which matters on every call."""
+    assert arena.mmap is not None
+    return memoryview(arena.mmap)[:shm.CONTROL_BYTES].cast("q")
+
+
+def map_lane(fds: list[int], min_bytes: int, max_bytes: int) -> tuple[Channel, shm.Arena]:
+    """One end of a lane from the two descriptors that carry it (its socket, its arena, which must be a
+    sealed memfd of at least *min_bytes*); closes *fds*, whatever happens. Both the worker
+    (:func:`open_lane`) and the web process (``attach.lanes.Lane``) take their ends this way."""
     try:
         if len(fds) != 2:
             raise ValueError(f"a lane needs a socket and an arena, got {len(fds)} descriptors")
-        size = shm.check_sealed(fds[1], shm.CONTROL_BYTES + 2 * shm.ALIGN)
+        size = shm.check_sealed(fds[1], min_bytes)
         arena = shm.Arena(fds[1], size)
         sock_fd = os.dup(fds[0])
     finally:
         for fd in fds:
             os.close(fd)
-    return Peer(msg.lane, Channel(Connection(sock_fd), messages.LANE_PROTOCOL, msg.max_bytes), arena)
+    return Channel(Connection(sock_fd), messages.LANE_PROTOCOL, max_bytes), arena
+
+
+def open_lane(msg: messages.OpenLane, fds: list[int]) -> Peer:
+    """The worker's end of the lane the pool server sent (closes *fds*, whatever happens)."""
+    channel, arena = map_lane(fds, shm.CONTROL_BYTES + 2 * shm.ALIGN, msg.max_bytes)
+    return Peer(msg.lane, channel, arena)
 
 
 def publish_load(lanes: Iterable[Peer], load: int) -> None:

@@ -481,9 +481,9 @@ def _status(pool: Pool, sched: Scheduler[WorkerSlot], versions: Versions) -> Mod
         arena_bytes=sum(pool.config.arena_bytes for w in workers if w.arena is not None),
         shared_weight_bytes=versions.shared_bytes, metrics=pool.metrics.snapshot(),
         workers=[worker_status(w.placement, w.state, pid=w.pid, inflight=w.load + w.lane_calls,
-                               calls=w.counts()[0], errors=w.counts()[1], restarts=w.total_restarts,
+                               calls=calls, errors=errors, restarts=w.total_restarts,
                                last_exit=w.last_exit, generation=w.generation, incoming=w.incoming)
-                 for w in workers],
+                 for w in workers for calls, errors in (w.counts(),)],
         plan=pool.placements, **versions.status())
 
 

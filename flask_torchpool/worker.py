@@ -197,7 +197,6 @@ class _Server:
         self.lanes: dict[int, lanes.Peer] = {}
         self.selector: selectors.BaseSelector | None = None
         self.alarm: lanes.Alarm | None = None
-        self.main_words = memoryview(arena.mmap)[:shm.CONTROL_BYTES].cast("q") if arena.mmap else None
         self.stop_by = 0.0
         # The stream being run (Note [Streams] in streaming.py): its call id, credits, and whether it was
         # cancelled or the pool said Stop meanwhile.
@@ -327,36 +326,34 @@ class _Server:
             self._stop_lane(peer)
 
     def _stop_lane(self, peer: lanes.Peer) -> None:
-        peer.stopping = True
         try:
             peer.channel.send(messages.Stop())
         except OSError:
             self._close_lane(peer)
 
-    def _close_lane(self, peer: lanes.Peer, pending_too: bool = True) -> None:
+    def _close_lane(self, peer: lanes.Peer) -> None:
         fd = peer.fd
         if self.lanes.pop(fd, None) is None:
             return
         if self.selector is not None:
             self.selector.unregister(fd)
         peer.channel.close()
-        if pending_too:  # the web process is gone: nobody waits for its calls
-            for item in [p for p in self.pending if p[0] is peer]:
-                self.pending.remove(item)
-                for call_fd in item[2]:
-                    os.close(call_fd)
+        for item in [p for p in self.pending if p[0] is peer]:  # nobody waits for them any more
+            self.pending.remove(item)
+            for call_fd in item[2]:
+                os.close(call_fd)
         peer.words = None
 
     def _publish(self) -> None:
         """Note [Lanes]: every lane sees this worker's load; the pool sees how many lane calls it holds."""
         if self.lanes:
             lanes.publish_load(self.lanes.values(), len(self.pending))
-        if self.selector is not None and self.main_words is not None:
-            main = self.main
-            self.main_words[lanes.CTRL_LOAD] = sum(1 for item in self.pending if item[0] is not main)
+        main = self.main
+        if self.selector is not None and main.words is not None:
+            main.words[lanes.CTRL_LOAD] = sum(1 for item in self.pending if item[0] is not main)
 
     def _run(self, peer: lanes.Peer, call: messages.Call, fds: list[int]) -> None:
-        control = self.arena.control if peer is self.main else peer.words
+        control = peer.words
         if peer is not self.main:
             peer.queued -= 1
         assert control is not None
@@ -401,7 +398,7 @@ class _Server:
         finally:
             if alarm is not None:
                 alarm.disarm()
-            if peer.words is not None or peer is self.main:
+            if peer.words is not None:  # not a lane closed meanwhile
                 control[shm.CTRL_RUNNING] = 0
             if peer.acked and not peer.queued:
                 self._close_lane(peer)
@@ -510,7 +507,7 @@ class _Server:
         if peer is self.main:
             peer.channel.send(msg, fds)
             return
-        words = self.main_words
+        words = self.main.words
         if words is not None and type(msg) is not messages.Stop:  # counted for the pool's status
             words[lanes.CTRL_LANE_CALLS] += 1
             words[lanes.CTRL_LANE_ERRORS] += type(msg) is messages.Failure

@@ -25,7 +25,6 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import codec, lanes, messages, shm
@@ -64,23 +63,13 @@ class Lane:
     """This web process's end of one lane: its socket, its arena, the calls on it."""
 
     def __init__(self, offer: messages.LaneOffer, fds: list[int]) -> None:
-        try:
-            if len(fds) != 2:
-                raise ValueError(f"a lane needs a socket and an arena, got {len(fds)} descriptors")
-            size = shm.check_sealed(fds[1], offer.arena_bytes)
-            self.arena = shm.Arena(fds[1], size)
-            sock_fd = os.dup(fds[0])
-        finally:
-            for fd in fds:
-                os.close(fd)
+        self.channel, self.arena = lanes.map_lane(fds, offer.arena_bytes, messages.MAX_MESSAGE_BYTES)
         self.model = offer.model
         self.worker = offer.worker
         self.id = offer.lane
-        self.channel = Channel(Connection(sock_fd), messages.LANE_PROTOCOL)
         self.inputs = shm.Allocator(*self.arena.inputs)
         self.releases = shm.ReleaseQueue()
-        assert self.arena.mmap is not None
-        self.words = memoryview(self.arena.mmap)[:shm.CONTROL_BYTES].cast("q")
+        self.words = lanes.control_words(self.arena)
         self.calls: dict[int, _Call] = {}
         self.open = True  # False once the worker said Stop: no new calls
 
@@ -342,15 +331,12 @@ class ClientLanes:
         running = int(lane.words[lanes.CTRL_RUNNING])
         lane.words.release()
         lane.channel.close()
-        for call_id, call in calls.items():
-            if call.settled:
-                continue
-            if self._closed_error is not None:  # this process detached
-                self._settle(lane, call, None, self._closed_error)
-                continue
-            gone = self._server_gone()  # workers end with their server: say which ended
-            if gone is not None:
-                self._settle(lane, call, None, gone)
+        live = {call_id: call for call_id, call in calls.items() if not call.settled}
+        # This process detached, or the server ended (its workers end with it): say which ended.
+        ended = self._closed_error or (self._server_gone() if live else None)
+        for call_id, call in live.items():
+            if ended is not None:
+                self._settle(lane, call, None, ended)
                 continue
             if call_id == running:
                 self._settle(lane, call, None, WorkerCrashedError(
@@ -396,15 +382,12 @@ def shutdown(channel: Channel) -> None:
 class LaneBroker:
     """Makes lanes between the server's clients and the workers of its models that take direct calls."""
 
-    def __init__(self, server: PoolServer, enabled: bool) -> None:
+    def __init__(self, server: PoolServer) -> None:
         self.server = server
-        self.enabled = enabled
         self._ids = itertools.count(1)
 
     def hook(self) -> None:
         """Offer every new worker (a respawn, a reload's) to every client as it becomes ready."""
-        if not self.enabled:
-            return
         pools: dict[str, Any] = self.server.pools
         for name, pool in pools.items():
             if self._eligible(pool):
@@ -417,8 +400,6 @@ class LaneBroker:
 
     def offer_all(self, client: _Client) -> None:
         """Lanes to every ready worker of every eligible model, for a client that just attached."""
-        if not self.enabled:
-            return
         pools: dict[str, Any] = self.server.pools
         for name, pool in pools.items():
             if self._eligible(pool):

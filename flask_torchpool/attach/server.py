@@ -127,7 +127,7 @@ class PoolServer:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._accepter: threading.Thread | None = None
-        self.lanes = LaneBroker(self, enabled=True)   # Note [Lanes]
+        self.lanes = LaneBroker(self)   # Note [Lanes]
         self.lanes.hook()
 
     def client_list(self) -> list[_Client]:
