@@ -33,6 +33,7 @@ _EXPORTS = {
     "PoolUnavailableError": "errors",
     "RemoteTraceback": "errors",
     "ReloadError": "errors",
+    "tensor_from_stream": "bodies",
 }
 
 __all__ = [
@@ -54,9 +55,11 @@ __all__ = [
     "PoolUnavailableError",
     "RemoteTraceback",
     "ReloadError",
+    "tensor_from_stream",
 ]
 
 if TYPE_CHECKING:
+    from .bodies import tensor_from_stream
     from .errors import (
         ConfigError,
         InferenceError,

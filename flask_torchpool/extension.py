@@ -22,13 +22,15 @@ import functools
 import inspect
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, overload
 
+import torch
 from flask import Flask, current_app, has_app_context
 
-from . import startup
+from . import bodies, startup
 from .config import DEFAULTS, load
 from .errors import ConfigError, InferenceTimeoutError
 from .group import ModelGroup, drain_all, reload_all
@@ -120,6 +122,16 @@ class ModelProxy:
         reading.enter_context(self._state.view())
         stream.on_end(reading.close)
         return stream
+
+    def tensor_from_stream(self, stream: Any, dtype: torch.dtype, shape: Sequence[int], *,
+                           length: int | None = None) -> torch.Tensor:
+        """The raw bytes of *stream* (``request.stream``) as a tensor of *dtype* and *shape*, read in
+        bounded chunks straight into the tensor, for a call to this model: the fast way to take a big
+        body (see :func:`flask_torchpool.bodies.tensor_from_stream`, which this calls with the model's
+        ``TORCHPOOL_MAX_INPUT_BYTES``). One dimension may be ``-1``. A body of the wrong size raises
+        :class:`InvalidInputError` (400), one over the limit :class:`PayloadTooLargeError` (413)."""
+        return bodies.tensor_from_stream(stream, dtype, shape, length=length,
+                                         max_bytes=self._state.configs[self.name].max_input_bytes)
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         """Awaitable form of a call, for ``async def`` views."""
@@ -254,6 +266,13 @@ class TorchPool:
         """Iterate what the default model yields for ``(*args, **kwargs)`` (see
         :meth:`ModelProxy.stream`); ``pool.model("name").stream(...)`` streams another model."""
         return self.model().stream(*args, **kwargs)
+
+    def tensor_from_stream(self, stream: Any, dtype: torch.dtype, shape: Sequence[int], *,
+                           length: int | None = None, model: str | None = None) -> torch.Tensor:
+        """The raw bytes of *stream* (``request.stream``) as a tensor for a call to *model* (default: the
+        default model): ``x = pool.tensor_from_stream(request.stream, torch.float32, (1, -1))``. See
+        :meth:`ModelProxy.tensor_from_stream`."""
+        return self.model(model).tensor_from_stream(stream, dtype, shape, length=length)
 
     @property
     def plan(self) -> list[Placement]:

@@ -38,6 +38,9 @@ CONTROL_BYTES = 4096
 ALIGN = 64
 #: Outputs at least this large come back as zero-copy views of the arena (see Note [Zero-copy outputs]).
 ZERO_COPY_MIN_BYTES = 64 * 1024
+#: Tensors over a body buffer of their own (Note [Body buffers] in staging.py): address -> its memfd.
+#: :meth:`Placer.place` sends such a tensor's descriptor instead of copying it.
+shared_tensors: dict[int, int] = {}
 CTRL_RUNNING = 0  # int64 index in the control words: id of the call the worker is running, 0 when idle
 #: ``TensorRef.seg`` of an output that lies in the call's own inputs (Note [Outputs that are inputs]).
 INPUT_ALIAS = -2
@@ -101,9 +104,12 @@ def check_sealed(fd: int, at_least: int = 0) -> int:
 class Segment:
     """A shared mapping seen as bytes and as a uint8 tensor."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, private: bool = False) -> None:
         self.size = size
-        self.mmap = mmap.mmap(fd, size) if size else None
+        # private: copy-on-write, for a segment received (Note [Body buffers]): a model that writes its
+        # input in place must not write into the sender's memory.
+        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        self.mmap = mmap.mmap(fd, size, flags=flags) if size else None
         self.buffer = memoryview(self.mmap) if self.mmap is not None else memoryview(b"")
         self.bytes = (torch.frombuffer(self.buffer, dtype=torch.uint8) if size
                       else torch.empty(0, dtype=torch.uint8))
@@ -262,6 +268,11 @@ class Placer:
         dtype, shape = t.dtype, tuple(t.shape)
         if nbytes == 0:
             return TensorRef(-1, 0, 0, str(dtype), shape)
+        if shared_tensors and t.device.type == "cpu" and t.is_contiguous():
+            fd = shared_tensors.get(t.data_ptr())
+            if fd is not None:  # Note [Body buffers]: the worker maps the body where it was read
+                self.fds.append(os.dup(fd))
+                return TensorRef(len(self.fds) - 1, 0, nbytes, str(dtype), shape)
         offset = self.allocator.alloc(nbytes)
         if offset is not None:
             self.blocks.append(offset)
@@ -312,7 +323,7 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
     try:
         for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
             check_sealed(fd, ref.nbytes)
-            extra.append(Segment(fd, ref.nbytes))
+            extra.append(Segment(fd, ref.nbytes, private=True))
     finally:
         for fd in fds:
             os.close(fd)

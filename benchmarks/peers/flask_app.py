@@ -6,10 +6,11 @@
                           "torchpool": TorchPool(app) with the TORCHPOOL_* keys of BENCH_TORCHPOOL_CONFIG
     BENCH_TORCHPOOL_CONFIG  a JSON object of TORCHPOOL_* keys (workers, batching, ...)
 
-Routes: ``POST /predict`` (raw float32 body -> small JSON), ``GET /health`` (readiness) and ``GET /ping``
-(the light route the benchmark times while ``/predict`` is saturated). Neither of the last two touches
-the model or the pool. With BENCH_MODE "torchpool" the config usually sets ``TORCHPOOL_HEALTH_URL``, whose
-``/status`` the benchmark reads for the batch sizes.
+Routes: ``POST /predict`` (raw float32 body -> small JSON; the torchpool mode reads it with
+``ModelProxy.tensor_from_stream``, the in-process mode with ``request.get_data()``), ``GET /health``
+(readiness) and ``GET /ping`` (the light route the benchmark times while ``/predict`` is saturated).
+Neither of the last two touches the model or the pool. With BENCH_MODE "torchpool" the config usually
+sets ``TORCHPOOL_HEALTH_URL``, whose ``/status`` the benchmark reads for the batch sizes.
 
     python -m benchmarks.peers.flask_app --port 8000          # werkzeug's threaded dev server
     gunicorn -w 2 -k sync 'benchmarks.peers.flask_app:create_app()'
@@ -69,10 +70,9 @@ def create_app() -> Flask:
         @app.post("/predict")
         @pool.infer
         def predict(model: ModelProxy) -> Response:
-            try:
-                x = common.decode(request.get_data(), w)
-            except common.BadRequest as exc:
-                return answer(str(exc), 400)
+            # The documented way to take a raw body (docs/api.rst): read in chunks straight into the
+            # tensor, not request.get_data(). A body of the wrong size is a 400 (InvalidInputError).
+            x = model.tensor_from_stream(request.stream, torch.float32, (1, *w.sample_shape))
             return answer(model(x))
 
     else:

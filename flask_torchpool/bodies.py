@@ -1,0 +1,111 @@
+"""Request bodies read straight into a tensor: :func:`tensor_from_stream`.
+
+Note [Reading big bodies]: ``request.get_data()`` followed by ``torch.frombuffer`` costs a 16 MiB body
+several full-size copies in the web process (the HTTP server's buffer, its slices, werkzeug's join),
+each into freshly allocated pages (the C allocator hands blocks that large back to the kernel when
+they are freed, so every request pays the page faults again). With a few threads reading bodies at
+once, one gunicorn ``gthread`` process spent about 45 ms of CPU per 16 MiB request, two thirds of it in
+the kernel. Reading the body in bounded chunks (``readinto`` where the stream has it) into one tensor
+allocated at its final size halves that: the chunks stay in cache and their blocks are reused, and the
+tensor is the only full-size allocation. The pool then moves it into shared memory with one memmove.
+Measured with ``benchmarks/http.py --workloads payload-16m`` (docs/benchmarks.rst).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from . import staging
+from .errors import InvalidInputError, PayloadTooLargeError
+
+#: Bytes read from the stream per step: large enough that per-call overhead vanishes, small enough that
+#: the HTTP server's buffers for it are reused rather than mapped afresh each time.
+CHUNK_BYTES = 1 << 20
+
+
+class _Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+def tensor_from_stream(stream: _Readable, dtype: torch.dtype, shape: Sequence[int], *,
+                       length: int | None = None, max_bytes: int | None = None) -> torch.Tensor:
+    """A tensor of *dtype* and *shape* holding the raw bytes of *stream* (native byte order), read in
+    bounded chunks straight into the tensor's memory.
+
+    *stream* is anything with ``read(n)`` (``request.stream`` in a Flask view); ``readinto`` is used when
+    it has one. One dimension of *shape* may be ``-1``: it is worked out from the body's *length* in
+    bytes (default: the stream's ``limit``, which ``request.stream`` has whenever the request carries a
+    ``Content-Length``).
+
+    Raises :class:`~flask_torchpool.InvalidInputError` (HTTP 400) when the body is shorter or longer than
+    the tensor, or its length does not fit the shape, and :class:`~flask_torchpool.PayloadTooLargeError`
+    (HTTP 413) before reading anything when the tensor would exceed *max_bytes*. A client that
+    disconnects mid-body raises what the stream raises (werkzeug: ``ClientDisconnected``, a 400).
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, not {type(dtype).__name__}")
+    itemsize = dtype.itemsize
+    dims = [int(d) for d in shape]
+    if sum(1 for d in dims if d == -1) > 1 or any(d < -1 for d in dims):
+        raise ValueError(f"shape {tuple(dims)}: dimensions must be >= 0, with at most one -1")
+    if length is None:
+        limit = getattr(stream, "limit", None)
+        length = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+    if -1 in dims:
+        if length is None:
+            raise InvalidInputError(f"a body of unknown length cannot fill shape {tuple(dims)}: send a "
+                                    "Content-Length, or give the shape in full")
+        known = math.prod(d for d in dims if d != -1) * itemsize
+        if known == 0 or length % known:
+            raise InvalidInputError(f"a body of {length} bytes is not a whole number of {dtype} tensors "
+                                    f"of shape {tuple(dims)}")
+        dims[dims.index(-1)] = length // known
+    nbytes = math.prod(dims) * itemsize
+    if max_bytes is not None and nbytes > max_bytes:
+        raise PayloadTooLargeError(f"a body of {nbytes} bytes exceeds TORCHPOOL_MAX_INPUT_BYTES="
+                                   f"{max_bytes}")
+    if length is not None and length != nbytes:
+        raise InvalidInputError(_wrong_size(length, nbytes, dtype, dims))
+    out = (staging.buffers.tensor(nbytes, dtype, tuple(dims)) if nbytes >= staging.MIN_BYTES
+           else torch.empty(dims, dtype=dtype))
+    if nbytes:
+        view = memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B")
+        got = _fill(stream, view)
+        if got < nbytes:
+            raise InvalidInputError(_wrong_size(got, nbytes, dtype, dims))
+    if length is None and stream.read(1):
+        raise InvalidInputError(f"the body is longer than the {nbytes} bytes of a {dtype} tensor of "
+                                f"shape {tuple(dims)}")
+    return out
+
+
+def _fill(stream: Any, view: memoryview) -> int:
+    """Read into *view* until it is full or the stream ends; the bytes read."""
+    readinto = getattr(stream, "readinto", None)
+    pos, size = 0, len(view)
+    while pos < size:
+        step = min(CHUNK_BYTES, size - pos)
+        if readinto is not None:
+            got = readinto(view[pos:pos + step])
+            if got is None:  # a non-blocking stream with nothing ready: not a request body
+                raise InvalidInputError("the body stream returned no data (a non-blocking stream?)")
+        else:
+            data = stream.read(step)
+            got = len(data)
+            if got > step:
+                raise InvalidInputError("the body stream returned more bytes than were asked for")
+            view[pos:pos + got] = data
+        if not got:
+            break
+        pos += got
+    return pos
+
+
+def _wrong_size(got: int, nbytes: int, dtype: torch.dtype, dims: list[int]) -> str:
+    return (f"the body has {got} bytes; a {dtype} tensor of shape {tuple(dims)} needs {nbytes} "
+            f"({dtype.itemsize} bytes per element)")

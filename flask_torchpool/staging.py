@@ -1,0 +1,118 @@
+"""Shared buffers for big request bodies: tensors a worker maps instead of the web process copying them.
+
+Note [Body buffers]: :func:`flask_torchpool.bodies.tensor_from_stream` reads a big body (at least
+:data:`MIN_BYTES`) into a tensor backed by a sealed memfd of its own. When such a tensor is an argument
+of a call, :meth:`flask_torchpool.shm.Placer.place` sends a duplicate of that descriptor (a one-off
+segment, Note [Oversize payloads]) instead of copying the bytes into the arena, so the body is written
+once, by the read, and never copied again in the web process.
+
+A fresh memfd costs its pages again on every use (allocating and zeroing 16 MiB of shared memory took
+about 22 ms here, against 2 ms to refill one already faulted in), so buffers are reused: when the last
+view of a tensor is garbage-collected its buffer goes back to a free list (keyed by size, rounded up to
+:data:`GRANULE`) holding at most :data:`IDLE_BYTES`; anything beyond that is closed.
+
+Lifetime and isolation: a buffer belongs to one web process (the free list is emptied in a forked
+child, so two processes never share one). A worker maps it for the call it came with and unmaps it
+when the call ends. A call that the web process gave up on (its deadline passed) may still be running
+in its worker when its tensor is collected and the buffer reused for the next body of the same
+process: that worker then reads newer bytes of the same web process for a result nobody will read.
+No other web process's data is ever involved.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+
+import torch
+
+from . import shm
+
+#: Bodies smaller than this are read into ordinary memory and copied into the arena: below it, the
+#: descriptor's round trip and the worker's mapping cost more than the copy saves.
+MIN_BYTES = 2 * 1024 * 1024
+#: Buffers are sized in multiples of this, so bodies of nearly the same size share them.
+GRANULE = 1024 * 1024
+#: At most this many bytes of idle buffers are kept for reuse in a process.
+IDLE_BYTES = 256 * 1024 * 1024
+
+
+class _Buffer:
+    __slots__ = ("fd", "segment")
+
+    def __init__(self, size: int) -> None:
+        self.fd = shm.create_memfd(size, "torchpool-body")
+        try:
+            self.segment = shm.Segment(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        # The mapping goes with the last reference to the segment (a tensor may still export it).
+        os.close(self.fd)
+
+
+class _Buffers:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[int, list[_Buffer]] = {}
+        self._idle_bytes = 0
+
+    def tensor(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised tensor of *nbytes* over a buffer of its own; the buffer is registered with
+        :mod:`~flask_torchpool.shm` until the tensor (every view of it) is gone."""
+        size = -(-nbytes // GRANULE) * GRANULE
+        with self._lock:
+            free = self._idle.get(size)
+            buf = free.pop() if free else None
+            if buf is not None:
+                self._idle_bytes -= size
+        if buf is None:
+            buf = _Buffer(size)
+        piece = buf.segment.buffer[:nbytes]
+        out = torch.frombuffer(piece, dtype=torch.uint8).view(dtype).view(shape)
+        shm.shared_tensors[out.data_ptr()] = buf.fd
+        weakref.finalize(piece, self._release, buf, out.data_ptr(), os.getpid())
+        return out
+
+    def _release(self, buf: _Buffer, address: int, pid: int) -> None:
+        shm.shared_tensors.pop(address, None)
+        size = buf.segment.size
+        with self._lock:
+            if pid == os.getpid() and self._idle_bytes + size <= IDLE_BYTES:
+                self._idle.setdefault(size, []).append(buf)
+                self._idle_bytes += size
+                return
+        buf.close()
+
+    def idle_bytes(self) -> int:
+        """Bytes of buffers kept for reuse."""
+        with self._lock:
+            return self._idle_bytes
+
+    def release_idle(self) -> None:
+        """Close every idle buffer (they are made again when needed)."""
+        with self._lock:
+            idle = [buf for free in self._idle.values() for buf in free]
+            self._idle.clear()
+            self._idle_bytes = 0
+        for buf in idle:
+            buf.close()
+
+    def forget(self) -> None:
+        """In a forked child: never hand out (or take back) the parent's buffers."""
+        self._lock = threading.Lock()
+        for free in self._idle.values():
+            for buf in free:
+                buf.close()
+        self._idle.clear()
+        self._idle_bytes = 0
+        shm.shared_tensors.clear()
+
+
+buffers = _Buffers()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=buffers.forget)

@@ -1,0 +1,233 @@
+"""Request bodies read straight into tensors (``tensor_from_stream``, Note [Reading big bodies]) and the
+shared buffers that let a worker map a big body instead of the web process copying it (Note [Body
+buffers]): sizes, errors, reuse, fork, and calls that carry them through each path to a worker."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flask import Flask, jsonify, request
+from werkzeug.wsgi import LimitedStream
+
+from flask_torchpool import InvalidInputError, PayloadTooLargeError, TorchPool, bodies, shm, staging
+from flask_torchpool.attach.client import PoolConnection
+
+from .conftest import make_app
+from .servers import pool_server
+
+pytestmark = pytest.mark.timeout(120)
+
+MIB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _idle_buffers_released() -> Iterator[None]:
+    """Idle body buffers are a process-wide cache; release them so the leak check sees the rest."""
+    yield
+    gc.collect()
+    staging.buffers.release_idle()
+
+
+class ReadOnly:
+    """A stream with ``read`` only (gunicorn's body)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._data.read(size)
+
+
+def _floats(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float32) * 0.5 + seed
+
+
+@pytest.mark.parametrize("n", [3, 3 * MIB // 4 + 5])  # below and above staging.MIN_BYTES
+@pytest.mark.parametrize("kind", ["readinto", "read", "limited"])
+def test_the_body_becomes_the_tensor_whichever_the_stream(kind: str, n: int) -> None:
+    data = _floats(n).numpy().tobytes()
+    stream = {"readinto": lambda: io.BytesIO(data), "read": lambda: ReadOnly(data),
+              "limited": lambda: LimitedStream(ReadOnly(data), len(data))}[kind]()
+    x = bodies.tensor_from_stream(stream, torch.float32, (1, -1), length=len(data))
+    assert x.shape == (1, n) and x.dtype == torch.float32
+    assert torch.equal(x[0], _floats(n))
+    assert (x.data_ptr() in shm.shared_tensors) == (len(data) >= staging.MIN_BYTES)
+
+
+def test_minus_one_comes_from_the_streams_limit_and_other_dtypes_work() -> None:
+    data = torch.arange(12, dtype=torch.int16).numpy().tobytes()
+    x = bodies.tensor_from_stream(LimitedStream(io.BytesIO(data), len(data)), torch.int16, (-1, 3))
+    assert torch.equal(x, torch.arange(12, dtype=torch.int16).view(4, 3))
+
+
+@pytest.mark.parametrize(("data", "shape", "length", "words"), [
+    (b"\0" * 8, (3,), None, "has 8 bytes; a torch.float32 tensor of shape (3,) needs 12"),
+    (b"\0" * 16, (3,), None, "longer than the 12 bytes"),
+    (b"\0" * 10, (-1,), 10, "not a whole number"),
+    (b"\0" * 8, (-1, 2), None, "unknown length"),
+    (b"\0" * 8, (3,), 8, "has 8 bytes"),
+])
+def test_a_body_that_does_not_fit_is_a_400_naming_the_sizes(data: bytes, shape: tuple[int, ...],
+                                                            length: int | None, words: str) -> None:
+    with pytest.raises(InvalidInputError, match=re.escape(words)) as info:
+        bodies.tensor_from_stream(ReadOnly(data), torch.float32, shape, length=length)
+    assert info.value.code == 400
+
+
+def test_too_big_a_body_is_a_413_before_anything_is_read() -> None:
+    class Untouchable:
+        def read(self, size: int = -1) -> bytes:
+            raise AssertionError("read")
+
+    with pytest.raises(PayloadTooLargeError, match="TORCHPOOL_MAX_INPUT_BYTES=1000") as info:
+        bodies.tensor_from_stream(Untouchable(), torch.float32, (1, 1000), max_bytes=1000)
+    assert info.value.code == 413
+
+
+def test_bad_arguments_are_programming_errors() -> None:
+    with pytest.raises(TypeError, match="torch.dtype"):
+        bodies.tensor_from_stream(ReadOnly(b""), "float32", (1,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at most one -1"):
+        bodies.tensor_from_stream(ReadOnly(b""), torch.float32, (-1, -1))
+
+
+def test_a_body_buffer_is_reused_once_every_view_of_its_tensor_is_gone() -> None:
+    data = bytes(3 * MIB)
+    x = bodies.tensor_from_stream(io.BytesIO(data), torch.uint8, (-1,), length=len(data))
+    address = x.data_ptr()
+    view = x[:10]
+    del x
+    gc.collect()
+    assert address in shm.shared_tensors  # the view still holds the buffer
+    del view
+    gc.collect()
+    assert address not in shm.shared_tensors
+    y = bodies.tensor_from_stream(io.BytesIO(data), torch.uint8, (-1,), length=len(data))
+    assert y.data_ptr() == address  # the same pages, already faulted in
+
+
+def test_the_placer_sends_a_body_buffer_instead_of_copying_it() -> None:
+    segment_fd = shm.create_memfd(8 * MIB)
+    segment = shm.Segment(segment_fd, 8 * MIB)
+    allocator = shm.Allocator(0, 8 * MIB)
+    data = _floats(MIB).numpy().tobytes()
+    x = bodies.tensor_from_stream(io.BytesIO(data), torch.float32, (-1,), length=len(data))
+    placer = shm.Placer(segment, allocator)
+    try:
+        whole, tail = placer.place(x), placer.place(x[1:])
+        assert (whole.seg, whole.offset, whole.nbytes) == (0, 0, len(data))
+        assert tail.seg == -1  # not at the start of its buffer: copied into the arena
+        assert len(placer.fds) == 1 and placer.fds[0] != shm.shared_tensors[x.data_ptr()]
+        got = shm.read_refs(segment, (whole,), [os.dup(placer.fds[0])])[0]
+        assert torch.equal(got, x)
+    finally:
+        placer.rollback()
+        del segment
+        os.close(segment_fd)
+
+
+def test_a_forked_child_never_uses_its_parents_buffers() -> None:
+    data = bytes(3 * MIB)
+    x = bodies.tensor_from_stream(io.BytesIO(data), torch.uint8, (-1,), length=len(data))
+    del x
+    gc.collect()
+    assert staging.buffers.idle_bytes() > 0
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = not shm.shared_tensors and staging.buffers.idle_bytes() == 0
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+# --- through a pool --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sum_app() -> Iterator[Flask]:
+    app = make_app(TORCHPOOL_MODEL="tests.models:checksum", TORCHPOOL_ARENA_BYTES=4 * MIB,
+                   TORCHPOOL_MAX_INPUT_BYTES=16 * MIB)
+    pool = TorchPool(app)
+
+    @app.post("/sum")
+    @pool.infer
+    def total(model):  # type: ignore[no-untyped-def]
+        x = pool.tensor_from_stream(request.stream, torch.float32, (1, -1))
+        return jsonify(model(x))
+
+    yield app
+    pool.shutdown(app=app)
+
+
+@pytest.mark.parametrize("n", [10, 3 * MIB])  # copied into the arena / sent as its own segment
+def test_a_view_hands_the_body_to_the_model(sum_app: Flask, n: int) -> None:
+    x = _floats(n)
+    got = sum_app.test_client().post("/sum", data=x.numpy().tobytes())
+    assert got.status_code == 200, got.get_data(as_text=True)
+    assert got.json == {"shape": [1, n], "dtype": "torch.float32", "sum": float(x.double().sum())}
+
+
+def test_a_bad_body_gets_a_json_error_and_the_pool_keeps_serving(sum_app: Flask) -> None:
+    client = sum_app.test_client()
+    got = client.post("/sum", data=b"\0" * (4 * MIB + 2))
+    assert got.status_code == 400
+    assert got.json["type"] == "InvalidInputError" and "not a whole number" in got.json["error"]
+    got = client.post("/sum", data=b"\0" * (17 * MIB))
+    assert got.status_code == 413 and "TORCHPOOL_MAX_INPUT_BYTES" in got.json["error"]
+    assert client.post("/sum", data=_floats(3 * MIB).numpy().tobytes()).status_code == 200
+
+
+def test_calls_in_a_row_each_see_their_own_body(sum_app: Flask) -> None:
+    """Buffers are reused between requests: every call still sees the body it was made with."""
+    client = sum_app.test_client()
+    for seed in range(4):
+        x = _floats(3 * MIB, seed)
+        assert client.post("/sum", data=x.numpy().tobytes()).json["sum"] == float(x.double().sum())
+
+
+def test_a_model_that_writes_its_input_leaves_the_callers_tensor_alone(sum_app: Flask) -> None:
+    """The worker maps a sent buffer copy-on-write, as the copy into the arena behaved before."""
+    data = _floats(3 * MIB).numpy().tobytes()
+    x = bodies.tensor_from_stream(io.BytesIO(data), torch.float32, (-1,), length=len(data))
+    with sum_app.app_context():
+        got = sum_app.extensions["torchpool"].extension(x, add=1.0)
+    assert got["sum"] == float(x.double().sum()) + x.numel()
+    assert x.numpy().tobytes() == data
+
+
+@pytest.fixture(scope="module")
+def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    run = tmp_path_factory.mktemp("bodies") / "run"
+    run.mkdir(mode=0o700)
+    with contextlib.ExitStack() as stack:
+        paths = {}
+        for direct in (True, False):
+            path = run / f"direct-{direct}.sock"
+            stack.enter_context(pool_server(path, TORCHPOOL_MODEL="tests.models:checksum",
+                                            TORCHPOOL_DIRECT_CALLS=direct, TORCHPOOL_ARENA_BYTES=4 * MIB))
+            paths["lane" if direct else "server"] = path
+        yield paths
+
+
+@pytest.mark.parametrize("path", ["lane", "server"])
+def test_an_attached_web_process_sends_its_body_buffers_by_either_path(attached: dict[str, Path],
+                                                                       path: str) -> None:
+    conn = PoolConnection(str(attached[path]), 1 * MIB)
+    conn.connect()
+    try:
+        assert bool(conn.lanes.pick("default")) == (path == "lane")
+        for seed in range(3):
+            data = _floats(3 * MIB, seed).numpy().tobytes()
+            x = bodies.tensor_from_stream(io.BytesIO(data), torch.float32, (-1,), length=len(data))
+            got = conn.submit(None, (x,), {}, 30.0, False, 64 * MIB).result(30)
+            assert got["sum"] == float(x.double().sum())
+    finally:
+        conn.close()
