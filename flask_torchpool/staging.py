@@ -8,8 +8,9 @@ once, by the read, and never copied again in the web process.
 
 A fresh memfd costs its pages again on every use (allocating and zeroing 16 MiB of shared memory took
 about 22 ms here, against 2 ms to refill one already faulted in), so buffers are reused: when the last
-view of a tensor is garbage-collected its buffer goes back to a free list (keyed by size, rounded up to
-:data:`GRANULE`) holding at most :data:`IDLE_BYTES`; anything beyond that is closed.
+view of a tensor is garbage-collected its buffer goes back to a free list holding at most
+:data:`IDLE_BYTES` (anything beyond that is closed), and a body takes the smallest idle buffer of at
+least its size (rounded up to :data:`GRANULE`) and at most twice that.
 
 Lifetime and isolation: a buffer belongs to one web process (the free list is emptied in a forked
 child, so two processes never share one). A worker maps it for the call it came with and unmaps it
@@ -56,7 +57,8 @@ class _Buffer:
 
 class _Buffers:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a buffer's finalizer may run inside a garbage collection started under the lock.
+        self._lock = threading.RLock()
         self._idle: dict[int, list[_Buffer]] = {}
         self._idle_bytes = 0
 
@@ -65,10 +67,11 @@ class _Buffers:
         :mod:`~flask_torchpool.shm` until the tensor (every view of it) is gone."""
         size = -(-nbytes // GRANULE) * GRANULE
         with self._lock:
-            free = self._idle.get(size)
-            buf = free.pop() if free else None
+            # Best fit within twice the size: bodies of varying sizes still find a used buffer.
+            fits = [s for s, free in self._idle.items() if free and size <= s <= 2 * size]
+            buf = self._idle[min(fits)].pop() if fits else None
             if buf is not None:
-                self._idle_bytes -= size
+                self._idle_bytes -= buf.segment.size
         if buf is None:
             buf = _Buffer(size)
         piece = buf.segment.buffer[:nbytes]
@@ -103,7 +106,7 @@ class _Buffers:
 
     def forget(self) -> None:
         """In a forked child: never hand out (or take back) the parent's buffers."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         for free in self._idle.values():
             for buf in free:
                 buf.close()

@@ -114,6 +114,31 @@ def test_a_body_buffer_is_reused_once_every_view_of_its_tensor_is_gone() -> None
     assert y.data_ptr() == address  # the same pages, already faulted in
 
 
+def test_a_smaller_body_takes_an_idle_buffer_up_to_twice_its_size() -> None:
+    big = bytes(4 * MIB)
+    x = bodies.tensor_from_stream(io.BytesIO(big), torch.uint8, (-1,), length=len(big))
+    address = x.data_ptr()
+    del x
+    gc.collect()
+    small = bytes(2 * MIB + 100)  # rounds up to 3 MiB: the 4 MiB buffer fits
+    y = bodies.tensor_from_stream(io.BytesIO(small), torch.uint8, (-1,), length=len(small))
+    assert y.data_ptr() == address and y.numel() == len(small)
+    del y
+    gc.collect()
+    least = bytes(staging.MIN_BYTES)  # 2 MiB: the 4 MiB buffer is not more than twice that...
+    z = bodies.tensor_from_stream(io.BytesIO(least), torch.uint8, (-1,), length=len(least))
+    assert z.data_ptr() == address
+    del z
+    gc.collect()
+    staging.buffers.release_idle()
+    x = bodies.tensor_from_stream(io.BytesIO(big * 2), torch.uint8, (-1,), length=2 * len(big))
+    address = x.data_ptr()
+    del x
+    gc.collect()  # ...but an 8 MiB one is
+    z = bodies.tensor_from_stream(io.BytesIO(least), torch.uint8, (-1,), length=len(least))
+    assert z.data_ptr() != address
+
+
 def test_the_placer_sends_a_body_buffer_instead_of_copying_it() -> None:
     segment_fd = shm.create_memfd(8 * MIB)
     segment = shm.Segment(segment_fd, 8 * MIB)
