@@ -7,14 +7,18 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import json
 import os
 import re
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from flask import Flask, jsonify, request
+from werkzeug.serving import make_server
 from werkzeug.wsgi import LimitedStream
 
 from flask_torchpool import InvalidInputError, PayloadTooLargeError, TorchPool, bodies, shm, staging
@@ -256,3 +260,33 @@ def test_an_attached_web_process_sends_its_body_buffers_by_either_path(attached:
             assert got["sum"] == float(x.double().sum())
     finally:
         conn.close()
+
+
+def test_a_client_that_hangs_up_mid_body_gets_nothing_and_the_next_one_is_served(sum_app: Flask) -> None:
+    """Over a real socket (werkzeug's threaded server): the view's read fails as a 400 the client no
+    longer hears, its buffer is freed (the leak check), and the server and pool keep serving."""
+    server = make_server("127.0.0.1", 0, sum_app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_port
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /sum HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (3 * MIB))
+            s.sendall(bytes(MIB))  # a third of the body, then hang up
+            s.shutdown(socket.SHUT_WR)
+            assert b" 400 " in s.recv(4096).split(b"\r\n", 1)[0] + b" "
+        x = _floats(3 * MIB)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            body = x.numpy().tobytes()
+            s.sendall(b"POST /sum HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                      % len(body) + body)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert json.loads(payload)["sum"] == float(x.double().sum())
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
