@@ -13,6 +13,14 @@ CPU ms per request of each process, and their sum (wrk excluded). Setups:
     server     attach, TORCHPOOL_DIRECT_CALLS False: every call through the pool server
     direct     attach, TORCHPOOL_DIRECT_CALLS True (the default): calls straight to the workers
     gunicorn   the model in every web worker (BENCH_MODE=inprocess)
+    embedded   one ``gunicorn -w 1 -k gthread --threads 32`` web process with an embedded pool of 2
+               workers (the HTTP benchmark's ``torchpool`` server)
+
+A flask_torchpool setup followed by ``+get_data`` reads the body with ``request.get_data()`` and
+``torch.frombuffer`` instead of ``tensor_from_stream`` (``BENCH_BODY``), for the big-body A/B::
+
+    python -m benchmarks.hops --workload payload-16m --rounds 3 --seconds 6 \
+        --setups embedded+get_data,embedded,direct+get_data,direct,gunicorn
 
 The setups alternate, ``--rounds`` times, on the same machine. Needs ``wrk``.
 """
@@ -73,15 +81,26 @@ def _tree(root: int) -> dict[int, str]:
 
 def _run(setup: str, workload: str, seconds: int, connections: int, body: Path, script: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_WORKLOAD=workload)
-    if setup == "gunicorn":
+    kind, _, body_mode = setup.partition("+")
+    web = ["-w", "2", "-k", "sync"]
+    arena = max(64 << 20, 8 * body.stat().st_size)
+    if kind == "gunicorn":
         env.update(BENCH_MODE="inprocess", BENCH_TORCH_THREADS="1")
-    else:
+    elif kind == "embedded":
+        web = ["-w", "1", "-k", "gthread", "--threads", "32"]
+        env.update(BENCH_MODE="torchpool", BENCH_BODY=body_mode or "stream",
+                   BENCH_TORCHPOOL_CONFIG=json.dumps({"TORCHPOOL_WORKERS": 2,
+                                                      "TORCHPOOL_ARENA_BYTES": arena}))
+    elif kind in ("server", "direct"):
         sock = Path(tempfile.mkdtemp(prefix="hops-")) / "pool.sock"
-        env.update(BENCH_MODE="torchpool", BENCH_TORCHPOOL_CONFIG=json.dumps({
-            "TORCHPOOL_WORKERS": 2, "TORCHPOOL_MODE": "auto", "TORCHPOOL_SOCKET": str(sock),
-            "TORCHPOOL_DIRECT_CALLS": setup == "direct"}))
+        env.update(BENCH_MODE="torchpool", BENCH_BODY=body_mode or "stream",
+                   BENCH_TORCHPOOL_CONFIG=json.dumps({
+                       "TORCHPOOL_WORKERS": 2, "TORCHPOOL_MODE": "auto", "TORCHPOOL_SOCKET": str(sock),
+                       "TORCHPOOL_ARENA_BYTES": arena, "TORCHPOOL_DIRECT_CALLS": kind == "direct"}))
+    else:
+        raise ValueError(f"unknown setup {setup!r}")
     log = tempfile.NamedTemporaryFile(prefix="hops-", suffix=".log", delete=False)
-    argv = [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "sync", "-b", f"127.0.0.1:{PORT}", "--timeout",
+    argv = [sys.executable, "-m", "gunicorn", *web, "-b", f"127.0.0.1:{PORT}", "--timeout",
             "120", "benchmarks.peers.flask_app:create_app()"]
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, start_new_session=True, stdout=log,
                             stderr=subprocess.STDOUT)

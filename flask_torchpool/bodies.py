@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
+from flask import has_request_context, request
 
 from . import staging
 from .errors import InvalidInputError, PayloadTooLargeError
@@ -39,7 +40,7 @@ def tensor_from_stream(stream: _Readable, dtype: torch.dtype, shape: Sequence[in
 
     *stream* is anything with ``read(n)`` (``request.stream`` in a Flask view); ``readinto`` is used when
     it has one. One dimension of *shape* may be ``-1``: it is worked out from the body's *length* in
-    bytes (default: the stream's ``limit``, which ``request.stream`` has whenever the request carries a
+    bytes (default: the stream's ``limit``, or, for ``request.stream``, the request's
     ``Content-Length``).
 
     Raises :class:`~flask_torchpool.InvalidInputError` (HTTP 400) when the body is shorter or longer than
@@ -54,8 +55,7 @@ def tensor_from_stream(stream: _Readable, dtype: torch.dtype, shape: Sequence[in
     if sum(1 for d in dims if d == -1) > 1 or any(d < -1 for d in dims):
         raise ValueError(f"shape {tuple(dims)}: dimensions must be >= 0, with at most one -1")
     if length is None:
-        limit = getattr(stream, "limit", None)
-        length = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+        length = _known_length(stream)
     if -1 in dims:
         if length is None:
             raise InvalidInputError(f"a body of unknown length cannot fill shape {tuple(dims)}: send a "
@@ -82,6 +82,19 @@ def tensor_from_stream(stream: _Readable, dtype: torch.dtype, shape: Sequence[in
         raise InvalidInputError(f"the body is longer than the {nbytes} bytes of a {dtype} tensor of "
                                 f"shape {tuple(dims)}")
     return out
+
+
+def _known_length(stream: Any) -> int | None:
+    """The body's length, when something knows it: werkzeug's ``LimitedStream`` (its ``limit``), or the
+    request's ``Content-Length`` when *stream* is ``request.stream`` (gunicorn sets
+    ``wsgi.input_terminated``, so there ``request.stream`` is the server's own reader, without a
+    limit)."""
+    limit = getattr(stream, "limit", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return limit
+    if has_request_context() and stream is request.stream:
+        return request.content_length
+    return None
 
 
 def _fill(stream: Any, view: memoryview) -> int:

@@ -204,6 +204,15 @@ def test_a_view_hands_the_body_to_the_model(sum_app: Flask, n: int) -> None:
     assert got.json == {"shape": [1, n], "dtype": "torch.float32", "sum": float(x.double().sum())}
 
 
+def test_minus_one_comes_from_content_length_when_the_server_hands_its_own_reader(sum_app: Flask) -> None:
+    """gunicorn sets ``wsgi.input_terminated``: ``request.stream`` is then its reader, with no limit."""
+    x = _floats(1000)
+    got = sum_app.test_client().post("/sum", data=x.numpy().tobytes(),
+                                     environ_overrides={"wsgi.input_terminated": True})
+    assert got.status_code == 200, got.get_data(as_text=True)
+    assert got.json["shape"] == [1, 1000]
+
+
 def test_a_bad_body_gets_a_json_error_and_the_pool_keeps_serving(sum_app: Flask) -> None:
     client = sum_app.test_client()
     got = client.post("/sum", data=b"\0" * (4 * MIB + 2))

@@ -5,6 +5,8 @@
     BENCH_MODE            "inprocess" (default): the model lives in this process, built at start-up;
                           "torchpool": TorchPool(app) with the TORCHPOOL_* keys of BENCH_TORCHPOOL_CONFIG
     BENCH_TORCHPOOL_CONFIG  a JSON object of TORCHPOOL_* keys (workers, batching, ...)
+    BENCH_BODY            "stream" (default): the torchpool mode reads the body with tensor_from_stream;
+                          "get_data": with request.get_data() and torch.frombuffer, as before 0.2
 
 Routes: ``POST /predict`` (raw float32 body -> small JSON; the torchpool mode reads it with
 ``ModelProxy.tensor_from_stream``, the in-process mode with ``request.get_data()``), ``GET /health``
@@ -66,13 +68,20 @@ def create_app() -> Flask:
         app.config.update(TORCHPOOL_MODEL=w.factory, TORCHPOOL_DEVICES="cpu")
         app.config.update(json.loads(os.environ.get("BENCH_TORCHPOOL_CONFIG", "{}")))
         pool = TorchPool(app)
+        get_data = os.environ.get("BENCH_BODY", "stream") == "get_data"
 
         @app.post("/predict")
         @pool.infer
         def predict(model: ModelProxy) -> Response:
             # The documented way to take a raw body (docs/api.rst): read in chunks straight into the
             # tensor, not request.get_data(). A body of the wrong size is a 400 (InvalidInputError).
-            x = model.tensor_from_stream(request.stream, torch.float32, (1, *w.sample_shape))
+            if get_data:
+                try:
+                    x = common.decode(request.get_data(), w)
+                except common.BadRequest as exc:
+                    return answer(str(exc), 400)
+            else:
+                x = model.tensor_from_stream(request.stream, torch.float32, (1, *w.sample_shape))
             return answer(model(x))
 
     else:
