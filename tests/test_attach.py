@@ -328,7 +328,7 @@ APP_SOURCE = f'''\
 import os
 
 import torch
-from flask import Flask
+from flask import Flask, request
 
 from flask_torchpool import TorchPool
 
@@ -353,6 +353,13 @@ def pid(model):
 @pool.infer
 def sleep(model):
     return {{"out": model(torch.ones(1), action="sleep", seconds=60).tolist()}}
+
+
+@app.post("/sum")
+@pool.infer
+def total(model):
+    x = pool.tensor_from_stream(request.stream, torch.float32, (-1,))
+    return {{"n": x.numel(), "sum": float(model(x).double().sum())}}
 '''
 
 
@@ -437,6 +444,17 @@ def test_gunicorn_w3_auto_mode_shares_one_pool(project: Path) -> None:
                 answers = list(ex.map(lambda _: server.get("/pid").json(), range(60)))
             assert {a["worker"] for a in answers} <= workers
             assert {a["web"] for a in answers} <= webs
+
+            # Raw bodies under gunicorn (request.stream is its own reader: -1 from Content-Length),
+            # small and big (a body buffer sent to the worker): right answers, and a 400 for a bad one.
+            url = f"http://127.0.0.1:{port}/sum"
+            for n in (3, 3 << 18):
+                x = torch.arange(n, dtype=torch.float32)
+                got = requests.post(url, data=x.numpy().tobytes(), timeout=60)
+                assert got.status_code == 200 and got.json() == {"n": n, "sum": float(x.double().sum())}, \
+                    got.text
+            got = requests.post(url, data=b"\0" * 6, timeout=60)
+            assert got.status_code == 400 and got.json()["type"] == "InvalidInputError", got.text
 
             # kill -9 of one web worker: gunicorn replaces it, the server forgets it and serves on.
             fds_before = _fds(pool_server)
