@@ -22,9 +22,9 @@ No other web process's data is ever involved.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
-import weakref
 
 import torch
 
@@ -74,13 +74,13 @@ class _Buffers:
                 self._idle_bytes -= buf.segment.size
         if buf is None:
             buf = _Buffer(size)
-        piece = buf.segment.buffer[:nbytes]
-        out = torch.frombuffer(piece, dtype=torch.uint8).view(dtype).view(shape)
-        shm.shared_tensors[out.data_ptr()] = buf.fd
-        weakref.finalize(piece, self._release, buf, out.data_ptr(), os.getpid())
+        address = buf.segment.bytes.data_ptr()
+        out = buf.segment.owned_view(0, nbytes, dtype, shape,
+                                     functools.partial(self._release, buf, address, os.getpid()))
+        shm.shared_tensors[address] = buf.fd
         return out
 
-    def _release(self, buf: _Buffer, address: int, pid: int) -> None:
+    def _release(self, buf: _Buffer, address: int, pid: int, _offset: int) -> None:
         shm.shared_tensors.pop(address, None)
         size = buf.segment.size
         with self._lock:
@@ -106,12 +106,8 @@ class _Buffers:
 
     def forget(self) -> None:
         """In a forked child: never hand out (or take back) the parent's buffers."""
-        self._lock = threading.RLock()
-        for free in self._idle.values():
-            for buf in free:
-                buf.close()
-        self._idle.clear()
-        self._idle_bytes = 0
+        self._lock = threading.RLock()  # the parent's may have been held by another thread
+        self.release_idle()
         shm.shared_tensors.clear()
 
 
