@@ -22,7 +22,7 @@ from flask_torchpool import codec, lanes, messages, shm
 from flask_torchpool.attach.client import PoolConnection
 from flask_torchpool.attach.lanes import _Call
 from flask_torchpool.attach.server import PoolServer
-from flask_torchpool.errors import InferenceTimeoutError, InvalidInputError
+from flask_torchpool.errors import InferenceTimeoutError, InvalidInputError, PoolUnavailableError
 
 from .conftest import wait_until
 from .reload_models import write_model
@@ -115,6 +115,30 @@ def test_calls_queued_behind_a_crash_are_sent_again_and_served(served: PoolServe
     for i, future in enumerate(queued):
         assert torch.equal(future.result(60), torch.full((2,), float(i)))
     # The replacement offers a lane again.
+    assert wait_until(lambda: conn.lanes.pick("default") is not None, timeout=30)
+
+
+def test_a_lane_that_ends_just_before_its_server_shows_gone_fails_its_call_as_unavailable(
+        served: PoolServer, conn: PoolConnection, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker ends with its server (PDEATHSIG) and its lane can close before /proc shows the server
+    # gone. Here the server "ends" only after the lane dropped: the running call must still say so.
+    lane = conn.lanes.pick("default")
+    assert lane is not None
+    dropped = threading.Event()
+    real_drop = conn.lanes._drop
+
+    def drop(ended_lane: object) -> None:
+        real_drop(ended_lane)  # type: ignore[arg-type]
+        dropped.set()
+
+    gone = PoolUnavailableError("the pool server ended (test)", retry_after=1)
+    monkeypatch.setattr(conn.lanes, "_drop", drop)
+    monkeypatch.setattr(conn.lanes, "_server_gone", lambda: gone if dropped.is_set() else None)
+    crash = _call(conn, torch.ones(1), action="exit")
+    with pytest.raises(PoolUnavailableError) as info:
+        crash.result(60)
+    assert info.value is gone
+    monkeypatch.undo()
     assert wait_until(lambda: conn.lanes.pick("default") is not None, timeout=30)
 
 

@@ -9,7 +9,8 @@ at most every :data:`REPORT_INTERVAL`, and before every status request). Everyth
 batched models, a model without lanes, every lane busy) goes through the server as before.
 
 When a lane ends (its worker died or retired) the calls on it that the worker had not started are sent
-again through the server; the one it was running fails with :class:`~flask_torchpool.WorkerCrashedError`.
+again through the server; the one it was running fails with :class:`~flask_torchpool.WorkerCrashedError`,
+or with :class:`~flask_torchpool.PoolUnavailableError` when the server ended (its workers end with it).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ REPORT_INTERVAL = 0.25
 MAX_LANE_LOAD = 8
 #: Outcomes one Observed message may carry.
 MAX_OBSERVED = 4096
+#: When a lane ends while its worker runs a call, how long to watch for the server's end before blaming
+#: the worker (seconds). A worker ends with its server (PDEATHSIG), and its lane can close before
+#: ``/proc`` shows the server gone; the call then fails with PoolUnavailableError, not WorkerCrashedError.
+SERVER_END_GRACE = 0.1
 
 
 class _Call:
@@ -338,10 +343,9 @@ class ClientLanes:
             if ended is not None:
                 self._settle(lane, call, None, ended)
                 continue
-            if call_id == running:
-                self._settle(lane, call, None, WorkerCrashedError(
-                    f"worker {lane.worker} of {lane.model!r} died while running this call",
-                    retry_after=self._retry_after))
+            if call_id == running:  # off this thread: other lanes' answers do not wait for the grace
+                threading.Thread(target=self._settle_crashed, args=(lane, call), daemon=True,
+                                 name="torchpool-lane-ended").start()
                 continue
             # Never started: through the server, which runs it on another (or the respawned) worker.
             call.settled = True
@@ -350,6 +354,16 @@ class ClientLanes:
             except Exception as exc:  # noqa: BLE001
                 with contextlib.suppress(InvalidStateError):
                     call.future.set_exception(exc)
+
+    def _settle_crashed(self, lane: Lane, call: _Call) -> None:
+        """The lane of the call its worker was running ended: the server ended (its workers end with it),
+        or the worker died alone. Watch for the first for :data:`SERVER_END_GRACE`."""
+        give_up = time.monotonic() + SERVER_END_GRACE
+        while (ended := self._server_gone()) is None and time.monotonic() < give_up:
+            time.sleep(0.005)
+        self._settle(lane, call, None, ended or WorkerCrashedError(
+            f"worker {lane.worker} of {lane.model!r} died while running this call",
+            retry_after=self._retry_after))
 
 
 def _cancelled(channel: Channel, call_id: int, future: Future[Any]) -> None:
