@@ -413,7 +413,7 @@ class Scheduler(Generic[S]):
         if call.state is CallState.DONE:
             return
         call.state = CallState.DONE
-        call.tensors = []
+        call.tensors, call.job = [], None   # no Call <-> Job cycle (Note [Finished deadlines])
         now = time.monotonic()
         self.metrics.record_call(outcome_of(exc), now - call.enqueued,
                                  None if call.dispatched is None else call.dispatched - call.enqueued)

@@ -31,7 +31,6 @@ worker. :mod:`flask_torchpool.batching` holds the calls, jobs and that schedulin
 from __future__ import annotations
 
 import atexit
-import heapq
 import logging
 import multiprocessing
 import os
@@ -47,6 +46,7 @@ from . import messages
 from .admission import drained
 from .batching import Call, CallState, Scheduler, batch_key
 from .config import PoolConfig
+from .deadlines import DeadlineHeap
 from .errors import (
     InferenceTimeoutError,
     PoolClosedError,
@@ -496,18 +496,17 @@ class _Deadlines:
         self._sched = sched
         self._workers = workers
         self._streams = streams
-        self._heap: list[tuple[float, int, Call]] = []   # finished calls are dropped lazily
+        self._heap: DeadlineHeap[Call] = DeadlineHeap(
+            lambda _, call: call.state is CallState.DONE)   # Note [Finished deadlines] in deadlines.py
 
     def add(self, call: Call) -> None:
         """Under the lock."""
         assert call.deadline is not None
-        heapq.heappush(self._heap, (call.deadline, call.id, call))
+        self._heap.push(call.deadline, call.id, call)
 
     def next(self) -> float | None:
         """Under the lock: the earliest deadline of a call not finished yet."""
-        while self._heap and self._heap[0][2].state is CallState.DONE:
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
+        return self._heap.next()
 
     def expire(self, now: float) -> None:
         """Fail calls whose deadline passed; kill a worker still running a job nobody waits for."""
@@ -515,12 +514,10 @@ class _Deadlines:
         kill: list[WorkerSlot] = []
         cancel: list[tuple[WorkerSlot, int]] = []
         with sched.lock:
-            while self._heap and self._heap[0][0] <= now:
-                _, _, call = heapq.heappop(self._heap)
-                if call.state is CallState.DONE:
-                    continue
+            while (entry := self._heap.pop_due(now)) is not None:
+                call = entry[2]
                 if call.deadline is not None and call.deadline > now:  # a stream's, moved by its progress
-                    heapq.heappush(self._heap, (call.deadline, call.id, call))
+                    self._heap.push(call.deadline, call.id, call)
                     continue
                 waited = now - call.enqueued
                 queued = call.state is CallState.QUEUED

@@ -22,6 +22,7 @@ from flask_torchpool import codec, lanes, messages, shm
 from flask_torchpool.attach.client import PoolConnection
 from flask_torchpool.attach.lanes import _Call
 from flask_torchpool.attach.server import PoolServer
+from flask_torchpool.deadlines import SLACK
 from flask_torchpool.errors import InferenceTimeoutError, InvalidInputError, PoolUnavailableError
 
 from .conftest import wait_until
@@ -140,6 +141,14 @@ def test_a_lane_that_ends_just_before_its_server_shows_gone_fails_its_call_as_un
     assert info.value is gone
     monkeypatch.undo()
     assert wait_until(lambda: conn.lanes.pick("default") is not None, timeout=30)
+
+
+def test_a_busy_lane_keeps_no_deadline_of_a_finished_call(served: PoolServer, conn: PoolConnection) -> None:
+    # Note [Finished deadlines]: every call has a deadline 30 s away and finishes in milliseconds.
+    assert conn.lanes.pick("default") is not None
+    for i in range(3 * SLACK):
+        assert torch.equal(_call(conn, torch.full((2,), float(i))).result(30), torch.full((2,), float(i)))
+    assert len(conn.lanes._deadlines) <= 2 * SLACK
 
 
 def test_a_direct_call_past_its_deadline_ends_its_worker_which_is_replaced(served: PoolServer,

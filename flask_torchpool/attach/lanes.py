@@ -16,7 +16,6 @@ or with :class:`~flask_torchpool.PoolUnavailableError` when the server ended (it
 from __future__ import annotations
 
 import contextlib
-import heapq
 import itertools
 import logging
 import math
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import codec, lanes, messages, shm
 from ..channel import Channel
+from ..deadlines import DeadlineHeap
 from ..errors import InferenceTimeoutError, OutputError, WireError, WorkerCrashedError, from_wire
 from ..metrics import OUTCOMES, outcome_of
 from ..status import WorkerState
@@ -95,7 +95,7 @@ class ClientLanes:
         self._retry_after = retry_after
         self._lock = threading.Lock()
         self._by_model: dict[str, list[Lane]] = {}
-        self._deadlines: list[tuple[float, int, Lane]] = []
+        self._deadlines: DeadlineHeap[Lane] = DeadlineHeap(_settled)   # Note [Finished deadlines]
         self._wake_at = math.inf
         self._observed: dict[str, tuple[list[str], list[float]]] = {}
         self._report_at = math.inf
@@ -164,7 +164,7 @@ class ClientLanes:
                 return None
             lane.calls[call_id] = call
             if deadline:
-                heapq.heappush(self._deadlines, (deadline, call_id, lane))
+                self._deadlines.push(deadline, call_id, lane)
                 wake = deadline < self._wake_at
         try:
             lane.channel.send(messages.Call(call_id, args, kwargs, refs, lane.releases.drain(), method, 0,
@@ -224,7 +224,8 @@ class ClientLanes:
             with self._lock:
                 if self.closed and not any(self._by_model.values()):
                     break
-                self._wake_at = min(self._deadlines[0][0] if self._deadlines else math.inf, self._report_at)
+                due = self._deadlines.next()
+                self._wake_at = min(math.inf if due is None else due, self._report_at)
                 wake_at = self._wake_at
             timeout = None if wake_at == math.inf else max(0.0, wake_at - time.monotonic())
             self._serve_ready(selector, timeout)
@@ -305,11 +306,9 @@ class ClientLanes:
     def _expire(self, now: float) -> None:
         expired = []
         with self._lock:
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, call_id, lane = heapq.heappop(self._deadlines)
-                call = lane.calls.get(call_id)
-                if call is not None and not call.settled:
-                    expired.append((lane, call_id, call))
+            while (entry := self._deadlines.pop_due(now)) is not None:
+                _, call_id, lane = entry
+                expired.append((lane, call_id, lane.calls[call_id]))
         for lane, call_id, call in expired:
             running = int(lane.words[lanes.CTRL_RUNNING]) == call_id
             self._settle(lane, call, None, InferenceTimeoutError(
@@ -326,10 +325,7 @@ class ClientLanes:
             if lane in lanes_of:
                 lanes_of.remove(lane)
             calls, lane.calls = lane.calls, {}
-            lane.open = False
-            if any(entry[2] is lane for entry in self._deadlines):
-                self._deadlines = [entry for entry in self._deadlines if entry[2] is not lane]
-                heapq.heapify(self._deadlines)
+            lane.open = False   # its deadlines leave the heap as finished: lane.calls is empty
         assert self._selector is not None
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(lane.channel.fileno())
@@ -364,6 +360,11 @@ class ClientLanes:
         self._settle(lane, call, None, ended or WorkerCrashedError(
             f"worker {lane.worker} of {lane.model!r} died while running this call",
             retry_after=self._retry_after))
+
+
+def _settled(call_id: int, lane: Lane) -> bool:
+    call = lane.calls.get(call_id)
+    return call is None or call.settled
 
 
 def _cancelled(channel: Channel, call_id: int, future: Future[Any]) -> None:

@@ -23,7 +23,6 @@ concatenates them (one copy, on the actor, instead of a staging copy in the web 
 from __future__ import annotations
 
 import functools
-import heapq
 import queue
 import threading
 import time
@@ -37,6 +36,7 @@ import torch
 from .. import codec, shm
 from ..batching import Call, CallState, Job, Scheduler, idle
 from ..config import PoolConfig
+from ..deadlines import DeadlineHeap
 from ..errors import InferenceTimeoutError, OutputError, WireError, from_wire
 from ..placement import Placement
 from ..status import WorkerState
@@ -209,19 +209,17 @@ class RayScheduler(Scheduler[ActorSlot]):
 
 
 class Deadlines:
-    """The calls' deadlines, earliest first (finished calls are dropped lazily). Under the pool's lock."""
+    """The calls' deadlines, earliest first (Note [Finished deadlines]). Under the pool's lock."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Call]] = []
+        self._heap: DeadlineHeap[Call] = DeadlineHeap(lambda _, call: call.state is CallState.DONE)
 
     def add(self, call: Call) -> None:
         assert call.deadline is not None
-        heapq.heappush(self._heap, (call.deadline, call.id, call))
+        self._heap.push(call.deadline, call.id, call)
 
     def next(self) -> float | None:
-        while self._heap and self._heap[0][2].state is CallState.DONE:
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
+        return self._heap.next()
 
     def expire(self, now: float, sched: RayScheduler) -> tuple[list[tuple[ActorSlot, int]], list[Any]]:
         """Fail the calls whose deadline passed with InferenceTimeoutError. Returns the actors to kill
@@ -229,10 +227,8 @@ class Deadlines:
         answers to cancel (jobs nobody waits for that have not started), Note [Ray actors]."""
         kill: list[tuple[ActorSlot, int]] = []
         cancel: list[Any] = []
-        while self._heap and self._heap[0][0] <= now:
-            _, _, call = heapq.heappop(self._heap)
-            if call.state is CallState.DONE:
-                continue
+        while (entry := self._heap.pop_due(now)) is not None:
+            call = entry[2]
             queued, job = call.state is CallState.QUEUED, call.job
             sched.finish(call, exc=InferenceTimeoutError.past_deadline(now - call.enqueued, queued))
             if queued:
