@@ -320,13 +320,16 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
     already refused unknown dtypes, negative dimensions and stray segment numbers).
     """
     extra = []
-    try:
-        for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
-            check_sealed(fd, ref.nbytes)
-            extra.append(Segment(fd, ref.nbytes, private=True))
-    finally:
-        for fd in fds:
-            os.close(fd)
+    if fds:
+        try:
+            for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
+                check_sealed(fd, ref.nbytes)
+                extra.append(Segment(fd, ref.nbytes, private=True))
+        finally:
+            for fd in fds:
+                os.close(fd)
+    elif any(ref.seg >= 0 for ref in refs):   # the common case, without _seg_refs's dict and sort
+        _seg_refs(refs, 0)
     size = segment.size
     dtypes = []
     for ref in refs:
