@@ -47,6 +47,14 @@ class DeadlineHeap(Generic[T]):
             self._limit = max(SLACK, 2 * len(heap))
         heapq.heappush(heap, (deadline, key, item))
 
+    def drop_where(self, gone: Callable[[T], bool]) -> None:
+        """Drop every entry whose item is *gone* now, finished or not (what they refer to is being let
+        go of: a lane that ended, whose mapping must not wait for these entries' deadlines)."""
+        heap = self._heap
+        if any(gone(entry[2]) for entry in heap):
+            heap[:] = [entry for entry in heap if not gone(entry[2])]
+            heapq.heapify(heap)
+
     def next(self) -> float | None:
         """The earliest deadline of an entry not finished yet; None when there is none."""
         heap, finished = self._heap, self._finished

@@ -47,6 +47,16 @@ def test_the_heap_stays_within_twice_its_live_entries() -> None:
     assert [heap.pop_due(2e9) for _ in live] == [(1e9 + key, key, None) for key in live]
 
 
+def test_entries_of_an_item_let_go_of_leave_at_once_finished_or_not() -> None:
+    # A lane that ended: its arena must not stay mapped until its calls' deadlines.
+    heap: DeadlineHeap[str] = DeadlineHeap(lambda key, _: False)
+    for key, item in enumerate(["lane a", "lane b", "lane a", "lane b"]):
+        heap.push(10.0 + key, key, item)
+    heap.drop_where(lambda item: item == "lane a")
+    assert len(heap) == 2
+    assert [heap.pop_due(100.0) for _ in range(3)] == [(11.0, 1, "lane b"), (13.0, 3, "lane b"), None]
+
+
 def test_a_busy_pool_keeps_no_finished_call(pool: TorchPool) -> None:
     x = torch.ones(4)
     for _ in range(50):   # warm up: lanes, arenas, caches

@@ -325,7 +325,8 @@ class ClientLanes:
             if lane in lanes_of:
                 lanes_of.remove(lane)
             calls, lane.calls = lane.calls, {}
-            lane.open = False   # its deadlines leave the heap as finished: lane.calls is empty
+            lane.open = False
+            self._deadlines.drop_where(lambda item: item is lane)   # its arena is unmapped now, not later
         assert self._selector is not None
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(lane.channel.fileno())
