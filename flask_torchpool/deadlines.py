@@ -6,8 +6,9 @@ finished calls stay where they are and are skipped when they reach the top. Left
 holds on to every call of the last ``TORCHPOOL_TIMEOUT`` seconds (3,000 calls/s: 90,000 calls and what
 they refer to). That is memory, and work for Python's cyclic garbage collector: those objects outlive
 the young generations, so full collections come often, and each walks every object of the process
-(about 100 ms with torch imported). Measured before this heap: 44 us of the web process's CPU per call
-went to collections (one caller, ``torch.nn.Identity``, 4 KiB). So :meth:`DeadlineHeap.next` drops
+(100-200 ms with torch imported). Measured before this heap: 22-25 us of the web process's CPU per
+call went to collections, and one call in 10,000 waited 178-196 ms (``benchmarks/gc_pauses.py``; one
+caller, ``torch.nn.Identity``, 4 KiB, ``TORCHPOOL_TIMEOUT`` 1 s). So :meth:`DeadlineHeap.next` drops
 finished entries at the top, and :meth:`DeadlineHeap.push` keeps only the live entries whenever the heap
 has doubled since it last did: it never holds more than twice the live entries plus :data:`SLACK`, at
 amortised O(1) a push.
