@@ -22,6 +22,11 @@ A flask_torchpool setup followed by ``+get_data`` reads the body with ``request.
     python -m benchmarks.hops --workload payload-16m --rounds 3 --seconds 6 \
         --setups embedded+get_data,embedded,direct+get_data,direct,gunicorn
 
+A flask_torchpool setup followed by ``:NAME`` runs with the ``TORCHPOOL_*`` keys of set NAME of
+``--configs`` (JSON) added, for A/Bs of a setting::
+
+    python -m benchmarks.hops --setups direct,direct:nice0 --configs '{"nice0": {"TORCHPOOL_WORKER_NICE": 0}}'
+
 The setups alternate, ``--rounds`` times, on the same machine. Needs ``wrk``.
 """
 
@@ -79,7 +84,8 @@ def _tree(root: int) -> dict[int, str]:
     return found
 
 
-def _run(setup: str, workload: str, seconds: int, connections: int, body: Path, script: Path) -> dict:
+def _run(setup: str, workload: str, seconds: int, connections: int, body: Path, script: Path,
+         extra: dict[str, object]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_WORKLOAD=workload)
     kind, _, body_mode = setup.partition("+")
     web = ["-w", "2", "-k", "sync"]
@@ -90,13 +96,14 @@ def _run(setup: str, workload: str, seconds: int, connections: int, body: Path, 
         web = ["-w", "1", "-k", "gthread", "--threads", "32"]
         env.update(BENCH_MODE="torchpool", BENCH_BODY=body_mode or "stream",
                    BENCH_TORCHPOOL_CONFIG=json.dumps({"TORCHPOOL_WORKERS": 2,
-                                                      "TORCHPOOL_ARENA_BYTES": arena}))
+                                                      "TORCHPOOL_ARENA_BYTES": arena, **extra}))
     elif kind in ("server", "direct"):
         sock = Path(tempfile.mkdtemp(prefix="hops-")) / "pool.sock"
         env.update(BENCH_MODE="torchpool", BENCH_BODY=body_mode or "stream",
                    BENCH_TORCHPOOL_CONFIG=json.dumps({
                        "TORCHPOOL_WORKERS": 2, "TORCHPOOL_MODE": "auto", "TORCHPOOL_SOCKET": str(sock),
-                       "TORCHPOOL_ARENA_BYTES": arena, "TORCHPOOL_DIRECT_CALLS": kind == "direct"}))
+                       "TORCHPOOL_ARENA_BYTES": arena, "TORCHPOOL_DIRECT_CALLS": kind == "direct",
+                       **extra}))
     else:
         raise ValueError(f"unknown setup {setup!r}")
     log = tempfile.NamedTemporaryFile(prefix="hops-", suffix=".log", delete=False)
@@ -141,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--setups", default="server,direct,gunicorn")
+    parser.add_argument("--configs", default="{}",
+                        help="JSON: named sets of TORCHPOOL_* keys; a setup KIND:SET runs with that set "
+                             "added (see the module docstring)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     os.environ["BENCH_WORKLOAD"] = args.workload
@@ -155,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                       "f:close()\n")
     for round_ in range(1, args.rounds + 1):
         for setup in args.setups.split(","):
-            result = _run(setup, args.workload, args.seconds, args.connections, body, script)
+            kind, _, named = setup.partition(":")
+            extra = json.loads(args.configs)[named] if named else {}
+            result = _run(kind, args.workload, args.seconds, args.connections, body, script, extra)
             print(f"round {round_} {setup:9s} {result['rps']:8.1f} req/s  "
                   f"CPU {result['total_cpu_ms_per_request']:.2f} ms/req (all processes, wrk excluded)")
             for name, ms in sorted(result["cpu_ms_per_request"].items()):
