@@ -320,16 +320,13 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
     already refused unknown dtypes, negative dimensions and stray segment numbers).
     """
     extra = []
-    if fds:
-        try:
-            for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
-                check_sealed(fd, ref.nbytes)
-                extra.append(Segment(fd, ref.nbytes, private=True))
-        finally:
-            for fd in fds:
-                os.close(fd)
-    elif any(ref.seg >= 0 for ref in refs):   # the common case, without _seg_refs's dict and sort
-        _seg_refs(refs, 0)
+    try:
+        for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
+            check_sealed(fd, ref.nbytes)
+            extra.append(Segment(fd, ref.nbytes, private=True))
+    finally:
+        for fd in fds:
+            os.close(fd)
     size = segment.size
     dtypes = []
     for ref in refs:
@@ -367,6 +364,8 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
 
 
 def _seg_refs(refs: tuple[TensorRef, ...], count: int) -> list[TensorRef]:
+    if not count and all(ref.seg < 0 for ref in refs):  # the common case: no dict, no sort
+        return []
     by_seg = {ref.seg: ref for ref in refs if ref.seg >= 0}
     if sorted(by_seg) != list(range(count)):
         raise ValueError(f"{count} descriptors for one-off segments {sorted(by_seg)}")
