@@ -163,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     script = tmp / "post.lua"
     script.write_text(f'wrk.method = "POST"\nlocal f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\n'
                       "f:close()\n")
+    configs = json.loads(args.configs)
     for round_ in range(1, args.rounds + 1):
         for setup in args.setups.split(","):
             kind, _, named = setup.partition(":")
-            extra = json.loads(args.configs)[named] if named else {}
+            extra = configs[named] if named else {}
             result = _run(kind, args.workload, args.seconds, args.connections, body, script, extra)
             print(f"round {round_} {setup:9s} {result['rps']:8.1f} req/s  "
                   f"CPU {result['total_cpu_ms_per_request']:.2f} ms/req (all processes, wrk excluded)")
