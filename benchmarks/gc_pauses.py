@@ -16,10 +16,12 @@ per call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -68,40 +70,53 @@ def _timed(call: Callable[[], Any], calls: int) -> None:
           f"thread): {cpu / calls * 1e6:.0f} us")
 
 
+@contextlib.contextmanager
+def identity_pool(timeout: float) -> Iterator[dict[str, Any]]:
+    """The pools of an app with one ``torch.nn.Identity`` worker, shut down on leaving."""
+    app = Flask("benchmarks")
+    app.config.update(TORCHPOOL_MODEL=MODEL, TORCHPOOL_WORKERS=1, TORCHPOOL_TIMEOUT=timeout,
+                      TORCHPOOL_HANDLE_SIGTERM=False, TORCHPOOL_HANDLE_SIGHUP=False)
+    TorchPool(app)
+    pools = app.extensions["torchpool"].start()
+    try:
+        yield pools
+    finally:
+        for pool in pools.values():
+            pool.shutdown(drain_timeout=1)
+
+
+@contextlib.contextmanager
+def attached(pools: dict[str, Any]) -> Iterator[Any]:
+    """A pool server in this process for *pools*, and a web process's connection to it (with lanes)."""
+    from flask_torchpool.attach.client import PoolConnection
+    from flask_torchpool.attach.server import PoolServer
+
+    with tempfile.TemporaryDirectory() as run:
+        server = PoolServer(pools, os.path.join(run, "pool.sock"), default_model="default")
+        server.start()
+        conn = PoolConnection(server.path, 1 << 20)
+        try:
+            conn.connect()
+            yield conn
+        finally:
+            conn.close()
+            server.stop(drain_timeout=5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=10000)
     parser.add_argument("--timeout", type=float, default=1.0)
     parser.add_argument("--mode", choices=("embedded", "attach"), default="embedded")
     args = parser.parse_args()
-    app = Flask("gc_pauses")
-    app.config.update(TORCHPOOL_MODEL=MODEL, TORCHPOOL_WORKERS=1, TORCHPOOL_TIMEOUT=args.timeout,
-                      TORCHPOOL_HANDLE_SIGTERM=False, TORCHPOOL_HANDLE_SIGHUP=False)
-    TorchPool(app)
-    pools = app.extensions["torchpool"].start()
     x = torch.randn(1, 1024)
-    try:
+    with identity_pool(args.timeout) as pools:
         if args.mode == "embedded":
             pool = pools["default"]
             _timed(lambda: pool.submit((x,), {}).result(30), args.calls)
             return
-        from flask_torchpool.attach.client import PoolConnection
-        from flask_torchpool.attach.server import PoolServer
-
-        with tempfile.TemporaryDirectory() as run:
-            server = PoolServer(pools, os.path.join(run, "pool.sock"), default_model="default")
-            server.start()
-            conn = PoolConnection(server.path, 1 << 20)
-            try:
-                conn.connect()
-                _timed(lambda: conn.submit(None, (x,), {}, args.timeout, False, 1 << 20).result(30),
-                       args.calls)
-            finally:
-                conn.close()
-                server.stop(drain_timeout=5)
-    finally:
-        for pool in pools.values():
-            pool.shutdown(drain_timeout=1)
+        with attached(pools) as conn:
+            _timed(lambda: conn.submit(None, (x,), {}, args.timeout, False, 1 << 20).result(30), args.calls)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import pytest
@@ -243,3 +243,69 @@ def test_a_worker_frozen_under_a_direct_call_is_killed_and_replaced(served: Pool
     last_exit = served.pools["default"].status()["workers"][0]["last_exit"] or ""
     assert "stopped" in last_exit, last_exit
     assert torch.equal(_call(conn, torch.ones(2)).result(30), torch.ones(2))
+
+
+def test_a_waiting_caller_reads_its_own_answers(served: PoolServer, conn: PoolConnection,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Note [One wake-up per reply]: the thread in result() reads its lane; the reader thread is not woken.
+    assert conn.lanes.pick("default") is not None
+    readers: list[str] = []
+    real_read = conn.lanes._read_one
+
+    def read_one(lane: object) -> bool:
+        readers.append(threading.current_thread().name)
+        return real_read(lane)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(conn.lanes, "_read_one", read_one)
+    for i in range(200):
+        assert torch.equal(_call(conn, torch.full((2,), float(i))).result(30), torch.full((2,), float(i)))
+    ours = readers.count(threading.current_thread().name)
+    assert ours >= 100, f"the caller read {ours} of the 200 answers: {sorted(set(readers))}"
+
+
+def test_threads_sharing_a_lane_each_get_their_own_answer(served: PoolServer, conn: PoolConnection) -> None:
+    # Some threads read in result(), some only wait for the future (the reader thread or another
+    # caller answers them), and some only get a callback: the token passes between all of them.
+    assert conn.lanes.pick("default") is not None
+    wrong: list[object] = []
+
+    def caller(k: int) -> None:
+        for i in range(60):
+            x = torch.full((3,), float(1000 * k + i))
+            future = _call(conn, x)
+            if k % 3 == 0:
+                value = future.result(30)
+            elif k % 3 == 1:
+                wait([future], timeout=30)
+                value = future.result(0)
+            else:
+                done = threading.Event()
+                future.add_done_callback(lambda f, done=done: done.set())
+                assert done.wait(30)
+                value = future.result(0)
+            if not torch.equal(value, x):
+                wrong.append((k, i, value))
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert wrong == []
+    lane = conn.lanes.pick("default")
+    assert lane is not None and wait_until(lambda: not lane.calls, timeout=10)
+
+
+def test_a_cancelled_queued_direct_call_is_dropped_by_its_worker(served: PoolServer,
+                                                                 conn: PoolConnection) -> None:
+    lane = conn.lanes.pick("default")
+    assert lane is not None
+    before = conn.status()["models"]["default"]["metrics"]["calls"].get("cancelled", 0)
+    busy = _call(conn, torch.ones(1), action="sleep", seconds=0.5)
+    queued = _call(conn, torch.ones(1))
+    assert queued.cancel()
+    assert torch.equal(busy.result(30), torch.ones(1))
+    assert wait_until(lambda: not lane.calls, timeout=10), "the worker did not answer the cancelled call"
+    after = conn.status()["models"]["default"]["metrics"]["calls"].get("cancelled", 0)
+    assert after == before + 1
