@@ -5,7 +5,7 @@ the pool server, health, the CLI and Prometheus speak to backends only through :
 
 * :class:`~flask_torchpool.pool.Pool`: the process backend, workers spawned by this process (embedded);
 * :class:`~flask_torchpool.inline.InlinePool`: the model in the calling thread (``TORCHPOOL_INLINE``);
-* :class:`~flask_torchpool.attach.client.RemotePool`: one model of the host's pool server (attach mode).
+* :class:`~flask_torchpool.attach.remote.RemotePool`: one model of the host's pool server (attach mode).
 
 Every backend accepts and refuses the same arguments (:func:`flask_torchpool.codec.flatten_call`), raises
 the same error classes (:mod:`flask_torchpool.errors`) and reports a

@@ -73,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_STREAM_BUFFER": 4,
     "TORCHPOOL_STREAM_TIMEOUT": None,
     "TORCHPOOL_DIRECT_CALLS": True,
+    "TORCHPOOL_WEB_AFFINITY": "auto",
 }
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
@@ -113,6 +114,10 @@ class AppConfig:
     #: ``TORCHPOOL_RAY_ADDRESS``: the Ray cluster of models whose backend is "ray" ("auto", "ray://host:port",
     #: "host:port"); None: start a local Ray in this process (unless it is connected already).
     ray_address: str | None = DEFAULTS["TORCHPOOL_RAY_ADDRESS"]
+    #: ``TORCHPOOL_WEB_AFFINITY``: "worker" pins an attached web process to the cores of the worker the
+    #: pool server pairs it with (Note [Web affinity] in ``attach/affinity.py``); "off" pins nothing;
+    #: "auto" pins gunicorn sync workers only.
+    web_affinity: str = DEFAULTS["TORCHPOOL_WEB_AFFINITY"]
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> AppConfig:
@@ -529,6 +534,7 @@ _APP_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "socket": _socket_path,
     "error_details": _bool,
     "ray_address": lambda k, v: _ray_address(k, v),
+    "web_affinity": lambda k, v: _choice(k, v, ("auto", "off", "worker")),
 }
 
 #: Every field of :class:`ModelConfig` but ``model`` and the name, with its validator ``(key, value)``.

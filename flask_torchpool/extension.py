@@ -11,7 +11,7 @@ How a call travels::
     view --> ModelProxy --> group.pool_for_call(model) --> Backend.submit --> Future --> view
                                                            (pool.py: workers of this process,
                                                             inline.py: this thread,
-                                                            attach/client.py: the host's pool server)
+                                                            attach/remote.py: the host's pool server)
 """
 
 from __future__ import annotations
@@ -176,6 +176,7 @@ class TorchPool:
         inert = startup.in_spawned_child()
         group = ModelGroup(self, app.import_name, app.name, app_config, configs, inert)
         group.app_import = startup.gunicorn_app_import()
+        group.sync_web_worker = startup.gunicorn_sync_worker()
         app.extensions[EXTENSION_KEY] = group
         _register_operations(app, app_config.health_url)
         if inert:

@@ -5,7 +5,7 @@ A :class:`ModelGroup` lives in ``app.extensions["torchpool"]`` (never on the ext
 
 * ``TORCHPOOL_INLINE``: :class:`~flask_torchpool.inline.InlinePool`, the model in the calling thread;
 * ``TORCHPOOL_MODE = "attach"`` (or ``"auto"`` with a server running, or under gunicorn): one
-  :class:`~flask_torchpool.attach.client.RemotePool` per model over this process's one connection to the
+  :class:`~flask_torchpool.attach.remote.RemotePool` per model over this process's one connection to the
   host's pool server, which auto mode starts when it finds none;
 * otherwise :class:`~flask_torchpool.pool.Pool`: workers spawned by this process (embedded).
 
@@ -74,6 +74,8 @@ class ModelGroup:
         #: How to import the app again, when gunicorn loaded it ("module:app"): auto mode starts a pool
         #: server with it.
         self.app_import: str | None = None
+        #: A gunicorn sync worker loaded the app: TORCHPOOL_WEB_AFFINITY "auto" pins it (Note [Web affinity]).
+        self.sync_web_worker = False
         self.connection: PoolConnection | None = None
         self.background_start: threading.Thread | None = None
         self.lock = threading.Lock()
@@ -137,7 +139,7 @@ class ModelGroup:
         """Make (not start) the backend of model *name*: the one place where backends are made."""
         label = f"torchpool[{self.app_name if name == DEFAULT_MODEL else f'{self.app_name}:{name}'}]"
         if attach:
-            from .attach.client import RemotePool
+            from .attach.remote import RemotePool
 
             assert self.connection is not None
             return RemotePool(config, self.connection, name, name=label)
@@ -205,7 +207,10 @@ class ModelGroup:
         rendezvous.ensure_private_dir(path)
         first = next(iter(self.configs.values()))
         if self.connection is None or self.connection.path != path or self.connection.closed:
-            self.connection = client.PoolConnection(path, first.arena_bytes, first.retry_after)
+            pin = self.app_config.web_affinity
+            if pin == "auto":
+                pin = "worker" if self.sync_web_worker else "off"
+            self.connection = client.PoolConnection(path, first.arena_bytes, first.retry_after, pin)
         if mode == "auto" and self.app_import is not None:
             # The gunicorn master owns the server: it outlives any one web worker (max_requests). A
             # server that died is started again by the first web worker that misses it.

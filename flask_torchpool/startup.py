@@ -120,6 +120,18 @@ def gunicorn_app_import() -> str | None:
     return None
 
 
+def gunicorn_sync_worker() -> bool:
+    """Whether a gunicorn sync worker (``-k sync`` without ``--threads``: one request at a time) is
+    loading the app, read from the loading stack (``Worker.load_wsgi``'s ``self``)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith("gunicorn.workers."):
+            sync = sys.modules.get("gunicorn.workers.sync")
+            return sync is not None and isinstance(frame.f_locals.get("self"), sync.SyncWorker)
+        frame = frame.f_back
+    return False
+
+
 def guard_reloader_watcher(app: Flask, stop_pools: Callable[[], bool]) -> None:
     """``app.run(debug=True)`` in a script: the process that ran ``TorchPool(app)`` becomes the Werkzeug
     reloader's watcher, which never serves; its child (``WERKZEUG_RUN_MAIN=true``) does. Nothing says so

@@ -440,6 +440,12 @@ def test_gunicorn_w3_auto_mode_shares_one_pool(project: Path) -> None:
             webs = wait_until(lambda: len(_web_workers(server)) == 3 and _web_workers(server), timeout=30)
             assert wait_until(lambda: _server_status(server)["server"]["clients"] == 3, timeout=60), \
                 _server_status(server)
+            # TORCHPOOL_WEB_AFFINITY "auto": each sync web worker is on the cores of one model worker,
+            # and the three are spread over both model workers (Note [Web affinity]).
+            model_cores = {frozenset(os.sched_getaffinity(w)) for w in workers}
+            web_cores = [frozenset(os.sched_getaffinity(w)) for w in webs]
+            assert set(web_cores) <= model_cores and len(set(web_cores)) == len(model_cores), \
+                (web_cores, model_cores)
             with ThreadPoolExecutor(6) as ex:
                 answers = list(ex.map(lambda _: server.get("/pid").json(), range(60)))
             assert {a["worker"] for a in answers} <= workers

@@ -51,6 +51,7 @@ def test_defaults_are_applied_to_app_config() -> None:
     ("TORCHPOOL_START", "now", "'auto', 'eager', 'lazy'"),
     ("TORCHPOOL_HANDLE_SIGTERM", "yes", "True or False"),
     ("TORCHPOOL_RETRY_AFTER", -1, ">= 0"),
+    ("TORCHPOOL_WEB_AFFINITY", "core", "'auto', 'off', 'worker'"),
 ])
 def test_bad_values_name_the_key(key: str, value, fragment: str) -> None:
     app = Flask("cfg")

@@ -32,13 +32,10 @@ from typing import Any, Callable
 from .. import codec, errors, messages, shm
 from ..channel import Channel
 from ..config import PoolConfig
-from ..errors import PoolUnavailableError, TorchPoolError, WireError, from_wire
+from ..errors import PoolUnavailableError, WireError, from_wire
 from ..exits import process_gone, process_stopped
-from ..metrics import Metrics
-from ..placement import Placement
-from ..status import ModelStatus, WorkerState, model_status, not_started, worker_status
 from ..streaming import Sink, Stream, check_method, stream_ended
-from .control import reload_model
+from . import affinity
 from .lanes import ClientLanes
 from .rendezvous import (
     ServerSpawner,
@@ -83,10 +80,11 @@ class _Link:
 class PoolConnection:
     """This web process's connection to the pool server at *path*. Thread-safe; reconnects on demand."""
 
-    def __init__(self, path: str, arena_bytes: int, retry_after: int = 1) -> None:
+    def __init__(self, path: str, arena_bytes: int, retry_after: int = 1, web_affinity: str = "off") -> None:
         self.path = path
         self.arena_bytes = arena_bytes
         self.retry_after = retry_after
+        self.web_affinity = web_affinity  # TORCHPOOL_WEB_AFFINITY (Note [Web affinity])
         self._lock = threading.Lock()        # connecting, and the pending table
         self._link: _Link | None = None
         self._pending: dict[int, _Pending] = {}
@@ -199,6 +197,9 @@ class PoolConnection:
         self._last_pid = server_pid
         for offer, offer_fds in offers:
             self.lanes.add(offer, offer_fds)
+        if self.web_affinity == "worker" and (home := affinity.home_cores(welcome.models)):
+            if affinity.pin_process(home):  # Note [Web affinity]
+                self.lanes.prefer(affinity.on_cores(welcome.models, home))
         self._reader = threading.Thread(target=self._read_loop, args=(link,), name="torchpool-attach-reader",
                          daemon=True)
         self._reader.start()
@@ -469,130 +470,10 @@ class PoolConnection:
             waiter.set_exception(err)
 
 
-# --- the per-model face --------------------------------------------------------------------------------
-
-
-class RemotePool:
-    """One model of a pool server: the attached :class:`~flask_torchpool.backend.Backend`."""
-
-    #: The server's pool enforces every call's deadline.
-    enforces_deadlines = True
-
-    def __init__(self, config: PoolConfig, connection: PoolConnection, model: str | None = None,
-                 name: str = "torchpool") -> None:
-        self.config = config
-        self.connection = connection
-        self.model = model
-        self.name = name
-        self._closing = False
-
-    @property
-    def started(self) -> bool:
-        return True
-
-    @property
-    def closed(self) -> bool:
-        return self._closing or self.connection.closed
-
-    @property
-    def placements(self) -> list[Placement]:
-        """The server's placement of this model's workers, as it said when this process attached."""
-        welcome = self.connection.welcome
-        if welcome is None:
-            return []
-        info = welcome.models.get(self._model_name(welcome) or "")
-        return [Placement(*p) for p in info["workers"]] if info else []
-
-    def _model_name(self, welcome: messages.Welcome) -> str | None:
-        return self.model if self.model is not None else welcome.default_model
-
-    def reload(self, model: Any = None, *, version: str | None = None) -> Any:
-        """The pool server reloads this model (:func:`~flask_torchpool.attach.control.reload_model`)."""
-        return reload_model(self.connection, self._model_name(self.connection.connect()), model, version)
-
-    def start(self) -> None:
-        """Attach now if a server listens. One that is still loading its model is waited for in the
-        background (up to ``TORCHPOOL_START_TIMEOUT``), not here: a gunicorn worker that does not
-        finish booting within gunicorn's ``--timeout`` is killed. Calls meanwhile wait for the server
-        within their deadline; without any server they answer 503 until one is reachable."""
-        try:
-            self.connection.connect()
-            return
-        except PoolUnavailableError as exc:
-            if not self.connection.starting():
-                log.warning("%s: %s; calls answer 503 until it is reachable", self.name, exc)
-                return
-        log.info("%s: the pool server at %s is starting; attaching when it listens", self.name,
-                 self.connection.path)
-
-        def attach() -> None:
-            try:
-                self.connection.connect(wait=self.config.start_timeout)
-            except TorchPoolError as exc:
-                log.warning("%s: %s", self.name, exc)
-
-        threading.Thread(target=attach, name=f"{self.name}-attach", daemon=True).start()
-
-    def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None) -> Future[Any]:
-        if self._closing:
-            raise errors.PoolClosedError.closing(self.config.retry_after)
-        return self.connection.submit(self.model, args, kwargs, timeout, batch,
-                                      self.config.max_input_bytes, method)
-
-    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               method: str | None = None) -> Stream:
-        if self._closing:
-            raise errors.PoolClosedError.closing(self.config.retry_after)
-        return self.connection.stream(self.model, args, kwargs, timeout, method, self.config)
-
-    def shutdown(self, wait: bool = True, drain_timeout: float | None = None) -> None:
-        """Detach this web process (the server and its workers keep running for the others)."""
-        self._closing = True  # no new calls from here; with wait=False, calls in flight go on
-        if wait:
-            drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
-            self.connection.close(drain)
-
-    def status(self) -> ModelStatus:
-        """The server's status of this model (``"mode": "attach"``, the socket, the server's pid and
-        client count added); without a server, a not-started status with the reason in ``"error"``;
-        once this process detached (shutdown), its workers as it last knew them, ``"stopped"``."""
-        if self.closed:
-            return self._detached()
-        try:
-            server = self.connection.status()
-        except TorchPoolError as exc:
-            return self._without_server(str(exc))
-        name = self.model if self.model is not None else server["default_model"]
-        model: ModelStatus | None = server["models"].get(name)
-        if model is None:
-            return self._without_server(f"the pool server serves no model {name!r}")
-        closed = self.closed or model["closed"]
-        return {**model, "mode": "attach", "socket": self.connection.path, "closed": closed,
-                "ready": model["ready"] and not closed,
-                "server": {"pid": self.connection.server_pid or server["pid"], "clients": server["clients"]}}
-
-    def _detached(self) -> ModelStatus:
-        placements = self.placements
-        status = model_status(mode="attach", started=False, closed=True, queued=0, busy_workers=0,
-                              arena_bytes=0, metrics=Metrics(self.config.name).snapshot(),
-                              workers=[worker_status(p, WorkerState.STOPPED) for p in placements],
-                              plan=placements)
-        status["socket"] = self.connection.path
-        return status
-
-    def _without_server(self, error: str) -> ModelStatus:
-        status = not_started("attach", Metrics(self.config.name).snapshot(), [], error=error)
-        status["workers"] = []
-        status["closed"] = self.closed
-        status["socket"] = self.connection.path
-        return status
-
-
 def _settle(future: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
     """Resolve *future*, unless its caller cancelled it."""
     with contextlib.suppress(InvalidStateError):
         future.set_result(value) if exc is None else future.set_exception(exc)
 
 
-__all__ = ["PoolConnection", "RemotePool"]
+__all__ = ["PoolConnection"]

@@ -101,6 +101,7 @@ class Lane:
         self.calls: dict[int, _Call] = {}
         self.open = True  # False once the worker said Stop: no new calls
         self.reading = threading.Lock()  # the token: held by the one thread that reads the socket
+        self.home = False  # its worker is on this web process's cores (Note [Web affinity])
         self.registered = False  # in the reader's epoll (changed under ClientLanes._lock)
 
     def load(self) -> int:
@@ -156,6 +157,7 @@ class ClientLanes:
         self._turn = itertools.count(os.getpid())
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, Lane] = {}
+        self._home: Callable[[Lane], bool] | None = None  # Note [Web affinity]
         self._wake_r: socket.socket | None = None   # made with the first lane, with the thread
         self._wake_w: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -186,9 +188,19 @@ class ClientLanes:
             self._by_fd[lane.channel.fileno()] = lane
             self._epoll.register(lane.channel.fileno(), _ARMED)
             lane.registered = True
+            lane.home = self._home is not None and self._home(lane)
+
+    def prefer(self, home: Callable[[Lane], bool]) -> None:
+        """Prefer the lanes for which *home* is true when they hold no more calls than the others (Note
+        [Web affinity])."""
+        with self._lock:
+            self._home = home
+            for lane in (lane for ls in self._by_model.values() for lane in ls):
+                lane.home = home(lane)
 
     def pick(self, model: str) -> Lane | None:
-        """The open lane of *model* whose worker holds the fewest calls; None: go through the server."""
+        """The open lane of *model* whose worker holds the fewest calls (on a tie, one on this process's
+        cores: Note [Web affinity]); None: go through the server."""
         candidates = self._by_model.get(model)
         if not candidates:
             return None
@@ -202,9 +214,9 @@ class ClientLanes:
                 break
             if lane.open:
                 load = lane.load()
-                if load < best_load:
+                if load < best_load or load == best_load and lane.home and best is not None and not best.home:
                     best, best_load = lane, load
-                    if not load:
+                    if not load and (lane.home or self._home is None):
                         break
         return best
 
@@ -506,11 +518,12 @@ class LaneBroker:
         """Offer every new worker (a respawn, a reload's) to every client as it becomes ready."""
         pools: dict[str, Any] = self.server.pools
         for name, pool in pools.items():
-            if self._eligible(pool):
+            if self.eligible(pool):
                 pool.on_ready.append(lambda slot, name=name, pool=pool: self.worker_ready(name, pool, slot))
 
     @staticmethod
-    def _eligible(pool: Any) -> bool:
+    def eligible(pool: Any) -> bool:
+        """Whether *pool*'s workers take direct calls: a process pool, direct calls on, no batching."""
         return getattr(pool, "on_ready", None) is not None and pool.config.direct_calls \
             and pool.config.max_batch_size <= 1
 
@@ -518,7 +531,7 @@ class LaneBroker:
         """Lanes to every ready worker of every eligible model, for a client that just attached."""
         pools: dict[str, Any] = self.server.pools
         for name, pool in pools.items():
-            if self._eligible(pool):
+            if self.eligible(pool):
                 for slot in list(pool.workers):
                     if slot.state is WorkerState.READY:
                         self._open(client, name, pool, slot)

@@ -67,6 +67,7 @@ from .. import codec, messages, shm
 from ..backend import Backend
 from ..channel import Channel
 from ..errors import InferenceError, InvalidInputError, TorchPoolError, to_wire
+from .affinity import Pairs
 from .control import answer_request
 from .lanes import LaneBroker, record_observed
 from .relay import Chunk, End, StreamRelay, read_inputs
@@ -121,6 +122,7 @@ class PoolServer:
         self._clients: set[_Client] = set()
         self._clients_lock = threading.Lock()
         self._connections = 0  # attached or in their handshake; under _clients_lock
+        self.pairs = Pairs()  # Note [Web affinity]
         self.max_message_bytes = max(p.config.max_input_bytes for p in self.pools.values()) + \
             HEADER_SLACK_BYTES
         self.max_arena_bytes = max(MAX_ARENA_BYTES, *(p.config.arena_bytes for p in self.pools.values()))
@@ -257,12 +259,15 @@ class PoolServer:
             self._disconnected()
             return
         with self._clients_lock:
-            if self._stopped.is_set() or self._listener is None:
-                client.close()
-                client.channel.close()
-                self._connections -= 1
-                return
-            self._clients.add(client)
+            stopped = self._stopped.is_set() or self._listener is None
+            if not stopped:
+                self._clients.add(client)
+        if stopped:
+            self.pairs.give_back(client)
+            client.close()
+            client.channel.close()
+            self._disconnected()
+            return
         client.start()
 
     def _disconnected(self) -> None:
@@ -291,8 +296,15 @@ class PoolServer:
         set_send_timeout(channel.fileno(), SEND_TIMEOUT)
         client = _Client(self, channel, arena, pid)
         self.lanes.offer_all(client)  # before the Welcome: the client has them once attached
-        channel.send(messages.Welcome(messages.PROTOCOL_VERSION, os.getpid(), self.default_model,
-                                      self._models()))
+        models = self._models()
+        name = self.default_model or next(iter(self.pools))
+        if models[name]["workers"] and self.lanes.eligible(self.pools[name]):  # Note [Web affinity]
+            models[name]["pair"] = client.pair = self.pairs.take(len(models[name]["workers"]))
+        try:
+            channel.send(messages.Welcome(messages.PROTOCOL_VERSION, os.getpid(), self.default_model, models))
+        except BaseException:
+            self.pairs.give_back(client)
+            raise
         log.info("torchpool server: web process %d attached", pid)
         return client
 
@@ -304,9 +316,11 @@ class PoolServer:
 
     def _forget(self, client: _Client) -> None:
         with self._clients_lock:
-            if client in self._clients:
-                self._clients.discard(client)
-                self._connections -= 1
+            if client not in self._clients:
+                return
+            self._clients.discard(client)
+            self._connections -= 1
+        self.pairs.give_back(client)
 
     def status(self) -> dict[str, Any]:
         """Every model's :class:`~flask_torchpool.status.ModelStatus`, with this server's pid, socket and
@@ -327,6 +341,7 @@ class _Client:
         self.outputs = shm.Allocator(*arena.outputs)
         self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.pending = 0
+        self.pair: int | None = None  # the worker it is paired with (Note [Web affinity])
         self.idle = threading.Condition()
         self.closed = False
         self.streams = StreamRelay(self)  # its streams, and its calls it may cancel
