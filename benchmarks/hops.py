@@ -11,7 +11,9 @@ master and web workers, and in attach mode the pool server (started by the first
 CPU ms per request of each process, and their sum (wrk excluded). Setups:
 
     server     attach, TORCHPOOL_DIRECT_CALLS False: every call through the pool server
-    direct     attach, TORCHPOOL_DIRECT_CALLS True (the default): calls straight to the workers
+    direct     attach, TORCHPOOL_DIRECT_CALLS True (the default): calls straight to the workers;
+               each web worker pinned to its paired worker's cores (TORCHPOOL_WEB_AFFINITY "auto";
+               ``direct:off --configs '{"off": {"TORCHPOOL_WEB_AFFINITY": "off"}}'`` for unpinned)
     gunicorn   the model in every web worker (BENCH_MODE=inprocess)
     embedded   one ``gunicorn -w 1 -k gthread --threads 32`` web process with an embedded pool of 2
                workers (the HTTP benchmark's ``torchpool`` server)
