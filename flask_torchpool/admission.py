@@ -53,7 +53,7 @@ def submit(sched: Scheduler[Any], config: PoolConfig, call: Call, batch: bool, *
             add_deadline(call)
             must_wake = call.deadline < due
         if job is not None and job.key is not None and not job.sealed and sched.batch_delay:
-            must_wake = must_wake or job.opened + sched.batch_delay < due
+            must_wake = must_wake or job.opened + sched.batch_wait < due
     if job is not None:
         sched.write(job, call)
     else:

@@ -12,7 +12,6 @@ in the caller's thread; futures are resolved outside the lock too (a done-callba
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import enum
 import itertools
@@ -28,12 +27,16 @@ from typing import Any, Callable, Generic, Protocol, TypeVar
 
 import torch
 
-from . import codec, messages, shm
-from .errors import OutputError, TorchPoolError, WireError, from_wire, placing_failed
+from . import codec, messages, outputs, shm
+from .errors import TorchPoolError, WireError, from_wire, placing_failed
 from .metrics import Metrics, outcome_of
 from .status import WorkerState
 
 _ids = itertools.count(1)
+
+#: An open batch waits for more calls at most this share of the time the last batch took to run (and at
+#: most TORCHPOOL_MAX_BATCH_DELAY_MS): Note [Batching].
+WAIT_SHARE = 0.25
 
 # Note [Batching]
 # ~~~~~~~~~~~~~~~
@@ -42,15 +45,25 @@ _ids = itertools.count(1)
 # its structure with the non-tensor values, plus (dtype, shape[1:]) of every tensor: calls with the same
 # key can run as one forward pass on their inputs stacked along dim 0.
 #
-# A batch is a job opened on a worker with room. It reserves, for every tensor of the key, one block of
-# max_batch_size rows in that worker's arena; each member copies its rows straight into its slice, in its
-# own thread (no staging copy, no torch.cat). The size limit counts rows, not calls, and is strict: a call
-# that does not fit starts the next batch. A batch is sent when it is full, when the oldest member has
-# waited TORCHPOOL_MAX_BATCH_DELAY_MS, or at once when its worker has nothing else to do, so that light
-# traffic adds no delay and batches fill exactly when the workers are busy. The pipeline depth counts jobs,
-# not calls, so it never caps how full a batch gets. The worker runs a batch like any call; the web
-# process splits every output tensor along dim 0 back to the members, and an error reaches the members
-# of that batch only.
+# A batch is a job opened on a worker with nothing else to do (no job sent, queued or open there): while
+# every worker is busy, batchable calls wait in the pool's queue, and the first worker to finish takes the
+# queue's calls (FIFO, as many rows as fit) as its next batch. So a batch holds everything that arrived
+# while the workers ran, instead of being split between batches pipelined behind each running job (with
+# two workers and a pipeline depth of 2, eight callers made four batches of two; on a model whose cost
+# per batch hardly grows with its size, that is half the throughput). TORCHPOOL_PIPELINE_DEPTH applies to
+# calls that are not batched.
+#
+# The batch reserves, for every tensor of the key, one block of max_batch_size rows in that worker's
+# arena; each member copies its rows straight into its slice (no staging copy, no torch.cat), in its own
+# thread, or in the manager's for calls taken from the queue. The size limit counts rows, not calls, and
+# is strict: a call that does not fit starts the next batch. A batch is sent when it is full; at once
+# when the pool is quiet (no job on any worker, nothing queued, and the last batch held one call: light
+# traffic adds no delay); otherwise when TORCHPOOL_MAX_BATCH_DELAY_MS has passed since it opened, so that
+# under load the callers whose answers just went out can join it (in a closed loop of N callers, the next
+# batch is otherwise only what arrived during the last one), but at most WAIT_SHARE of the time the last
+# batch ran: a fast model must not sit idle waiting for calls. The worker runs a batch like any call;
+# the web process splits every output tensor along dim 0 back to the members, and an error reaches the
+# members of that batch only.
 #
 # Note [A failed batch]
 # ~~~~~~~~~~~~~~~~~~~~~
@@ -190,6 +203,11 @@ class Scheduler(Generic[S]):
         self.batch_delay = batch_delay
         self.pipeline_depth = pipeline_depth
         self.retry_after = retry_after
+        #: Calls in the last batch sent (see :meth:`quiet`).
+        self.last_batch_calls = 0
+        #: How long an open batch waits for more calls now: ``batch_delay``, but at most WAIT_SHARE of
+        #: the time the last batch took (Note [Batching]).
+        self.batch_wait = batch_delay
         #: Guards the queue, the jobs of every slot, the slots' states and :attr:`closing`.
         self.lock = lock if lock is not None else threading.Lock()
         self.queue: deque[Call] = deque()
@@ -201,6 +219,19 @@ class Scheduler(Generic[S]):
         self._outbox: deque[Job[S]] = deque()  # jobs claimed for sending, sent by flush() likewise
 
     # --- placing calls (under the lock) ------------------------------------------------------------------
+
+    def free_slot(self) -> S | None:
+        """A ready slot with no job at all (none sent, queued, open or expired but still running): where a
+        batch may open (Note [Batching])."""
+        for s in self.slots:
+            if s.state is WorkerState.READY and not s.jobs and not s.streams:
+                return s
+        return None
+
+    def quiet(self) -> bool:
+        """Light traffic, a new batch goes at once: no job on any worker, no call queued, and the last
+        batch sent held one call (after a batch of several, their callers are on their way back)."""
+        return self.last_batch_calls <= 1 and not self.queue and not any(s.jobs for s in self.slots)
 
     def pick_slot(self) -> S | None:
         """The ready slot with room and the fewest outstanding jobs."""
@@ -214,9 +245,10 @@ class Scheduler(Generic[S]):
     def place(self, call: Call, seal_idle: bool = True) -> Job[S] | None:
         """Under the lock: put *call* in an open batch or a new job, or return None (no room).
 
-        The caller must then :meth:`write` the call's inputs (outside the lock). With *seal_idle*, a
-        batch opened on an idle worker is sealed at once; :meth:`dispatch` passes False so that every
-        queued call that fits joins the batch first."""
+        The caller must then :meth:`write` the call's inputs (outside the lock). A batchable call that
+        finds no open batch of its key opens one only on a :meth:`free_slot`. With *seal_idle*, a batch
+        opened while the pool is :meth:`quiet` is sealed at once; :meth:`dispatch` passes False and
+        decides once every queued call that fits has joined."""
         if call.key is not None:
             job = self.open.get(call.key)
             if job is not None and job.rows + call.rows > job.capacity:
@@ -224,9 +256,9 @@ class Scheduler(Generic[S]):
                 self.maybe_send(job)
                 job = None
             if job is None:
-                slot = self.pick_slot()
+                slot = self.free_slot()
                 if slot is None:
-                    return None
+                    return None   # every worker is busy: wait in the queue (Note [Batching])
                 job = self.open_batch(slot, call, seal_idle)
             if job is not None:
                 self.join(job, call)
@@ -259,12 +291,12 @@ class Scheduler(Generic[S]):
                 return None
             regions.append((offset, row_bytes))
             blocks.append(offset)
-        was_idle = idle(slot)
+        quiet = self.quiet()
         job = Job(slot, key=call.key, capacity=capacity, regions=regions, blocks=blocks)
         slot.jobs[job.id] = job
         self.open[call.key] = job
-        # Nothing running on the worker: waiting would only add latency (Note [Batching]).
-        if seal_idle and (was_idle or not self.batch_delay):
+        # Nothing else in the pool: waiting would only add latency (Note [Batching]).
+        if seal_idle and (quiet or not self.batch_delay):
             self.seal(job)
         return job
 
@@ -311,7 +343,16 @@ class Scheduler(Generic[S]):
 
     def next_seal(self) -> float | None:
         """Under the lock: when the oldest open batch must be sent (None: no open batch)."""
-        return min((job.opened + self.batch_delay for job in self.open.values()), default=None)
+        return min((job.opened + self.batch_wait for job in self.open.values()), default=None)
+
+    def wake_for_seal(self, timers_due: float) -> float:
+        """*timers_due*, or earlier if an open batch must be sent before: the manager's loop calls this
+        after each round, since a dispatch (or a reload) may have opened a batch that waits."""
+        if not self.open:
+            return timers_due
+        with self.lock:
+            seal = self.next_seal()
+        return timers_due if seal is None else min(timers_due, seal)
 
     # --- outside the lock ---------------------------------------------------------------------------------
 
@@ -358,10 +399,9 @@ class Scheduler(Generic[S]):
                     break
                 self.queue.popleft()
                 todo.append((job, call))
-            for job in {id(j): j for j, _ in todo}.values():
-                if not job.sealed and (not self.batch_delay or all(
-                        j is job or not (j.sent or j.sealed) or j.expired for j in job.slot.jobs.values())):
-                    self.seal(job)
+            if not self.batch_delay:
+                for job in {id(j): j for j, _ in todo}.values():
+                    self.seal(job)   # else a batch formed from the queue waits for the callers coming back
         for job, call in todo:
             self.write(job, call)
 
@@ -370,7 +410,7 @@ class Scheduler(Generic[S]):
         of them while closing."""
         with self.lock:
             for job in list(self.open.values()):
-                if (slot is not None and job.slot is slot) or job.opened + self.batch_delay <= now \
+                if (slot is not None and job.slot is slot) or job.opened + self.batch_wait <= now \
                         or self.closing:
                     self.seal(job)
                     self.maybe_send(job)
@@ -386,6 +426,7 @@ class Scheduler(Generic[S]):
                                        (job.rows, *t.shape[1:]))
                          for t, (offset, row_bytes) in zip(first.tensors, job.regions))
             self.metrics.record_batch(job.rows, len(job.members))
+            self.last_batch_calls = len(job.members)
         msg = messages.Call(job.id, first.args, first.kwargs, refs, job.slot.releases.drain(), *first.target)
         channel = job.slot.channel
         try:
@@ -435,6 +476,8 @@ class Scheduler(Generic[S]):
         with self.lock:
             job = slot.jobs.pop(msg.id, None)
             members = [m for m in job.members if m.state is not CallState.DONE] if job else []
+            if job is not None:
+                self.returned(job)
         if not members:
             if isinstance(msg, messages.Result):  # nobody wants it: hand the output blocks straight back
                 for fd in fds:
@@ -448,7 +491,7 @@ class Scheduler(Generic[S]):
             # Note [A failed batch]: its error may quote any member's input; each member runs again alone.
             alone = isinstance(msg, messages.Failure) and job.key is not None and len(members) > 1
             if isinstance(msg, messages.Result):
-                results = split(job, msg, fds)
+                results = outputs.split(job, msg, fds)
             else:
                 results = [(None, None if alone else from_wire(WireError(*msg[1:]))) for _ in job.members]
             # Only now: outputs that are inputs were read from these blocks (Note [Outputs that
@@ -466,6 +509,12 @@ class Scheduler(Generic[S]):
             self.flush()
         if job is not None and job.key is not None or idle(slot):
             self.seal_due(time.monotonic(), slot)
+
+    def returned(self, job: Job[S]) -> None:
+        """Under the lock: *job* came back from its worker; a batch sets :attr:`batch_wait` from the time
+        it took (Note [Batching])."""
+        if job.key is not None and job.sent:
+            self.batch_wait = min(self.batch_delay, WAIT_SHARE * (time.monotonic() - job.sent_at))
 
     def free_inputs(self, slot: S, job: Job[S] | None) -> None:
         """Free a finished job's input blocks, except those kept for zero-copy outputs."""
@@ -532,62 +581,6 @@ class Scheduler(Generic[S]):
     def busy(self) -> bool:
         """Under the lock: a call waits in the queue or in a job."""
         return bool(self.queue) or any(j.alive() for s in self.slots for j in s.jobs.values())
-
-
-def split(job: Job[Any], msg: messages.Result, fds: list[int]) -> list[tuple[Any, BaseException | None]]:
-    """The result of each member of *job* (a plain call has one member)."""
-    slot = job.slot
-    try:
-        if slot.arena is None:
-            raise OSError("the worker's arena is gone")
-        tensors = shm.read_refs(slot.arena, msg.refs, fds, slot.releases,
-                                _input_releaser(job, msg.refs))
-    except Exception as err:  # a malformed reply is a worker bug; the calls must not hang
-        return [(None, OutputError(f"cannot read the model's output: {err}")) for _ in job.members]
-    if job.key is None:
-        return [(codec.unflatten(msg.value, tensors), None)]
-    for t in tensors:
-        if t.dim() == 0 or t.shape[0] != job.rows:
-            return [(None, OutputError(
-                f"the model returned a tensor of shape {tuple(t.shape)} for a batch of {job.rows} "
-                "rows; batched outputs must keep dim 0 aligned with the inputs. Turn batching off "
-                "for this view (@pool.infer(batch=False)) or return per-row outputs"))
-                for _ in job.members]
-    out: list[tuple[Any, BaseException | None]] = []
-    for member, start in zip(job.members, job.starts):
-        part = [t[start:start + member.rows] for t in tensors]
-        out.append((codec.unflatten(msg.value, part), None))
-    return out
-
-
-def _input_releaser(job: Job[Any], refs: tuple[shm.TensorRef, ...]) -> Callable[[int], None] | None:
-    """For outputs that are views of *job*'s input blocks: mark those blocks kept, and return the
-    callback that frees each block once every view of it is collected."""
-    aliases = [r for r in refs if r.seg == shm.INPUT_ALIAS and r.nbytes >= shm.ZERO_COPY_MIN_BYTES]
-    allocator = job.slot.inputs
-    if not aliases or allocator is None:
-        return None
-    blocks = sorted(job.blocks)
-
-    def block_of(offset: int) -> int:
-        return blocks[bisect.bisect_right(blocks, offset) - 1]
-
-    counts: dict[int, int] = {}
-    for ref in aliases:
-        block = block_of(ref.offset)
-        counts[block] = counts.get(block, 0) + 1
-    job.kept = set(counts)
-    lock = threading.Lock()
-
-    def release(offset: int) -> None:
-        block = block_of(offset)
-        with lock:  # a leaf lock: garbage collection may call this from any thread
-            counts[block] -= 1
-            last = counts[block] == 0
-        if last:
-            allocator.free_later(block)
-
-    return release
 
 
 def _take_all(items: deque[T]) -> Iterator[T]:

@@ -218,7 +218,7 @@ class Pool:
                 self._deadlines.add(call)
                 wake = call.deadline < self._next_wake
             if job is not None and job.key is not None and not job.sealed and sched.batch_delay:
-                wake = wake or job.opened + sched.batch_delay < self._next_wake
+                wake = wake or job.opened + sched.batch_wait < self._next_wake
         if job is not None:
             sched.write(job, call)
         else:
@@ -313,6 +313,7 @@ class Pool:
                 if self._sched.queue:
                     self._sched.dispatch()
                 self._versions.step(self._sched.closing)   # a reload in progress: Note [Rolling reload]
+                timers_due = self._sched.wake_for_seal(timers_due)
 
     def _next_timer(self, now: float) -> float:
         """When the manager must next look at deadlines, batches, respawns or the drain. With nothing

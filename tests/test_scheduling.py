@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from flask_torchpool import InferenceTimeoutError, OutputError, codec, messages, shm
-from flask_torchpool.batching import Call, CallState, Job, Scheduler, batch_key, idle, load
+from flask_torchpool.batching import Call, CallState, Job, Scheduler, batch_key, load
 from flask_torchpool.config import PoolConfig
 from flask_torchpool.metrics import Metrics
 from flask_torchpool.pool import _Deadlines
@@ -164,15 +164,18 @@ def test_not_batchable(args: tuple[Any, ...]) -> None:
 
 
 def test_batches_fill_strictly_up_to_max_rows(make: Any) -> None:
-    sched, [slot] = make(max_batch_size=8, pipeline_depth=4)
-    hold(sched)
+    sched, [_, slot] = make(2, max_batch_size=8, pipeline_depth=4)
+    hold(sched)   # worker 0 is busy: the pool is not quiet, so a batch on worker 1 waits to fill
     a1, a2, b1 = call(torch.ones(3, 2)), call(torch.ones(3, 2)), call(torch.ones(3, 2))
     job_a = submit(sched, a1)
-    assert job_a is not None and job_a.capacity == 8 and not job_a.sealed  # busy worker: it waits to fill
+    assert job_a is not None and job_a.slot is slot and job_a.capacity == 8 and not job_a.sealed
     assert submit(sched, a2) is job_a
-    job_b = submit(sched, b1)   # 9 rows would not fit: it starts the next batch, the full one goes
-    assert job_b is not None and job_b is not job_a
+    # 9 rows would not fit: the full batch goes; b1 waits for a free worker (none: both are busy).
+    assert submit(sched, b1) is None and list(sched.queue) == [b1]
     assert (job_a.rows, job_a.starts, job_a.sealed, job_a.sent) == (6, [0, 3], True, True)
+    sched.complete(slot, reply(slot, job_a, torch.zeros(6, 2)), [])
+    sched.dispatch()   # worker 1 is free again: the queued call opens its next batch
+    [job_b] = slot.jobs.values()
     assert (job_b.rows, job_b.sealed, job_b.sent) == (3, False, False)
     exact = [call(torch.ones(1, 2)) for _ in range(5)]
     jobs = [submit(sched, c) for c in exact]
@@ -183,63 +186,101 @@ def test_batches_fill_strictly_up_to_max_rows(make: Any) -> None:
 
 
 def test_a_call_larger_than_the_limit_runs_alone(make: Any) -> None:
-    sched, [slot] = make(max_batch_size=4)
+    sched, _ = make(2, max_batch_size=4)
     hold(sched)
     job = submit(sched, call(torch.ones(6, 2)))
     assert job is not None and job.capacity == 6 and job.rows == 6 and job.sent
 
 
-def test_a_batch_on_an_idle_worker_is_sealed_at_once(make: Any) -> None:
+def test_a_batch_in_a_quiet_pool_is_sent_at_once(make: Any) -> None:
     sched, [slot] = make(batch_delay=5.0)
-    assert idle(slot)
+    assert sched.quiet()
     job = submit(sched, call(torch.ones(1, 2)))
     assert job is not None and job.sealed and job.sent and len(slot.sent_calls()) == 1
-    # Queued calls placed by dispatch all join first, then the batch is sealed.
-    sched2, [slot2] = make(batch_delay=5.0)
-    queued = [call(torch.ones(1, 2)) for _ in range(3)]
-    sched2.queue.extend(queued)
-    sched2.dispatch()
-    [header] = slot2.sent_calls()
-    assert header.refs[0].shape == (3, 2) and all(c.state is CallState.PLACED for c in queued)
+    sched.complete(slot, reply(slot, job, torch.zeros(1, 2)), [])
+    again = submit(sched, call(torch.ones(1, 2)))   # the last batch held one call: still quiet
+    assert again is not None and again.sent
+
+
+def test_after_a_batch_of_several_calls_the_next_batch_waits_for_their_callers(make: Any) -> None:
+    """In a closed loop the callers of a batch come back together: the first must not leave alone."""
+    sched, [slot] = make(batch_delay=5.0)
+    sched.queue.extend(call(torch.ones(1, 2)) for _ in range(3))
+    sched.dispatch()   # a batch formed from the queue waits for its delay
+    [job] = slot.jobs.values()
+    assert not job.sent and sched.next_seal() == pytest.approx(job.opened + 5.0)
+    assert sched.wake_for_seal(job.opened + 60) == pytest.approx(job.opened + 5.0)
+    sched.seal_due(job.opened + 5.0)
+    [header] = slot.sent_calls()
+    assert header.refs[0].shape == (3, 2)
+    sched.complete(slot, reply(slot, job, torch.zeros(3, 2)), [])
+    first_back = submit(sched, call(torch.ones(1, 2)))
+    assert first_back is not None and not first_back.sent   # the pool is empty, but not quiet
+    assert submit(sched, call(torch.ones(1, 2))) is first_back
+    sched.seal_due(first_back.opened + 5.0)
+    assert first_back.sent and first_back.rows == 2
+
+
+def test_a_batch_waits_at_most_a_share_of_the_last_batch_s_run(make: Any) -> None:
+    """A fast model never idles waiting for calls: the wait is capped by how long its batches take."""
+    sched, [slot] = make(batch_delay=5.0)
+    assert sched.batch_wait == 5.0   # nothing measured yet
+    sched.queue.extend(call(torch.ones(1, 2)) for _ in range(2))
+    sched.dispatch()
+    [job] = slot.jobs.values()
+    sched.seal_due(job.opened + 5.0)
+    job.sent_at = time.monotonic() - 0.04   # the worker took 40 ms
+    sched.complete(slot, reply(slot, job, torch.zeros(2, 2)), [])
+    assert sched.batch_wait == pytest.approx(0.01, abs=0.005)   # a quarter of it, under the delay
+    waiting = submit(sched, call(torch.ones(1, 2)))   # after a batch of two: not quiet
+    assert waiting is not None and not waiting.sent
+    assert sched.next_seal() == pytest.approx(waiting.opened + sched.batch_wait)
+    sched.seal_due(waiting.opened + sched.batch_wait)
+    assert waiting.sent
 
 
 def test_without_a_delay_a_batch_never_waits(make: Any) -> None:
-    sched, _ = make(batch_delay=0.0)
+    sched, _ = make(2, batch_delay=0.0)
     hold(sched)
     job = submit(sched, call(torch.ones(1, 2)))
     assert job is not None and job.sealed and job.sent
+    sched2, [slot2] = make(batch_delay=0.0)
+    sched2.queue.extend(call(torch.ones(1, 2)) for _ in range(2))
+    sched2.dispatch()
+    assert [m.refs[0].shape for m in slot2.sent_calls()] == [(2, 2)]
 
 
-def test_an_open_batch_is_sent_when_its_worker_idles_or_its_delay_passes(make: Any) -> None:
-    sched, [slot] = make(batch_delay=5.0)
-    busy = hold(sched)
-    job = submit(sched, call(torch.ones(1, 2)))
-    assert job is not None and not job.sealed
-    assert sched.next_seal() == pytest.approx(job.opened + 5.0)
-    sched.seal_due(time.monotonic())
-    assert not job.sent
-    sched.complete(slot, reply(slot, busy, "slept"), [])   # the worker has nothing else to do now
-    assert job.sent and sched.next_seal() is None
-
-    sched, _ = make(batch_delay=5.0)
-    hold(sched)
-    waiting = submit(sched, call(torch.ones(1, 2)))
-    assert waiting is not None and not waiting.sent
-    sched.seal_due(waiting.opened + 5.0)
-    assert waiting.sent
+def test_no_batch_waits_behind_a_running_job(make: Any) -> None:
+    """Note [Batching]: while every worker is busy batchable calls queue, and the first worker to finish
+    takes them all as one batch; none is split into batches pipelined behind each running job."""
+    sched, slots = make(2, batch_delay=5.0, pipeline_depth=4)
+    busy = [hold(sched), hold(sched)]
+    assert [j.slot for j in busy] == slots
+    queued = [call(torch.ones(1, 2)) for _ in range(6)]
+    assert all(submit(sched, c) is None for c in queued) and list(sched.queue) == queued
+    assert all(len(s.jobs) == 1 for s in slots)
+    sched.complete(slots[1], reply(slots[1], busy[1], "slept"), [])
+    sched.dispatch()
+    [job] = slots[1].jobs.values()
+    assert job.rows == 6 and not sched.queue and all(c.state is CallState.PLACED for c in queued)
+    sched.seal_due(job.opened + 5.0)
+    assert job.sent and slots[1].sent_calls()[-1].refs[0].shape == (6, 2)
 
 
 # --- which worker -----------------------------------------------------------------------------------------
 
 
 def test_pipeline_depth_counts_jobs_not_calls(make: Any) -> None:
-    sched, [slot] = make(pipeline_depth=2, max_batch_size=64)
+    sched, [busy_slot, slot] = make(2, pipeline_depth=2, max_batch_size=64)
     hold(sched)
     batch = [call(torch.ones(1, 2)) for _ in range(10)]
     jobs = {id(submit(sched, c)) for c in batch}
-    assert len(jobs) == 1 and len(slot.jobs) == 2   # ten calls, one job: the depth does not cap a batch
-    other = call(torch.ones(1, 3))                 # another key needs a job of its own: no room
+    assert len(jobs) == 1 and len(slot.jobs) == 1   # ten calls, one job: the depth does not cap a batch
+    other = call(torch.ones(1, 3))   # another key needs a worker of its own: both are busy
     assert submit(sched, other) is None and list(sched.queue) == [other]
+    plain = call(n=1)                # a call that is not batched may queue behind a running job
+    job = submit(sched, plain)
+    assert job is not None and job.slot is busy_slot and len(busy_slot.jobs) == 2
 
 
 def test_least_loaded_ready_worker_first(make: Any) -> None:
@@ -274,7 +315,7 @@ def test_queued_calls_go_fifo_when_a_worker_frees(make: Any) -> None:
 
 
 def test_outputs_split_back_to_members(make: Any) -> None:
-    sched, [slot] = make(max_batch_size=4)
+    sched, [busy_slot, slot] = make(2, max_batch_size=4)
     busy = hold(sched)
     members = [call(torch.full((r, 2), float(i))) for i, r in enumerate((1, 2, 1))]
     futures = [c.future for c in members]
@@ -289,11 +330,11 @@ def test_outputs_split_back_to_members(make: Any) -> None:
     assert [o["y"][:, 0].tolist() for o in outs] == [[10.0], [11.0, 11.0], [12.0]]
     assert all(o["note"] == "ok" for o in outs)
     assert slot.inputs is not None and slot.inputs.used == 0   # the batch's input block is free
-    sched.complete(slot, reply(slot, busy, None), [])
+    sched.complete(busy_slot, reply(busy_slot, busy, None), [])
 
 
 def test_dim0_mismatch_fails_every_member(make: Any) -> None:
-    sched, [slot] = make(max_batch_size=4)
+    sched, [_, slot] = make(2, max_batch_size=4)
     hold(sched)
     members = [call(torch.ones(1, 2)) for _ in range(3)]
     futures = [c.future for c in members]
@@ -336,7 +377,7 @@ def test_a_call_past_its_deadline_is_dropped(make: Any) -> None:
 
 
 def test_an_unsent_job_whose_members_are_done_is_dropped(make: Any) -> None:
-    sched, [slot] = make(batch_delay=5.0)
+    sched, [busy_slot, slot] = make(2, batch_delay=5.0)
     busy = hold(sched)
     members = [call(torch.ones(2, 8), timeout=0.01) for _ in range(2)]
     jobs = [submit(sched, c) for c in members]
@@ -351,8 +392,8 @@ def test_an_unsent_job_whose_members_are_done_is_dropped(make: Any) -> None:
     assert all(c.state is CallState.DONE for c in members)
     sched.seal_due(time.monotonic() + 10)   # sealing it finds nobody waiting: dropped, never sent
     assert not job.sent and job.id not in slot.jobs and not sched.open
-    assert slot.inputs.used == 0
-    assert [m.id for m in slot.sent_calls()] == [busy.id] and list(slot.jobs) == [busy.id]
+    assert slot.inputs.used == 0 and not slot.sent_calls() and not slot.jobs
+    assert [m.id for m in busy_slot.sent_calls()] == [busy.id] and list(busy_slot.jobs) == [busy.id]
 
 
 def _deadlines(sched: Scheduler[Any]) -> _Deadlines:

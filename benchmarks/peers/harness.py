@@ -4,6 +4,7 @@ PyTorch model, over real HTTP, in one run.
     python benchmarks/http.py [--quick] [--duration S] [--workloads conv,wide-mlp,payload-16m,tiny]
                               [--servers flask,gunicorn,litserve,...] [--concurrency 1,8,16]
                               [--batch-size 16] [--wait-idle 1.0] [--docs | --no-docs] [--json FILE]
+                              [--torchpool-config '{"TORCHPOOL_WORKERS": 1}']
 
 The performance issue's table (every server, every workload, c=8 and c=16, batch 16)::
 
@@ -147,6 +148,8 @@ class Settings:
     torchpool_threads: int
     peer_threads: str
     raw_seconds: float
+    #: ``--torchpool-config``: TORCHPOOL_* keys set on every flask_torchpool server, after the benchmark's.
+    torchpool_extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def saturating(self) -> int:
@@ -273,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torchpool_threads=args.torchpool_threads,
         peer_threads=args.peer_threads,
         raw_seconds=args.raw_seconds,
+        torchpool_extra=args.torchpool_config,
     )
     command = "python benchmarks/http.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.wait_idle is not None:
@@ -352,6 +356,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-threads", choices=("share", "default"), default="share",
                         help="torch threads of gunicorn's and LitServe's model processes: cores // N "
                         "(share, default) or torch's default (every core, oversubscribed)")
+    parser.add_argument("--torchpool-config", type=_config, default={}, metavar="JSON",
+                        help="TORCHPOOL_* keys (a JSON object) for every flask_torchpool server, over the "
+                        "benchmark's own (e.g. '{\"TORCHPOOL_WORKERS\": 1}'); the peers keep --workers")
     parser.add_argument("--raw-seconds", type=float, default=None, help="seconds of each raw-limit loop (4)")
     parser.add_argument("--copies-everywhere", action="store_true",
                         help="run torchpool-copies on every workload, not only wide-mlp")
@@ -385,6 +392,16 @@ def _names(allowed: Any) -> Any:
         return names
 
     return parse
+
+
+def _config(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict) or not all(str(k).startswith("TORCHPOOL_") for k in value):
+        raise argparse.ArgumentTypeError("a JSON object of TORCHPOOL_* keys")
+    return value
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -572,8 +589,8 @@ def _server(name: str, workload: Workload, settings: Settings) -> Server:
             label = label.replace("-k sync", "-k gthread --threads 16")
         argv = [py, "-m", "gunicorn", "-w", n, *worker_class, "-b", "127.0.0.1:{port}", "--timeout", "120",
                 "benchmarks.peers.flask_app:create_app()"]
-        return Server(name, label, argv, _child_env(**base, BENCH_MODE="torchpool",
-                                                    BENCH_TORCHPOOL_CONFIG=json.dumps(config)),
+        return Server(name, label + _extra(config, settings), argv,
+                      _child_env(**base, BENCH_MODE="torchpool", BENCH_TORCHPOOL_CONFIG=json.dumps(config)),
                       status=f"{HEALTH_URL}/status")
     if name.startswith("torchpool"):
         config: dict[str, Any] = {"TORCHPOOL_WORKERS": settings.workers,
@@ -593,10 +610,17 @@ def _server(name: str, workload: Workload, settings: Settings) -> Server:
             argv = [py, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", threads, "-b",
                     "127.0.0.1:{port}", "--timeout", "120", "benchmarks.peers.flask_app:create_app()"]
             label += f" (gunicorn -k gthread -w 1 --threads {threads})"
+        label += _extra(config, settings)
         return Server(name, label, argv, _child_env(**base, BENCH_MODE="torchpool",
                                                     BENCH_TORCHPOOL_CONFIG=json.dumps(config)),
                       status=f"{HEALTH_URL}/status")
     raise ValueError(name)
+
+
+def _extra(config: dict[str, Any], settings: Settings) -> str:
+    """Apply ``--torchpool-config`` to *config*; the words for the server's label."""
+    config.update(settings.torchpool_extra)
+    return "".join(f", {k}={v!r}" for k, v in settings.torchpool_extra.items())
 
 
 def _batching(config: dict[str, Any], settings: Settings) -> str:

@@ -274,6 +274,7 @@ class RayPool:
             self._sched.flush()
             if self._sched.queue:
                 self._sched.dispatch()
+            timers_due = self._sched.wake_for_seal(timers_due)
 
     def _next_timer(self, now: float) -> float:
         with self._lock:

@@ -183,6 +183,7 @@ class RayScheduler(Scheduler[ActorSlot]):
         with self.lock:
             if slot.jobs.pop(job.id, None) is None:
                 return  # the actor was replaced meanwhile; its death dealt with the job
+            self.returned(job)
             if job.id in slot.sent:
                 slot.sent.remove(job.id)
             slot.refs.pop(job.id, None)
