@@ -6,7 +6,7 @@ import pytest
 from flask import Flask
 
 from flask_torchpool import ConfigError, TorchPool
-from flask_torchpool.config import DEFAULTS, PoolConfig
+from flask_torchpool.config import DEFAULTS, MODEL_OVERRIDES, PoolConfig
 from flask_torchpool.placement import plan, split_cores
 
 
@@ -126,3 +126,15 @@ def test_plan_is_visible_without_starting() -> None:
         assert [p.worker for p in pool.plan] == [0, 1]
         status = pool.status()
     assert status["started"] is False and len(status["workers"]) == 2
+
+
+def test_the_docs_list_every_per_model_key() -> None:
+    """docs/configuration.rst, TORCHPOOL_MODELS: the keys an entry may set are MODEL_OVERRIDES, all."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "configuration.rst").read_text()
+    start = text.index("model alone, with the values that key allows:")
+    listed = re.findall(r"``([a-z_0-9]+)``", text[start:text.index("A model takes the top-level", start)])
+    assert listed == list(MODEL_OVERRIDES)
+
