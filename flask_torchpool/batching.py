@@ -133,6 +133,7 @@ class Job(Generic[S]):
     members: list[Call] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)   # first row of each member
     rows: int = 0
+    padded: int = 0        # rows added to reach a batch bucket (Note [Batch buckets])
     capacity: int = 0
     regions: list[tuple[int, int]] = field(default_factory=list)  # batch: (offset, row bytes) a tensor
     blocks: list[int] = field(default_factory=list)   # input blocks to free when the worker is done
@@ -196,10 +197,12 @@ class Scheduler(Generic[S]):
     """
 
     def __init__(self, slots: Sequence[S], metrics: Metrics, *, max_batch_size: int, batch_delay: float,
-                 pipeline_depth: int, retry_after: int, lock: threading.Lock | None = None) -> None:
+                 pipeline_depth: int, retry_after: int, lock: threading.Lock | None = None,
+                 batch_buckets: Sequence[int] = ()) -> None:
         self.slots = slots
         self.metrics = metrics
         self.max_batch_size = max_batch_size
+        self.batch_buckets = tuple(sorted(batch_buckets))
         self.batch_delay = batch_delay
         self.pipeline_depth = pipeline_depth
         self.retry_after = retry_after
@@ -422,9 +425,10 @@ class Scheduler(Generic[S]):
         if job.key is None:
             refs = job.refs
         else:
-            refs = tuple(shm.TensorRef(-1, offset, row_bytes * job.rows, str(t.dtype),
-                                       (job.rows, *t.shape[1:]))
-                         for t, (offset, row_bytes) in zip(first.tensors, job.regions))
+            # The layout comes from the key: a member that finished (deadline) holds no tensors.
+            rows = outputs.pad(job, self.batch_buckets)
+            refs = tuple(shm.TensorRef(-1, offset, row_bytes * rows, str(dtype), (rows, *shape))
+                         for (dtype, shape), (offset, row_bytes) in zip(job.key[1], job.regions))
             self.metrics.record_batch(job.rows, len(job.members))
             self.last_batch_calls = len(job.members)
         msg = messages.Call(job.id, first.args, first.kwargs, refs, job.slot.releases.drain(), *first.target)

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_EXAMPLE_INPUT": None,
     "TORCHPOOL_MAX_BATCH_SIZE": 1,
     "TORCHPOOL_MAX_BATCH_DELAY_MS": 5.0,
+    "TORCHPOOL_BATCH_BUCKETS": None,
     "TORCHPOOL_SHARE_WEIGHTS": True,
     "TORCHPOOL_MODE": "embedded",
     "TORCHPOOL_SOCKET": None,
@@ -83,9 +84,9 @@ DEFAULT_MODEL = "default"
 #: ``TORCHPOOL_*`` keys that make sense per model. The others are the app's (start, shutdown, health).
 MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
                    "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
-                   "max_batch_delay_ms", "share_weights", "example_input", "model_sha256", "stream_buffer",
-                   "stream_timeout", "reload_surge", "model_version", "backend", "ray_actor_options",
-                   "direct_calls")
+                   "max_batch_delay_ms", "batch_buckets", "share_weights", "example_input", "model_sha256",
+                   "stream_buffer", "stream_timeout", "reload_surge", "model_version", "backend",
+                   "ray_actor_options", "direct_calls")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -153,6 +154,8 @@ class ModelConfig:
     #: directly, over lanes the pool server hands out (Note [Lanes]), instead of through the server.
     direct_calls: bool = DEFAULTS["TORCHPOOL_DIRECT_CALLS"]
     max_batch_delay_ms: float = DEFAULTS["TORCHPOOL_MAX_BATCH_DELAY_MS"]
+    #: ``TORCHPOOL_BATCH_BUCKETS``: the batch sizes a batch is padded up to (ascending; empty: none).
+    batch_buckets: tuple[int, ...] = ()
     share_weights: bool = DEFAULTS["TORCHPOOL_SHARE_WEIGHTS"]
     #: ``TORCHPOOL_MODEL_SHA256``: the SHA-256 (hex) a model file must have; None: not checked.
     model_sha256: str | None = DEFAULTS["TORCHPOOL_MODEL_SHA256"]
@@ -190,6 +193,10 @@ class ModelConfig:
                                                         f"{self.model!r} is not a file; remove the pin")
         if self.backend == "ray":
             _check_ray(self)
+        if self.batch_buckets and self.batch_buckets[-1] > self.max_batch_size:
+            raise ConfigError(self.key("batch_buckets"), f"{list(self.batch_buckets)} has sizes above "
+                                                         f"{self.key('max_batch_size')} "
+                                                         f"({self.max_batch_size}); no batch grows that big")
 
     @property
     def spec(self) -> ModelSpec | PinnedFile:
@@ -380,6 +387,16 @@ def _int(key: str, value: Any, *, minimum: int, allow_none: bool = False, extra:
     return value
 
 
+def _buckets(key: str, value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+        raise ConfigError(key, f"{value!r} is not allowed; use None or a list of batch sizes (integers "
+                               ">= 1), e.g. [4, 8, 16]")
+    return tuple(sorted(set(value)))
+
+
 def _seconds(key: str, value: Any, *, allow_none: bool = False, zero: bool = False,
              unit: str = "seconds") -> Any:
     if value is None and allow_none:
@@ -557,6 +574,7 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "max_batch_size": lambda k, v: _int(k, v, minimum=1),
     "direct_calls": _bool,
     "max_batch_delay_ms": lambda k, v: _seconds(k, v, zero=True, unit="milliseconds"),
+    "batch_buckets": lambda k, v: _buckets(k, v),
     "share_weights": _bool,
     "worker_log_level": _log_level,
     "model_sha256": lambda k, v: _sha256(k, v),

@@ -1,6 +1,7 @@
-"""A batch's answer, back to its members: split along dim 0, and input blocks kept while outputs alias
-them.
+"""A batch's rows: padded to a batch bucket before it runs, its answer split back to its members along
+dim 0 after, and input blocks kept while outputs alias them.
 
+:func:`pad` fills a batch up to its bucket (Note [Batch buckets]) with copies of its last row.
 :func:`split` reads the worker's :class:`~flask_torchpool.messages.Result` for a job and gives each member
 of a batch its rows (views, no copies); a job that is not a batch gets the whole answer. Outputs that
 are views of the job's own inputs (Note [Outputs that are inputs], ``worker.py``) keep those input blocks
@@ -20,6 +21,41 @@ if TYPE_CHECKING:
     from .batching import Job
 
 
+# Note [Batch buckets]
+# ~~~~~~~~~~~~~~~~~~~~
+# A model's cost per batch need not grow with its rows. With MKL on one core, the wide MLP of the
+# benchmarks (2560-8192-2560) ran 1 row in 7 ms, 2 rows in 16 ms and 3 in 25 ms (as that many
+# matrix-vector products), but 4 rows in 16 ms and 8 in 21 ms. With TORCHPOOL_BATCH_BUCKETS (e.g.
+# [1, 4, 8, 16]) a batch of n rows runs as the smallest bucket >= n that its blocks hold (a call larger
+# than the batch limit runs as it is): pad fills the rows after the n-th with copies of the n-th, never
+# stale arena bytes (a model's error may quote any row, and those would be an earlier caller's), and
+# split gives the members their rows and drops the rest. The Ray actor pads after stacking the members'
+# tensors. The batch_rows metric counts the members' rows, not the padding.
+
+
+def bucket(job: Job[Any], buckets: tuple[int, ...]) -> int:
+    """The rows *job*'s batch runs as: the smallest of *buckets* (ascending) that holds its rows and fits
+    its blocks, or its rows (Note [Batch buckets])."""
+    for size in buckets:
+        if size >= job.rows:
+            return size if size <= job.capacity else job.rows
+    return job.rows
+
+
+def pad(job: Job[Any], buckets: tuple[int, ...]) -> int:
+    """Fill *job*'s arena blocks up to its :func:`bucket` with copies of its last row, set ``job.padded``,
+    and return the rows the worker runs. The members' writes are done; outside the scheduler's lock."""
+    rows = bucket(job, buckets)
+    job.padded, arena = rows - job.rows, job.slot.arena
+    if job.padded and arena is not None:
+        buf = arena.buffer
+        for offset, row_bytes in job.regions:
+            last = buf[offset + (job.rows - 1) * row_bytes:offset + job.rows * row_bytes]
+            for i in range(job.rows, rows):
+                buf[offset + i * row_bytes:offset + (i + 1) * row_bytes] = last
+    return rows
+
+
 def split(job: Job[Any], msg: messages.Result, fds: list[int]) -> list[tuple[Any, BaseException | None]]:
     """The result of each member of *job* (a plain call has one member)."""
     slot = job.slot
@@ -32,10 +68,11 @@ def split(job: Job[Any], msg: messages.Result, fds: list[int]) -> list[tuple[Any
         return [(None, OutputError(f"cannot read the model's output: {err}")) for _ in job.members]
     if job.key is None:
         return [(codec.unflatten(msg.value, tensors), None)]
+    rows = job.rows + job.padded   # a padded batch's last rows are copies; nobody gets their outputs
     for t in tensors:
-        if t.dim() == 0 or t.shape[0] != job.rows:
+        if t.dim() == 0 or t.shape[0] != rows:
             return [(None, OutputError(
-                f"the model returned a tensor of shape {tuple(t.shape)} for a batch of {job.rows} "
+                f"the model returned a tensor of shape {tuple(t.shape)} for a batch of {rows} "
                 "rows; batched outputs must keep dim 0 aligned with the inputs. Turn batching off "
                 "for this view (@pool.infer(batch=False)) or return per-row outputs"))
                 for _ in job.members]

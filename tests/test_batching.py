@@ -157,3 +157,30 @@ def test_copy_into_uses_no_torch_threads() -> None:
     dst2 = torch.empty(50)
     copy_into(dst2, strided)
     assert torch.equal(dst2, strided)
+
+
+@pytest.fixture(scope="module")
+def bucket_pool() -> Iterator[TorchPool]:
+    """A pool whose batches run padded to 2, 4 or 8 rows (Note [Batch buckets])."""
+    app = make_app(TORCHPOOL_MODEL="tests.models:batch_probe", TORCHPOOL_MAX_BATCH_SIZE=8,
+                   TORCHPOOL_BATCH_BUCKETS=[8, 2, 4], TORCHPOOL_MAX_BATCH_DELAY_MS=BATCH_DELAY_S * 1000)
+    pool = TorchPool(app)
+    with app.app_context():
+        yield pool
+    pool.shutdown(app=app)
+
+
+def test_batches_run_padded_to_their_bucket(bucket_pool: TorchPool, gate: Gate) -> None:
+    x = torch.full((1, 3), 7.0)
+    r = bucket_pool(x)   # alone: one row runs as two
+    assert int(r["n"][0]) == 2 and r["y"].shape == (1, 3) and torch.equal(r["y"], x + 1)
+    hold = _hold_worker(bucket_pool, gate)
+    xs = [torch.full((1, 3), float(i)) for i in range(3)]
+    futures = [bucket_pool.submit(x) for x in xs]
+    _release(gate, hold)
+    for x, f in zip(xs, futures):   # three rows, queued while the worker was busy, run as four
+        r = f.result(60)
+        assert int(r["n"][0]) == 4 and torch.equal(r["y"], x + 1)
+    big = bucket_pool(torch.ones(20, 3))   # more rows than any bucket: run as they are
+    assert int(big["n"][0]) == 20 and big["y"].shape == (20, 3)
+    assert bucket_pool.status()["metrics"]["batch_rows"]["sum"] == 1 + 3 + 20   # padding not counted

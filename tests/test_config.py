@@ -52,6 +52,10 @@ def test_defaults_are_applied_to_app_config() -> None:
     ("TORCHPOOL_HANDLE_SIGTERM", "yes", "True or False"),
     ("TORCHPOOL_RETRY_AFTER", -1, ">= 0"),
     ("TORCHPOOL_WEB_AFFINITY", "core", "'auto', 'off', 'worker'"),
+    ("TORCHPOOL_BATCH_BUCKETS", 8, "a list of batch sizes"),
+    ("TORCHPOOL_BATCH_BUCKETS", [4, 0], "integers >= 1"),
+    ("TORCHPOOL_BATCH_BUCKETS", [4, True], "integers >= 1"),
+    ("TORCHPOOL_BATCH_BUCKETS", [1, 4, 8], "no batch grows that big"),   # TORCHPOOL_MAX_BATCH_SIZE is 1
 ])
 def test_bad_values_name_the_key(key: str, value, fragment: str) -> None:
     app = Flask("cfg")
@@ -80,6 +84,17 @@ def test_valid_values() -> None:
     assert cfg.model is echo and cfg.devices == ("cuda:0", "cuda:1") and cfg.timeout is None
     assert _config(TORCHPOOL_DEVICES="cuda:0, cuda:1").devices == ("cuda:0", "cuda:1")
     assert _config(TORCHPOOL_DEVICES="auto").devices == "auto"
+
+
+def test_batch_buckets_are_sorted_and_checked_per_model() -> None:
+    from flask_torchpool.config import load
+
+    cfg = _config(TORCHPOOL_MAX_BATCH_SIZE=16, TORCHPOOL_BATCH_BUCKETS=[16, 4, 1, 8, 4])
+    assert cfg.batch_buckets == (1, 4, 8, 16) and _config().batch_buckets == ()
+    with pytest.raises(ConfigError, match=r'TORCHPOOL_MODELS\["m"\]\["batch_buckets"\]') as info:
+        load({"TORCHPOOL_MODELS": {"m": {"model": "tests.models:echo", "max_batch_size": 4,
+                                         "batch_buckets": [2, 8]}}})
+    assert "above TORCHPOOL_MODELS[\"m\"][\"max_batch_size\"] (4)" in str(info.value)
 
 
 def test_registering_twice_says_the_fix() -> None:

@@ -169,6 +169,24 @@ def test_batches_form_on_a_busy_actor_and_a_failed_batch_fails_only_its_bad_memb
         assert all(torch.equal(f.result(60)["y"], torch.full((2, 2), 2.0)) for f in again)
 
 
+def test_a_batch_runs_padded_to_its_bucket_on_the_actor(
+        make_ray_pool: Callable[..., tuple[Flask, TorchPool]], gate: Gate) -> None:
+    """Note [Batch buckets]: the actor stacks the members' rows and adds copies of the last one."""
+    app, pool = make_ray_pool(TORCHPOOL_MODEL="tests.models:batch_probe", TORCHPOOL_MAX_BATCH_SIZE=8,
+                              TORCHPOOL_BATCH_BUCKETS=[2, 8], TORCHPOOL_PIPELINE_DEPTH=1)
+    with app.app_context():
+        out = pool(torch.full((1, 2), 3.0))   # alone: one row runs as two
+        assert int(out["n"][0]) == 2 and torch.equal(out["y"], torch.full((1, 2), 4.0))
+        held = pool.submit(action="gate", gate=str(gate))
+        assert wait_until(lambda: pool.status(app)["busy_workers"] == 1)
+        futures = [pool.submit(torch.full((1, 2), float(i))) for i in range(3)]
+        gate.open()
+        assert held.result(60) == 0
+        for i, future in enumerate(futures):   # queued behind the gate: one batch of 3, run as 8
+            out = future.result(60)
+            assert int(out["n"][0]) == 8 and torch.equal(out["y"], torch.full((1, 2), i + 1.0)), out
+
+
 def test_a_full_queue_is_overloaded_with_retry_after(make_ray_pool: Callable[..., tuple[Flask, TorchPool]],
                                                      gate: Gate) -> None:
     # The batch probe model can hold its actor at a gate.

@@ -82,10 +82,11 @@ def make() -> Iterator[Any]:
     before = _test_mappings()
 
     def factory(workers: int = 1, *, max_batch_size: int = 8, batch_delay: float = 5.0,
-                pipeline_depth: int = 4) -> tuple[Scheduler[FakeSlot], list[FakeSlot]]:
+                pipeline_depth: int = 4, batch_buckets: tuple[int, ...] = ()
+                ) -> tuple[Scheduler[FakeSlot], list[FakeSlot]]:
         slots = [FakeSlot(_arena()) for _ in range(workers)]
         sched = Scheduler(slots, Metrics(), max_batch_size=max_batch_size, batch_delay=batch_delay,
-                          pipeline_depth=pipeline_depth, retry_after=1)
+                          pipeline_depth=pipeline_depth, retry_after=1, batch_buckets=batch_buckets)
         made.append(sched)
         return sched, slots
 
@@ -350,6 +351,74 @@ def test_dim0_mismatch_fails_every_member(make: Any) -> None:
             future.result(0)
     assert sched.metrics.snapshot()["calls"]["output_error"] == 3
     assert (slot.calls, slot.errors) == (3, 0)
+
+
+def test_a_batch_runs_padded_to_its_bucket_with_copies_of_its_last_row(make: Any) -> None:
+    """Note [Batch buckets]: three rows run as four; the fourth is the third again, never stale arena
+    bytes, and its output goes to nobody."""
+    sched, [_, slot] = make(2, max_batch_size=8, batch_buckets=(1, 4, 8))
+    assert slot.arena is not None
+    slot.arena.bytes.fill_(0xFF)   # stale bytes (NaNs) wherever padding that is not written would be
+    hold(sched)
+    members = [call(torch.full((1, 2), float(i))) for i in range(3)]
+    futures = [c.future for c in members]
+    jobs = [submit(sched, c) for c in members]
+    job = jobs[0]
+    assert job is not None and jobs == [job] * 3 and not job.sent
+    sched.seal_due(time.monotonic() + 10)
+    [header] = slot.sent_calls()
+    assert header.refs[0].shape == (4, 2) and header.refs[0].nbytes == 4 * 2 * 4
+    x = slot.arena.view(job.regions[0][0], 4 * 2 * 4, torch.float32, (4, 2))
+    assert x[:, 0].tolist() == [0.0, 1.0, 2.0, 2.0]
+    sched.complete(slot, reply(slot, job, {"y": x + 10}), [])
+    assert [f.result(0)["y"].tolist() for f in futures if f is not None] == [[[10.0] * 2], [[11.0] * 2],
+                                                                            [[12.0] * 2]]
+    assert sched.metrics.snapshot()["batch_rows"]["sum"] == 3   # the members' rows, not the padding
+
+
+@pytest.mark.parametrize(("rows", "runs_as"), [(1, 1), (2, 4), (4, 4), (5, 8), (8, 8), (9, 9)])
+def test_the_smallest_bucket_that_holds_the_rows(make: Any, rows: int, runs_as: int) -> None:
+    sched, [slot] = make(max_batch_size=8, batch_buckets=(1, 4, 8))
+    job = submit(sched, call(torch.ones(rows, 3)))   # a quiet pool: sent at once
+    assert job is not None and job.sent and job.padded == runs_as - rows
+    [header] = slot.sent_calls()
+    assert header.refs[0].shape == (runs_as, 3)   # 9 rows: more than any bucket, run as they are
+    sched.complete(slot, reply(slot, job, torch.zeros(runs_as, 3)), [])
+    assert job.members[0].future is None and slot.calls == 1
+
+
+def test_a_padded_batch_whose_output_drops_rows_fails_every_member(make: Any) -> None:
+    sched, [slot] = make(max_batch_size=8, batch_buckets=(4,))
+    lone = call(torch.ones(1, 2))
+    future = lone.future
+    job = submit(sched, lone)
+    assert job is not None and job.sent and job.padded == 3
+    sched.complete(slot, reply(slot, job, torch.zeros(1, 2)), [])   # the model kept only the real row
+    assert future is not None
+    with pytest.raises(OutputError, match="shape \\(1, 2\\) for a batch of 4 rows"):
+        future.result(0)
+
+
+def test_a_batch_whose_first_member_finished_before_it_was_sent_keeps_its_layout(make: Any) -> None:
+    """The tensors' layout comes from the batch key: a member past its deadline holds no tensors."""
+    sched, [_, slot] = make(2, batch_delay=5.0)
+    hold(sched)
+    first, second = call(torch.ones(1, 2), timeout=0.01), call(torch.full((1, 2), 5.0))
+    future = second.future
+    job = submit(sched, first)
+    assert job is not None and submit(sched, second) is job and not job.sent
+    deadlines = _deadlines(sched)
+    with sched.lock:
+        deadlines.add(first)
+    deadlines.expire(time.monotonic() + 1)
+    assert first.state is CallState.DONE and first.tensors == []
+    sched.seal_due(time.monotonic() + 10)
+    [header] = slot.sent_calls()
+    assert [r.shape for r in header.refs] == [(2, 2)]
+    assert slot.arena is not None
+    x = slot.arena.view(job.regions[0][0], 2 * 2 * 4, torch.float32, (2, 2))
+    sched.complete(slot, reply(slot, job, x + 1), [])
+    assert future is not None and future.result(0).tolist() == [[6.0, 6.0]]
 
 
 # --- deadlines and dropped jobs ---------------------------------------------------------------------------

@@ -67,14 +67,18 @@ class ModelActor:
         return os.getpid()
 
     def run(self, args: Any, kwargs: Any, parts: list[list[torch.Tensor]],
-            method: str | None = None) -> Reply:
+            method: str | None = None, padded: int = 0) -> Reply:
         """Run one job: *parts* holds each member's tensors (one member: a plain call); *method*: the
-        model's method to run (None: the model itself)."""
+        model's method to run (None: the model itself); *padded*: copies of the last row to add to a
+        batch (Note [Batch buckets])."""
         try:
-            if len(parts) == 1:
-                tensors = parts[0]
-            else:
-                tensors = [torch.cat([member[i] for member in parts]) for i in range(len(parts[0]))]
+            tensors = []
+            for i in range(len(parts[0])):
+                rows = [member[i] for member in parts]
+                if padded:
+                    last = rows[-1][-1:]
+                    rows.append(last.expand(padded, *last.shape[1:]))
+                tensors.append(rows[0] if len(rows) == 1 else torch.cat(rows))
             if self.device.type != "cpu":
                 tensors = [t.to(self.device, non_blocking=True) for t in tensors]
             args = codec.unflatten(args, tensors)

@@ -102,7 +102,8 @@ class RayPool:
         self._sched = RayScheduler(self.workers, self._events, metrics=self.metrics, lock=self._lock,
                                    max_batch_size=config.max_batch_size,
                                    batch_delay=config.max_batch_delay_ms / 1000.0,
-                                   pipeline_depth=config.pipeline_depth, retry_after=config.retry_after)
+                                   pipeline_depth=config.pipeline_depth, retry_after=config.retry_after,
+                                   batch_buckets=config.batch_buckets)
         self._deadlines = Deadlines()
         self._next_wake = float("inf")
         self._timers_changed = False   # a respawn was scheduled: recompute the supervisor's timeout

@@ -38,6 +38,7 @@ from ..batching import Call, CallState, Job, Scheduler, idle
 from ..config import PoolConfig
 from ..deadlines import DeadlineHeap
 from ..errors import InferenceTimeoutError, OutputError, WireError, from_wire
+from ..outputs import bucket
 from ..placement import Placement
 from ..status import WorkerState
 from ..workers import BACKOFF_CAP, BACKOFF_FIRST
@@ -145,7 +146,7 @@ class RayScheduler(Scheduler[ActorSlot]):
                 return
             first = job.members[0]
             try:
-                ref = handle.run.remote(first.args, first.kwargs, parts, first.target[0])
+                ref = handle.run.remote(first.args, first.kwargs, parts, first.target[0], job.padded)
             except Exception as exc:  # cannot even submit: Ray is gone, or the actor handle is
                 self.events.put(("answer", slot, generation, job, None, exc))
                 return
@@ -174,6 +175,7 @@ class RayScheduler(Scheduler[ActorSlot]):
             job.starts.append(job.rows)
             job.rows += member.rows
         if job.key is not None and members:
+            job.padded = bucket(job, self.batch_buckets) - job.rows
             self.metrics.record_batch(job.rows, len(members))
         return [m.tensors for m in members]
 
@@ -256,9 +258,10 @@ def split(job: Job[Any], skel: Any, tensors: list[torch.Tensor]) -> list[tuple[A
     """Each member's result of *job*, from the actor's output (skeleton and tensors)."""
     if job.key is None:
         return [(codec.unflatten(skel, tensors), None)]
+    rows = job.rows + job.padded   # a padded batch's last rows are copies; nobody gets their outputs
     for t in tensors:
-        if t.dim() == 0 or t.shape[0] != job.rows:
-            err = (f"the model returned a tensor of shape {tuple(t.shape)} for a batch of {job.rows} rows: "
+        if t.dim() == 0 or t.shape[0] != rows:
+            err = (f"the model returned a tensor of shape {tuple(t.shape)} for a batch of {rows} rows: "
                    "batched outputs must keep dim 0 aligned with the inputs (or turn batching off for "
                    "the view, @pool.infer(batch=False))")
             return [(None, OutputError(err)) for _ in job.members]
