@@ -55,6 +55,17 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cores(pid: int) -> str:
+    """The cores *pid*'s main thread may run on at the end of its run (Cpus_allowed_list): a web
+    worker pinned by TORCHPOOL_WEB_AFFINITY shows its worker's, one that unpinned itself all."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "?"
+    match = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M)
+    return match.group(1) if match else "?"
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
@@ -131,13 +142,14 @@ def _run(setup: str, workload: str, seconds: int, connections: int, body: Path, 
         out = subprocess.run([*wrk[:3], f"-d{seconds}s", *wrk[3:]], capture_output=True, text=True,
                              check=True).stdout
         after = {pid: _cpu(pid) for pid in tree if Path(f"/proc/{pid}").exists()}
+        cores = {pid: _cores(pid) for pid in after}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     rps = float(match.group(1)) if match else 0.0
     requests = max(1.0, rps * seconds)
-    per_process = {f"{tree[pid]} {pid}": 1000 * (after[pid] - before[pid]) / requests
+    per_process = {f"{tree[pid]} {pid} (cores {cores[pid]})": 1000 * (after[pid] - before[pid]) / requests
                    for pid in after if after[pid] > before[pid]}
     return {"setup": setup, "rps": rps, "cpu_ms_per_request": per_process,
             "total_cpu_ms_per_request": sum(per_process.values())}

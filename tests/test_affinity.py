@@ -61,6 +61,40 @@ CHILD = textwrap.dedent("""
 """)
 
 
+#: Attaches with TORCHPOOL_WEB_AFFINITY "worker" to the socket of argv[1], makes UNPIN_SAMPLE direct calls
+#: to the echo model that sleep argv[2] seconds each (0: plain echoes), and prints every thread's cores
+#: before and after, and the lanes it prefers after.
+CALLS_CHILD = "UNPIN_ABOVE_S = 0.015\n" + textwrap.dedent("""
+    import json, logging, os, sys
+    import torch
+    from flask_torchpool.attach import affinity
+
+    logging.basicConfig(level=logging.INFO)
+    affinity.UNPIN_ABOVE_S = UNPIN_ABOVE_S   # well between an echo's time and the slow calls', on a busy CI
+    from flask_torchpool.attach.client import PoolConnection
+
+    before = sorted(os.sched_getaffinity(0))
+    conn = PoolConnection(sys.argv[1], 1 << 20, 1, "worker")
+    conn.connect()
+    pinned = sorted(os.sched_getaffinity(0))
+    sleep = float(sys.argv[2])
+    kwargs = {"action": "sleep", "seconds": sleep} if sleep else {}
+    for _ in range(affinity.UNPIN_SAMPLE):
+        out = conn.submit(None, (torch.ones(4),), kwargs, 30.0, False, 1 << 20).result(30)
+    conn.lanes.flush()   # what the lane reader thread does every REPORT_INTERVAL
+    threads = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            threads[tid] = sorted(os.sched_getaffinity(int(tid)))
+        except ProcessLookupError:
+            pass
+    print(json.dumps({
+        "before": before, "pinned": pinned, "threads": threads,
+        "home": sorted(l.worker for ls in conn.lanes._by_model.values() for l in ls if l.home)}))
+    conn.close()
+""")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolServer]:
     path = tmp_path_factory.mktemp("affinity") / "run"
@@ -105,6 +139,76 @@ def test_worker_affinity_pins_every_thread_to_the_paired_workers_cores(served: P
     lane_cores = sorted(seen["workers"][seen["lane_worker"]][2])
     assert set(lane_cores) <= set(home), seen
     assert seen["pair"] in seen["home"], seen
+
+
+@pytest.mark.parametrize(("sleep", "stays"), [(0.0, True), (0.03, False)])
+def test_a_web_process_whose_calls_are_long_unpins_itself(served: PoolServer, sleep: float,
+                                                           stays: bool) -> None:
+    """Note [Web affinity]: sharing a core pays for short calls only. After UNPIN_SAMPLE direct calls of
+    30 ms each (over a bound of 15 ms here) the web process is back on its own cores and prefers no
+    lane; echoes stay pinned."""
+    out = subprocess.run([sys.executable, "-c", CALLS_CHILD, served.path, str(sleep)], env=server_env(),
+                         cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["pinned"] != seen["before"] or len(seen["before"]) == 1, seen
+    if stays:
+        assert all(cores == seen["pinned"] for cores in seen["threads"].values()), seen
+        assert seen["home"], seen
+    else:
+        assert all(cores == seen["before"] for cores in seen["threads"].values()), seen
+        assert seen["home"] == [], seen
+        assert "unpinned: its direct calls take" in out.stderr
+
+
+def test_pinning_decides_once_from_the_paired_model_s_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    moved: list[tuple[set[int], str]] = []
+    monkeypatch.setattr(affinity, "set_cores", lambda cores, what: moved.append((cores, what)) or True)
+    unpreferred: list[bool] = []
+    pinning = affinity.Pinning("default", lambda: unpreferred.append(True))
+    pinning.observe("other", [1.0] * affinity.UNPIN_SAMPLE)   # another model's calls: not counted
+    pinning.observe("default", [0.01] * (affinity.UNPIN_SAMPLE - 1))
+    assert not pinning.decided and not moved
+    pinning.observe("default", [0.01, 0.0, 0.0])
+    assert pinning.decided and len(pinning.samples) == affinity.UNPIN_SAMPLE
+    assert [what for _, what in moved] == ["unpinned: its direct calls take 10.0 ms at the median"]
+    assert moved[0][0] == affinity.own_cores() and unpreferred == [True]
+    pinning.observe("default", [1.0] * affinity.UNPIN_SAMPLE)   # decided: nothing more
+    assert len(moved) == 1
+    fast = affinity.Pinning("default", lambda: unpreferred.append(True))
+    fast.observe("default", [0.0001] * affinity.UNPIN_SAMPLE)
+    assert fast.decided and len(moved) == 1 and unpreferred == [True]   # short calls: stays pinned
+
+
+#: Pins itself as three Welcomes in turn say: paired with worker 0, then (the server restarted) with
+#: worker 1, then with none; prints its cores after each.
+REPAIR_CHILD = textwrap.dedent("""
+    import json, os
+    from flask_torchpool.attach import affinity
+
+    before = sorted(os.sched_getaffinity(0))
+    cores = before[:2]
+    workers = [(i, "cpu", (core,), 1, "default") for i, core in enumerate(cores)]
+    seen = []
+    for models in ({"default": {"pair": 0, "workers": workers}}, {"default": {"pair": 1, "workers": workers}},
+                   {"default": {"workers": workers}}):
+        pinning = affinity.Pinning.start(models, lambda home: None)
+        seen.append([sorted(os.sched_getaffinity(0)), pinning is not None])
+    print(json.dumps({"cores": cores, "before": before, "seen": seen}))
+""")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_web_process_that_attaches_again_is_pinned_from_its_own_cores() -> None:
+    """After the pool server restarted, the new pairing may name another worker's cores: they are
+    taken from the cores the process had before any pinning (the old pinning would refuse them), and a
+    pairing with no worker puts it back on those."""
+    out = subprocess.run([sys.executable, "-c", REPAIR_CHILD], env=server_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    first, second = seen["cores"]
+    assert seen["seen"] == [[[first], True], [[second], True], [seen["before"], False]], seen
 
 
 def test_without_web_affinity_nothing_is_pinned(served: PoolServer) -> None:

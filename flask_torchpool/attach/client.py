@@ -197,9 +197,9 @@ class PoolConnection:
         self._last_pid = server_pid
         for offer, offer_fds in offers:
             self.lanes.add(offer, offer_fds)
-        if self.web_affinity == "worker" and (home := affinity.home_cores(welcome.models)):
-            if affinity.pin_process(home):  # Note [Web affinity]
-                self.lanes.prefer(affinity.on_cores(welcome.models, home))
+        if self.web_affinity == "worker":  # Note [Web affinity]
+            pinning = affinity.Pinning.start(welcome.models, self.lanes.prefer)
+            self.lanes.observer = None if pinning is None else pinning.observe
         self._reader = threading.Thread(target=self._read_loop, args=(link,), name="torchpool-attach-reader",
                          daemon=True)
         self._reader.start()

@@ -158,6 +158,9 @@ class ClientLanes:
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, Lane] = {}
         self._home: Callable[[Lane], bool] | None = None  # Note [Web affinity]
+        #: Sees the times of the direct calls that ended, per model, as they are reported (Note [Web
+        #: affinity]: a pinned web process unpins itself when they are long).
+        self.observer: Callable[[str, list[float]], None] | None = None
         self._wake_r: socket.socket | None = None   # made with the first lane, with the thread
         self._wake_w: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -190,13 +193,13 @@ class ClientLanes:
             lane.registered = True
             lane.home = self._home is not None and self._home(lane)
 
-    def prefer(self, home: Callable[[Lane], bool]) -> None:
+    def prefer(self, home: Callable[[Lane], bool] | None) -> None:
         """Prefer the lanes for which *home* is true when they hold no more calls than the others (Note
-        [Web affinity])."""
+        [Web affinity]); None: prefer none."""
         with self._lock:
             self._home = home
             for lane in (lane for ls in self._by_model.values() for lane in ls):
-                lane.home = home(lane)
+                lane.home = home is not None and home(lane)
 
     def pick(self, model: str) -> Lane | None:
         """The open lane of *model* whose worker holds the fewest calls (on a tie, one on this process's
@@ -289,6 +292,8 @@ class ClientLanes:
             observed, self._observed = self._observed, {}
             self._report_at = math.inf
         for model, (outcomes, seconds) in observed.items():
+            if self.observer is not None:
+                self.observer(model, seconds)
             for i in range(0, len(outcomes), MAX_OBSERVED):
                 self._report(messages.Observed(model, tuple(outcomes[i:i + MAX_OBSERVED]),
                                                tuple(seconds[i:i + MAX_OBSERVED])))
