@@ -429,7 +429,7 @@ class Scheduler(Generic[S]):
             rows = outputs.pad(job, self.batch_buckets)
             refs = tuple(shm.TensorRef(-1, offset, row_bytes * rows, str(dtype), (rows, *shape))
                          for (dtype, shape), (offset, row_bytes) in zip(job.key[1], job.regions))
-            self.metrics.record_batch(job.rows, len(job.members))
+            self.metrics.record_batch(job.rows, len(job.members), job.padded)
             self.last_batch_calls = len(job.members)
         msg = messages.Call(job.id, first.args, first.kwargs, refs, job.slot.releases.drain(), *first.target)
         channel = job.slot.channel

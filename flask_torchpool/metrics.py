@@ -43,6 +43,7 @@ class MetricsSnapshot(TypedDict):
     queue_seconds: HistogramSnapshot
     batch_rows: HistogramSnapshot
     batch_calls: HistogramSnapshot
+    batch_padding_rows: int              # rows added to batches to reach a bucket (TORCHPOOL_BATCH_BUCKETS)
     latency_quantiles: dict[str, float | None]
     streams: int                         # streams started (model.stream)
     streams_open: int                    # of those, not ended yet
@@ -100,6 +101,7 @@ class Metrics:
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.batch_rows = Histogram(BATCH_BUCKETS)
         self.batch_calls = Histogram(BATCH_BUCKETS)
+        self.batch_padding_rows = 0
         self.streams = 0
         self.streams_open = 0
         self.stream_chunks = 0
@@ -124,10 +126,13 @@ class Metrics:
             if queue_time is not None:
                 self.queue_time.observe(queue_time)
 
-    def record_batch(self, rows: int, calls: int) -> None:
+    def record_batch(self, rows: int, calls: int, padded: int = 0) -> None:
+        """A batch of *rows* callers' rows in *calls* calls was sent, with *padded* rows more (Note
+        [Batch buckets])."""
         with self._lock:
             self.batch_rows.observe(rows)
             self.batch_calls.observe(calls)
+            self.batch_padding_rows += padded
 
     def record_stream(self, change: int) -> None:
         """A stream started (+1) or ended (-1)."""
@@ -148,8 +153,8 @@ class Metrics:
                 model=self.model, submitted=self.submitted, retries=self.retries, calls=dict(self.calls),
                 latency_seconds=self.latency.snapshot(), queue_seconds=self.queue_time.snapshot(),
                 batch_rows=self.batch_rows.snapshot(), batch_calls=self.batch_calls.snapshot(),
-                latency_quantiles=_quantiles(self.latency), streams=self.streams,
-                streams_open=self.streams_open, stream_chunks=self.stream_chunks,
+                batch_padding_rows=self.batch_padding_rows, latency_quantiles=_quantiles(self.latency),
+                streams=self.streams, streams_open=self.streams_open, stream_chunks=self.stream_chunks,
                 first_chunk_seconds=self.first_chunk.snapshot())
 
 
@@ -163,7 +168,7 @@ def merge(snapshots: list[MetricsSnapshot], model: str | None = None) -> Metrics
     merged: dict[str, Any] = {"model": model, "calls": calls,
                               "submitted": sum(s.get("submitted", 0) for s in snapshots),
                               "retries": sum(s.get("retries", 0) for s in snapshots)}
-    for key in ("streams", "streams_open", "stream_chunks"):
+    for key in ("streams", "streams_open", "stream_chunks", "batch_padding_rows"):
         merged[key] = sum(s.get(key, 0) for s in snapshots)
     for key in ("latency_seconds", "queue_seconds", "batch_rows", "batch_calls", "first_chunk_seconds"):
         parts = [snapshot[key] for snapshot in snapshots]  # type: ignore[literal-required]

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # than the batch limit runs as it is): pad fills the rows after the n-th with copies of the n-th, never
 # stale arena bytes (a model's error may quote any row, and those would be an earlier caller's), and
 # split gives the members their rows and drops the rest. The Ray actor pads after stacking the members'
-# tensors. The batch_rows metric counts the members' rows, not the padding.
+# tensors. The batch_rows metric counts the members' rows; batch_padding_rows counts the padding.
 
 
 def bucket(job: Job[Any], buckets: tuple[int, ...]) -> int:

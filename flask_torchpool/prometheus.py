@@ -39,6 +39,7 @@ class TorchPoolCollector:
     ``torchpool_queue_seconds``             histogram   time waiting for a worker
     ``torchpool_batch_rows``                histogram   rows (dim 0) per batch run by a worker
     ``torchpool_batch_calls``               histogram   calls per batch run by a worker
+    ``torchpool_batch_padding_rows_total``  counter     rows added to batches to reach a bucket
     ``torchpool_queue_depth``               gauge       calls waiting for a worker
     ``torchpool_inflight_calls``            gauge       calls sent to workers, not yet answered
     ``torchpool_busy_workers``              gauge       workers with at least one call
@@ -157,6 +158,11 @@ def _families(status: AppStatus | None) -> Iterator[Any]:
         chunks.add_metric([model], part["metrics"]["stream_chunks"])
     yield streams
     yield chunks
+    padding = CounterMetricFamily("torchpool_batch_padding_rows", "Rows added to batches to reach a batch "
+                                  "bucket (TORCHPOOL_BATCH_BUCKETS).", labels=["model"])
+    for model, part in models:
+        padding.add_metric([model], part["metrics"].get("batch_padding_rows", 0))
+    yield padding
     yield gauge("torchpool_streams_open", "Streams running now.", lambda p: p["metrics"]["streams_open"])
     yield gauge("torchpool_shared_memory_bytes", "Bytes of shared-memory arenas mapped by the pool.",
                 lambda p: p["arena_bytes"])

@@ -183,4 +183,5 @@ def test_batches_run_padded_to_their_bucket(bucket_pool: TorchPool, gate: Gate) 
         assert int(r["n"][0]) == 4 and torch.equal(r["y"], x + 1)
     big = bucket_pool(torch.ones(20, 3))   # more rows than any bucket: run as they are
     assert int(big["n"][0]) == 20 and big["y"].shape == (20, 3)
-    assert bucket_pool.status()["metrics"]["batch_rows"]["sum"] == 1 + 3 + 20   # padding not counted
+    metrics = bucket_pool.status()["metrics"]
+    assert metrics["batch_rows"]["sum"] == 1 + 3 + 20 and metrics["batch_padding_rows"] == 1 + 1

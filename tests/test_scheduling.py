@@ -373,7 +373,8 @@ def test_a_batch_runs_padded_to_its_bucket_with_copies_of_its_last_row(make: Any
     sched.complete(slot, reply(slot, job, {"y": x + 10}), [])
     assert [f.result(0)["y"].tolist() for f in futures if f is not None] == [[[10.0] * 2], [[11.0] * 2],
                                                                             [[12.0] * 2]]
-    assert sched.metrics.snapshot()["batch_rows"]["sum"] == 3   # the members' rows, not the padding
+    metrics = sched.metrics.snapshot()
+    assert metrics["batch_rows"]["sum"] == 3 and metrics["batch_padding_rows"] == 1
 
 
 @pytest.mark.parametrize(("rows", "runs_as"), [(1, 1), (2, 4), (4, 4), (5, 8), (8, 8), (9, 9)])

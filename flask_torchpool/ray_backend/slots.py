@@ -176,7 +176,7 @@ class RayScheduler(Scheduler[ActorSlot]):
             job.rows += member.rows
         if job.key is not None and members:
             job.padded = bucket(job, self.batch_buckets) - job.rows
-            self.metrics.record_batch(job.rows, len(members))
+            self.metrics.record_batch(job.rows, len(members), job.padded)
         return [m.tensors for m in members]
 
     def answer(self, slot: ActorSlot, job: Job[ActorSlot], reply: tuple[Any, ...]) -> None:
