@@ -229,8 +229,8 @@ def test_cores_this_process_may_not_use_are_not_taken(caplog: pytest.LogCaptureF
 def test_a_lane_is_on_the_home_cores_only_when_its_worker_is() -> None:
     models = {"default": {"workers": [(0, "cpu", (0,), 1, "default"), (1, "cpu", (1, 2), 2, "default")],
                           "pair": 1}}
-    home = affinity.home_cores(models)
-    assert home == frozenset({1, 2})
+    model, home = affinity.paired(models)
+    assert model == "default" and home == frozenset({1, 2})
     on = affinity.on_cores(models, home)
 
     class L:
@@ -239,8 +239,8 @@ def test_a_lane_is_on_the_home_cores_only_when_its_worker_is() -> None:
 
     assert on(L("default", 1)) and not on(L("default", 0)) and not on(L("default", 7))
     assert not on(L("other", 1))
-    assert affinity.home_cores({"default": {"workers": [], "pair": 0}}) == frozenset()
-    assert affinity.home_cores({"default": {"workers": [(0, "cpu", (0,), 1, "default")]}}) == frozenset()
+    assert affinity.paired({"default": {"workers": [], "pair": 0}})[1] == frozenset()
+    assert affinity.paired({"default": {"workers": [(0, "cpu", (0,), 1, "default")]}})[1] == frozenset()
 
 
 def test_auto_means_a_gunicorn_sync_worker() -> None:

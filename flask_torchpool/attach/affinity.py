@@ -93,15 +93,9 @@ class Pairs:
             return dict(self._count)
 
 
-def home_cores(models: Mapping[str, Any]) -> frozenset[int]:
-    """The cores of the worker the server paired this web process with (the model of its Welcome's
-    ``models`` that has a ``"pair"``); empty when it named none."""
-    return paired(models)[1]
-
-
 def paired(models: Mapping[str, Any]) -> tuple[str | None, frozenset[int]]:
-    """The model the server paired this web process on and its worker's cores (None and empty when
-    the Welcome's ``models`` name none)."""
+    """The model the server paired this web process on (the model of its Welcome's ``models`` that has
+    a ``"pair"``) and that worker's cores; None and empty when it named none."""
     for name, info in models.items():
         if isinstance(info, dict) and isinstance(info.get("pair"), int):
             workers = info.get("workers") or []
