@@ -23,14 +23,15 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Protocol, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Generic, Protocol, TypeVar
 
 from . import codec, messages, outputs, shm
 from .errors import TorchPoolError, WireError, from_wire, placing_failed
 from .metrics import Metrics, outcome_of
 from .status import WorkerState
+
+if TYPE_CHECKING:
+    import torch
 
 _ids = itertools.count(1)
 
@@ -96,6 +97,7 @@ class Call:
     enqueued: float = field(default_factory=time.monotonic)
     dispatched: float | None = None
     target: tuple[str | None, int] = (None, 0)  # messages.Call's (method, window): Note [Streams]
+    numpy: bool = False    # the caller passed numpy arrays: its outputs go back as numpy arrays
 
 
 class Sender(Protocol):

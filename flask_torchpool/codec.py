@@ -9,16 +9,25 @@ the same values with the same messages.
 
 It also encodes skeletons for the wire (Note [Tagged values]): :func:`encode_value` and
 :func:`decode_value`, a small tagged format with no shared references and no classes, decoded under a
-budget (depth, nodes, bytes); and the fixed table of dtypes that may travel (:data:`DTYPES`).
+budget (depth, nodes, bytes); and the fixed table of dtypes that may travel (:data:`DTYPE_NAMES`).
+
+Note [Arrays without torch]: this module, :mod:`flask_torchpool.shm` and the attached client import no
+torch, so that an attached web process whose views pass numpy arrays never loads it (~180 MiB of memory
+per process). A value is a torch tensor only if torch is loaded (:func:`tensor_type`); numpy arrays
+travel like tensors, with the same wire dtypes (:data:`NUMPY_NAMES`).
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from typing import Any, NamedTuple
+import sys
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
+if TYPE_CHECKING:
+    import numpy
+    import torch
+    from typing_extensions import TypeIs
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 
@@ -39,15 +48,67 @@ class UnsupportedValue(Exception):
         self.reason = reason
 
 
-def tensor_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+_tensor: type | None = None
+_ndarray: type | None = None
+
+
+def tensor_type() -> type | None:
+    """``torch.Tensor`` once torch is loaded in this process, else None (nothing can be a tensor)."""
+    global _tensor
+    if _tensor is None:
+        torch = sys.modules.get("torch")
+        tensor = getattr(torch, "Tensor", None)
+        if isinstance(tensor, type) and hasattr(torch, "strided"):  # torch fully imported
+            _tensor = tensor
+    return _tensor
+
+
+def ndarray_type() -> type | None:
+    """``numpy.ndarray`` once numpy is loaded in this process, else None."""
+    global _ndarray
+    if _ndarray is None:
+        np = sys.modules.get("numpy")
+        nd = getattr(np, "ndarray", None)
+        if isinstance(nd, type):
+            _ndarray = nd
+    return _ndarray
+
+
+def is_array(x: Any) -> TypeIs[numpy.ndarray]:
+    """Is *x* a numpy array (not a torch tensor)?"""
+    nd = ndarray_type()
+    return nd is not None and isinstance(x, nd)
+
+
+def tensor_nbytes(t: torch.Tensor | numpy.ndarray) -> int:
+    """Bytes of a tensor's or a numpy array's elements."""
+    if is_array(t):
+        return int(t.nbytes)
+    return int(t.numel() * t.element_size())
+
+
+def wire_dtype(t: torch.Tensor | numpy.ndarray) -> str:
+    """The wire name of a tensor's or array's dtype, ``str(torch dtype)`` (e.g. ``"torch.float32"``)."""
+    if is_array(t):
+        return NUMPY_NAMES[t.dtype.name]
+    return str(t.dtype)
+
+
+def check_array(a: numpy.ndarray, path: str) -> None:
+    """Refuse numpy arrays whose elements have no wire dtype (objects, strings, records, big-endian)."""
+    name = a.dtype.name if a.dtype.isnative else ""
+    if name not in NUMPY_NAMES:
+        raise UnsupportedValue(path, f"a numpy array of dtype {a.dtype.str!r} cannot travel; allowed are "
+                                     f"native-endian {', '.join(sorted(NUMPY_NAMES))}")
 
 
 def check_tensor(t: torch.Tensor, path: str) -> None:
     """Refuse tensors whose bytes cannot be placed in shared memory as a dense strided block."""
-    if t.dtype not in DTYPE_CODES:
+    import torch
+
+    if str(t.dtype) not in (_torch_dtypes or _by_name()):
         raise UnsupportedValue(path, f"a {t.dtype} tensor cannot travel; allowed dtypes are "
-                                     f"{', '.join(sorted(str(d) for d in DTYPE_CODES))}")
+                                     f"{', '.join(sorted(_by_name()))}")
     if t.layout != torch.strided:
         raise UnsupportedValue(path, f"a {t.layout} tensor cannot travel; convert it with .to_dense()")
     if t.device.type == "meta":
@@ -62,12 +123,13 @@ def check_tensor(t: torch.Tensor, path: str) -> None:
                                      "plain torch.Tensor")
 
 
-def flatten(obj: Any, tensors: list[torch.Tensor], path: str, sizes: list[int] | None = None,
+def flatten(obj: Any, tensors: list[Any], path: str, sizes: list[int] | None = None,
             depth: int = 0) -> Any:
-    """Copy the structure of *obj*, replacing each tensor by a :class:`Slot` into *tensors*.
+    """Copy the structure of *obj*, replacing each tensor (or numpy array) by a :class:`Slot` into
+    *tensors*.
 
-    Allowed: tensors, None, bool, int, float, complex, str, bytes, and tuples, lists and dicts (with
-    scalar keys) of them, nested at most :data:`MAX_DEPTH` deep. Anything else raises
+    Allowed: tensors, numpy arrays, None, bool, int, float, complex, str, bytes, and tuples, lists and
+    dicts (with scalar keys) of them, nested at most :data:`MAX_DEPTH` deep. Anything else raises
     :class:`UnsupportedValue`, so a header never carries an arbitrary object. With *sizes*, the length
     of every ``str`` and ``bytes`` value (they travel in the header) is appended to it.
     """
@@ -76,15 +138,20 @@ def flatten(obj: Any, tensors: list[torch.Tensor], path: str, sizes: list[int] |
         if sizes is not None and (kind is str or kind is bytes):
             sizes.append(len(obj))
         return obj
-    if isinstance(obj, torch.Tensor):
-        check_tensor(obj, path)
+    tensor = _tensor or tensor_type()
+    if tensor is not None and isinstance(obj, tensor):
+        check_tensor(obj, path)  # type: ignore[arg-type]
+        tensors.append(obj)
+        return Slot(len(tensors) - 1)
+    if kind.__module__ == "numpy" and is_array(obj):
+        check_array(obj, path)
         tensors.append(obj)
         return Slot(len(tensors) - 1)
     if depth >= MAX_DEPTH and kind in (list, tuple, dict):
         raise UnsupportedValue(path, f"nested more than {MAX_DEPTH} levels deep")
     if kind is list:
         return [flatten(v, tensors, f"{path}[{i}]", sizes, depth + 1) for i, v in enumerate(obj)]
-    if kind is tuple or kind is torch.Size:
+    if kind is tuple or (kind.__name__ == "Size" and tensor is not None and kind is _size_type()):
         return tuple(flatten(v, tensors, f"{path}[{i}]", sizes, depth + 1) for i, v in enumerate(obj))
     if kind is dict:
         out = {}
@@ -98,22 +165,39 @@ def flatten(obj: Any, tensors: list[torch.Tensor], path: str, sizes: list[int] |
         return out
     hint = ""
     if kind.__module__ == "numpy":
-        hint = "; convert it with torch.from_numpy() or .item()"
+        hint = "; convert a numpy scalar with .item()"
     raise UnsupportedValue(path, f"{kind.__module__}.{kind.__qualname__} cannot travel to or from a "
-                                 "worker; allowed are tensors, None, bool, int, float, complex, str, "
-                                 f"bytes and tuples, lists and dicts of them{hint}")
+                                 "worker; allowed are tensors, numpy arrays, None, bool, int, float, "
+                                 f"complex, str, bytes and tuples, lists and dicts of them{hint}")
 
 
-def flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any], max_input_bytes: int
-                 ) -> tuple[Any, Any, list[torch.Tensor]]:
-    """Validate one call's arguments and return ``(args skeleton, kwargs skeleton, tensors)``.
+def _size_type() -> type | None:
+    torch = sys.modules.get("torch")
+    return getattr(torch, "Size", None)
+
+
+class Flat(NamedTuple):
+    """One call's arguments, flattened by :func:`flatten_call`."""
+
+    args: Any
+    kwargs: Any
+    tensors: list[Any]
+    #: The call passed numpy arrays and no torch tensor: its outputs come back as numpy arrays.
+    numpy: bool
+
+
+def flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any], max_input_bytes: int,
+                 arrays: bool = False) -> Flat:
+    """Validate one call's arguments and flatten them.
 
     Raises :class:`~flask_torchpool.InvalidInputError` for a value that cannot travel and
     :class:`~flask_torchpool.PayloadTooLargeError` past ``TORCHPOOL_MAX_INPUT_BYTES``, which counts the
-    bytes of the tensors and of the ``str``/``bytes`` values (they travel in the header)."""
+    bytes of the tensors and of the ``str``/``bytes`` values (they travel in the header). Numpy arrays
+    become torch tensors (sharing their memory) unless *arrays* (the attached client, which writes them
+    into shared memory itself: Note [Arrays without torch])."""
     from .errors import InvalidInputError, PayloadTooLargeError
 
-    tensors: list[torch.Tensor] = []
+    tensors: list[Any] = []
     sizes: list[int] = []
     try:
         skel_args = flatten(tuple(args), tensors, "args", sizes)
@@ -129,7 +213,51 @@ def flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any], max_input_bytes:
         raise PayloadTooLargeError(
             f"the call carries {nbytes} bytes of tensors and {header} bytes of str/bytes values, more "
             f"than TORCHPOOL_MAX_INPUT_BYTES={max_input_bytes}")
-    return skel_args, skel_kwargs, tensors
+    numpy = _ndarray is not None and bool(tensors) and all(is_array(t) for t in tensors)
+    if not arrays and _ndarray is not None:
+        tensors = [as_tensor(t) if is_array(t) else t for t in tensors]
+    return Flat(skel_args, skel_kwargs, tensors, numpy)
+
+
+def as_tensor(a: numpy.ndarray) -> torch.Tensor:
+    """A torch tensor sharing *a*'s memory (a read-only array too: the pool only reads its inputs)."""
+    import torch
+
+    if not a.flags.writeable:
+        _quiet_read_only()
+    return torch.from_numpy(a)
+
+
+_quiet = False
+
+
+def _quiet_read_only() -> None:
+    """Silence torch's warning that a tensor over a read-only array may not be written, for the calls
+    made here only: the pool copies the inputs into shared memory and never writes them."""
+    global _quiet
+    if not _quiet:
+        import warnings
+
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                                category=UserWarning, module=__name__)
+        _quiet = True
+
+
+def to_numpy(value: Any) -> Any:
+    """*value* (a model's output) with every torch tensor turned into a numpy array sharing its memory.
+    Raises :class:`UnsupportedValue` for a dtype numpy lacks."""
+    tensor = tensor_type()
+    if tensor is None:
+        return value
+    tensors: list[Any] = []
+    skel = flatten(value, tensors, "output")
+    arrays = []
+    for t in tensors:
+        if not is_array(t):
+            numpy_dtype(str(t.dtype))  # refuses bfloat16 and the like, with the message
+            t = t.numpy()
+        arrays.append(t)
+    return unflatten(skel, arrays)
 
 
 def check_timeout(timeout: float | None) -> None:
@@ -142,7 +270,7 @@ def check_timeout(timeout: float | None) -> None:
         raise ValueError(f"timeout must be None or a finite number of seconds > 0, not {timeout!r}")
 
 
-def unflatten(skel: Any, tensors: list[torch.Tensor]) -> Any:
+def unflatten(skel: Any, tensors: list[Any]) -> Any:
     """Inverse of :func:`flatten`."""
     kind = type(skel)
     if kind is Slot:
@@ -160,25 +288,56 @@ def unflatten(skel: Any, tensors: list[torch.Tensor]) -> Any:
 _DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "complex64", "complex128", "uint8", "int8",
                 "int16", "int32", "int64", "bool", "uint16", "uint32", "uint64", "complex32",
                 "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-#: Wire code -> dtype (None where this torch lacks it). A fixed table: nothing received can grow it.
-DTYPES: tuple[torch.dtype | None, ...] = tuple(getattr(torch, n, None) for n in _DTYPE_NAMES)
-#: dtype -> wire code, and ``str(dtype)`` -> wire code (a :class:`~flask_torchpool.shm.TensorRef` names
-#: its dtype as ``str(dtype)``).
-DTYPE_CODES: dict[torch.dtype, int] = {d: i for i, d in enumerate(DTYPES) if isinstance(d, torch.dtype)}
-DTYPE_NAME_CODES: dict[str, int] = {str(d): i for d, i in DTYPE_CODES.items()}
-_BY_NAME: dict[str, torch.dtype] = {str(d): d for d in DTYPE_CODES}
-#: Item size of each code (0 where this torch lacks the dtype).
-DTYPE_ITEMSIZE: tuple[int, ...] = tuple(d.itemsize if isinstance(d, torch.dtype) else 0 for d in DTYPES)
+#: Wire code -> the dtype's wire name, ``str(torch dtype)``: a fixed table, nothing received can grow it.
+DTYPE_NAMES: tuple[str, ...] = tuple(f"torch.{n}" for n in _DTYPE_NAMES)
+#: Wire name -> wire code.
+DTYPE_NAME_CODES: dict[str, int] = {n: i for i, n in enumerate(DTYPE_NAMES)}
+#: Item size of each code.
+DTYPE_ITEMSIZE: tuple[int, ...] = (4, 8, 2, 2, 8, 16, 1, 1, 2, 4, 8, 1, 2, 4, 8, 4, 1, 1, 1, 1)
+#: numpy dtype name -> wire name, for the dtypes numpy has (no bfloat16, complex32 or float8).
+NUMPY_NAMES: dict[str, str] = {n: f"torch.{n}" for n in _DTYPE_NAMES[:15] if n != "bfloat16"}
+_NUMPY_DTYPES: dict[str, Any] = {}
+_torch_dtypes: dict[str, Any] | None = None
+
+
+def _by_name() -> dict[str, Any]:
+    """Wire name -> torch dtype, for the dtypes this torch has (imports torch)."""
+    global _torch_dtypes
+    if _torch_dtypes is None:
+        import torch
+
+        _torch_dtypes = {f"torch.{n}": d for n in _DTYPE_NAMES
+                         if isinstance(d := getattr(torch, n, None), torch.dtype)}
+    return _torch_dtypes
+
+
+def torch_dtypes() -> dict[Any, int]:
+    """torch dtype -> wire code, for the dtypes this torch has (imports torch)."""
+    return {d: DTYPE_NAME_CODES[n] for n, d in _by_name().items()}
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    """The dtype ``str(dtype)`` names, from the fixed table; :class:`UnsupportedValue` otherwise."""
-    dtype = _BY_NAME.get(name)
+    """The torch dtype a wire name names, from the fixed table; :class:`UnsupportedValue` otherwise."""
+    dtype = (_torch_dtypes or _by_name()).get(name)
     if dtype is None:
         raise UnsupportedValue("header", f"unknown dtype {name!r}")
+    return dtype  # type: ignore[no-any-return]
+
+
+def numpy_dtype(name: str) -> numpy.dtype[Any]:
+    """The numpy dtype a wire name names; :class:`UnsupportedValue` when numpy has none (bfloat16, ...)."""
+    dtype = _NUMPY_DTYPES.get(name)
+    if dtype is None:
+        short = name.removeprefix("torch.")
+        if name not in DTYPE_NAME_CODES:
+            raise UnsupportedValue("header", f"unknown dtype {name!r}")
+        if NUMPY_NAMES.get(short) != name:
+            raise UnsupportedValue("output", f"a {name} tensor has no numpy dtype; return another dtype "
+                                             "from the model (e.g. .float()) or pass torch tensors")
+        import numpy
+
+        dtype = _NUMPY_DTYPES[name] = numpy.dtype(short)
     return dtype
-
-
 
 
 # --- the wire encoding of skeletons ---------------------------------------------------------------------

@@ -79,6 +79,10 @@ DEFAULTS: dict[str, Any] = {
 
 #: The name of the model of ``TORCHPOOL_MODEL``, and of the model ``@pool.infer`` uses without a name.
 DEFAULT_MODEL = "default"
+#: Set in a worker process (and so in whatever it starts) to "<pool name> worker <index>": a TorchPool
+#: created there (by a model module that imports the app) stays inert instead of starting a pool of its
+#: own. An environment variable rather than a module flag: the reader needs no import of the worker.
+WORKER_ENV = "FLASK_TORCHPOOL_WORKER"
 
 #: The keys a ``TORCHPOOL_MODELS`` entry may set besides ``model``: the lowercase suffixes of the
 #: ``TORCHPOOL_*`` keys that make sense per model. The others are the app's (start, shutdown, health).

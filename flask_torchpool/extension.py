@@ -27,10 +27,9 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, overload
 
-import torch
 from flask import Flask, current_app, has_app_context
 
-from . import bodies, startup
+from . import startup
 from .config import DEFAULTS, load
 from .errors import ConfigError, InferenceTimeoutError
 from .group import ModelGroup, drain_all, reload_all
@@ -39,6 +38,7 @@ from .status import AppStatus, ModelVersion
 from .streaming import Stream, check_method
 
 if TYPE_CHECKING:
+    import torch
     from typing_extensions import Concatenate, ParamSpec
 
     P = ParamSpec("P")
@@ -130,6 +130,8 @@ class ModelProxy:
         body (see :func:`flask_torchpool.bodies.tensor_from_stream`, which this calls with the model's
         ``TORCHPOOL_MAX_INPUT_BYTES``). One dimension may be ``-1``. A body of the wrong size raises
         :class:`InvalidInputError` (400), one over the limit :class:`PayloadTooLargeError` (413)."""
+        from . import bodies  # it loads torch: an attached web process that never calls this does not
+
         return bodies.tensor_from_stream(stream, dtype, shape, length=length,
                                          max_bytes=self._state.configs[self.name].max_input_bytes)
 

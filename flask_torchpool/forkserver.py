@@ -262,7 +262,7 @@ class ForkedProcess:
 def _serve(sock: socket.socket, parent_pid: int, preload: tuple[str, ...], pool_name: str) -> None:
     """Entry point of the fork server (spawned): preload, then fork a worker per request until the
     web process closes its end."""
-    from .worker import WORKER_ENV
+    from .config import WORKER_ENV
 
     # A TorchPool built by what the server imports stays inert; the worker overwrites this.
     os.environ[WORKER_ENV] = f"{pool_name} fork server"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -31,15 +32,10 @@ from .attach import rendezvous
 from .backend import Backend
 from .config import DEFAULT_MODEL, AppConfig, ModelConfig
 from .errors import ConfigError, PoolClosedError, RemoteTraceback, TorchPoolError, WorkerStartupError
-from .inline import InlinePool
-from .inline import plan as inline_plan
 from .metrics import Metrics
 from .placement import Placement, plan_models
-from .pool import Pool
-from .ray_backend import plan as ray_plan
 from .startup import check_resources
 from .status import AppStatus, ModelStatus, ModelVersion, app_status, not_started
-from .versions import reload_models
 
 if TYPE_CHECKING:
     from .attach.client import PoolConnection
@@ -126,6 +122,11 @@ class ModelGroup:
         return self._compute_plan()
 
     def _compute_plan(self) -> list[Placement]:
+        # The backends' modules load torch: imported here, so that an attached web process never does
+        # (Note [Arrays without torch] in codec.py).
+        from .inline import plan as inline_plan
+        from .ray_backend import plan as ray_plan
+
         if self.app_config.inline:
             return [p for config in self.configs.values() for p in inline_plan(config)]
         process = {n: c for n, c in self.configs.items() if c.backend == "process"}
@@ -144,11 +145,15 @@ class ModelGroup:
             assert self.connection is not None
             return RemotePool(config, self.connection, name, name=label)
         if self.app_config.inline:
+            from .inline import InlinePool
+
             return InlinePool(config, placements, name=label)
         if config.backend == "ray":
             from .ray_backend import RayPool
 
             return RayPool(config, placements, name=label, address=self.app_config.ray_address)
+        from .pool import Pool
+
         return Pool(config, placements, name=label, logger_name=self.logger_name)
 
     # --- starting ------------------------------------------------------------------------------------
@@ -302,6 +307,8 @@ class ModelGroup:
                version: str | None = None) -> dict[str, ModelVersion]:
         """See :meth:`TorchPool.reload`."""
         names = list(self.configs) if name is None and model is None else [self.model_name(name)]
+        from .versions import reload_models
+
         return reload_models(self.pools, names, model, version)
 
     def start_in_background(self) -> bool:
@@ -404,9 +411,10 @@ def drain_all() -> None:
 def reload_all() -> None:
     """SIGHUP: reload every model whose workers this process owns (embedded; the pool server's in attach
     mode), one after the other; a failure is logged (the old version serves on) and the others go on."""
+    pools = sys.modules.get("flask_torchpool.pool")  # not loaded: no embedded pool in this process
     for group in ModelGroup.of():
         for name, pool in list(group.pools.items()):
-            if not isinstance(pool, Pool) or not pool.started or pool.closed:
+            if pools is None or not isinstance(pool, pools.Pool) or not pool.started or pool.closed:
                 continue
             try:
                 version = pool.reload()

@@ -31,6 +31,7 @@ from . import codec
 from .config import PoolConfig
 from .errors import InferenceError, OutputError, PoolClosedError, TorchPoolError, WorkerStartupError
 from .metrics import Metrics, outcome_of
+from .outputs import numpy_result
 from .placement import Placement, resolve_devices, usable_cores
 from .status import ModelStatus, WorkerState, model_status, worker_status
 from .streaming import Sink, Stream, check_method
@@ -141,7 +142,7 @@ class InlinePool:
                batch: bool = True, method: str | None = None) -> Future[Any]:
         """Run one call now, in this thread, and return its (completed) future. *timeout* is not
         enforced and *batch* is ignored in inline mode."""
-        skel_args, skel_kwargs, tensors = self._accept(args, kwargs, timeout, method)
+        skel_args, skel_kwargs, tensors, numpy = self._accept(args, kwargs, timeout, method)
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         enqueued = time.monotonic()
@@ -166,6 +167,8 @@ class InlinePool:
             else:
                 try:
                     result = self._run(model, skel_args, skel_kwargs, tensors, method)
+                    if numpy:
+                        result = numpy_result(result)
                 except TorchPoolError as err:
                     exc = err
                 worker.calls += 1
@@ -185,7 +188,7 @@ class InlinePool:
                method: str | None = None) -> Stream:
         """Iterate what the model yields, in the iterating thread (each chunk under the call lock);
         *timeout* is not enforced."""
-        skel_args, skel_kwargs, tensors = self._accept(args, kwargs, timeout, method)
+        skel_args, skel_kwargs, tensors, numpy = self._accept(args, kwargs, timeout, method)
         self.metrics.record_submit()
         self.metrics.record_stream(1)
         started = time.monotonic()
@@ -202,7 +205,8 @@ class InlinePool:
                                           f"generator or an iterator); it returned {codec.describe(out)}: "
                                           "call model(...) instead", remote_type="NotAnIterator")
                     box.append(out)
-                return self._produce(lambda: next(box[0]))
+                chunk = self._output(self._produce(lambda: next(box[0])))
+                return numpy_result(chunk) if numpy else chunk
 
         def ended(exc: BaseException | None) -> None:
             if box:
@@ -213,7 +217,7 @@ class InlinePool:
         return _InlineStream(step, ended, self.metrics, started)
 
     def _accept(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
-                method: str | None) -> tuple[Any, Any, list[torch.Tensor]]:
+                method: str | None) -> codec.Flat:
         codec.check_timeout(timeout)  # refused as on every backend, though not enforced here
         check_method(method)
         flat = codec.flatten_call(args, kwargs, self.config.max_input_bytes)
@@ -304,7 +308,7 @@ class _InlineStream(Stream):
         if self._hooks is None:
             raise StopIteration
         try:
-            value = InlinePool._output(self._step())
+            value = self._step()
         except BaseException as exc:
             self._done(None if isinstance(exc, StopIteration) else exc)
             self._ended()

@@ -234,7 +234,7 @@ class ReloadRequest(NamedTuple):
 # The frame starts with a fixed header: the message's type code (uint8) and how many descriptors follow
 # (uint8, at most MAX_FDS). The hot messages (Call, Result, RemoteCall) go on with a fixed struct of
 # their numbers (id, counts, timeout), then one fixed record per TensorRef (seg int32, offset and
-# nbytes uint64, dtype code uint8 from codec.DTYPES, ndim uint8, then ndim int64 dimensions), then the
+# nbytes uint64, dtype code uint8 from codec.DTYPE_NAMES, ndim uint8, then ndim int64 dimensions), then the
 # released offsets (uint64 each), then their values in the tagged encoding of codec (Note [Tagged
 # values]). Every other message is a tagged tuple of its fields, each type-checked before the
 # NamedTuple is built with its constructor. A type code outside the channel's protocol, a count or
@@ -269,7 +269,7 @@ _REMOTE_CALL = struct.Struct("<qIIdB")
 _REF = struct.Struct("<iQQBB")
 _DIMS = tuple(struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1))
 _BATCH, _HAS_TIMEOUT, _STREAM = 1, 2, 4
-_DTYPE_STRS = tuple(str(d) if d is not None else "" for d in codec.DTYPES)
+_DTYPE_STRS = codec.DTYPE_NAMES
 _tuple_new = tuple.__new__  # builds a NamedTuple from checked fields without its Python __new__
 
 # The value sections of recent hot messages, decoded: most calls of a model repeat the same small

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import codec, messages, shm
@@ -111,3 +112,41 @@ def input_releaser(job: Job[Any], refs: tuple[shm.TensorRef, ...]) -> Callable[[
             allocator.free_later(block)
 
     return release
+
+
+def numpy_result(value: Any) -> Any:
+    """*value* with its tensors as numpy arrays (:func:`flask_torchpool.codec.to_numpy`), for a call that
+    passed numpy arrays; a dtype numpy lacks is an :class:`OutputError` that says so."""
+    try:
+        return codec.to_numpy(value)
+    except codec.UnsupportedValue as exc:
+        raise OutputError(f"the model returned {codec.describe(value)}, which cannot come back as numpy "
+                          f"arrays: {exc}", remote_type="UnsupportedValue") from None
+
+
+class NumpyFuture(Future[Any]):
+    """The future of a call that passed numpy arrays: *inner*'s outcome, its tensors turned into numpy
+    arrays that share their memory (zero-copy outputs stay zero-copy). Cancelling it cancels *inner*."""
+
+    def __init__(self, inner: Future[Any]) -> None:
+        super().__init__()
+        self._inner = inner
+        inner.add_done_callback(self._settle)
+
+    def cancel(self) -> bool:
+        return self._inner.cancel()  # _settle cancels this one
+
+    def _settle(self, inner: Future[Any]) -> None:
+        if inner.cancelled():
+            super().cancel()
+            return
+        exc = inner.exception()
+        if exc is not None:
+            self.set_exception(exc)
+            return
+        try:
+            value = numpy_result(inner.result())
+        except OutputError as err:
+            self.set_exception(err)
+        else:
+            self.set_result(value)

@@ -264,7 +264,7 @@ class Reload:
         assert new is not None
         try:
             args = example_args(self.config)
-            skel_args, skel_kwargs, tensors = codec.flatten_call(args, {}, self.config.max_input_bytes)
+            skel_args, skel_kwargs, tensors, _ = codec.flatten_call(args, {}, self.config.max_input_bytes)
         except Exception as exc:
             self._fail(f"cannot build the warm-up call from {self.config.key('example_input')}: "
                        f"{type(exc).__name__}: {exc}")

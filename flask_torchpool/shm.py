@@ -28,11 +28,26 @@ import os
 import threading
 import weakref
 from collections import deque
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
-import torch
-
+from . import codec
 from .codec import dtype_from_name, tensor_nbytes
+
+if TYPE_CHECKING:
+    import numpy
+    import torch
+
+_torch: Any = None
+
+
+def _t() -> Any:
+    """The torch module, imported on first use (Note [Arrays without torch] in codec.py)."""
+    global _torch
+    if _torch is None:
+        import torch
+
+        _torch = torch
+    return _torch
 
 CONTROL_BYTES = 4096
 ALIGN = 64
@@ -102,7 +117,8 @@ def check_sealed(fd: int, at_least: int = 0) -> int:
 
 
 class Segment:
-    """A shared mapping seen as bytes and as a uint8 tensor."""
+    """A shared mapping seen as bytes, as a uint8 tensor (made on first use: a process that only
+    handles numpy arrays never imports torch) and as numpy arrays."""
 
     def __init__(self, fd: int, size: int, private: bool = False) -> None:
         self.size = size
@@ -111,13 +127,22 @@ class Segment:
         flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
         self.mmap = mmap.mmap(fd, size, flags=flags) if size else None
         self.buffer = memoryview(self.mmap) if self.mmap is not None else memoryview(b"")
-        self.bytes = (torch.frombuffer(self.buffer, dtype=torch.uint8) if size
-                      else torch.empty(0, dtype=torch.uint8))
-        self._typed: dict[torch.dtype, torch.Tensor] = {torch.uint8: self.bytes}
+        self._bytes: torch.Tensor | None = None
+        self._typed: dict[torch.dtype, torch.Tensor] = {}
+
+    @property
+    def bytes(self) -> torch.Tensor:
+        """The whole segment as a uint8 tensor."""
+        if self._bytes is None:
+            torch = _t()
+            self._bytes = (torch.frombuffer(self.buffer, dtype=torch.uint8) if self.size
+                           else torch.empty(0, dtype=torch.uint8))
+        return self._bytes
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        torch = _torch or _t()
         if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype)  # type: ignore[no-any-return]
         # One as_strided on a cached whole-segment view of this dtype: every torch op costs
         # microseconds of dispatch on the hot path, and a slice + two views cost three.
         typed = self._typed.get(dtype)
@@ -130,9 +155,29 @@ class Segment:
                    on_free: Callable[[int], None]) -> torch.Tensor:
         """A tensor over ``[offset, offset+nbytes)`` that calls ``on_free(offset)`` once the tensor and
         every view of it are gone. It keeps the mapping alive on its own."""
+        torch = _torch or _t()
         piece = self.buffer[offset:offset + nbytes]
         weakref.finalize(piece, on_free, offset)
-        return torch.frombuffer(piece, dtype=torch.uint8).view(dtype).view(shape)
+        return torch.frombuffer(piece, dtype=torch.uint8).view(dtype).view(shape)  # type: ignore[no-any-return]
+
+    def array(self, offset: int, nbytes: int, dtype: numpy.dtype[Any], shape: tuple[int, ...]
+              ) -> numpy.ndarray:
+        """A numpy array over ``[offset, offset+nbytes)`` (it keeps the mapping alive)."""
+        import numpy
+
+        if nbytes == 0:
+            return numpy.empty(shape, dtype=dtype)
+        return numpy.frombuffer(self.buffer, dtype=dtype, count=nbytes // dtype.itemsize,
+                                offset=offset).reshape(shape)
+
+    def owned_array(self, offset: int, nbytes: int, dtype: numpy.dtype[Any], shape: tuple[int, ...],
+                    on_free: Callable[[int], None]) -> numpy.ndarray:
+        """:meth:`owned_view` as a numpy array: ``on_free(offset)`` runs once it and its views are gone."""
+        import numpy
+
+        piece = self.buffer[offset:offset + nbytes]
+        weakref.finalize(piece, on_free, offset)
+        return numpy.frombuffer(piece, dtype=dtype).reshape(shape)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -152,7 +197,8 @@ class Arena(Segment):
         half = (size - CONTROL_BYTES) // 2 // ALIGN * ALIGN
         self.inputs = (CONTROL_BYTES, half)
         self.outputs = (CONTROL_BYTES + half, half)
-        self.control = self.bytes[:CONTROL_BYTES].view(torch.int64)
+        #: The control words as int64s (a memoryview: cheaper to index than a tensor, and no torch).
+        self.control = self.buffer[:CONTROL_BYTES].cast("q")
 
     @property
     def running(self) -> int:
@@ -263,7 +309,10 @@ class Placer:
         self.blocks: list[int] = []
         self.fds: list[int] = []
 
-    def place(self, t: torch.Tensor) -> TensorRef:
+    def place(self, t: torch.Tensor | numpy.ndarray) -> TensorRef:
+        if codec.is_array(t):
+            return self._place_array(t)
+        assert not codec.is_array(t)
         nbytes = tensor_nbytes(t)
         dtype, shape = t.dtype, tuple(t.shape)
         if nbytes == 0:
@@ -284,6 +333,25 @@ class Placer:
         self.fds.append(fd)
         copy_into(Segment(fd, nbytes).view(0, nbytes, dtype, shape), t)
         return TensorRef(len(self.fds) - 1, 0, nbytes, str(dtype), shape)
+
+    def _place_array(self, a: numpy.ndarray) -> TensorRef:
+        """:meth:`place` for a numpy array (Note [Arrays without torch]): numpy copies it, without the
+        GIL and on one thread, whatever its strides."""
+        import numpy
+
+        nbytes, shape = int(a.nbytes), tuple(a.shape)
+        name = codec.wire_dtype(a)
+        if nbytes == 0:
+            return TensorRef(-1, 0, 0, name, shape)
+        offset = self.allocator.alloc(nbytes)
+        if offset is not None:
+            self.blocks.append(offset)
+            numpy.copyto(self.segment.array(offset, nbytes, a.dtype, shape), a, casting="no")
+            return TensorRef(-1, offset, nbytes, name, shape)
+        fd = create_memfd(nbytes, "torchpool-oversize")  # Note [Oversize payloads]
+        self.fds.append(fd)
+        numpy.copyto(Segment(fd, nbytes).array(0, nbytes, a.dtype, shape), a, casting="no")
+        return TensorRef(len(self.fds) - 1, 0, nbytes, name, shape)
 
     def place_all(self, tensors: list[torch.Tensor]) -> tuple[TensorRef, ...]:
         """:meth:`place` every tensor; if one fails, free what was placed and re-raise."""
@@ -307,8 +375,10 @@ class Placer:
 
 def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
               on_free: Callable[[int], None] | None = None,
-              on_input_free: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-    """Tensors for *refs*: views of *segment* or of the passed descriptors (which this closes).
+              on_input_free: Callable[[int], None] | None = None,
+              arrays: bool = False) -> list[Any]:
+    """Tensors for *refs* (numpy arrays with *arrays*): views of *segment* or of the passed descriptors
+    (which this closes).
 
     With *on_free* (the web process reading results), small arena tensors are copied out and their
     block freed at once; large ones are zero-copy views whose block is freed when they are collected.
@@ -317,7 +387,8 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
     Every descriptor must be a sealed memfd large enough for its tensor, every reference's size must
     match its shape and dtype, and every arena reference must lie inside *segment*
     (:class:`UnsealedSegment` / ``ValueError`` otherwise; :func:`flask_torchpool.messages.decode`
-    already refused unknown dtypes, negative dimensions and stray segment numbers).
+    already refused unknown dtypes, negative dimensions and stray segment numbers). With *arrays*, a
+    dtype that numpy lacks raises :class:`~flask_torchpool.codec.UnsupportedValue`.
     """
     extra = []
     try:
@@ -328,9 +399,9 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
         for fd in fds:
             os.close(fd)
     size = segment.size
-    dtypes = []
+    dtypes: list[Any] = []
     for ref in refs:
-        dtype = dtype_from_name(ref.dtype)
+        dtype: Any = codec.numpy_dtype(ref.dtype) if arrays else dtype_from_name(ref.dtype)
         numel = 1
         for dim in ref.shape:
             numel *= dim
@@ -341,26 +412,38 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
             raise ValueError(f"a tensor reference [{ref.offset}, {ref.offset + ref.nbytes}) lies outside "
                              f"shared memory of {size} bytes")
         dtypes.append(dtype)
+    if arrays:
+        view, owned, copy = Segment.array, Segment.owned_array, _copy_array
+    else:
+        view, owned, copy = Segment.view, Segment.owned_view, _clone  # type: ignore[assignment]
     out = []
     for ref, dtype in zip(refs, dtypes):
         if ref.seg >= 0:
-            out.append(extra[ref.seg].view(0, ref.nbytes, dtype, ref.shape))
+            out.append(view(extra[ref.seg], 0, ref.nbytes, dtype, ref.shape))
         elif ref.seg == INPUT_ALIAS and on_free is not None and ref.nbytes:
             if ref.nbytes < ZERO_COPY_MIN_BYTES or on_input_free is None:
-                out.append(segment.view(ref.offset, ref.nbytes, dtype, ref.shape).clone())
+                out.append(copy(view(segment, ref.offset, ref.nbytes, dtype, ref.shape)))
             else:
-                out.append(segment.owned_view(ref.offset, ref.nbytes, dtype, ref.shape, on_input_free))
+                out.append(owned(segment, ref.offset, ref.nbytes, dtype, ref.shape, on_input_free))
         elif on_free is None or ref.nbytes == 0:
-            out.append(segment.view(ref.offset, ref.nbytes, dtype, ref.shape))
+            out.append(view(segment, ref.offset, ref.nbytes, dtype, ref.shape))
         elif ref.nbytes < ZERO_COPY_MIN_BYTES:
-            out.append(segment.view(ref.offset, ref.nbytes, dtype, ref.shape).clone())
+            out.append(copy(view(segment, ref.offset, ref.nbytes, dtype, ref.shape)))
             on_free(ref.offset)
         else:
             # Note [Zero-copy outputs]: copying a large result into freshly allocated pages costs several
             # times a plain memcpy (page faults), so the caller gets the arena bytes themselves and the
             # block goes back to the worker when the tensor is garbage-collected.
-            out.append(segment.owned_view(ref.offset, ref.nbytes, dtype, ref.shape, on_free))
+            out.append(owned(segment, ref.offset, ref.nbytes, dtype, ref.shape, on_free))
     return out
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
+
+
+def _copy_array(a: numpy.ndarray) -> numpy.ndarray:
+    return a.copy()
 
 
 def _seg_refs(refs: tuple[TensorRef, ...], count: int) -> list[TensorRef]:

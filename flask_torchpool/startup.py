@@ -33,7 +33,7 @@ from typing import Any, Callable
 import click
 from flask import Flask
 
-from .worker import WORKER_ENV
+from .config import WORKER_ENV
 
 log = logging.getLogger(__name__)
 

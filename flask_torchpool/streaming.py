@@ -75,9 +75,10 @@ def new_call(config: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any], 
     """A call of the process pool, its arguments checked and flattened here, in the calling thread."""
     codec.check_timeout(timeout)  # a NaN deadline would stall the manager
     check_method(method)
-    skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, config.max_input_bytes)
+    flat = codec.flatten_call(args, kwargs, config.max_input_bytes)
     timeout = config.timeout if timeout is None else timeout
-    call = Call(skel_args, skel_kwargs, tensors, Future(), None, config.retries, target=(method, 0))
+    call = Call(flat.args, flat.kwargs, flat.tensors, Future(), None, config.retries, target=(method, 0),
+                numpy=flat.numpy)
     call.deadline = None if timeout is None else call.enqueued + timeout
     return call
 
@@ -466,7 +467,8 @@ class StreamBook:
             _discard(slot, msg, fds)  # nobody reads it any more: the blocks go straight back
             return
         try:
-            value = codec.unflatten(msg.value, shm.read_refs(slot.arena, msg.refs, fds, slot.releases))
+            value = codec.unflatten(msg.value, shm.read_refs(slot.arena, msg.refs, fds, slot.releases,
+                                                             arrays=call.numpy))
         except Exception as err:  # a malformed chunk is a worker bug; the stream must not hang
             with self._sched.lock:
                 self._sched.finish(call, exc=OutputError(f"cannot read a chunk of the stream: {err}"))

@@ -38,7 +38,7 @@ import torch
 
 from . import codec, lanes, messages, shm, weights
 from .channel import Channel
-from .config import PinnedFile
+from .config import WORKER_ENV, PinnedFile
 from .errors import (
     ConfigError,
     InferenceError,
@@ -55,10 +55,6 @@ from .placement import Placement
 
 log = logging.getLogger(__name__)
 
-#: Set in a worker process (and so in whatever it starts) to "<pool name> worker <index>": a TorchPool
-#: created there (by a model module that imports the app) stays inert instead of starting a pool of its
-#: own. An environment variable rather than a module flag: the reader needs no import of this module.
-WORKER_ENV = "FLASK_TORCHPOOL_WORKER"
 
 _PR_SET_PDEATHSIG = 1
 

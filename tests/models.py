@@ -38,6 +38,8 @@ class Echo(nn.Module):
             return torch.ones(kwargs.pop("n"), dtype=torch.uint8)
         if action == "pid":
             return os.getpid()
+        if action == "cast":
+            return args[0].to(getattr(torch, kwargs.pop("dtype")))
         if action == "yield":
             return self.count(kwargs.pop("n"))
         if len(args) == 1 and not kwargs:

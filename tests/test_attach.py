@@ -8,6 +8,7 @@ kills web workers and the pool server with SIGKILL.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -568,6 +569,66 @@ def test_the_gunicorn_hook_module_imports_no_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+
+
+NUMPY_WEB = """
+import json, sys
+import numpy as np
+from flask import Flask, request
+from flask_torchpool import OutputError, TorchPool
+
+app = Flask("numpy_web")
+app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=sys.argv[1],
+                  TORCHPOOL_ARENA_BYTES=4 << 20, TORCHPOOL_HEALTH_URL="/torchpool",
+                  TORCHPOOL_HANDLE_SIGTERM=False, TORCHPOOL_HANDLE_SIGHUP=False, TORCHPOOL_ERROR_DETAILS=True)
+pool = TorchPool(app)
+
+
+@app.post("/predict")
+@pool.infer
+def predict(model):
+    x = np.frombuffer(request.get_data(), dtype=np.float32).reshape(-1, 4)
+    y = model(x)
+    return {"type": type(y).__name__, "dtype": str(y.dtype), "rows": y.tolist()}
+
+
+client = app.test_client()
+out = {"predict": client.post("/predict", data=np.arange(8, dtype=np.float32).tobytes()).get_json()}
+with app.app_context():
+    proxy = pool.model()
+    big = np.arange(1 << 20, dtype=np.float32)         # 4 MiB: more than the arena holds, a one-off memfd
+    wide = np.ones((512, 256), dtype=np.float64)         # 1 MiB: a zero-copy output
+    back = proxy(big, wide[:, ::2], tag="x")
+    out["big"] = [type(back["args"][0]).__name__, bool(np.array_equal(back["args"][0], big))]
+    out["wide"] = bool(np.array_equal(back["args"][1], wide[:, ::2])) and back["kwargs"] == {"tag": "x"}
+    chunks = list(proxy.stream(np.zeros(1, np.float32), action="yield", n=3))
+    out["stream"] = [type(c).__name__ for c in chunks]
+    try:
+        proxy(np.ones(2, np.float32), action="cast", dtype="bfloat16")
+    except OutputError as exc:
+        out["bf16"] = str(exc)
+out["status"] = client.get("/torchpool/status").status_code
+out["metrics"] = client.get("/torchpool/metrics").status_code
+out["torch"] = "torch" in sys.modules
+pool.shutdown(app=app)
+print(json.dumps(out))
+"""
+
+
+def test_a_web_process_that_passes_numpy_arrays_never_imports_torch(served: PoolServer) -> None:
+    """Note [Arrays without torch]: an attached web process whose views pass numpy arrays gets numpy
+    arrays back, on lanes, through the server (streams) and over one-off segments, and never loads
+    torch (~180 MiB a process)."""
+    done = subprocess.run([sys.executable, "-c", NUMPY_WEB, served.path], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["predict"] == {"type": "ndarray", "dtype": "float32", "rows": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+    assert out["big"] == ["ndarray", True] and out["wide"] is True, out
+    assert out["stream"] == ["ndarray", "dict", "ndarray"], out
+    assert "bfloat16 tensor has no numpy dtype" in out["bf16"], out
+    assert (out["status"], out["metrics"]) == (200, 200), out
+    assert out["torch"] is False, "the web process imported torch"
 
 
 @pytest.mark.timeout(240)

@@ -45,6 +45,7 @@ from flask_torchpool import (
     InferenceTimeoutError,
     InvalidInputError,
     ModelProxy,
+    OutputError,
     PayloadTooLargeError,
     PoolClosedError,
     RemoteTraceback,
@@ -235,12 +236,16 @@ ROUND_TRIPS: dict[str, Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]] = {
 
 def assert_same(got: Any, want: Any, path: str = "output") -> None:
     """*got* is *want*: the same types (tuples stay tuples), dict keys in the same order, tensors of the
-    same dtype, shape, device and values, and ordinary tensors (no grad, not inference tensors)."""
+    same dtype, shape, device and values, and ordinary tensors (no grad, not inference tensors); numpy
+    arrays of the same dtype, shape and values."""
     assert type(got) is type(want), f"{path}: {type(got).__name__} instead of {type(want).__name__}"
     if isinstance(want, torch.Tensor):
         assert (got.dtype, got.shape, got.device) == (want.dtype, want.shape, want.device), path
         assert torch.equal(got, want), f"{path}: {got} != {want}"
         assert not got.requires_grad and not got.is_inference(), path
+    elif isinstance(want, np.ndarray):
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), f"{path}: {got!r} != {want!r}"
+        assert np.array_equal(got, want), f"{path}: {got} != {want}"
     elif isinstance(want, (list, tuple)):
         assert len(got) == len(want), path
         for i, (g, w) in enumerate(zip(got, want)):
@@ -254,8 +259,8 @@ def assert_same(got: Any, want: Any, path: str = "output") -> None:
 
 
 def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.clone() if isinstance(value, torch.Tensor) else value.copy()
     if isinstance(value, (list, tuple)):
         return type(value)(_clone(v) for v in value)
     if isinstance(value, dict):
@@ -274,6 +279,53 @@ def test_round_trip_matches_the_model_run_locally(backend: Backend, case: str) -
     if isinstance(got, torch.Tensor) and got.numel():
         got.add_(1)  # the result is the caller's own: writing it changes nothing the caller sent
         assert_same((args, kwargs), sent, "the caller's arguments after writing the result")
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a = np.frombuffer(a.tobytes(), dtype=a.dtype).reshape(a.shape)  # as np.frombuffer(request.data)
+    assert not a.flags.writeable
+    return a
+
+
+NUMPY_TRIPS: dict[str, Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]] = {
+    "array": lambda: ((np.arange(6.0, dtype=np.float32).reshape(2, 3),), {}),
+    "zero-copy-sized": lambda: ((np.arange(256 * 256, dtype=np.float32).reshape(256, 256),), {}),
+    "non-contiguous": lambda: ((np.arange(6.0).reshape(2, 3).T,), {}),
+    "read-only": lambda: ((_read_only(np.arange(12, dtype=np.int64).reshape(3, 4)),), {}),
+    "0-d": lambda: ((np.array(3.5),), {}),
+    "empty": lambda: ((np.empty((0, 3), dtype=np.float32),), {}),
+    "dtypes": lambda: (tuple(np.arange(4).astype(d) for d in (
+        np.float32, np.float64, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_,
+        np.complex64, np.complex128)), {}),
+    "nested": lambda: (({"a": [np.ones((2, 2), np.float32), 2.5, "s", None]},),
+                       {"key": (1, np.zeros(2, dtype=np.int64))}),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMPY_TRIPS))
+def test_numpy_arrays_come_back_as_numpy_arrays(backend: Backend, case: str) -> None:
+    args, kwargs = NUMPY_TRIPS[case]()
+    sent = _clone((args, kwargs))
+    want = _clone(args[0] if len(args) == 1 and not kwargs else {"args": args, "kwargs": kwargs})
+    got = backend.proxy()(*args, **kwargs)
+    assert_same(got, want)
+    assert_same(backend.proxy().submit(*args, **kwargs).result(60), want)
+    assert_same(asyncio.run(backend.proxy().acall(*args, **kwargs)), want)
+    if isinstance(got, np.ndarray) and got.size:
+        got += 1  # the result is the caller's own: writing it changes nothing the caller sent
+        assert_same((args, kwargs), sent, "the caller's arguments after writing the result")
+
+
+def test_numpy_and_torch_in_one_call_give_torch_tensors(backend: Backend) -> None:
+    got = backend.proxy()(np.ones(2, dtype=np.float32), torch.zeros(1))
+    assert_same(got, {"args": (torch.ones(2), torch.zeros(1)), "kwargs": {}})
+
+
+def test_a_numpy_call_whose_output_numpy_lacks_gets_an_output_error(backend: Backend) -> None:
+    with pytest.raises(OutputError, match="bfloat16 tensor has no numpy dtype"):
+        backend.proxy()(np.ones(2, dtype=np.float32), action="cast", dtype="bfloat16")
+    assert_same(backend.proxy()(torch.ones(2), action="cast", dtype="bfloat16"),
+                torch.ones(2, dtype=torch.bfloat16))  # torch callers get it; the pool serves on
 
 
 def test_submit_and_acall_give_the_same_results(backend: Backend) -> None:
@@ -323,7 +375,10 @@ def test_a_model_error_is_an_inference_error_and_the_pool_keeps_serving(backend:
 
 
 INVALID: dict[str, Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]] = {
-    "numpy-array": lambda: ((np.zeros(3),), {}),
+    "numpy-object-array": lambda: ((np.array([object(), 1]),), {}),
+    "numpy-strings": lambda: ((np.array(["a", "b"]),), {}),
+    "numpy-big-endian": lambda: ((np.zeros(3, dtype=">f4"),), {}),
+    "numpy-scalar": lambda: ((np.float32(1.0),), {}),
     "object": lambda: ((object(),), {}),
     "set": lambda: (({1, 2},), {}),
     "nested-object": lambda: (({"a": [torch.ones(1), object()]},), {}),
@@ -586,6 +641,15 @@ def test_streams_yield_in_order_and_end_with_the_models_error(backend: Backend) 
         backend.proxy()(torch.ones(1), action="yield", n=3)
     with pytest.raises(InferenceError, match="no method 'nope'"):
         backend.proxy().call("nope")
+
+
+def test_a_stream_started_with_numpy_arrays_yields_numpy_arrays(backend: Backend) -> None:
+    if backend.kind == "ray":  # documented: the Ray backend does not stream
+        with pytest.raises(InferenceError, match="not supported by the Ray backend"):
+            backend.proxy().stream(np.ones(1, np.float32), action="yield", n=3)
+        return
+    got = list(backend.proxy().stream(np.ones(1, np.float32), action="yield", n=3))
+    assert_same(got, [np.array([0]), {"i": 1, "text": "t1"}, np.array([2])])
 
 
 def test_closing_a_stream_closes_the_generator(backend: Backend, tmp_path: Path) -> None:

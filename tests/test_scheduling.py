@@ -100,7 +100,7 @@ def make() -> Iterator[Any]:
 
 
 def call(*args: Any, batch: bool = True, timeout: float | None = None, **kwargs: Any) -> Call:
-    skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, 1 << 30)
+    skel_args, skel_kwargs, tensors, _ = codec.flatten_call(args, kwargs, 1 << 30)
     c = Call(skel_args, skel_kwargs, tensors, Future(),
              None if timeout is None else time.monotonic() + timeout, retries=1)
     if batch:

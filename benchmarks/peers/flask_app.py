@@ -29,20 +29,14 @@ import torch
 from flask import Flask, Response, request
 
 from benchmarks.peers import common
+from benchmarks.peers.numpy_app import add_light_routes
 
 
 def create_app() -> Flask:
     app = Flask(__name__)
     w = common.workload()
     mode = os.environ.get("BENCH_MODE", "inprocess")
-
-    @app.get("/health")
-    def health() -> Response:
-        return Response("ok", mimetype="text/plain")
-
-    @app.get("/ping")
-    def ping() -> Response:
-        return Response("pong", mimetype="text/plain")
+    add_light_routes(app)
 
     def answer(x_or_error: torch.Tensor | str, status: int = 200) -> Response:
         body = common.encode(x_or_error) if isinstance(x_or_error, torch.Tensor) else json.dumps(

@@ -63,6 +63,7 @@ class _Pending:
     future: Future[Any]
     blocks: list[int]
     sink: Sink | None = None  # a stream's chunks
+    numpy: bool = False       # the call passed numpy arrays: its outputs are read as numpy arrays
 
 
 @dataclass(eq=False)
@@ -256,7 +257,8 @@ class PoolConnection:
         when this process holds one for the model (Note [Lanes]), else through the server."""
         codec.check_timeout(timeout)
         check_method(method)
-        skel_args, skel_kwargs, tensors = codec.flatten_call(args, kwargs, max_input_bytes)
+        skel_args, skel_kwargs, tensors, numpy = codec.flatten_call(args, kwargs, max_input_bytes,
+                                                                    arrays=True)
         self.connect(wait=timeout if timeout is not None else 60.0)
         link = self._link
         if link is None:
@@ -275,7 +277,8 @@ class PoolConnection:
                 return self._start(model, args, kwargs, left, batch, max_input_bytes, method, None, False)[0]
 
             lane_id = next(_ids)
-            sent = self.lanes.submit(lane, lane_id, skel_args, skel_kwargs, tensors, deadline, method, resend)
+            sent = self.lanes.submit(lane, lane_id, skel_args, skel_kwargs, tensors, deadline, method, resend,
+                                     numpy)
             if sent is not None:
                 return sent, lane_id
         placer = shm.Placer(link.arena, link.inputs)
@@ -287,7 +290,7 @@ class PoolConnection:
                 placer.rollback()
                 raise self._unavailable(f"lost the connection to the pool server at {self.path}")
             # Kept until the server answers, even once cancelled: it may still read these input blocks.
-            self._pending[call_id] = _Pending(future, placer.blocks, sink)
+            self._pending[call_id] = _Pending(future, placer.blocks, sink, numpy)
         try:
             link.channel.send(messages.RemoteCall(call_id, model, skel_args, skel_kwargs, refs, timeout,
                                                   batch, link.releases.drain(), method, sink is not None),
@@ -428,7 +431,8 @@ class PoolConnection:
                 link.inputs.free(offset)
             if isinstance(msg, messages.Result):
                 try:
-                    tensors = shm.read_refs(link.arena, msg.refs, fds, on_free=link.releases)
+                    tensors = shm.read_refs(link.arena, msg.refs, fds, on_free=link.releases,
+                                            arrays=pending.numpy)
                     _settle(pending.future, codec.unflatten(msg.value, tensors))
                 except Exception as exc:  # noqa: BLE001 - a bad result fails its call, not the reader
                     _settle(pending.future, exc=errors.OutputError(f"cannot read the result: {exc}"))
@@ -444,7 +448,7 @@ class PoolConnection:
 
     def _on_chunk(self, link: _Link, pending: _Pending, msg: messages.StreamChunk, fds: list[int]) -> None:
         try:
-            tensors = shm.read_refs(link.arena, msg.refs, fds, on_free=link.releases)
+            tensors = shm.read_refs(link.arena, msg.refs, fds, on_free=link.releases, arrays=pending.numpy)
             value = codec.unflatten(msg.value, tensors)
         except Exception as exc:  # noqa: BLE001 - a bad chunk fails its stream, not the reader
             if pending.sink is not None:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import messages
 from ..errors import ReloadError
-from ..versions import reload_request
 
 if TYPE_CHECKING:
     from .client import PoolConnection
@@ -25,6 +24,8 @@ def answer_request(server: Any, msg: messages.StatusRequest | messages.ReloadReq
     if isinstance(msg, messages.StatusRequest):
         send(messages.StatusReply(msg.id, server.status()))
         return
+
+    from ..versions import reload_request  # the server's half: it loads torch, which clients need not
 
     def reload() -> None:
         reply = reload_request(server.pools, server.default_model, msg)

@@ -75,10 +75,11 @@ _DISARMED = select.EPOLLONESHOT
 
 
 class _Call:
-    __slots__ = ("future", "blocks", "deadline", "started", "settled", "resend")
+    __slots__ = ("future", "blocks", "deadline", "started", "settled", "resend", "numpy")
 
     def __init__(self, future: Future[Any], blocks: list[int], deadline: float,
-                 resend: Callable[[], Future[Any]]) -> None:
+                 resend: Callable[[], Future[Any]], numpy: bool = False) -> None:
+        self.numpy = numpy  # the caller passed numpy arrays: read its outputs as numpy arrays
         self.future = future
         self.blocks = blocks
         self.deadline = deadline
@@ -224,12 +225,13 @@ class ClientLanes:
         return best
 
     def submit(self, lane: Lane, call_id: int, args: Any, kwargs: Any, tensors: list[Any], deadline: float,
-               method: str | None, resend: Callable[[], Future[Any]]) -> Future[Any] | None:
+               method: str | None, resend: Callable[[], Future[Any]], numpy: bool = False
+               ) -> Future[Any] | None:
         """Send one call on *lane*; None when the lane failed (send it through the server instead)."""
         placer = shm.Placer(lane.arena, lane.inputs)
         refs = placer.place_all(tensors)
         future = LaneFuture(self, lane, call_id)
-        call = _Call(future, placer.blocks, deadline, resend)
+        call = _Call(future, placer.blocks, deadline, resend, numpy)
         with self._lock:
             if not lane.open:
                 placer.rollback()
@@ -392,7 +394,7 @@ class ClientLanes:
         exc: BaseException | None = None
         if type(msg) is messages.Result:
             try:  # before the input blocks are freed: an output may alias an input (it is copied out)
-                tensors = shm.read_refs(lane.arena, msg.refs, fds, on_free=lane.releases)
+                tensors = shm.read_refs(lane.arena, msg.refs, fds, on_free=lane.releases, arrays=call.numpy)
                 value = codec.unflatten(msg.value, tensors)
             except Exception as err:  # noqa: BLE001 - a bad result fails its call, not the reader
                 exc = OutputError(f"cannot read the result: {err}")

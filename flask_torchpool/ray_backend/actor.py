@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from .. import codec
+from ..config import WORKER_ENV
 from ..errors import InferenceError, InvalidInputError, OutputError, RemoteTraceback, to_wire
-from ..worker import WORKER_ENV, close_iterator, load_model
+from ..worker import close_iterator, load_model
 
 #: What :meth:`ModelActor.run` answers: ("ok", output skeleton, output tensors) or ("error", WireError).
 Reply = tuple[Any, ...]

@@ -58,6 +58,7 @@ from ..errors import (
     to_wire,
 )
 from ..metrics import Metrics
+from ..outputs import NumpyFuture
 from ..placement import Placement
 from ..status import ModelStatus, WorkerState, model_status, worker_status
 from ..streaming import Stream, check_method, new_call
@@ -192,9 +193,10 @@ class RayPool:
         method of the model on the actor. Cancelling the future does not drop the call on this backend
         (the call runs; its result is discarded)."""
         call = new_call(self.config, args, kwargs, timeout, method)
-        return admission.submit(self._sched, self.config, call, batch, check_open=self._check_open,
-                                add_deadline=self._deadlines.add, next_wake=self._wake_time,
-                                wake=self._wake)
+        future = admission.submit(self._sched, self.config, call, batch, check_open=self._check_open,
+                                  add_deadline=self._deadlines.add, next_wake=self._wake_time,
+                                  wake=self._wake)
+        return NumpyFuture(future) if call.numpy else future
 
     def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
                method: str | None = None) -> Stream:
