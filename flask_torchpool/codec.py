@@ -104,7 +104,7 @@ def check_array(a: numpy.ndarray, path: str) -> None:
 
 def check_tensor(t: torch.Tensor, path: str) -> None:
     """Refuse tensors whose bytes cannot be placed in shared memory as a dense strided block."""
-    import torch
+    torch = sys.modules["torch"]  # loaded: *t* is a tensor
 
     if str(t.dtype) not in (_torch_dtypes or _by_name()):
         raise UnsupportedValue(path, f"a {t.dtype} tensor cannot travel; allowed dtypes are "
