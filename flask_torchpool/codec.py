@@ -12,9 +12,9 @@ It also encodes skeletons for the wire (Note [Tagged values]): :func:`encode_val
 budget (depth, nodes, bytes); and the fixed table of dtypes that may travel (:data:`DTYPE_NAMES`).
 
 Note [Arrays without torch]: this module, :mod:`flask_torchpool.shm` and the attached client import no
-torch, so that an attached web process whose views pass numpy arrays never loads it (~180 MiB of memory
-per process). A value is a torch tensor only if torch is loaded (:func:`tensor_type`); numpy arrays
-travel like tensors, with the same wire dtypes (:data:`NUMPY_NAMES`).
+torch, so that an attached web process whose views pass numpy arrays never loads it (~150 MiB of
+private memory per process). A value is a torch tensor only if torch is loaded (:func:`tensor_type`);
+numpy arrays travel like tensors, with the same wire dtypes (:data:`NUMPY_NAMES`).
 """
 
 from __future__ import annotations

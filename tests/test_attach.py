@@ -618,7 +618,7 @@ print(json.dumps(out))
 def test_a_web_process_that_passes_numpy_arrays_never_imports_torch(served: PoolServer) -> None:
     """Note [Arrays without torch]: an attached web process whose views pass numpy arrays gets numpy
     arrays back, on lanes, through the server (streams) and over one-off segments, and never loads
-    torch (~180 MiB a process)."""
+    torch (~150 MiB of private memory a process)."""
     done = subprocess.run([sys.executable, "-c", NUMPY_WEB, served.path], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
