@@ -200,11 +200,11 @@ class Scheduler(Generic[S]):
 
     def __init__(self, slots: Sequence[S], metrics: Metrics, *, max_batch_size: int, batch_delay: float,
                  pipeline_depth: int, retry_after: int, lock: threading.Lock | None = None,
-                 batch_buckets: Sequence[int] = ()) -> None:
+                 batch_buckets: tuple[int, ...] = ()) -> None:
         self.slots = slots
         self.metrics = metrics
         self.max_batch_size = max_batch_size
-        self.batch_buckets = tuple(sorted(batch_buckets))
+        self.batch_buckets = batch_buckets  # ascending, as ModelConfig keeps them
         self.batch_delay = batch_delay
         self.pipeline_depth = pipeline_depth
         self.retry_after = retry_after

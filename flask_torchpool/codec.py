@@ -49,17 +49,18 @@ class UnsupportedValue(Exception):
 
 
 _tensor: type | None = None
+_size: type | None = None   # torch.Size, set with _tensor
 _ndarray: type | None = None
 
 
 def tensor_type() -> type | None:
     """``torch.Tensor`` once torch is loaded in this process, else None (nothing can be a tensor)."""
-    global _tensor
+    global _tensor, _size
     if _tensor is None:
         torch = sys.modules.get("torch")
         tensor = getattr(torch, "Tensor", None)
         if isinstance(tensor, type) and hasattr(torch, "strided"):  # torch fully imported
-            _tensor = tensor
+            _tensor, _size = tensor, getattr(torch, "Size", None)
     return _tensor
 
 
@@ -151,7 +152,7 @@ def flatten(obj: Any, tensors: list[Any], path: str, sizes: list[int] | None = N
         raise UnsupportedValue(path, f"nested more than {MAX_DEPTH} levels deep")
     if kind is list:
         return [flatten(v, tensors, f"{path}[{i}]", sizes, depth + 1) for i, v in enumerate(obj)]
-    if kind is tuple or (kind.__name__ == "Size" and tensor is not None and kind is _size_type()):
+    if kind is tuple or kind is _size:   # _size is set once torch is loaded (tensor_type, above)
         return tuple(flatten(v, tensors, f"{path}[{i}]", sizes, depth + 1) for i, v in enumerate(obj))
     if kind is dict:
         out = {}
@@ -169,11 +170,6 @@ def flatten(obj: Any, tensors: list[Any], path: str, sizes: list[int] | None = N
     raise UnsupportedValue(path, f"{kind.__module__}.{kind.__qualname__} cannot travel to or from a "
                                  "worker; allowed are tensors, numpy arrays, None, bool, int, float, "
                                  f"complex, str, bytes and tuples, lists and dicts of them{hint}")
-
-
-def _size_type() -> type | None:
-    torch = sys.modules.get("torch")
-    return getattr(torch, "Size", None)
 
 
 class Flat(NamedTuple):
@@ -292,8 +288,6 @@ _DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "complex64", "compl
 DTYPE_NAMES: tuple[str, ...] = tuple(f"torch.{n}" for n in _DTYPE_NAMES)
 #: Wire name -> wire code.
 DTYPE_NAME_CODES: dict[str, int] = {n: i for i, n in enumerate(DTYPE_NAMES)}
-#: Item size of each code.
-DTYPE_ITEMSIZE: tuple[int, ...] = (4, 8, 2, 2, 8, 16, 1, 1, 2, 4, 8, 1, 2, 4, 8, 4, 1, 1, 1, 1)
 #: numpy dtype name -> wire name, for the dtypes numpy has (no bfloat16, complex32 or float8).
 NUMPY_NAMES: dict[str, str] = {n: f"torch.{n}" for n in _DTYPE_NAMES[:15] if n != "bfloat16"}
 _NUMPY_DTYPES: dict[str, Any] = {}
@@ -309,11 +303,6 @@ def _by_name() -> dict[str, Any]:
         _torch_dtypes = {f"torch.{n}": d for n in _DTYPE_NAMES
                          if isinstance(d := getattr(torch, n, None), torch.dtype)}
     return _torch_dtypes
-
-
-def torch_dtypes() -> dict[Any, int]:
-    """torch dtype -> wire code, for the dtypes this torch has (imports torch)."""
-    return {d: DTYPE_NAME_CODES[n] for n, d in _by_name().items()}
 
 
 def dtype_from_name(name: str) -> torch.dtype:

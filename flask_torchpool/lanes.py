@@ -69,16 +69,9 @@ class Peer:
         self.arena = arena
         self.outputs = shm.Allocator(*arena.outputs)
         #: The arena's control words (None once the lane is closed).
-        self.words: memoryview | None = control_words(arena)
+        self.words: memoryview | None = arena.control
         self.queued = 0
         self.acked = False
-
-
-def control_words(arena: shm.Arena) -> memoryview:
-    """*arena*'s control words as int64s: reading or writing one costs far less than through
-    ``arena.control`` (a tensor), which matters on every call."""
-    assert arena.mmap is not None
-    return memoryview(arena.mmap)[:shm.CONTROL_BYTES].cast("q")
 
 
 def map_lane(fds: list[int], min_bytes: int, max_bytes: int) -> tuple[Channel, shm.Arena]:

@@ -326,7 +326,7 @@ def _get_refs(data: bytes, pos: int, count: int, nfds: int, alias: bool) -> tupl
             raise WireFormatError(f"a tensor of {ndim} dimensions (at most {MAX_NDIM})")
         shape = _DIMS[ndim].unpack_from(data, pos)
         pos += 8 * ndim
-        if code >= len(codec.DTYPE_ITEMSIZE) or not codec.DTYPE_ITEMSIZE[code]:
+        if code >= len(_DTYPE_STRS):
             raise WireFormatError(f"unknown dtype code {code}")
         for dim in shape:
             if dim < 0:

@@ -67,8 +67,14 @@ def split(job: Job[Any], msg: messages.Result, fds: list[int]) -> list[tuple[Any
                                 input_releaser(job, msg.refs))
     except Exception as err:  # a malformed reply is a worker bug; the calls must not hang
         return [(None, OutputError(f"cannot read the model's output: {err}")) for _ in job.members]
+    return split_rows(job, msg.value, tensors)
+
+
+def split_rows(job: Job[Any], skel: Any, tensors: list[Any]) -> list[tuple[Any, BaseException | None]]:
+    """The result of each member of *job* from the model's output (*skel* and its *tensors*): a plain
+    call gets it whole, a batch's members their rows (views); the process and Ray backends share it."""
     if job.key is None:
-        return [(codec.unflatten(msg.value, tensors), None)]
+        return [(codec.unflatten(skel, tensors), None)]
     rows = job.rows + job.padded   # a padded batch's last rows are copies; nobody gets their outputs
     for t in tensors:
         if t.dim() == 0 or t.shape[0] != rows:
@@ -77,11 +83,8 @@ def split(job: Job[Any], msg: messages.Result, fds: list[int]) -> list[tuple[Any
                 "rows; batched outputs must keep dim 0 aligned with the inputs. Turn batching off "
                 "for this view (@pool.infer(batch=False)) or return per-row outputs"))
                 for _ in job.members]
-    out: list[tuple[Any, BaseException | None]] = []
-    for member, start in zip(job.members, job.starts):
-        part = [t[start:start + member.rows] for t in tensors]
-        out.append((codec.unflatten(msg.value, part), None))
-    return out
+    return [(codec.unflatten(skel, [t[start:start + m.rows] for t in tensors]), None)
+            for m, start in zip(job.members, job.starts)]
 
 
 def input_releaser(job: Job[Any], refs: tuple[shm.TensorRef, ...]) -> Callable[[int], None] | None:

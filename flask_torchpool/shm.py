@@ -310,48 +310,31 @@ class Placer:
         self.fds: list[int] = []
 
     def place(self, t: torch.Tensor | numpy.ndarray) -> TensorRef:
-        if codec.is_array(t):
-            return self._place_array(t)
-        assert not codec.is_array(t)
-        nbytes = tensor_nbytes(t)
-        dtype, shape = t.dtype, tuple(t.shape)
+        """Write *t* (a tensor, or a numpy array: Note [Arrays without torch]) and return its reference."""
+        nbytes, name, shape = tensor_nbytes(t), codec.wire_dtype(t), tuple(t.shape)
         if nbytes == 0:
-            return TensorRef(-1, 0, 0, str(dtype), shape)
-        if shared_tensors and t.device.type == "cpu" and t.is_contiguous():
+            return TensorRef(-1, 0, 0, name, shape)
+        if shared_tensors and not codec.is_array(t) and t.device.type == "cpu" and t.is_contiguous():
             fd = shared_tensors.get(t.data_ptr())
             if fd is not None:  # Note [Body buffers]: the worker maps the body where it was read
                 self.fds.append(os.dup(fd))
-                return TensorRef(len(self.fds) - 1, 0, nbytes, str(dtype), shape)
-        offset = self.allocator.alloc(nbytes)
+                return TensorRef(len(self.fds) - 1, 0, nbytes, name, shape)
+        seg, target, offset = -1, self.segment, self.allocator.alloc(nbytes)
         if offset is not None:
             self.blocks.append(offset)
-            copy_into(self.segment.view(offset, nbytes, dtype, shape), t)
-            return TensorRef(-1, offset, nbytes, str(dtype), shape)
-        # Note [Oversize payloads]: a one-off segment, mapped once on each side and closed after the
-        # call. It costs fresh pages and a descriptor, never a pickle of the data.
-        fd = create_memfd(nbytes, "torchpool-oversize")
-        self.fds.append(fd)
-        copy_into(Segment(fd, nbytes).view(0, nbytes, dtype, shape), t)
-        return TensorRef(len(self.fds) - 1, 0, nbytes, str(dtype), shape)
+        else:
+            # Note [Oversize payloads]: a one-off segment, mapped once on each side and closed after the
+            # call. It costs fresh pages and a descriptor, never a pickle of the data.
+            fd = create_memfd(nbytes, "torchpool-oversize")
+            self.fds.append(fd)
+            seg, target, offset = len(self.fds) - 1, Segment(fd, nbytes), 0
+        if codec.is_array(t):  # numpy copies it, without the GIL and on one thread, whatever its strides
+            import numpy
 
-    def _place_array(self, a: numpy.ndarray) -> TensorRef:
-        """:meth:`place` for a numpy array (Note [Arrays without torch]): numpy copies it, without the
-        GIL and on one thread, whatever its strides."""
-        import numpy
-
-        nbytes, shape = int(a.nbytes), tuple(a.shape)
-        name = codec.wire_dtype(a)
-        if nbytes == 0:
-            return TensorRef(-1, 0, 0, name, shape)
-        offset = self.allocator.alloc(nbytes)
-        if offset is not None:
-            self.blocks.append(offset)
-            numpy.copyto(self.segment.array(offset, nbytes, a.dtype, shape), a, casting="no")
-            return TensorRef(-1, offset, nbytes, name, shape)
-        fd = create_memfd(nbytes, "torchpool-oversize")  # Note [Oversize payloads]
-        self.fds.append(fd)
-        numpy.copyto(Segment(fd, nbytes).array(0, nbytes, a.dtype, shape), a, casting="no")
-        return TensorRef(len(self.fds) - 1, 0, nbytes, name, shape)
+            numpy.copyto(target.array(offset, nbytes, t.dtype, shape), t, casting="no")
+        else:
+            copy_into(target.view(offset, nbytes, t.dtype, shape), t)
+        return TensorRef(seg, offset, nbytes, name, shape)
 
     def place_all(self, tensors: list[torch.Tensor]) -> tuple[TensorRef, ...]:
         """:meth:`place` every tensor; if one fails, free what was placed and re-raise."""

@@ -1389,11 +1389,10 @@ def _fast_path_verdicts(run: Run) -> list[Verdict]:
     # peak PSS on the wide MLP: embedded, and the leanest attach server (the numpy app's web processes
     # import no torch)
     attach = ("attach-batch", "attach", "attach-gthread-batch", "attach-numpy", "attach-gthread-batch-numpy")
-    for servers, need in ((("torchpool-batch",), 0.6), (attach, 0.8)):
-        gun = _cell(run, "wide-mlp", "gunicorn", sat)
+    gun = _cell(run, "wide-mlp", "gunicorn", sat)
+    for what, servers, need in (("torchpool-batch", ("torchpool-batch",), 0.6), ("attach", attach, 0.8)):
         cells = [(s, c) for s in servers if (c := _cell(run, "wide-mlp", s, sat)) and c.pss_mib]
-        name = f"wide-mlp: peak PSS of {'/'.join(servers[:1]) if len(servers) == 1 else 'attach'} <= " \
-               f"{need:g}x gunicorn -w N sync"
+        name = f"wide-mlp: peak PSS of {what} <= {need:g}x gunicorn -w N sync"
         if cells and gun and gun.pss_mib:
             server, ours = min(cells, key=lambda sc: sc[1].pss_mib)
             r = ours.pss_mib / gun.pss_mib

@@ -98,7 +98,7 @@ class Lane:
         self.id = offer.lane
         self.inputs = shm.Allocator(*self.arena.inputs)
         self.releases = shm.ReleaseQueue()
-        self.words = lanes.control_words(self.arena)
+        self.words = self.arena.control
         self.calls: dict[int, _Call] = {}
         self.open = True  # False once the worker said Stop: no new calls
         self.reading = threading.Lock()  # the token: held by the one thread that reads the socket

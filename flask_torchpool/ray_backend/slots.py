@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from .. import codec, shm
+from .. import shm
 from ..batching import Call, CallState, Job, Scheduler, idle
 from ..config import PoolConfig
 from ..deadlines import DeadlineHeap
-from ..errors import InferenceTimeoutError, OutputError, WireError, from_wire
-from ..outputs import bucket
+from ..errors import InferenceTimeoutError, WireError, from_wire
+from ..outputs import bucket, split_rows
 from ..placement import Placement
 from ..status import WorkerState
 from ..workers import BACKOFF_CAP, BACKOFF_FIRST
@@ -195,7 +195,7 @@ class RayScheduler(Scheduler[ActorSlot]):
             failed = reply[0] != "ok"
             alone = failed and job.key is not None and len(members) > 1
             if not failed:
-                results = split(job, reply[1], reply[2])
+                results = split_rows(job, reply[1], reply[2])
             else:
                 results = [(None, None if alone else from_wire(WireError(*reply[1]))) for _ in job.members]
             with self.lock:
@@ -252,18 +252,3 @@ class Deadlines:
             elif job.id in slot.refs:
                 cancel.append(slot.refs[job.id])
         return kill, cancel
-
-
-def split(job: Job[Any], skel: Any, tensors: list[torch.Tensor]) -> list[tuple[Any, BaseException | None]]:
-    """Each member's result of *job*, from the actor's output (skeleton and tensors)."""
-    if job.key is None:
-        return [(codec.unflatten(skel, tensors), None)]
-    rows = job.rows + job.padded   # a padded batch's last rows are copies; nobody gets their outputs
-    for t in tensors:
-        if t.dim() == 0 or t.shape[0] != rows:
-            err = (f"the model returned a tensor of shape {tuple(t.shape)} for a batch of {rows} rows: "
-                   "batched outputs must keep dim 0 aligned with the inputs (or turn batching off for "
-                   "the view, @pool.infer(batch=False))")
-            return [(None, OutputError(err)) for _ in job.members]
-    return [(codec.unflatten(skel, [t[start:start + m.rows] for t in tensors]), None)
-            for m, start in zip(job.members, job.starts)]
