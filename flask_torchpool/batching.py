@@ -31,6 +31,7 @@ from .metrics import Metrics, outcome_of
 from .status import WorkerState
 
 if TYPE_CHECKING:
+    import numpy
     import torch
 
 _ids = itertools.count(1)
@@ -85,7 +86,7 @@ class Call:
 
     args: Any
     kwargs: Any
-    tensors: list[torch.Tensor]
+    tensors: list[torch.Tensor | numpy.ndarray]   # numpy arrays stay arrays: no torch needed to place them
     future: Future[Any] | None  # None once finished
     deadline: float | None
     retries: int
@@ -175,13 +176,14 @@ def batch_key(call: Call) -> tuple[Any, int]:
     rows = None
     shapes = []
     for t in call.tensors:
-        if t.dim() == 0:
+        shape = tuple(t.shape)
+        if not shape:
             return None, 0
         if rows is None:
-            rows = t.shape[0]
-        elif t.shape[0] != rows:
+            rows = shape[0]
+        elif shape[0] != rows:
             return None, 0
-        shapes.append((t.dtype, tuple(t.shape[1:])))
+        shapes.append((codec.wire_dtype(t), shape[1:]))  # a tensor and an array of one dtype batch together
     if not rows:
         return None, 0
     try:
@@ -376,8 +378,7 @@ class Scheduler(Generic[S]):
             else:
                 start = job.starts[job.members.index(call)]
                 for t, (offset, row_bytes) in zip(call.tensors, job.regions):
-                    shm.copy_into(arena.view(offset + start * row_bytes, row_bytes * call.rows, t.dtype,
-                                             tuple(t.shape)), t)
+                    shm.write(arena, offset + start * row_bytes, t)
         except BaseException as exc:
             error = exc
         with self.lock:
@@ -429,7 +430,7 @@ class Scheduler(Generic[S]):
         else:
             # The layout comes from the key: a member that finished (deadline) holds no tensors.
             rows = outputs.pad(job, self.batch_buckets)
-            refs = tuple(shm.TensorRef(-1, offset, row_bytes * rows, str(dtype), (rows, *shape))
+            refs = tuple(shm.TensorRef(-1, offset, row_bytes * rows, dtype, (rows, *shape))
                          for (dtype, shape), (offset, row_bytes) in zip(job.key[1], job.regions))
             self.metrics.record_batch(job.rows, len(job.members), job.padded)
             self.last_batch_calls = len(job.members)
@@ -497,7 +498,7 @@ class Scheduler(Generic[S]):
             # Note [A failed batch]: its error may quote any member's input; each member runs again alone.
             alone = isinstance(msg, messages.Failure) and job.key is not None and len(members) > 1
             if isinstance(msg, messages.Result):
-                results = outputs.split(job, msg, fds)
+                results = outputs.split(job, msg, fds, arrays=all(m.numpy for m in members))
             else:
                 results = [(None, None if alone else from_wire(WireError(*msg[1:]))) for _ in job.members]
             # Only now: outputs that are inputs were read from these blocks (Note [Outputs that

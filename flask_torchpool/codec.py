@@ -15,6 +15,17 @@ Note [Arrays without torch]: this module, :mod:`flask_torchpool.shm` and the att
 torch, so that an attached web process whose views pass numpy arrays never loads it (~150 MiB of
 private memory per process). A value is a torch tensor only if torch is loaded (:func:`tensor_type`);
 numpy arrays travel like tensors, with the same wire dtypes (:data:`NUMPY_NAMES`).
+
+Note [A pool server without torch]: the process that runs a process pool (the pool server, or an
+embedded web process) only moves bytes, so it loads torch only for a call that has a torch tensor or
+no array at all. The pool keeps numpy arrays as they are (``streaming.new_call(..., arrays=True)``),
+writes them into arenas and batch rows with ``numpy.copyto`` (:func:`flask_torchpool.shm.write`) and
+reads an answer as numpy arrays when every caller waiting for it passed numpy arrays
+(:func:`flask_torchpool.outputs.split`); an attached client flags such calls (``RemoteCall.numpy``) and
+the server reads and answers them with numpy. Workers are launched through the standard library's spawn
+context and import their module themselves (:func:`flask_torchpool.workers.run_worker`), and GPUs are
+counted with torch only on a host with a GPU driver. A rolling reload's warm-up, inline mode and the
+Ray backend load torch on first use. docs/design.rst, "A pool server without torch".
 """
 
 from __future__ import annotations
@@ -290,6 +301,8 @@ DTYPE_NAMES: tuple[str, ...] = tuple(f"torch.{n}" for n in _DTYPE_NAMES)
 DTYPE_NAME_CODES: dict[str, int] = {n: i for i, n in enumerate(DTYPE_NAMES)}
 #: numpy dtype name -> wire name, for the dtypes numpy has (no bfloat16, complex32 or float8).
 NUMPY_NAMES: dict[str, str] = {n: f"torch.{n}" for n in _DTYPE_NAMES[:15] if n != "bfloat16"}
+#: The wire names of those dtypes.
+NUMPY_WIRE_NAMES: frozenset[str] = frozenset(NUMPY_NAMES.values())
 _NUMPY_DTYPES: dict[str, Any] = {}
 _torch_dtypes: dict[str, Any] | None = None
 

@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
@@ -335,14 +336,11 @@ def _model(key: str, value: Any) -> ModelSpec:
             raise ConfigError(key, f"{value!r} is neither 'package.module:callable' nor a path to a "
                                    f"{'/'.join(_MODEL_FILE_SUFFIXES)} file")
         return value
-    try:
-        import torch.nn
-
-        if isinstance(value, torch.nn.Module):
-            raise ConfigError(key, "is a model instance; give the function that builds it instead "
-                                   "(each worker builds its own copy), e.g. 'myapp.model:build'")
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    # Only a loaded torch can have made a module: a pool server that moves numpy arrays never loads it.
+    nn = getattr(sys.modules.get("torch"), "nn", None)
+    if nn is not None and isinstance(value, nn.Module):
+        raise ConfigError(key, "is a model instance; give the function that builds it instead "
+                               "(each worker builds its own copy), e.g. 'myapp.model:build'")
     if not callable(value):
         raise ConfigError(key, f"{value!r} is not callable; give a factory that returns the model")
     try:

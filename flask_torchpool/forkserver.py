@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
 import pickle
 import platform
@@ -42,11 +43,9 @@ import weakref
 from multiprocessing import connection
 from typing import Any, Callable
 
-import torch.multiprocessing as tmp
-
 log = logging.getLogger(__name__)
 
-_SPAWN = tmp.get_context("spawn")
+_SPAWN = multiprocessing.get_context("spawn")
 
 _CLONE_PARENT = 0x00008000
 _CLONE_CHILD_SETTID = 0x01000000
@@ -340,8 +339,10 @@ def _run_child(target: Callable[..., Any], args: tuple[Any, ...], name: str) -> 
     of the web process), finalizers and after-fork hooks reset; returns the exit code."""
     import multiprocessing.process as mpp
 
+    import torch.multiprocessing as tmp  # preloaded here (PRELOAD); the pool's own process never loads it
+
     parent = mpp.parent_process()
-    process = _SPAWN.Process(target=target, args=args, name=name, daemon=True)
+    process = tmp.get_context("spawn").Process(target=target, args=args, name=name, daemon=True)
     if parent is not None:
         process._parent_pid = parent.pid               # type: ignore[attr-defined]
         process._parent_name = parent.name             # type: ignore[attr-defined]

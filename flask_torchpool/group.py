@@ -122,15 +122,18 @@ class ModelGroup:
         return self._compute_plan()
 
     def _compute_plan(self) -> list[Placement]:
-        # The backends' modules load torch: imported here, so that an attached web process never does
-        # (Note [Arrays without torch] in codec.py).
-        from .inline import plan as inline_plan
-        from .ray_backend import plan as ray_plan
-
+        # The inline and Ray modules load torch: imported only when in use, so that neither an attached
+        # web process nor the pool server loads it (Note [Arrays without torch] in codec.py).
         if self.app_config.inline:
+            from .inline import plan as inline_plan
+
             return [p for config in self.configs.values() for p in inline_plan(config)]
         process = {n: c for n, c in self.configs.items() if c.backend == "process"}
         local = plan_models(process) if process else []
+        if len(process) == len(self.configs):
+            return local
+        from .ray_backend import plan as ray_plan
+
         return [p for name, config in self.configs.items()
                 for p in (ray_plan(config) if config.backend == "ray" else
                           [q for q in local if q.model == name])]

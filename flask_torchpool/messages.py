@@ -174,6 +174,8 @@ class RemoteCall(NamedTuple):
     releases: tuple[int, ...]  # output blocks of this client's arena it is done with
     method: str | None = None  # as Call.method
     stream: bool = False       # answered with StreamChunk ... StreamEnd (credits: Credit)
+    numpy: bool = False        # the caller passed numpy arrays (Call.numpy): the server reads and answers
+                               # them as numpy arrays, and needs no torch for it
 
 
 class RemoteError(NamedTuple):
@@ -268,7 +270,7 @@ _CREDIT = struct.Struct("<qII")
 _REMOTE_CALL = struct.Struct("<qIIdB")
 _REF = struct.Struct("<iQQBB")
 _DIMS = tuple(struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1))
-_BATCH, _HAS_TIMEOUT, _STREAM = 1, 2, 4
+_BATCH, _HAS_TIMEOUT, _STREAM, _NUMPY = 1, 2, 4, 8
 _DTYPE_STRS = codec.DTYPE_NAMES
 _tuple_new = tuple.__new__  # builds a NamedTuple from checked fields without its Python __new__
 
@@ -408,7 +410,7 @@ def _dec_credit(data: bytes, pos: int, nfds: int) -> Credit:
 
 def _enc_remote_call(msg: RemoteCall, out: bytearray) -> None:
     flags = ((_BATCH if msg.batch else 0) | (_HAS_TIMEOUT if msg.timeout is not None else 0)
-             | (_STREAM if msg.stream else 0))
+             | (_STREAM if msg.stream else 0) | (_NUMPY if msg.numpy else 0))
     out += _REMOTE_CALL.pack(msg.id, len(msg.refs), len(msg.releases),
                              0.0 if msg.timeout is None else msg.timeout, flags)
     _put_refs(out, msg.refs)
@@ -421,7 +423,7 @@ def _enc_remote_call(msg: RemoteCall, out: bytearray) -> None:
 
 def _dec_remote_call(data: bytes, pos: int, nfds: int) -> RemoteCall:
     call_id, nrefs, nrel, timeout, flags = _REMOTE_CALL.unpack_from(data, pos)
-    if flags & ~(_BATCH | _HAS_TIMEOUT | _STREAM):
+    if flags & ~(_BATCH | _HAS_TIMEOUT | _STREAM | _NUMPY):
         raise WireFormatError(f"unknown call flags {flags:#x}")
     if flags & _HAS_TIMEOUT and not (math.isfinite(timeout) and timeout > 0):
         raise WireFormatError(f"a call's timeout must be a finite number of seconds > 0, not {timeout!r}")
@@ -433,7 +435,8 @@ def _dec_remote_call(data: bytes, pos: int, nfds: int) -> RemoteCall:
         raise WireFormatError("a call's model and method must be a str or None, its arguments a tuple and "
                               "a dict")
     return RemoteCall(call_id, model, args, kwargs, refs, timeout if flags & _HAS_TIMEOUT else None,
-                      bool(flags & _BATCH), releases, method, bool(flags & _STREAM))
+                      bool(flags & _BATCH), releases, method, bool(flags & _STREAM),
+                      bool(flags & _NUMPY))
 
 
 _NONE = type(None)

@@ -57,14 +57,19 @@ def pad(job: Job[Any], buckets: tuple[int, ...]) -> int:
     return rows
 
 
-def split(job: Job[Any], msg: messages.Result, fds: list[int]) -> list[tuple[Any, BaseException | None]]:
-    """The result of each member of *job* (a plain call has one member)."""
+def split(job: Job[Any], msg: messages.Result, fds: list[int], arrays: bool = False
+          ) -> list[tuple[Any, BaseException | None]]:
+    """The result of each member of *job* (a plain call has one member): its outputs read as numpy
+    arrays with *arrays* (every member still waiting passed numpy arrays; no torch needed: Note [A pool
+    server without torch] in :mod:`flask_torchpool.codec`), else as tensors."""
     slot = job.slot
     try:
         if slot.arena is None:
             raise OSError("the worker's arena is gone")
         tensors = shm.read_refs(slot.arena, msg.refs, fds, slot.releases,
-                                input_releaser(job, msg.refs))
+                                input_releaser(job, msg.refs), arrays=arrays)
+    except codec.UnsupportedValue as exc:  # a dtype numpy lacks, for callers that passed numpy arrays
+        return [(None, numpy_refused(msg.value, exc)) for _ in job.members]
     except Exception as err:  # a malformed reply is a worker bug; the calls must not hang
         return [(None, OutputError(f"cannot read the model's output: {err}")) for _ in job.members]
     return split_rows(job, msg.value, tensors)
@@ -77,7 +82,7 @@ def split_rows(job: Job[Any], skel: Any, tensors: list[Any]) -> list[tuple[Any, 
         return [(codec.unflatten(skel, tensors), None)]
     rows = job.rows + job.padded   # a padded batch's last rows are copies; nobody gets their outputs
     for t in tensors:
-        if t.dim() == 0 or t.shape[0] != rows:
+        if not len(t.shape) or t.shape[0] != rows:
             return [(None, OutputError(
                 f"the model returned a tensor of shape {tuple(t.shape)} for a batch of {rows} "
                 "rows; batched outputs must keep dim 0 aligned with the inputs. Turn batching off "
@@ -123,8 +128,15 @@ def numpy_result(value: Any) -> Any:
     try:
         return codec.to_numpy(value)
     except codec.UnsupportedValue as exc:
-        raise OutputError(f"the model returned {codec.describe(value)}, which cannot come back as numpy "
-                          f"arrays: {exc}", remote_type="UnsupportedValue") from None
+        raise numpy_refused(value, exc) from None
+
+
+def numpy_refused(value: Any, exc: codec.UnsupportedValue) -> OutputError:
+    """The error of a call that passed numpy arrays and whose model returned *value* (or its skeleton),
+    with a dtype numpy lacks."""
+    what = "a tensor" if type(value) is codec.Slot else codec.describe(value)
+    return OutputError(f"the model returned {what}, which cannot come back as numpy arrays: {exc}",
+                       remote_type="UnsupportedValue")
 
 
 class NumpyFuture(Future[Any]):

@@ -12,6 +12,7 @@ workers go over its own devices. The plan is logged at start and exposed as ``To
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -41,9 +42,17 @@ def usable_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))  # pragma: no cover - not Linux
 
 
+#: Present on a host with a GPU driver (NVIDIA's, or ROCm's for AMD GPUs, which torch.cuda also drives).
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia/gpus", "/dev/nvidiactl", "/dev/kfd")
+
+
 def cuda_device_count() -> int:
     """Number of CUDA devices, 0 without CUDA. ``torch.cuda.device_count()`` creates no CUDA context
-    in the web process (one would break a later fork)."""
+    in the web process (one would break a later fork). On a host without a GPU driver this is 0 without
+    importing torch, which a pool server or web process that only moves numpy arrays never loads
+    (Note [A pool server without torch] in :mod:`flask_torchpool.codec`)."""
+    if "torch" not in sys.modules and not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        return 0
     try:
         import torch
 

@@ -184,7 +184,7 @@ class Pool:
         Cancelling the future drops the call if it has not started. Input that cannot travel is
         refused here, in the calling thread, before anything is queued.
         """
-        call = new_call(self.config, args, kwargs, timeout, method)
+        call = new_call(self.config, args, kwargs, timeout, method, arrays=True)
         if batch and self.config.max_batch_size > 1 and method is None:
             call.key, call.rows = batch_key(call)
         future = self._streams.cancellable(call)
@@ -195,7 +195,8 @@ class Pool:
                method: str | None = None) -> Stream:
         """Start a streaming call (Note [Streams] in :mod:`flask_torchpool.streaming`): an iterator over
         what the model (or its *method*) yields. *timeout* bounds the time to each chunk."""
-        return self._streams.start(new_call(self.config, args, kwargs, timeout, method), self._enqueue)
+        return self._streams.start(new_call(self.config, args, kwargs, timeout, method, arrays=True),
+                                   self._enqueue)
 
     def _enqueue(self, call: Call) -> None:
         sched = self._sched

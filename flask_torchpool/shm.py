@@ -295,6 +295,17 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
+def write(segment: Segment, offset: int, t: torch.Tensor | numpy.ndarray) -> None:
+    """Write *t*'s elements, dense, at *offset* of *segment*: a numpy array with ``numpy.copyto`` (no
+    torch, no GIL, one thread, whatever its strides), a tensor with :func:`copy_into`."""
+    shape = tuple(t.shape)
+    if codec.is_array(t):
+        import numpy
+
+        numpy.copyto(segment.array(offset, int(t.nbytes), t.dtype, shape), t, casting="no")
+    else:
+        copy_into(segment.view(offset, tensor_nbytes(t), t.dtype, shape), t)
+
 
 class Placer:
     """Writes tensors into an arena half (or one-off segments) and makes :class:`TensorRef` for them.
@@ -328,12 +339,7 @@ class Placer:
             fd = create_memfd(nbytes, "torchpool-oversize")
             self.fds.append(fd)
             seg, target, offset = len(self.fds) - 1, Segment(fd, nbytes), 0
-        if codec.is_array(t):  # numpy copies it, without the GIL and on one thread, whatever its strides
-            import numpy
-
-            numpy.copyto(target.array(offset, nbytes, t.dtype, shape), t, casting="no")
-        else:
-            copy_into(target.view(offset, nbytes, t.dtype, shape), t)
+        write(target, offset, t)
         return TensorRef(seg, offset, nbytes, name, shape)
 
     def place_all(self, tensors: list[torch.Tensor]) -> tuple[TensorRef, ...]:

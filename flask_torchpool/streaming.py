@@ -71,11 +71,14 @@ CANCEL_GRACE = 1.0
 
 
 def new_call(config: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
-             method: str | None) -> Call:
-    """A call of the process pool, its arguments checked and flattened here, in the calling thread."""
+             method: str | None, arrays: bool = False) -> Call:
+    """A call of the process pool (or Ray's), its arguments checked and flattened here, in the calling
+    thread. With *arrays* numpy arrays stay numpy arrays (the process pool writes them into shared
+    memory itself: Note [A pool server without torch] in :mod:`flask_torchpool.codec`), else
+    they become torch tensors sharing their memory."""
     codec.check_timeout(timeout)  # a NaN deadline would stall the manager
     check_method(method)
-    flat = codec.flatten_call(args, kwargs, config.max_input_bytes)
+    flat = codec.flatten_call(args, kwargs, config.max_input_bytes, arrays=arrays)
     timeout = config.timeout if timeout is None else timeout
     call = Call(flat.args, flat.kwargs, flat.tensors, Future(), None, config.retries, target=(method, 0),
                 numpy=flat.numpy)

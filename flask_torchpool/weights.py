@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec, messages, shm
 from .channel import Channel
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class SharedWeights:
 
 def weight_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
     """The parameters and buffers of *model* that can be shared (CPU, strided, not empty), each once."""
+    import torch  # the worker's half: the pool's process need not load torch
+
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
         return []
     seen: set[int] = set()
@@ -161,6 +164,8 @@ def share_weights(channel: Channel, model: Any) -> int:
         return 0
     segment = shm.Segment(fds[0], total)
     os.close(fds[0])
+    import torch
+
     with torch.no_grad():
         for (_, t), offset in zip(tensors, offsets):
             view = segment.view(offset, codec.tensor_nbytes(t), t.dtype, tuple(t.shape))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import selectors
 import signal
@@ -26,8 +27,6 @@ from dataclasses import dataclass, field
 from multiprocessing import reduction
 from typing import Any, Callable, Union
 
-import torch.multiprocessing as tmp
-
 from . import batching, lanes, messages, shm
 from .batching import Job
 from .channel import Channel
@@ -37,11 +36,19 @@ from .forkserver import ForkServer, ForkServerError, PassedFd
 from .logs import WorkerOutput
 from .placement import Placement
 from .status import WorkerState
-from .worker import worker_main
 
 log = logging.getLogger(__name__)
 
-_SPAWN = tmp.get_context("spawn")
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def run_worker(*args: Any) -> None:
+    """A worker process's entry point: :func:`flask_torchpool.worker.worker_main`, imported here, in the
+    worker (or the fork server, which preloads it), so that the process running the pool need not load
+    torch (Note [A pool server without torch] in :mod:`flask_torchpool.codec`)."""
+    from .worker import worker_main
+
+    worker_main(*args)
 
 # Note [Restart policy]
 # ~~~~~~~~~~~~~~~~~~~~~
@@ -286,7 +293,7 @@ class WorkerSet:
         if server is not None:
             try:
                 return server.start_process(
-                    worker_main, self._args(slot, PassedFd(3, connection=True), PassedFd(0), size,
+                    run_worker, self._args(slot, PassedFd(3, connection=True), PassedFd(0), size,
                                             (PassedFd(1), PassedFd(2))),
                     [arena_fd, *out_fds, child_end.fileno()], name)
             except ForkServerError as exc:
@@ -294,7 +301,7 @@ class WorkerSet:
                 log.warning("%s: %s; spawning worker %d instead", self.name, exc, slot.index)
                 self._stop_fork_server(slot.generation)
         process = _SPAWN.Process(
-            target=worker_main, name=name, daemon=True,
+            target=run_worker, name=name, daemon=True,
             args=self._args(slot, child_end, _InheritedFd(arena_fd), size,
                             tuple(_InheritedFd(w) for w in out_fds)))
         process.start()

@@ -573,6 +573,7 @@ def test_the_gunicorn_hook_module_imports_no_torch() -> None:
 
 NUMPY_WEB = """
 import json, sys
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from flask import Flask, request
 from flask_torchpool import OutputError, TorchPool
@@ -607,6 +608,10 @@ with app.app_context():
         proxy(np.ones(2, np.float32), action="cast", dtype="bfloat16")
     except OutputError as exc:
         out["bf16"] = str(exc)
+    rows = [np.full((1, 4), i, np.float32) for i in range(16)]   # batched, when the server batches
+    with ThreadPoolExecutor(8) as threads:
+        backs = list(threads.map(lambda x: pool.submit(x).result(60), rows))
+    out["rows"] = all(type(b).__name__ == "ndarray" and np.array_equal(b, x) for b, x in zip(backs, rows))
 out["status"] = client.get("/torchpool/status").status_code
 out["metrics"] = client.get("/torchpool/metrics").status_code
 out["torch"] = "torch" in sys.modules
@@ -628,7 +633,58 @@ def test_a_web_process_that_passes_numpy_arrays_never_imports_torch(served: Pool
     assert out["stream"] == ["ndarray", "dict", "ndarray"], out
     assert "bfloat16 tensor has no numpy dtype" in out["bf16"], out
     assert (out["status"], out["metrics"]) == (200, 200), out
+    assert out["rows"] is True, out
     assert out["torch"] is False, "the web process imported torch"
+
+
+NUMPY_SERVE = """
+import os
+from flask import Flask
+from flask_torchpool import TorchPool
+
+app = Flask("numpy_serve")
+app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_SOCKET=os.environ["APP_SOCKET"],
+                  TORCHPOOL_WORKERS=1, TORCHPOOL_MAX_BATCH_SIZE=8, TORCHPOOL_ARENA_BYTES=4 << 20,
+                  TORCHPOOL_ERROR_DETAILS=True)
+pool = TorchPool(app)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_pool_server_serving_numpy_callers_never_loads_torch(tmp_path: Path) -> None:
+    """Note [A pool server without torch]: a pool server whose app imports no torch, serving web processes
+    that pass numpy arrays (batched through the server, streamed, over one-off segments, with a dtype
+    numpy lacks refused), never maps libtorch: only its model workers do. A torch caller is served too
+    (the server loads torch for it)."""
+    (tmp_path / "numpy_serve.py").write_text(NUMPY_SERVE)
+    (tmp_path / "run").mkdir(mode=0o700)
+    sock = tmp_path / "run" / "pool.sock"
+    serve = [sys.executable, "-m", "flask", "--app", "numpy_serve", "torchpool", "serve"]
+    env = server_env(tmp_path, APP_SOCKET=str(sock))
+    with running(serve, 0, tmp_path / "serve.log", env, cwd=tmp_path) as server:
+        assert wait_until(lambda: connectable(sock) or server.proc.poll() is not None, timeout=90)
+        assert server.proc.poll() is None, server.log()
+        done = subprocess.run([sys.executable, "-c", NUMPY_WEB, str(sock)], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        assert out["predict"] == {"type": "ndarray", "dtype": "float32", "rows": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+        assert out["big"] == ["ndarray", True] and out["wide"] is True and out["rows"] is True, out
+        assert out["stream"] == ["ndarray", "dict", "ndarray"], out
+        assert "bfloat16 tensor has no numpy dtype" in out["bf16"], out
+        assert "libtorch" not in Path(f"/proc/{server.pid}/maps").read_text(), "the pool server loaded torch"
+        app = make_app(TORCHPOOL_MODE="attach", TORCHPOOL_SOCKET=str(sock))
+        pool = TorchPool(app)
+        try:
+            with app.app_context():
+                counters = pool.status()["counters"]
+                assert counters["batches"] >= 1, counters  # the calls went through the server's batches
+                assert "libtorch" not in Path(f"/proc/{server.pid}/maps").read_text()
+                back = pool(torch.arange(4.0).reshape(1, 4))
+            assert isinstance(back, torch.Tensor) and torch.equal(back, torch.arange(4.0).reshape(1, 4))
+        finally:
+            pool.shutdown(app=app)
+        assert "libtorch" in Path(f"/proc/{server.pid}/maps").read_text()
 
 
 @pytest.mark.timeout(240)

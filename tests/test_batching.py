@@ -185,3 +185,31 @@ def test_batches_run_padded_to_their_bucket(bucket_pool: TorchPool, gate: Gate) 
     assert int(big["n"][0]) == 20 and big["y"].shape == (20, 3)
     metrics = bucket_pool.status()["metrics"]
     assert metrics["batch_rows"]["sum"] == 1 + 3 + 20 and metrics["batch_padding_rows"] == 1 + 1
+
+
+def test_numpy_and_torch_callers_share_a_batch_and_each_gets_its_own_kind(bpool: TorchPool,
+                                                                          gate: Gate) -> None:
+    """Note [A pool server without torch]: the pool writes numpy arrays into a batch as they are and reads
+    the answer as numpy arrays when every member passed numpy; a batch of numpy and torch callers (the
+    same wire dtype and row shape) is read as tensors and its numpy members get arrays back."""
+    import numpy as np
+
+    hold = _hold_worker(bpool, gate)
+    mixed = [bpool.submit(np.full((1, 3), 1.0, np.float32)), bpool.submit(torch.full((1, 3), 2.0)),
+             bpool.submit(np.full((2, 6), 3.0, np.float32)[:, ::2])]
+    _release(gate, hold)
+    kinds = []
+    for f, value, rows in zip(mixed, (1.0, 2.0, 3.0), (1, 2, 2)):
+        r = f.result(60)
+        assert int(r["n"][0]) == 4, "the three calls did not run as one batch of four rows"
+        kinds.append(type(r["y"]).__name__)
+        assert r["y"].shape == (rows if value == 3.0 else 1, 3) and float(r["y"][0, 0]) == value + 1
+    assert kinds == ["ndarray", "Tensor", "ndarray"]
+    hold = _hold_worker(bpool, gate)
+    arrays = [np.full((1, 3), float(i), np.float32) for i in range(3)]
+    futures = [bpool.submit(a) for a in arrays]
+    _release(gate, hold)
+    for a, f in zip(arrays, futures):
+        r = f.result(60)
+        assert int(r["n"][0]) == 3 and type(r["y"]).__name__ == "ndarray"
+        assert np.array_equal(r["y"], a + 1) and r["y"].dtype == np.float32

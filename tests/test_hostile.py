@@ -246,6 +246,18 @@ def test_an_unsealed_one_off_segment_is_refused(served: _Served) -> None:
     _serves(served)
 
 
+def test_a_numpy_call_naming_a_dtype_numpy_lacks_is_refused(served: _Served) -> None:
+    """A call flagged numpy (Note [A pool server without torch]) is read with numpy: a bfloat16 reference
+    in it is a bad header, refused like any other, and the server serves on."""
+    ref = shm.TensorRef(-1, shm.CONTROL_BYTES, 8, "torch.bfloat16", (4,))
+    with _attached(served.path) as (channel, _):
+        channel.send(messages.RemoteCall(1, None, (codec.Slot(0),), {}, (ref,), 30.0, False, (), numpy=True))
+        answer = _next(channel, 30)
+    assert isinstance(answer, messages.RemoteError), answer
+    assert answer.type_name == "InvalidInputError" and "numpy" in answer.message, answer
+    _serves(served)
+
+
 def test_our_segments_cannot_be_resized() -> None:
     fd = shm.create_memfd(1 << 16, "torchpool-test")
     try:
@@ -587,6 +599,8 @@ def test_every_message_survives_the_trip() -> None:
         (messages.WORKER_PROTOCOL, messages.Adopt(True, False), 1),
         (messages.ATTACH_PROTOCOL, messages.Welcome(2, 5, None, {"m": {"workers": [("cpu", (0,))]}}), 0),
         (messages.ATTACH_PROTOCOL, messages.RemoteCall(6, None, ("é\udc80", b""), {}, (), None, True, ()), 0),
+        (messages.ATTACH_PROTOCOL, messages.RemoteCall(7, "m", (codec.Slot(0),), {}, (ref,), 2.5, False, (1,),
+                                                       "generate", True, True), 0),
     ]:
         assert messages.decode(bytes(messages.encode(msg, nfds)), protocol) == (nfds, msg)
 

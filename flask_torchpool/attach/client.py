@@ -293,7 +293,8 @@ class PoolConnection:
             self._pending[call_id] = _Pending(future, placer.blocks, sink, numpy)
         try:
             link.channel.send(messages.RemoteCall(call_id, model, skel_args, skel_kwargs, refs, timeout,
-                                                  batch, link.releases.drain(), method, sink is not None),
+                                                  batch, link.releases.drain(), method, sink is not None,
+                                                  numpy),
                               tuple(placer.fds))
         except OSError as exc:
             with self._lock:

@@ -174,16 +174,21 @@ class StreamRelay:
 _DONE = object()
 
 
-def read_inputs(arena: shm.Arena, refs: tuple[shm.TensorRef, ...], fds: list[int]) -> list[Any]:
-    """Views of a client's inputs, after checking that every reference lies inside what it may name:
-    its arena's input half, or a descriptor it sent along."""
+def read_inputs(arena: shm.Arena, refs: tuple[shm.TensorRef, ...], fds: list[int],
+                arrays: bool = False) -> list[Any]:
+    """Views of a client's inputs (numpy arrays with *arrays*: then this process needs no torch), after
+    checking that every reference lies inside what it may name: its arena's input half, or a descriptor
+    it sent along."""
     sizes = []
     try:
         for fd in fds:
             sizes.append(shm.check_sealed(fd))
         start, length = arena.inputs
         for ref in refs:
-            dtype = codec.dtype_from_name(ref.dtype)
+            if arrays and ref.dtype not in codec.NUMPY_WIRE_NAMES:
+                raise InvalidInputError(f"bad call header: a call of numpy arrays names dtype {ref.dtype!r}, "
+                                        "which numpy lacks")
+            dtype = codec.numpy_dtype(ref.dtype) if arrays else codec.dtype_from_name(ref.dtype)
             numel = 1
             for dim in ref.shape:
                 if not isinstance(dim, int) or dim < 0:
@@ -208,4 +213,4 @@ def read_inputs(arena: shm.Arena, refs: tuple[shm.TensorRef, ...], fds: list[int
         for fd in fds:
             os.close(fd)
         raise
-    return shm.read_refs(arena, refs, fds)
+    return shm.read_refs(arena, refs, fds, arrays=arrays)

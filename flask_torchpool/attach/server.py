@@ -430,7 +430,7 @@ class _Client:
                     os.close(fd)
                 raise InvalidInputError(f"this pool server has no model {model!r}; it serves "
                                         f"{sorted(self.server.pools)}", model=model)
-            tensors = read_inputs(self.arena, msg.refs, fds)
+            tensors = read_inputs(self.arena, msg.refs, fds, arrays=msg.numpy)
             args = codec.unflatten(msg.args, tensors)
             kwargs = codec.unflatten(msg.kwargs, tensors)
             if msg.stream:

@@ -31,8 +31,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .. import shm
 from ..batching import Call, CallState, Job, Scheduler, idle
 from ..config import PoolConfig
@@ -164,7 +162,7 @@ class RayScheduler(Scheduler[ActorSlot]):
         except BaseException as exc:
             self.events.put((kind, slot, generation, job, None, exc))
 
-    def take_members(self, job: Job[ActorSlot]) -> list[list[torch.Tensor]] | None:
+    def take_members(self, job: Job[ActorSlot]) -> list[list[Any]] | None:
         """Under the lock: the job's members still waiting, with their rows; the job keeps only those,
         so that its answer is split among them. None when its slot dropped it (the actor died)."""
         if job.slot.jobs.get(job.id) is not job:
