@@ -23,7 +23,7 @@ writes them into arenas and batch rows with ``numpy.copyto`` (:func:`flask_torch
 reads an answer as numpy arrays when every caller waiting for it passed numpy arrays
 (:func:`flask_torchpool.outputs.split`); an attached client flags such calls (``RemoteCall.numpy``) and
 the server reads and answers them with numpy. Workers are launched through the standard library's spawn
-context and import their module themselves (:func:`flask_torchpool.workers.run_worker`), and GPUs are
+context and import their module themselves (:func:`flask_torchpool.forkserver.run_worker`), and GPUs are
 counted with torch only on a host with a GPU driver. A rolling reload's warm-up, inline mode and the
 Ray backend load torch on first use. docs/design.rst, "A pool server without torch".
 """

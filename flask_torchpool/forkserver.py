@@ -27,6 +27,7 @@ text) that the web process parses without unpickling anything.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
@@ -258,6 +259,18 @@ class ForkedProcess:
 # --- the fork server process -------------------------------------------------------------------------------
 
 
+def run_worker(*args: Any) -> None:
+    """A worker process's entry point, forked by a fork server or spawned: it runs
+    :func:`flask_torchpool.worker.worker_main`, imported here, in the worker (preloaded by the fork
+    server), so that the process running the pool need not load torch (Note [A pool server without
+    torch] in :mod:`flask_torchpool.codec`). It lives in this module, which the fork server has
+    imported already: an entry point elsewhere would import its module, and all that module imports,
+    in every worker after the fork, copying pages the fork server shares with it."""
+    from .worker import worker_main
+
+    worker_main(*args)
+
+
 def _serve(sock: socket.socket, parent_pid: int, preload: tuple[str, ...], pool_name: str) -> None:
     """Entry point of the fork server (spawned): preload, then fork a worker per request until the
     web process closes its end."""
@@ -278,6 +291,10 @@ def _serve(sock: socket.socket, parent_pid: int, preload: tuple[str, ...], pool_
         for name in preload:
             __import__(name)
         _stop_blas_threads()
+        # A collection in a worker would write to every object the fork server made (its GC header),
+        # copying the pages they share; frozen, collections skip them (see gc.freeze's docs).
+        gc.collect()
+        gc.freeze()
         tid_address = _tid_address(libc)
         if tid_address is None:
             raise ForkServerError("cannot find glibc's cached thread id to update in the worker")

@@ -32,7 +32,7 @@ from .batching import Job
 from .channel import Channel
 from .config import PoolConfig
 from .exits import likely_cause, signal_name
-from .forkserver import ForkServer, ForkServerError, PassedFd
+from .forkserver import ForkServer, ForkServerError, PassedFd, run_worker
 from .logs import WorkerOutput
 from .placement import Placement
 from .status import WorkerState
@@ -41,14 +41,6 @@ log = logging.getLogger(__name__)
 
 _SPAWN = multiprocessing.get_context("spawn")
 
-
-def run_worker(*args: Any) -> None:
-    """A worker process's entry point: :func:`flask_torchpool.worker.worker_main`, imported here, in the
-    worker (or the fork server, which preloads it), so that the process running the pool need not load
-    torch (Note [A pool server without torch] in :mod:`flask_torchpool.codec`)."""
-    from .worker import worker_main
-
-    worker_main(*args)
 
 # Note [Restart policy]
 # ~~~~~~~~~~~~~~~~~~~~~

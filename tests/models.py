@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -38,6 +40,9 @@ class Echo(nn.Module):
             return torch.ones(kwargs.pop("n"), dtype=torch.uint8)
         if action == "pid":
             return os.getpid()
+        if action == "process":  # what the worker inherited from a fork server (test_fast_start.py)
+            return {"frozen": gc.get_freeze_count(),
+                    "modules": sorted(m for m in sys.modules if m.startswith("flask_torchpool"))}
         if action == "cast":
             return args[0].to(getattr(torch, kwargs.pop("dtype")))
         if action == "yield":

@@ -81,6 +81,13 @@ def test_workers_are_forked_children_of_the_web_process(make_pool: Any) -> None:
     assert int(_stat(server)[16]) == 0, "the fork server keeps the web process's priority"
     with app.app_context():
         assert pool(torch.ones(3)).tolist() == [1.0, 1.0, 1.0]
+        # A worker copies as few of the fork server's pages as it can: the server froze its heap (no
+        # collection in the worker touches it), and the worker's entry point imported nothing new
+        # (the pool's own modules, such as flask_torchpool.workers, stay out of it).
+        inherited = pool(action="process")
+        assert inherited["frozen"] > 10_000, inherited["frozen"]
+        assert not {"flask_torchpool.workers", "flask_torchpool.batching", "flask_torchpool.pool"} \
+            & set(inherited["modules"]), inherited["modules"]
         # The exit code reaches the pool; the respawn comes from the same fork server.
         with pytest.raises(WorkerCrashedError, match="exit code 7"):
             pool(torch.ones(1), action="exit")
