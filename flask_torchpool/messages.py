@@ -145,7 +145,7 @@ class OpenLane(NamedTuple):
 # --- the attach protocol -----------------------------------------------------------------------------
 
 #: Bumped when the attach protocol changes; a client and a server of different versions refuse each other.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5  # 5: RemoteCall.numpy
 
 
 class Hello(NamedTuple):
