@@ -9,20 +9,27 @@ the kernel. Reading the body in bounded chunks (``readinto`` where the stream ha
 allocated at its final size halves that: the chunks stay in cache and their blocks are reused, and the
 tensor is the only full-size allocation. The pool then moves it into shared memory with one memmove.
 Measured with ``benchmarks/http.py --workloads payload-16m`` (docs/benchmarks.rst).
+
+Given a numpy dtype, :func:`tensor_from_stream` makes a numpy array the same way, over the same kind of
+buffer, and loads no torch (Note [Arrays without torch] in ``codec.py``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import sys
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from flask import has_request_context, request
 
-from . import staging
+from . import codec, staging
 from .errors import InvalidInputError, PayloadTooLargeError
+
+if TYPE_CHECKING:
+    import numpy
+    import torch
 
 #: Bytes read from the stream per step: large enough that per-call overhead vanishes, small enough that
 #: the HTTP server's buffers for it are reused rather than mapped afresh each time.
@@ -33,10 +40,11 @@ class _Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
 
 
-def tensor_from_stream(stream: _Readable, dtype: torch.dtype, shape: Sequence[int], *,
-                       length: int | None = None, max_bytes: int | None = None) -> torch.Tensor:
+def tensor_from_stream(stream: _Readable, dtype: Any, shape: Sequence[int], *,
+                       length: int | None = None, max_bytes: int | None = None) -> Any:
     """A tensor of *dtype* and *shape* holding the raw bytes of *stream* (native byte order), read in
-    bounded chunks straight into the tensor's memory.
+    bounded chunks straight into the tensor's memory. With a numpy dtype (``numpy.float32``,
+    ``numpy.dtype("int64")``, ...) it is a numpy array instead, and torch is not loaded.
 
     *stream* is anything with ``read(n)`` (``request.stream`` in a Flask view); ``readinto`` is used when
     it has one. One dimension of *shape* may be ``-1``: it is worked out from the body's *length* in
@@ -48,8 +56,7 @@ def tensor_from_stream(stream: _Readable, dtype: torch.dtype, shape: Sequence[in
     (HTTP 413) before reading anything when the tensor would exceed *max_bytes*. A client that
     disconnects mid-body raises what the stream raises (werkzeug: ``ClientDisconnected``, a 400).
     """
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, not {type(dtype).__name__}")
+    dtype, arrays = _dtype(dtype)
     itemsize = dtype.itemsize
     dims = [int(d) for d in shape]
     if sum(1 for d in dims if d == -1) > 1 or any(d < -1 for d in dims):
@@ -71,10 +78,21 @@ def tensor_from_stream(stream: _Readable, dtype: torch.dtype, shape: Sequence[in
                                    f"{max_bytes}")
     if length is not None and length != nbytes:
         raise InvalidInputError(_wrong_size(length, nbytes, dtype, dims))
-    out = (staging.buffers.tensor(nbytes, dtype, tuple(dims)) if nbytes >= staging.MIN_BYTES
-           else torch.empty(dims, dtype=dtype))
+    out: Any
+    if arrays:
+        import numpy
+
+        out = (staging.buffers.array(nbytes, dtype, tuple(dims)) if nbytes >= staging.MIN_BYTES
+               else numpy.empty(dims, dtype=dtype))
+        address = out.__array_interface__["data"][0]
+    else:
+        import torch
+
+        out = (staging.buffers.tensor(nbytes, dtype, tuple(dims)) if nbytes >= staging.MIN_BYTES
+               else torch.empty(dims, dtype=dtype))
+        address = out.data_ptr()
     if nbytes:
-        view = memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B")
+        view = memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
         got = _fill(stream, view)
         if got < nbytes:
             raise InvalidInputError(_wrong_size(got, nbytes, dtype, dims))
@@ -82,6 +100,23 @@ def tensor_from_stream(stream: _Readable, dtype: torch.dtype, shape: Sequence[in
         raise InvalidInputError(f"the body is longer than the {nbytes} bytes of a {dtype} tensor of "
                                 f"shape {tuple(dims)}")
     return out
+
+
+def _dtype(dtype: Any) -> tuple[Any, bool]:
+    """(*dtype*, whether it is numpy's) for a torch dtype or a numpy one (a dtype, or a type such as
+    ``numpy.float32``) of a dtype that may travel; TypeError otherwise."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return dtype, False
+    if type(dtype).__module__.startswith("numpy") or getattr(dtype, "__module__", "") == "numpy":
+        import numpy
+
+        np_dtype = numpy.dtype(dtype)
+        if np_dtype.isnative and np_dtype.name in codec.NUMPY_NAMES:
+            return np_dtype, True
+        raise TypeError(f"a numpy array of dtype {np_dtype.str!r} cannot travel; allowed are native-endian "
+                        f"{', '.join(sorted(codec.NUMPY_NAMES))}")
+    raise TypeError(f"dtype must be a torch.dtype or a numpy dtype, not {type(dtype).__name__}")
 
 
 def _known_length(stream: Any) -> int | None:
@@ -119,6 +154,6 @@ def _fill(stream: Any, view: memoryview) -> int:
     return pos
 
 
-def _wrong_size(got: int, nbytes: int, dtype: torch.dtype, dims: list[int]) -> str:
+def _wrong_size(got: int, nbytes: int, dtype: torch.dtype | numpy.dtype[Any], dims: list[int]) -> str:
     return (f"the body has {got} bytes; a {dtype} tensor of shape {tuple(dims)} needs {nbytes} "
             f"({dtype.itemsize} bytes per element)")

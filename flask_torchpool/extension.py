@@ -38,6 +38,7 @@ from .status import AppStatus, ModelVersion
 from .streaming import Stream, check_method
 
 if TYPE_CHECKING:
+    import numpy
     import torch
     from typing_extensions import Concatenate, ParamSpec
 
@@ -123,14 +124,23 @@ class ModelProxy:
         stream.on_end(reading.close)
         return stream
 
+    @overload
     def tensor_from_stream(self, stream: Any, dtype: torch.dtype, shape: Sequence[int], *,
-                           length: int | None = None) -> torch.Tensor:
+                           length: int | None = None) -> torch.Tensor: ...
+
+    @overload
+    def tensor_from_stream(self, stream: Any, dtype: numpy.dtype[Any] | type[numpy.generic],
+                           shape: Sequence[int], *, length: int | None = None) -> numpy.ndarray: ...
+
+    def tensor_from_stream(self, stream: Any, dtype: Any, shape: Sequence[int], *,
+                           length: int | None = None) -> Any:
         """The raw bytes of *stream* (``request.stream``) as a tensor of *dtype* and *shape*, read in
         bounded chunks straight into the tensor, for a call to this model: the fast way to take a big
         body (see :func:`flask_torchpool.bodies.tensor_from_stream`, which this calls with the model's
-        ``TORCHPOOL_MAX_INPUT_BYTES``). One dimension may be ``-1``. A body of the wrong size raises
+        ``TORCHPOOL_MAX_INPUT_BYTES``). One dimension may be ``-1``. With a numpy dtype
+        (``numpy.float32``) it is a numpy array, and torch is not loaded. A body of the wrong size raises
         :class:`InvalidInputError` (400), one over the limit :class:`PayloadTooLargeError` (413)."""
-        from . import bodies  # it loads torch: an attached web process that never calls this does not
+        from . import bodies
 
         return bodies.tensor_from_stream(stream, dtype, shape, length=length,
                                          max_bytes=self._state.configs[self.name].max_input_bytes)
@@ -270,11 +280,20 @@ class TorchPool:
         :meth:`ModelProxy.stream`); ``pool.model("name").stream(...)`` streams another model."""
         return self.model().stream(*args, **kwargs)
 
+    @overload
     def tensor_from_stream(self, stream: Any, dtype: torch.dtype, shape: Sequence[int], *,
-                           length: int | None = None, model: str | None = None) -> torch.Tensor:
+                           length: int | None = None, model: str | None = None) -> torch.Tensor: ...
+
+    @overload
+    def tensor_from_stream(self, stream: Any, dtype: numpy.dtype[Any] | type[numpy.generic],
+                           shape: Sequence[int], *, length: int | None = None,
+                           model: str | None = None) -> numpy.ndarray: ...
+
+    def tensor_from_stream(self, stream: Any, dtype: Any, shape: Sequence[int], *,
+                           length: int | None = None, model: str | None = None) -> Any:
         """The raw bytes of *stream* (``request.stream``) as a tensor for a call to *model* (default: the
-        default model): ``x = pool.tensor_from_stream(request.stream, torch.float32, (1, -1))``. See
-        :meth:`ModelProxy.tensor_from_stream`."""
+        default model): ``x = pool.tensor_from_stream(request.stream, torch.float32, (1, -1))``, or a
+        numpy array with a numpy dtype (``numpy.float32``). See :meth:`ModelProxy.tensor_from_stream`."""
         return self.model(model).tensor_from_stream(stream, dtype, shape, length=length)
 
     @property

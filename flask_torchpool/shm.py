@@ -172,12 +172,16 @@ class Segment:
 
     def owned_array(self, offset: int, nbytes: int, dtype: numpy.dtype[Any], shape: tuple[int, ...],
                     on_free: Callable[[int], None]) -> numpy.ndarray:
-        """:meth:`owned_view` as a numpy array: ``on_free(offset)`` runs once it and its views are gone."""
+        """:meth:`owned_view` as a numpy array: ``on_free(offset)`` runs once it and its views are gone.
+
+        The finalizer watches the flat array, not the memoryview slice: ``numpy.frombuffer`` keeps a
+        buffer of its own, not the slice, which would die (and free the block under a live array) as
+        soon as this returns. Every view of the returned array has the flat array as its ``base``."""
         import numpy
 
-        piece = self.buffer[offset:offset + nbytes]
-        weakref.finalize(piece, on_free, offset)
-        return numpy.frombuffer(piece, dtype=dtype).reshape(shape)
+        flat = numpy.frombuffer(self.buffer[offset:offset + nbytes], dtype=dtype)
+        weakref.finalize(flat, on_free, offset)
+        return flat.reshape(shape)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -295,6 +299,19 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
+def address_of(buffer: memoryview) -> int:
+    """The address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def _dense_address(t: torch.Tensor | numpy.ndarray) -> int:
+    """The address of *t*'s first element if its elements are one dense block in this process's memory
+    (a C-contiguous numpy array, a contiguous CPU tensor), else -1."""
+    if codec.is_array(t):
+        return int(t.__array_interface__["data"][0]) if t.flags.c_contiguous else -1
+    return t.data_ptr() if t.device.type == "cpu" and t.is_contiguous() else -1
+
+
 def write(segment: Segment, offset: int, t: torch.Tensor | numpy.ndarray) -> None:
     """Write *t*'s elements, dense, at *offset* of *segment*: a numpy array with ``numpy.copyto`` (no
     torch, no GIL, one thread, whatever its strides), a tensor with :func:`copy_into`."""
@@ -325,8 +342,8 @@ class Placer:
         nbytes, name, shape = tensor_nbytes(t), codec.wire_dtype(t), tuple(t.shape)
         if nbytes == 0:
             return TensorRef(-1, 0, 0, name, shape)
-        if shared_tensors and not codec.is_array(t) and t.device.type == "cpu" and t.is_contiguous():
-            fd = shared_tensors.get(t.data_ptr())
+        if shared_tensors:
+            fd = shared_tensors.get(_dense_address(t))
             if fd is not None:  # Note [Body buffers]: the worker maps the body where it was read
                 self.fds.append(os.dup(fd))
                 return TensorRef(len(self.fds) - 1, 0, nbytes, name, shape)

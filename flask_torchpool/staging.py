@@ -25,10 +25,13 @@ from __future__ import annotations
 import functools
 import os
 import threading
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import shm
+
+if TYPE_CHECKING:
+    import numpy
+    import torch
 
 #: Bodies smaller than this are read into ordinary memory and copied into the arena: below it, the
 #: descriptor's round trip and the worker's mapping cost more than the copy saves.
@@ -65,6 +68,13 @@ class _Buffers:
     def tensor(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised tensor of *nbytes* over a buffer of its own; the buffer is registered with
         :mod:`~flask_torchpool.shm` until the tensor (every view of it) is gone."""
+        return self._make(nbytes, dtype, shape, shm.Segment.owned_view)  # type: ignore[no-any-return]
+
+    def array(self, nbytes: int, dtype: numpy.dtype[Any], shape: tuple[int, ...]) -> numpy.ndarray:
+        """:meth:`tensor` as a numpy array (no torch)."""
+        return self._make(nbytes, dtype, shape, shm.Segment.owned_array)  # type: ignore[no-any-return]
+
+    def _make(self, nbytes: int, dtype: Any, shape: tuple[int, ...], owned: Any) -> Any:
         size = -(-nbytes // GRANULE) * GRANULE
         with self._lock:
             # Best fit within twice the size: bodies of varying sizes still find a used buffer.
@@ -74,9 +84,9 @@ class _Buffers:
                 self._idle_bytes -= buf.segment.size
         if buf is None:
             buf = _Buffer(size)
-        address = buf.segment.bytes.data_ptr()
-        out = buf.segment.owned_view(0, nbytes, dtype, shape,
-                                     functools.partial(self._release, buf, address, os.getpid()))
+        address = shm.address_of(buf.segment.buffer)
+        out = owned(buf.segment, 0, nbytes, dtype, shape,
+                    functools.partial(self._release, buf, address, os.getpid()))
         shm.shared_tensors[address] = buf.fd
         return out
 

@@ -593,8 +593,18 @@ def predict(model):
     return {"type": type(y).__name__, "dtype": str(y.dtype), "rows": y.tolist()}
 
 
+@app.post("/body")
+@pool.infer
+def body(model):
+    x = pool.tensor_from_stream(request.stream, np.float32, (-1,))   # 3 MiB: a body buffer, no torch
+    y = model(x)
+    same = bool(np.array_equal(y, x))
+    return {"type": type(x).__name__, "same": same, "sum": float(y.sum(dtype=np.float64))}
+
+
 client = app.test_client()
 out = {"predict": client.post("/predict", data=np.arange(8, dtype=np.float32).tobytes()).get_json()}
+out["body"] = client.post("/body", data=np.ones(3 << 18, dtype=np.float32).tobytes()).get_json()
 with app.app_context():
     proxy = pool.model()
     big = np.arange(1 << 20, dtype=np.float32)         # 4 MiB: more than the arena holds, a one-off memfd
@@ -629,6 +639,7 @@ def test_a_web_process_that_passes_numpy_arrays_never_imports_torch(served: Pool
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["predict"] == {"type": "ndarray", "dtype": "float32", "rows": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+    assert out["body"] == {"type": "ndarray", "same": True, "sum": float(3 << 18)}, out
     assert out["big"] == ["ndarray", True] and out["wide"] is True, out
     assert out["stream"] == ["ndarray", "dict", "ndarray"], out
     assert "bfloat16 tensor has no numpy dtype" in out["bf16"], out
@@ -669,6 +680,7 @@ def test_a_pool_server_serving_numpy_callers_never_loads_torch(tmp_path: Path) -
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout.strip().splitlines()[-1])
         assert out["predict"] == {"type": "ndarray", "dtype": "float32", "rows": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+        assert out["body"] == {"type": "ndarray", "same": True, "sum": float(3 << 18)}, out
         assert out["big"] == ["ndarray", True] and out["wide"] is True and out["rows"] is True, out
         assert out["stream"] == ["ndarray", "dict", "ndarray"], out
         assert "bfloat16 tensor has no numpy dtype" in out["bf16"], out

@@ -14,7 +14,9 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from flask import Flask, jsonify, request
@@ -163,6 +165,38 @@ def test_the_placer_sends_a_body_buffer_instead_of_copying_it() -> None:
         os.close(segment_fd)
 
 
+def test_a_numpy_dtype_gives_a_numpy_array_which_the_placer_sends_as_its_buffer() -> None:
+    """Given a numpy dtype the body becomes a numpy array (no torch needed), over a body buffer when it
+    is big, which the placer sends by descriptor like a tensor's."""
+    small = np.arange(5, dtype=np.float32).tobytes()
+    a = bodies.tensor_from_stream(ReadOnly(small), np.float32, (-1,), length=len(small))
+    assert type(a) is np.ndarray and a.dtype == np.float32 and a.tolist() == [0, 1, 2, 3, 4]
+    data = np.arange(MIB, dtype=np.int32).tobytes()   # 4 MiB: a body buffer of its own
+    b = bodies.tensor_from_stream(io.BytesIO(data), np.dtype("int32"), (2, -1), length=len(data))
+    assert b.shape == (2, MIB // 2) and np.array_equal(b.ravel(), np.arange(MIB, dtype=np.int32))
+    address = b.__array_interface__["data"][0]
+    assert address in shm.shared_tensors
+    segment_fd = shm.create_memfd(8 * MIB)
+    segment = shm.Segment(segment_fd, 8 * MIB)
+    placer = shm.Placer(segment, shm.Allocator(0, 8 * MIB))
+    try:
+        whole, tail = placer.place(b), placer.place(b[1:])
+        assert (whole.seg, whole.nbytes, whole.dtype) == (0, len(data), "torch.int32")
+        assert tail.seg == -1  # not at the start of its buffer: copied into the arena
+        got = shm.read_refs(segment, (whole,), [os.dup(placer.fds[0])], arrays=True)[0]
+        assert np.array_equal(got, b)
+    finally:
+        placer.rollback()
+        del segment
+        os.close(segment_fd)
+    del b, got
+    gc.collect()
+    assert address not in shm.shared_tensors
+    for bad in (np.dtype(">f4"), np.dtype(object)):
+        with pytest.raises(TypeError, match="cannot travel"):
+            bodies.tensor_from_stream(ReadOnly(b""), bad, (0,))
+
+
 def test_a_forked_child_never_uses_its_parents_buffers() -> None:
     data = bytes(3 * MIB)
     x = bodies.tensor_from_stream(io.BytesIO(data), torch.uint8, (-1,), length=len(data))
@@ -192,6 +226,12 @@ def sum_app() -> Iterator[Flask]:
         x = pool.tensor_from_stream(request.stream, torch.float32, (1, -1))
         return jsonify(model(x))
 
+    @app.post("/sum-numpy")
+    @pool.infer
+    def total_numpy(model):  # type: ignore[no-untyped-def]
+        x = pool.tensor_from_stream(request.stream, np.float32, (1, -1))
+        return jsonify(model(x))
+
     yield app
     pool.shutdown(app=app)
 
@@ -200,6 +240,14 @@ def sum_app() -> Iterator[Flask]:
 def test_a_view_hands_the_body_to_the_model(sum_app: Flask, n: int) -> None:
     x = _floats(n)
     got = sum_app.test_client().post("/sum", data=x.numpy().tobytes())
+    assert got.status_code == 200, got.get_data(as_text=True)
+    assert got.json == {"shape": [1, n], "dtype": "torch.float32", "sum": float(x.double().sum())}
+
+
+@pytest.mark.parametrize("n", [10, 3 * MIB])
+def test_a_view_hands_a_numpy_body_to_the_model(sum_app: Flask, n: int) -> None:
+    x = _floats(n)
+    got = sum_app.test_client().post("/sum-numpy", data=x.numpy().tobytes())
     assert got.status_code == 200, got.get_data(as_text=True)
     assert got.json == {"shape": [1, n], "dtype": "torch.float32", "sum": float(x.double().sum())}
 
@@ -255,18 +303,19 @@ def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pat
         yield paths
 
 
+@pytest.mark.parametrize("kind", [torch.float32, np.float32])
 @pytest.mark.parametrize("path", ["lane", "server"])
 def test_an_attached_web_process_sends_its_body_buffers_by_either_path(attached: dict[str, Path],
-                                                                       path: str) -> None:
+                                                                       path: str, kind: Any) -> None:
     conn = PoolConnection(str(attached[path]), 1 * MIB)
     conn.connect()
     try:
         assert bool(conn.lanes.pick("default")) == (path == "lane")
         for seed in range(3):
             data = _floats(3 * MIB, seed).numpy().tobytes()
-            x = bodies.tensor_from_stream(io.BytesIO(data), torch.float32, (-1,), length=len(data))
+            x = bodies.tensor_from_stream(io.BytesIO(data), kind, (-1,), length=len(data))
             got = conn.submit(None, (x,), {}, 30.0, False, 64 * MIB).result(30)
-            assert got["sum"] == float(x.double().sum())
+            assert got["sum"] == float(x.astype(np.float64).sum() if kind is np.float32 else x.double().sum())
     finally:
         conn.close()
 

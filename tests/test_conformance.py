@@ -25,6 +25,7 @@ own backend (``fresh_backend``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import time
@@ -641,6 +642,21 @@ def test_streams_yield_in_order_and_end_with_the_models_error(backend: Backend) 
         backend.proxy()(torch.ones(1), action="yield", n=3)
     with pytest.raises(InferenceError, match="no method 'nope'"):
         backend.proxy().call("nope")
+
+
+def test_a_zero_copy_numpy_output_keeps_its_memory_while_later_calls_run(backend: Backend) -> None:
+    """A large numpy output is a view of the worker's (or the server's) shared memory: its block must
+    not go back to be reused while the array, or any view of it, lives. (numpy.frombuffer keeps a
+    buffer of its own, so a finalizer on the memoryview slice freed the block at once, and the next
+    output overwrote an array its caller still held.)"""
+    proxy = backend.proxy()
+    first = proxy(np.full((256, 256), 1.0, np.float32))   # 256 KiB: a zero-copy output
+    row = first[3]
+    del first
+    gc.collect()
+    later = [proxy(np.full((256, 256), float(i), np.float32)) for i in range(2, 6)]
+    assert (row == 1.0).all(), f"a held output was overwritten with {row[:4]}"
+    assert all((out == i).all() for out, i in zip(later, range(2, 6)))
 
 
 def test_a_stream_started_with_numpy_arrays_yields_numpy_arrays(backend: Backend) -> None:
