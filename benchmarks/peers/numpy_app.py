@@ -1,6 +1,8 @@
 """The torch-free web process of the HTTP benchmark: ``numpy`` servers (``attach-numpy``,
-``attach-gthread-batch-numpy``) decode the body with numpy and pass numpy arrays, so the attached web
-processes never import torch (Note [Arrays without torch] in ``flask_torchpool/codec.py``).
+``attach-gthread-batch-numpy``, ``torchpool-batch-numpy``) read the body into a numpy array
+(``tensor_from_stream`` with a numpy dtype) and pass numpy arrays, so neither the web processes nor
+the pool's own process import torch (Note [Arrays without torch] and Note [A pool server without
+torch] in ``flask_torchpool/codec.py``).
 
 This module imports neither torch nor ``benchmarks.models``: the harness passes what it needs::
 
@@ -16,7 +18,6 @@ The routes and answers are those of ``benchmarks/peers/flask_app.py``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -28,7 +29,6 @@ def create_app() -> Flask:
     from flask_torchpool import ModelProxy, TorchPool
 
     shape = tuple(int(d) for d in os.environ["BENCH_SAMPLE_SHAPE"].split(","))
-    body_bytes = 4 * math.prod(shape)
     app = Flask(__name__)
     app.config.update(TORCHPOOL_MODEL=os.environ["BENCH_FACTORY"], TORCHPOOL_DEVICES="cpu")
     app.config.update(json.loads(os.environ.get("BENCH_TORCHPOOL_CONFIG", "{}")))
@@ -38,10 +38,9 @@ def create_app() -> Flask:
     @app.post("/predict")
     @pool.infer
     def predict(model: ModelProxy) -> Response:
-        body = request.get_data()
-        if len(body) != body_bytes:
-            return _answer({"error": f"expected {body_bytes} bytes of float32, got {len(body)}"}, 400)
-        out = model(np.frombuffer(body, dtype=np.float32).reshape(1, *shape))
+        # As the torch app reads it (the documented way): in chunks straight into the array, over a
+        # shared body buffer for a big body. A body of the wrong size is a 400 (InvalidInputError).
+        out = model(model.tensor_from_stream(request.stream, np.float32, (1, *shape)))
         return _answer({"shape": list(out.shape), "head": out.ravel()[:4].tolist()})
 
     return app
