@@ -61,7 +61,8 @@ def split(job: Job[Any], msg: messages.Result, fds: list[int], arrays: bool = Fa
           ) -> list[tuple[Any, BaseException | None]]:
     """The result of each member of *job* (a plain call has one member): its outputs read as numpy
     arrays with *arrays* (every member still waiting passed numpy arrays; no torch needed: Note [A pool
-    server without torch] in :mod:`flask_torchpool.codec`), else as tensors."""
+    server without torch] in :mod:`flask_torchpool.codec`), else as tensors, of which the members that
+    passed numpy arrays (in a batch with torch callers) get numpy views."""
     slot = job.slot
     try:
         if slot.arena is None:
@@ -72,7 +73,17 @@ def split(job: Job[Any], msg: messages.Result, fds: list[int], arrays: bool = Fa
         return [(None, numpy_refused(msg.value, exc)) for _ in job.members]
     except Exception as err:  # a malformed reply is a worker bug; the calls must not hang
         return [(None, OutputError(f"cannot read the model's output: {err}")) for _ in job.members]
-    return split_rows(job, msg.value, tensors)
+    results = split_rows(job, msg.value, tensors)
+    if arrays:
+        return results
+    return [_numpy_member(r) if m.numpy and r[1] is None else r for m, r in zip(job.members, results)]
+
+
+def _numpy_member(result: tuple[Any, BaseException | None]) -> tuple[Any, BaseException | None]:
+    try:
+        return numpy_result(result[0]), None
+    except OutputError as err:
+        return None, err
 
 
 def split_rows(job: Job[Any], skel: Any, tensors: list[Any]) -> list[tuple[Any, BaseException | None]]:
@@ -140,8 +151,9 @@ def numpy_refused(value: Any, exc: codec.UnsupportedValue) -> OutputError:
 
 
 class NumpyFuture(Future[Any]):
-    """The future of a call that passed numpy arrays: *inner*'s outcome, its tensors turned into numpy
-    arrays that share their memory (zero-copy outputs stay zero-copy). Cancelling it cancels *inner*."""
+    """The future of a Ray call that passed numpy arrays: *inner*'s outcome, its tensors turned into numpy
+    arrays that share their memory. Cancelling it cancels *inner*. (The process pool reads numpy
+    outputs itself: :func:`split`.)"""
 
     def __init__(self, inner: Future[Any]) -> None:
         super().__init__()

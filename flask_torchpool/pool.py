@@ -59,7 +59,6 @@ from .errors import (
 )
 from .exits import process_stopped
 from .metrics import Metrics
-from .outputs import NumpyFuture
 from .placement import Placement
 from .status import ModelStatus, ModelVersion, WorkerState, model_status, worker_status
 from .streaming import Stream, StreamBook, new_call
@@ -189,7 +188,7 @@ class Pool:
             call.key, call.rows = batch_key(call)
         future = self._streams.cancellable(call)
         self._enqueue(call)
-        return NumpyFuture(future) if call.numpy else future
+        return future
 
     def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
                method: str | None = None) -> Stream:
