@@ -139,7 +139,7 @@ class InlinePool:
                 self._call_lock.release()
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None) -> Future[Any]:
+               batch: bool = True, method: str | None = None, waiter: bool = False) -> Future[Any]:
         """Run one call now, in this thread, and return its (completed) future. *timeout* is not
         enforced and *batch* is ignored in inline mode."""
         skel_args, skel_kwargs, tensors, numpy = self._accept(args, kwargs, timeout, method)

@@ -178,7 +178,7 @@ class Pool:
     # --- calls ----------------------------------------------------------------------------------------
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None) -> Future[Any]:
+               batch: bool = True, method: str | None = None, waiter: bool = False) -> Future[Any]:
         """Queue one call; the returned future holds the model's output or a :class:`TorchPoolError`.
         Cancelling the future drops the call if it has not started. Input that cannot travel is
         refused here, in the calling thread, before anything is queued.

@@ -175,6 +175,27 @@ def test_submit_returns_a_done_future(inline_app: Flask) -> None:
             pool.submit(object())
 
 
+def test_only_a_proxy_call_promises_to_wait_for_its_result(inline_app: Flask,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Note [Claimed lanes]: ModelProxy.__call__ calls result() right after submit, so it says so (the
+    # attached client then reads the answer in that thread); submit() and acall() leave it to others.
+    backend = inline_app.extensions["torchpool"].pool_for_call("default")
+    waiters: list[bool] = []
+    real_submit = backend.submit
+
+    def submit(*args: Any, waiter: bool = False, **kwargs: Any) -> Any:
+        waiters.append(waiter)
+        return real_submit(*args, waiter=waiter, **kwargs)
+
+    monkeypatch.setattr(backend, "submit", submit)
+    with inline_app.app_context():
+        model = inline_app.extensions["torchpool"].extension.model()
+        assert torch.equal(model(torch.ones(2)), torch.ones(2))
+        assert torch.equal(model.submit(torch.ones(2)).result(), torch.ones(2))
+        assert torch.equal(asyncio.run(model.acall(torch.ones(2))), torch.ones(2))
+    assert waiters == [True, False, False]
+
+
 def test_no_subprocess_and_calls_run_one_at_a_time(inline_app: Flask) -> None:
     before = child_pids()
     results: list[dict[str, float]] = []

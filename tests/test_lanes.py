@@ -48,8 +48,9 @@ def conn(served: PoolServer) -> Iterator[PoolConnection]:
     c.close()
 
 
-def _call(conn: PoolConnection, *args: object, timeout: float = 30.0, **kwargs: object) -> Future:
-    return conn.submit(None, args, kwargs, timeout, False, 1 << 20)
+def _call(conn: PoolConnection, *args: object, timeout: float = 30.0, waiter: bool = False,
+          **kwargs: object) -> Future:
+    return conn.submit(None, args, kwargs, timeout, False, 1 << 20, waiter=waiter)
 
 
 def _worker_pid(served: PoolServer) -> int | None:
@@ -245,10 +246,8 @@ def test_a_worker_frozen_under_a_direct_call_is_killed_and_replaced(served: Pool
     assert torch.equal(_call(conn, torch.ones(2)).result(30), torch.ones(2))
 
 
-def test_a_waiting_caller_reads_its_own_answers(served: PoolServer, conn: PoolConnection,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    # Note [One wake-up per reply]: the thread in result() reads its lane; the reader thread is not woken.
-    assert conn.lanes.pick("default") is not None
+def _record_readers(conn: PoolConnection, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that read each message of a lane, from now on."""
     readers: list[str] = []
     real_read = conn.lanes._read_one
 
@@ -257,22 +256,64 @@ def test_a_waiting_caller_reads_its_own_answers(served: PoolServer, conn: PoolCo
         return real_read(lane)  # type: ignore[arg-type]
 
     monkeypatch.setattr(conn.lanes, "_read_one", read_one)
+    return readers
+
+
+@pytest.mark.parametrize("waiter", [False, True])
+def test_a_waiting_caller_reads_its_own_answers(served: PoolServer, conn: PoolConnection,
+                                                monkeypatch: pytest.MonkeyPatch, waiter: bool) -> None:
+    # Note [One wake-up per reply]: the thread in result() reads its lane; the reader thread is not woken.
+    # Note [Claimed lanes]: a caller that says it waits reads every one of its answers.
+    assert conn.lanes.pick("default") is not None
+    readers = _record_readers(conn, monkeypatch)
     for i in range(200):
-        assert torch.equal(_call(conn, torch.full((2,), float(i))).result(30), torch.full((2,), float(i)))
+        x = torch.full((2,), float(i))
+        assert torch.equal(_call(conn, x, waiter=waiter).result(30), x)
     ours = readers.count(threading.current_thread().name)
-    assert ours >= 100, f"the caller read {ours} of the 200 answers: {sorted(set(readers))}"
+    assert ours >= (200 if waiter else 100), f"the caller read {ours} of 200 answers: {sorted(set(readers))}"
+
+
+def test_an_answer_that_comes_before_its_waiter_asks_is_left_to_it(served: PoolServer, conn: PoolConnection,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Note [Claimed lanes]: the worker answers before result() is called; the reader thread, not woken,
+    # leaves the answer on the lane, and gives it back to the reader thread once result() read it.
+    lane = conn.lanes.pick("default")
+    assert lane is not None
+    readers = _record_readers(conn, monkeypatch)
+    x = torch.arange(5.0)
+    claimed = _call(conn, x, waiter=True)
+    assert lane.channel.poll(30), "no answer"
+    assert not wait([claimed], timeout=0.5).done, "another thread read the answer of a claimed lane"
+    assert torch.equal(claimed.result(30), x)
+    assert readers == [threading.current_thread().name]
+    later = _call(conn, x + 1)  # nobody calls result(): the reader thread must read it
+    assert wait([later], timeout=30).done, "the lane was not given back to the reader thread"
+    assert torch.equal(later.result(0), x + 1)
+
+
+def test_a_claimed_call_whose_wait_times_out_gives_its_lane_back(served: PoolServer,
+                                                                 conn: PoolConnection) -> None:
+    assert conn.lanes.pick("default") is not None
+    x = torch.ones(3)
+    claimed = _call(conn, x, waiter=True, action="sleep", seconds=0.3)
+    with pytest.raises(TimeoutError):
+        claimed.result(0.01)
+    assert wait([claimed], timeout=30).done, "nobody read the answer after its waiter gave up"
+    assert torch.equal(claimed.result(0), x)
+    assert torch.equal(_call(conn, x, waiter=True).result(30), x)
 
 
 def test_threads_sharing_a_lane_each_get_their_own_answer(served: PoolServer, conn: PoolConnection) -> None:
-    # Some threads read in result(), some only wait for the future (the reader thread or another
-    # caller answers them), and some only get a callback: the token passes between all of them.
+    # Some threads read in result() (half of their calls claiming the lane from submit on), some only
+    # wait for the future (the reader thread or another caller answers them), and some only get a
+    # callback: the token passes between all of them.
     assert conn.lanes.pick("default") is not None
     wrong: list[object] = []
 
     def caller(k: int) -> None:
         for i in range(60):
             x = torch.full((3,), float(1000 * k + i))
-            future = _call(conn, x)
+            future = _call(conn, x, waiter=k % 3 == 0 and i % 2 == 0)
             if k % 3 == 0:
                 value = future.result(30)
             elif k % 3 == 1:

@@ -246,13 +246,15 @@ class PoolConnection:
 
     def submit(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                timeout: float | None, batch: bool, max_input_bytes: int,
-               method: str | None = None) -> Future[Any]:
-        """Send one call. Cancelling its future tells the server to drop it if it has not started."""
-        return self._start(model, args, kwargs, timeout, batch, max_input_bytes, method, None)[0]
+               method: str | None = None, waiter: bool = False) -> Future[Any]:
+        """Send one call. Cancelling its future tells the server to drop it if it has not started.
+        *waiter*: the calling thread calls the future's ``result()`` next (Note [Claimed lanes])."""
+        return self._start(model, args, kwargs, timeout, batch, max_input_bytes, method, None,
+                           waiter=waiter)[0]
 
     def _start(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                timeout: float | None, batch: bool, max_input_bytes: int, method: str | None,
-               sink: Sink | None, direct: bool = True) -> tuple[Future[Any], int]:
+               sink: Sink | None, direct: bool = True, waiter: bool = False) -> tuple[Future[Any], int]:
         """Send one call (a stream with *sink*): its future, and its id. A plain call goes on a lane
         when this process holds one for the model (Note [Lanes]), else through the server."""
         codec.check_timeout(timeout)
@@ -278,7 +280,7 @@ class PoolConnection:
 
             lane_id = next(_ids)
             sent = self.lanes.submit(lane, lane_id, skel_args, skel_kwargs, tensors, deadline, method, resend,
-                                     numpy)
+                                     numpy, waiter)
             if sent is not None:
                 return sent, lane_id
         placer = shm.Placer(link.arena, link.inputs)

@@ -26,6 +26,19 @@ ready socket reports it). A thread that cannot take the token leaves the lane as
 it. Only a token holder drops a lane, and a lane is re-armed only while it is registered (under the lock),
 so no descriptor number is re-armed after it was closed and reused.
 
+Note [Claimed lanes]
+~~~~~~~~~~~~~~~~~~~
+The token is taken in :meth:`LaneFuture.result`, after the call was sent. A worker on the caller's core
+(Note [Web affinity]) is woken by the send and often answers before the caller reaches ``result()``; the
+armed lane then woke the reader thread, which read the answer and handed it over through the future: two
+threads woken per reply again, for 75% of the calls of the ``tiny`` HTTP benchmark (the reader thread
+spent 65 us of CPU per request). So a caller that says it waits (``waiter``: ``ModelProxy.__call__``
+calls ``result()`` right after ``submit``) takes the token before sending, when it is free, and disarms
+the lane; :meth:`LaneFuture.result` then reads with the token it holds and gives it back as above. A
+call that is not sent gives the token back at once. A caller that took the token must call
+``result()``: until it does, no other thread reads the lane (its other calls wait, their deadlines still
+fire), so only ``ModelProxy.__call__``, which calls it with nothing in between, passes ``waiter``.
+
 When a lane ends (its worker died or retired) the calls on it that the worker had not started are sent
 again through the server; the one it was running fails with :class:`~flask_torchpool.WorkerCrashedError`,
 or with :class:`~flask_torchpool.PoolUnavailableError` when the server ended (its workers end with it).
@@ -121,11 +134,13 @@ class LaneFuture(Future[Any]):
         self._owner = owner
         self._lane = weakref.ref(lane)  # a future kept by its caller must not keep the arena mapped
         self._call_id = call_id
+        self._claimed = False  # this future holds its lane's token from submit (Note [Claimed lanes])
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done() and (lane := self._lane()) is not None:
+        claimed, self._claimed = self._claimed, False
+        if (claimed or not self.done()) and (lane := self._lane()) is not None:
             end = None if timeout is None else time.monotonic() + timeout
-            self._owner.read_own(lane, self, self._call_id, end)
+            self._owner.read_own(lane, self, self._call_id, end, claimed)
             del lane
             if end is not None:
                 timeout = max(0.0, end - time.monotonic())
@@ -225,17 +240,27 @@ class ClientLanes:
         return best
 
     def submit(self, lane: Lane, call_id: int, args: Any, kwargs: Any, tensors: list[Any], deadline: float,
-               method: str | None, resend: Callable[[], Future[Any]], numpy: bool = False
-               ) -> Future[Any] | None:
-        """Send one call on *lane*; None when the lane failed (send it through the server instead)."""
+               method: str | None, resend: Callable[[], Future[Any]], numpy: bool = False,
+               waiter: bool = False) -> Future[Any] | None:
+        """Send one call on *lane*; None when the lane failed (send it through the server instead). With
+        *waiter* the calling thread promises to call the future's ``result()`` next: it takes the lane's
+        token now when it is free (Note [Claimed lanes])."""
         placer = shm.Placer(lane.arena, lane.inputs)
         refs = placer.place_all(tensors)
         future = LaneFuture(self, lane, call_id)
         call = _Call(future, placer.blocks, deadline, resend, numpy)
+        claimed = waiter and lane.reading.acquire(blocking=False)
         with self._lock:
             if not lane.open:
                 placer.rollback()
+                if claimed:
+                    lane.reading.release()
                 return None
+            if claimed:  # the reader thread is not woken by this call's answer: its caller reads it
+                assert self._epoll is not None
+                with contextlib.suppress(OSError):
+                    self._epoll.modify(lane.channel.fileno(), _DISARMED)
+                future._claimed = True
             lane.calls[call_id] = call
             if deadline:
                 self._deadlines.push(deadline, call_id, lane)
@@ -243,23 +268,31 @@ class ClientLanes:
         try:
             lane.channel.send(messages.Call(call_id, args, kwargs, refs, lane.releases.drain(), method, 0,
                                             deadline), tuple(placer.fds))
-        except OSError:
+        except BaseException as exc:  # not sent: nothing of it may stay behind, nor the token
             with self._lock:
-                lane.calls.pop(call_id, None)
+                lane.calls.pop(call_id, None)  # its deadline entry is finished now (_settled)
             placer.rollback()
-            return None
+            if claimed:
+                future._claimed = False
+                lane.reading.release()
+                self._arm(lane, _ARMED)
+            if isinstance(exc, OSError):
+                return None
+            raise
         placer.close_fds()
         if deadline and wake:
             self._wake()
         return future
 
-    def read_own(self, lane: Lane, future: Future[Any], call_id: int, end: float | None) -> None:
+    def read_own(self, lane: Lane, future: Future[Any], call_id: int, end: float | None,
+                 claimed: bool = False) -> None:
         """Read *lane* in this thread until *future* is done, its deadline or *end* passed, or the lane
-        ended; return at once when another thread reads it (Note [One wake-up per reply])."""
-        if not lane.reading.acquire(blocking=False):
+        ended; return at once when another thread reads it (Note [One wake-up per reply]). *claimed*: this
+        thread holds the lane's token already, and the lane is disarmed (Note [Claimed lanes])."""
+        if not claimed and not lane.reading.acquire(blocking=False):
             return
         try:
-            if not self._arm(lane, _DISARMED):
+            if not claimed and not self._arm(lane, _DISARMED):
                 return
             call = lane.calls.get(call_id)
             if call is not None and call.deadline and (end is None or call.deadline < end):

@@ -86,11 +86,11 @@ class RemotePool:
         threading.Thread(target=attach, name=f"{self.name}-attach", daemon=True).start()
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None) -> Future[Any]:
+               batch: bool = True, method: str | None = None, waiter: bool = False) -> Future[Any]:
         if self._closing:
             raise errors.PoolClosedError.closing(self.config.retry_after)
         return self.connection.submit(self.model, args, kwargs, timeout, batch,
-                                      self.config.max_input_bytes, method)
+                                      self.config.max_input_bytes, method, waiter)
 
     def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
                method: str | None = None) -> Stream:

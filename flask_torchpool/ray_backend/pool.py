@@ -188,7 +188,7 @@ class RayPool:
     # --- calls --------------------------------------------------------------------------------------------
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None) -> Future[Any]:
+               batch: bool = True, method: str | None = None, waiter: bool = False) -> Future[Any]:
         """Queue one call (see :meth:`flask_torchpool.backend.Backend.submit`); *method* runs that
         method of the model on the actor. Cancelling the future does not drop the call on this backend
         (the call runs; its result is discarded)."""
