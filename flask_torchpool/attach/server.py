@@ -68,8 +68,8 @@ from ..backend import Backend
 from ..channel import Channel
 from ..errors import InferenceError, InvalidInputError, TorchPoolError, to_wire
 from .affinity import Pairs
+from .broker import LaneBroker, record_observed
 from .control import answer_request
-from .lanes import LaneBroker, record_observed
 from .relay import Chunk, End, StreamRelay, read_inputs
 from .rendezvous import (
     check_same_user,
