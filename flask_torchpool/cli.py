@@ -396,9 +396,12 @@ def _summary(value: Any) -> str:
 @click.option("--owner-pid", type=int, default=None, hidden=True, help="Stop when this process exits.")
 @click.option("--lock-fd", type=int, default=None, hidden=True, help="The server lock, taken already.")
 @click.option("--ready-fd", type=int, default=None, hidden=True, help="Write the socket path here.")
+@click.option("--sync-web", is_flag=True, default=False,
+              help="The web processes are gunicorn sync workers, one request at a time each: "
+                   "TORCHPOOL_WORKER_NICE \"auto\" is then 0 (auto mode and the gunicorn hook say so).")
 @click.pass_context
 def serve_command(ctx: click.Context, socket_path: str | None, owner_pid: int | None, lock_fd: int | None,
-                  ready_fd: int | None) -> None:
+                  ready_fd: int | None, sync_web: bool) -> None:
     """Run the app's pool as a pool server that web processes attach to (TORCHPOOL_MODE = "attach"
     or "auto"). Stops, after draining, on SIGTERM or Ctrl-C."""
     from .attach.rendezvous import exit_now
@@ -409,6 +412,7 @@ def serve_command(ctx: click.Context, socket_path: str | None, owner_pid: int | 
     app = ctx.ensure_object(ScriptInfo).load_app()
     with app.app_context():
         state = _state()
+        state.sync_web_worker = sync_web or state.sync_web_worker
         try:
             state.extension.serve(app, socket_path=socket_path, owner_pid=owner_pid, lock_fd=lock_fd,
                                   ready_fd=ready_fd)

@@ -66,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_ERROR_DETAILS": False,
     "TORCHPOOL_MODEL_SHA256": None,
     "TORCHPOOL_START_METHOD": "forkserver",
-    "TORCHPOOL_WORKER_NICE": 10,
+    "TORCHPOOL_WORKER_NICE": "auto",
     "TORCHPOOL_RELOAD_SURGE": 1,
     "TORCHPOOL_MODEL_VERSION": None,
     "TORCHPOOL_BACKEND": "process",
@@ -168,8 +168,9 @@ class ModelConfig:
     worker_log_level: int = logging.INFO
     #: ``TORCHPOOL_START_METHOD``: "forkserver" (workers forked from a preloaded fork server) or "spawn".
     start_method: str = DEFAULTS["TORCHPOOL_START_METHOD"]
-    #: ``TORCHPOOL_WORKER_NICE``: how much lower than the web process's the workers' CPU priority is.
-    worker_nice: int = DEFAULTS["TORCHPOOL_WORKER_NICE"]
+    #: ``TORCHPOOL_WORKER_NICE``: how much lower than the web process's the workers' CPU priority is;
+    #: ``"auto"``: resolved by :func:`flask_torchpool.placement.worker_nice`.
+    worker_nice: int | str = DEFAULTS["TORCHPOOL_WORKER_NICE"]
     #: ``TORCHPOOL_RELOAD_SURGE``: how many workers a reload may run beyond ``workers`` (0: take one out,
     #: then replace it).
     reload_surge: int = DEFAULTS["TORCHPOOL_RELOAD_SURGE"]
@@ -434,11 +435,14 @@ def _log_level(key: str, value: Any) -> int:
                            "'WARNING', or a number >= 0 such as logging.DEBUG")
 
 
-def _nice(key: str, value: Any) -> int:
+def _nice(key: str, value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
-        raise ConfigError(key, f"{value!r} is not allowed; use an integer from 0 (the web process's CPU "
-                               "priority) to 19 (the lowest)")
+        raise ConfigError(key, f"{value!r} is not allowed; use \"auto\" or an integer from 0 (the web "
+                               "process's CPU priority) to 19 (the lowest)")
     return value
+
 
 
 def _url_prefix(key: str, value: Any) -> str | None:

@@ -17,6 +17,7 @@ to the default model's. Everything else speaks to the backends through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -33,7 +34,7 @@ from .backend import Backend
 from .config import DEFAULT_MODEL, AppConfig, ModelConfig
 from .errors import ConfigError, PoolClosedError, RemoteTraceback, TorchPoolError, WorkerStartupError
 from .metrics import Metrics
-from .placement import Placement, plan_models
+from .placement import Placement, plan_models, worker_nice
 from .startup import check_resources
 from .status import AppStatus, ModelStatus, ModelVersion, app_status, not_started
 
@@ -70,7 +71,9 @@ class ModelGroup:
         #: How to import the app again, when gunicorn loaded it ("module:app"): auto mode starts a pool
         #: server with it.
         self.app_import: str | None = None
-        #: A gunicorn sync worker loaded the app: TORCHPOOL_WEB_AFFINITY "auto" pins it (Note [Web affinity]).
+        #: The web tier is gunicorn sync workers: this process is one (TORCHPOOL_WEB_AFFINITY "auto" pins
+        #: it: Note [Web affinity]), or, in a pool server, one started the server (``serve --sync-web``).
+        #: TORCHPOOL_WORKER_NICE "auto" then keeps the workers at the web processes' priority.
         self.sync_web_worker = False
         self.connection: PoolConnection | None = None
         self.background_start: threading.Thread | None = None
@@ -157,6 +160,8 @@ class ModelGroup:
             return RayPool(config, placements, name=label, address=self.app_config.ray_address)
         from .pool import Pool
 
+        if config.worker_nice == "auto":  # "auto" needs to know the web tier: this object does
+            config = dataclasses.replace(config, worker_nice=worker_nice(config, self.sync_web_worker))
         return Pool(config, placements, name=label, logger_name=self.logger_name)
 
     # --- starting ------------------------------------------------------------------------------------
@@ -233,7 +238,8 @@ class ModelGroup:
                 now = time.monotonic()
                 if now - last_spawn[0] < min_interval:
                     return
-                spawner = rendezvous.ensure_server(app_import, path, owner_pid=os.getppid())
+                spawner = rendezvous.ensure_server(app_import, path, owner_pid=os.getppid(),
+                                                   sync_web=self.sync_web_worker)
                 if spawner is not None:
                     last_spawn[0] = now
                     connection.spawner = spawner

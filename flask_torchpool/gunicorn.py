@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 from typing import Any
 
 from .attach.rendezvous import launch_server
@@ -39,7 +40,7 @@ def on_starting(server: Any) -> None:
     read_fd, write_fd = os.pipe()
     try:
         _server = launch_server(app_uri, owner_pid=os.getpid(), ready_fd=write_fd,
-                                cwd=server.cfg.chdir or None)
+                                cwd=server.cfg.chdir or None, sync_web=_sync_workers(server))
     finally:
         os.close(write_fd)
     try:
@@ -55,6 +56,14 @@ def on_starting(server: Any) -> None:
                            "see its output above")
     log.info("flask_torchpool: pool server pid %d serves %s", _server.pid, line)
     server.log.info("flask_torchpool: pool server pid %d serves %s", _server.pid, line)
+
+
+def _sync_workers(server: Any) -> bool:
+    """Whether gunicorn runs sync workers, one request at a time each (``-k sync`` without ``--threads``:
+    with threads gunicorn runs gthread workers instead)."""
+    worker_class = getattr(server.cfg, "worker_class", None)   # loads the worker class's module
+    sync = sys.modules.get("gunicorn.workers.sync")
+    return sync is not None and isinstance(worker_class, type) and issubclass(worker_class, sync.SyncWorker)
 
 
 def on_exit(server: Any) -> None:

@@ -35,6 +35,21 @@ class Placement(NamedTuple):
                 f"threads={self.threads}")
 
 
+#: ``TORCHPOOL_WORKER_NICE="auto"`` behind gunicorn sync workers: each web process waits for its call, so
+#: a niced worker is only preempted by the process it answers, in the middle of answering it.
+SYNC_WEB_NICE = 0
+#: ``TORCHPOOL_WORKER_NICE="auto"`` behind any other web tier (threads, or not known): the web tier first.
+THREADED_WEB_NICE = 10
+
+
+def worker_nice(config: PoolConfig, sync_web: bool = False) -> int:
+    """The workers' nice value: ``TORCHPOOL_WORKER_NICE``, ``"auto"`` resolved for a web tier of gunicorn
+    sync workers (*sync_web*) or any other."""
+    if config.worker_nice == "auto":
+        return SYNC_WEB_NICE if sync_web else THREADED_WEB_NICE
+    return int(config.worker_nice)
+
+
 def usable_cores() -> list[int]:
     """The cores this process may run on, sorted."""
     if hasattr(os, "sched_getaffinity"):

@@ -34,7 +34,7 @@ from .config import PoolConfig
 from .exits import likely_cause, signal_name
 from .forkserver import ForkServer, ForkServerError, PassedFd, run_worker
 from .logs import WorkerOutput
-from .placement import Placement
+from .placement import Placement, worker_nice
 from .status import WorkerState
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class WorkerSet:
         """``worker_main``'s arguments."""
         return (slot.placement, slot.spec, conn, arena_fd, size, os.getpid(),
                 self.config.share_weights, out_fds, self.config.worker_log_level, self.name,
-                self.config.worker_nice)
+                worker_nice(self.config))
 
     def _fork_server_for(self, slot: WorkerSlot) -> ForkServer | None:
         """The pool's fork server, started on first use; None when workers are spawned: by

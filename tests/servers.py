@@ -189,6 +189,12 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def nice_of(pid: int) -> int:
+    """Process *pid*'s nice value (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
 def ppid(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:

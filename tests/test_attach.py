@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -48,6 +49,7 @@ from .servers import (
     connectable,
     free_port,
     new_shm_entries,
+    nice_of,
     pid_alive,
     pool_server,
     pool_workers_below,
@@ -436,6 +438,10 @@ def test_gunicorn_w3_auto_mode_shares_one_pool(project: Path) -> None:
         try:
             workers = pool_workers_below(pool_server)
             assert len(workers) == WORKERS, server.log()
+            # TORCHPOOL_WORKER_NICE "auto" behind gunicorn sync workers (the first one said so when it
+            # started the server): the workers keep the web processes' priority.
+            assert "--sync-web" in cmdline(pool_server), cmdline(pool_server)
+            assert {nice_of(w) for w in workers} == {0}, server.log()
             # One set of model workers on the host: none below gunicorn, none elsewhere for this app.
             assert not pool_workers_below(server.pid) - workers, "a web worker started its own pool"
             webs = wait_until(lambda: len(_web_workers(server)) == 3 and _web_workers(server), timeout=30)
@@ -520,6 +526,8 @@ def test_gunicorn_hook_starts_the_server_in_the_master_before_fork(project: Path
                 assert "libtorch" not in f.read(), "the gunicorn master mapped torch"
             assert len(pool_workers_below(pool_server)) == WORKERS
             assert not pool_workers_below(server.pid) - pool_workers_below(pool_server)
+            # The hook saw gunicorn's sync workers: TORCHPOOL_WORKER_NICE "auto" is 0.
+            assert {nice_of(w) for w in pool_workers_below(pool_server)} == {0}, cmdline(pool_server)
             assert wait_until(lambda: _server_status(server)["server"]["clients"] == 2, timeout=60), \
                 _server_status(server)
             workers = pool_workers_below(pool_server)
@@ -569,6 +577,18 @@ def test_the_gunicorn_hook_module_imports_no_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize(("options", "sync"), [({}, True), ({"threads": 4}, False),
+                                                ({"worker_class": "gthread"}, False)])
+def test_the_gunicorn_hook_tells_the_server_whether_the_web_workers_are_sync(options: dict,
+                                                                           sync: bool) -> None:
+    # TORCHPOOL_WORKER_NICE "auto" (flask torchpool serve --sync-web): -k sync without --threads only.
+    config = pytest.importorskip("gunicorn.config")
+    from flask_torchpool.gunicorn import _sync_workers
+
+    cfg = config.Config()
+    for key, value in options.items():
+        cfg.set(key, value)
+    assert _sync_workers(SimpleNamespace(cfg=cfg)) is sync
 
 
 NUMPY_WEB = """

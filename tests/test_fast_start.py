@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from flask_torchpool import ConfigError, TorchPool, WorkerCrashedError
-from flask_torchpool.config import DEFAULTS
+from flask_torchpool.config import DEFAULTS, PoolConfig
 from flask_torchpool.forkserver import PROCESS_NAME
+from flask_torchpool.placement import worker_nice
 from tests.conftest import child_pids, make_app, pid_alive, wait_until
 from tests.crash_models import wait_ready
 
@@ -48,14 +49,15 @@ def fork_servers(parent: int | None = None) -> set[int]:
 
 def test_defaults() -> None:
     assert DEFAULTS["TORCHPOOL_START_METHOD"] == "forkserver"
-    assert DEFAULTS["TORCHPOOL_WORKER_NICE"] == 10
+    assert DEFAULTS["TORCHPOOL_WORKER_NICE"] == "auto"
 
 
 @pytest.mark.parametrize(("key", "value", "allowed"), [
     ("TORCHPOOL_START_METHOD", "fork", "use one of 'forkserver', 'spawn'"),
-    ("TORCHPOOL_WORKER_NICE", 20, "use an integer from 0"),
-    ("TORCHPOOL_WORKER_NICE", -1, "use an integer from 0"),
-    ("TORCHPOOL_WORKER_NICE", True, "use an integer from 0"),
+    ("TORCHPOOL_WORKER_NICE", 20, 'use "auto" or an integer from 0'),
+    ("TORCHPOOL_WORKER_NICE", -1, 'use "auto" or an integer from 0'),
+    ("TORCHPOOL_WORKER_NICE", True, 'use "auto" or an integer from 0'),
+    ("TORCHPOOL_WORKER_NICE", "10", 'use "auto" or an integer from 0'),
 ])
 def test_bad_values_name_the_key(key: str, value: Any, allowed: str) -> None:
     app = make_app(TORCHPOOL_START="lazy", **{key: value})
@@ -63,6 +65,15 @@ def test_bad_values_name_the_key(key: str, value: Any, allowed: str) -> None:
         TorchPool(app)
     assert info.value.key == key
     assert allowed in str(info.value)
+
+
+def test_auto_nice_depends_on_whether_the_web_tier_is_gunicorn_sync_workers() -> None:
+    # TORCHPOOL_WORKER_NICE "auto": 0 behind sync web workers (each waits for its own call), else 10.
+    auto = PoolConfig.from_mapping({"TORCHPOOL_MODEL": "tests.models:echo"})
+    assert auto.worker_nice == "auto"
+    assert worker_nice(auto, sync_web=True) == 0 and worker_nice(auto, sync_web=False) == 10
+    fixed = PoolConfig.from_mapping({"TORCHPOOL_MODEL": "tests.models:echo", "TORCHPOOL_WORKER_NICE": 7})
+    assert worker_nice(fixed, sync_web=True) == 7 and worker_nice(fixed) == 7
 
 
 def test_workers_are_forked_children_of_the_web_process(make_pool: Any) -> None:

@@ -32,6 +32,7 @@ from .servers import (
     is_pool_worker,
     kill_group,
     new_shm_entries,
+    nice_of,
     pool_workers_below,
     ppid,
     running,
@@ -190,6 +191,8 @@ def test_gunicorn_pool_lives_in_the_gunicorn_worker(project: Path) -> None:
         assert serving != server.pid and ppid(serving) == server.pid
         assert all_children(server.pid) == {serving}, "the master has children besides its worker"
         workers = _check_one_pool(server, serving)
+        # TORCHPOOL_WORKER_NICE "auto" behind threaded web workers: the web tier first.
+        assert {nice_of(w) for w in workers} == {10}, server.log()
 
         server.proc.send_signal(signal.SIGTERM)
         assert server.wait_exit() == 0, server.log()

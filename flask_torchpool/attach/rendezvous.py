@@ -230,10 +230,11 @@ def set_recv_timeout(fd: int, seconds: float) -> None:
 
 def launch_server(app_import: str, *, owner_pid: int, socket_path: str | None = None,
                   lock_fd: int | None = None, ready_fd: int | None = None,
-                  cwd: str | None = None) -> subprocess.Popen[bytes]:
+                  cwd: str | None = None, sync_web: bool = False) -> subprocess.Popen[bytes]:
     """Start ``python -m flask_torchpool.server`` for the app *app_import* in its own session, with this
     process's import path. It stops when process *owner_pid* exits; *lock_fd* (the server lock, taken
-    by the caller) and *ready_fd* (written once it listens) pass to it."""
+    by the caller) and *ready_fd* (written once it listens) pass to it. *sync_web*: the web processes
+    are gunicorn sync workers (``--sync-web``: ``TORCHPOOL_WORKER_NICE="auto"`` is then 0)."""
     argv = [sys.executable, "-m", "flask_torchpool.server", "--app", app_import, "--owner-pid",
             str(owner_pid)]
     if socket_path is not None:
@@ -242,6 +243,8 @@ def launch_server(app_import: str, *, owner_pid: int, socket_path: str | None = 
         argv += ["--lock-fd", str(lock_fd)]
     if ready_fd is not None:
         argv += ["--ready-fd", str(ready_fd)]
+    if sync_web:
+        argv.append("--sync-web")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return subprocess.Popen(argv, pass_fds=tuple(fd for fd in (lock_fd, ready_fd) if fd is not None),
@@ -269,10 +272,11 @@ class ServerSpawner:
     that process exits. Only the process that wins the server lock spawns; the lock passes to the
     server."""
 
-    def __init__(self, app_import: str, path: str, owner_pid: int) -> None:
+    def __init__(self, app_import: str, path: str, owner_pid: int, sync_web: bool = False) -> None:
         self.app_import = app_import
         self.path = path
         self.owner_pid = owner_pid
+        self.sync_web = sync_web  # the web tier is gunicorn sync workers (launch_server)
         self.process: subprocess.Popen[bytes] | None = None
 
     def alive(self) -> bool:
@@ -286,7 +290,7 @@ class ServerSpawner:
             return False
         try:
             self.process = launch_server(self.app_import, owner_pid=self.owner_pid, socket_path=self.path,
-                                         lock_fd=fd)
+                                         lock_fd=fd, sync_web=self.sync_web)
         finally:
             os.close(fd)  # the server holds the lock now (same open file description)
         log.info("torchpool: started the pool server (pid %d) for %s on %s", self.process.pid,
@@ -296,9 +300,11 @@ class ServerSpawner:
         return True
 
 
-def ensure_server(app_import: str | None, path: str, owner_pid: int) -> ServerSpawner | None:
+def ensure_server(app_import: str | None, path: str, owner_pid: int,
+                  sync_web: bool = False) -> ServerSpawner | None:
     """Auto mode: make sure a pool server for *path* runs, starting one (owned by *owner_pid*) if no
-    process holds its lock. Returns the spawner when this process started it."""
+    process holds its lock. Returns the spawner when this process started it. *sync_web*: the web tier
+    is gunicorn sync workers (:func:`launch_server`)."""
     if server_running(path):
         return None
     if app_import is None:
@@ -307,5 +313,5 @@ def ensure_server(app_import: str | None, path: str, owner_pid: int) -> ServerSp
             "start one (it was not loaded by gunicorn from an import string); start it yourself with "
             "`flask --app IMPORT torchpool serve`, or use the gunicorn.conf.py hook "
             "(flask_torchpool.gunicorn)")
-    spawner = ServerSpawner(app_import, path, owner_pid)
+    spawner = ServerSpawner(app_import, path, owner_pid, sync_web)
     return spawner if spawner.spawn_if_needed() else None

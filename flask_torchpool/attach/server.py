@@ -579,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lock-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="write the socket path to this descriptor once serving")
+    parser.add_argument("--sync-web", action="store_true",
+                        help="the web processes are gunicorn sync workers (TORCHPOOL_WORKER_NICE 'auto')")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [torchpool-server %(process)d] "
                                                    "%(levelname)s %(name)s: %(message)s")
@@ -586,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..cli import serve_command
 
-    command = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-               if name != "app" and value is not None]
+    command = [f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}")
+               for name, value in vars(args).items() if name != "app" and value not in (None, False)]
     serve_command.main(command, prog_name=parser.prog, obj=ScriptInfo(app_import_path=args.app))
     exit_now(1)  # pragma: no cover - the command ends the process
     return 1
