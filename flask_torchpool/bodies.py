@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from flask import has_request_context, request
 
-from . import codec, staging
+from . import codec, shm, staging
 from .errors import InvalidInputError, PayloadTooLargeError
 
 if TYPE_CHECKING:
@@ -84,15 +84,13 @@ def tensor_from_stream(stream: _Readable, dtype: Any, shape: Sequence[int], *,
 
         out = (staging.buffers.array(nbytes, dtype, tuple(dims)) if nbytes >= staging.MIN_BYTES
                else numpy.empty(dims, dtype=dtype))
-        address = out.__array_interface__["data"][0]
     else:
         import torch
 
         out = (staging.buffers.tensor(nbytes, dtype, tuple(dims)) if nbytes >= staging.MIN_BYTES
                else torch.empty(dims, dtype=dtype))
-        address = out.data_ptr()
     if nbytes:
-        view = memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
+        view = memoryview((ctypes.c_ubyte * nbytes).from_address(shm.dense_address(out))).cast("B")
         got = _fill(stream, view)
         if got < nbytes:
             raise InvalidInputError(_wrong_size(got, nbytes, dtype, dims))
@@ -112,10 +110,10 @@ def _dtype(dtype: Any) -> tuple[Any, bool]:
         import numpy
 
         np_dtype = numpy.dtype(dtype)
-        if np_dtype.isnative and np_dtype.name in codec.NUMPY_NAMES:
-            return np_dtype, True
-        raise TypeError(f"a numpy array of dtype {np_dtype.str!r} cannot travel; allowed are native-endian "
-                        f"{', '.join(sorted(codec.NUMPY_NAMES))}")
+        reason = codec.numpy_dtype_refusal(np_dtype)
+        if reason is not None:
+            raise TypeError(reason)
+        return np_dtype, True
     raise TypeError(f"dtype must be a torch.dtype or a numpy dtype, not {type(dtype).__name__}")
 
 

@@ -106,12 +106,20 @@ def wire_dtype(t: torch.Tensor | numpy.ndarray) -> str:
     return str(t.dtype)
 
 
+def numpy_dtype_refusal(dtype: numpy.dtype[Any]) -> str | None:
+    """Why numpy arrays of *dtype* cannot travel (no wire dtype: objects, strings, records, big-endian),
+    or None when they can."""
+    if dtype.isnative and dtype.name in NUMPY_NAMES:
+        return None
+    return (f"a numpy array of dtype {dtype.str!r} cannot travel; allowed are native-endian "
+            f"{', '.join(sorted(NUMPY_NAMES))}")
+
+
 def check_array(a: numpy.ndarray, path: str) -> None:
-    """Refuse numpy arrays whose elements have no wire dtype (objects, strings, records, big-endian)."""
-    name = a.dtype.name if a.dtype.isnative else ""
-    if name not in NUMPY_NAMES:
-        raise UnsupportedValue(path, f"a numpy array of dtype {a.dtype.str!r} cannot travel; allowed are "
-                                     f"native-endian {', '.join(sorted(NUMPY_NAMES))}")
+    """Refuse numpy arrays whose elements have no wire dtype (:func:`numpy_dtype_refusal`)."""
+    reason = numpy_dtype_refusal(a.dtype)
+    if reason is not None:
+        raise UnsupportedValue(path, reason)
 
 
 def check_tensor(t: torch.Tensor, path: str) -> None:

@@ -444,7 +444,6 @@ def _nice(key: str, value: Any) -> int | str:
     return value
 
 
-
 def _url_prefix(key: str, value: Any) -> str | None:
     if value is None:
         return None

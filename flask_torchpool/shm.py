@@ -304,7 +304,7 @@ def address_of(buffer: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
-def _dense_address(t: torch.Tensor | numpy.ndarray) -> int:
+def dense_address(t: torch.Tensor | numpy.ndarray) -> int:
     """The address of *t*'s first element if its elements are one dense block in this process's memory
     (a C-contiguous numpy array, a contiguous CPU tensor), else -1."""
     if codec.is_array(t):
@@ -343,7 +343,7 @@ class Placer:
         if nbytes == 0:
             return TensorRef(-1, 0, 0, name, shape)
         if shared_tensors:
-            fd = shared_tensors.get(_dense_address(t))
+            fd = shared_tensors.get(dense_address(t))
             if fd is not None:  # Note [Body buffers]: the worker maps the body where it was read
                 self.fds.append(os.dup(fd))
                 return TensorRef(len(self.fds) - 1, 0, nbytes, name, shape)
