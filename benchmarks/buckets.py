@@ -22,6 +22,7 @@ import torch
 from flask import Flask
 
 from flask_torchpool import TorchPool
+from flask_torchpool.tune import suggest_buckets
 
 from .models import WORKLOADS
 
@@ -43,12 +44,6 @@ def curve(workload: str, max_batch: int, repeats: int) -> dict[int, float]:
                 times.append((time.perf_counter() - t) * 1000)
             out[rows] = statistics.median(times)
     return out
-
-
-def suggest(ms: dict[int, float], tolerance: float) -> list[int]:
-    """The sizes worth running at: no larger size costs less than (1 + *tolerance*) times as much."""
-    sizes = sorted(ms)
-    return [n for n in sizes if all(ms[m] > ms[n] * (1 + tolerance) for m in sizes if m > n)]
 
 
 def closed_loop(workload: str, workers: int, concurrency: int, max_batch: int, buckets: list[int] | None,
@@ -103,7 +98,7 @@ def main() -> None:
     print("| rows | ms a batch | rows/s |\n|---:|---:|---:|")
     for rows, t in ms.items():
         print(f"| {rows} | {t:.1f} | {rows / t * 1000:,.0f} |")
-    suggested = suggest(ms, args.tolerance)
+    suggested = suggest_buckets(ms, args.tolerance)
     print(f"\nsuggested TORCHPOOL_BATCH_BUCKETS: {suggested}")
     buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else suggested
 

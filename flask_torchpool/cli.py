@@ -178,10 +178,13 @@ def reload_command(name: str | None, spec: str | None, label: str | None, timeou
               help="Where to write the PNG plot; '' for none.")
 @click.option("--model", "model_name", metavar="NAME",
               help="The model to tune, by its name in TORCHPOOL_MODELS.  [default: the default model]")
+@click.option("--buckets", is_flag=True,
+              help="Also time one call at every row count up to the largest batch size and suggest "
+                   "TORCHPOOL_BATCH_BUCKETS for the recommended batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency: int | None,
                  duration: float, warmup: float, plot_path: str, model_name: str | None,
-                 as_json: bool) -> None:
+                 buckets: bool, as_json: bool) -> None:
     """Measure throughput and latency for a sweep of worker counts and batch sizes, and recommend a
     configuration.
 
@@ -205,6 +208,8 @@ def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency
     has_tensor = any(_is_tensor(a) for a in args)
     workers = _int_list(worker_counts, "--workers") or tune.default_workers(config)
     batches = _int_list(batch_sizes, "--batch-sizes") or tune.default_batch_sizes(rows, has_tensor)
+    if buckets and not has_tensor:
+        raise click.UsageError("--buckets needs a tensor with a batch dimension in TORCHPOOL_EXAMPLE_INPUT")
     if concurrency is None:
         concurrency = min(64, max(2, 2 * max(workers) * max(1, max(batches) // rows)))
     pairs = [(w, b) for b in batches for w in workers]
@@ -218,11 +223,23 @@ def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency
             results.append(tune.measure(config, w, b, args, concurrency=concurrency,
                                         duration=duration, warmup=warmup))
     best = tune.recommend(results)
+    curve: dict[int, float] = {}
+    if buckets:
+        click.echo(f"timing one call at 1..{max(batches)} rows", err=True)
+        curve = tune.batch_curve(config, args, max(batches))
+    suggested = None
+    if best is not None and curve and best.batch_size > 1:
+        suggested = tune.suggest_buckets({n: t for n, t in curve.items() if n <= best.batch_size})
     if as_json:
-        click.echo(json.dumps({"results": [r.as_dict() for r in results],
-                               "recommended": None if best is None else
-                               {_setting_key(config, "workers"): best.workers,
-                                _setting_key(config, "max_batch_size"): best.batch_size}}, indent=2))
+        recommended: dict[str, Any] | None = None if best is None else {
+            _setting_key(config, "workers"): best.workers,
+            _setting_key(config, "max_batch_size"): best.batch_size}
+        if recommended is not None and suggested is not None:
+            recommended[_setting_key(config, "batch_buckets")] = suggested
+        doc: dict[str, Any] = {"results": [r.as_dict() for r in results], "recommended": recommended}
+        if curve:
+            doc["batch_curve_ms"] = {str(n): round(t * 1000, 3) for n, t in curve.items()}
+        click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(_table(
             ["workers", "batch", "calls/s", "rows/s", "p50", "p99", "errors"],
@@ -234,6 +251,15 @@ def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency
                        f"{_setting_key(config, 'max_batch_size')} = {best.batch_size}  "
                        f"({best.rows_per_second:.1f} rows/s, p99 "
                        f"{_ms(best.latency(0.99) or 0.0)})")
+        if curve:
+            click.echo("\n" + _table(["rows", "ms a call", "rows/s"],
+                                      [[n, f"{t * 1000:.2f}", f"{n / t:.1f}"] for n, t in curve.items()]))
+        if suggested is not None and best is not None:
+            click.echo(f"\nsuggested: {_setting_key(config, 'batch_buckets')} = {suggested}  (for "
+                       f"{_setting_key(config, 'max_batch_size')} = {best.batch_size})")
+        elif curve and best is not None:
+            click.echo(f"\nno {_setting_key(config, 'batch_buckets')}: the recommended configuration "
+                       "does not batch")
     if best is None:
         raise click.ClickException("no configuration answered a call: see the errors above")
     if plot_path:

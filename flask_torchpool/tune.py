@@ -7,6 +7,10 @@ it with ``TORCHPOOL_EXAMPLE_INPUT`` for a few seconds after a warm-up, and the c
 latency are recorded. One pool runs at a time, so the measurements do not compete for the cores. The
 recommendation is the pair with the lowest 99th percentile latency among those within 5% of the best
 throughput (in rows per second).
+
+``--buckets`` also times one call at every row count from 1 to the largest batch size (one worker, no
+batching; the example input's first row repeated) and suggests ``TORCHPOOL_BATCH_BUCKETS``: the row
+counts that no larger count runs within 5% of (Note [Suggested buckets]).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +36,21 @@ from .pool import Pool
 
 #: Results within this share of the best throughput count as equally fast.
 THROUGHPUT_TOLERANCE = 0.05
+
+#: ``--buckets``: a row count is padded up to a larger one that takes at most this much longer.
+BUCKET_TOLERANCE = 0.05
+
+# Note [Suggested buckets]
+# ~~~~~~~~~~~~~~~~~~~~~~~~
+# A batch padded up to a bucket costs what the bucket's size costs, so padding n rows up to m pays when m
+# rows take no longer than n (MKL runs 2 or 3 rows of a wide Linear as that many matrix-vector products,
+# each as slow as one row, and 4 or more as one matrix product: docs/benchmarks.rst, "Batch buckets").
+# The suggestion keeps the row counts n that every larger count takes more than (1 + BUCKET_TOLERANCE)
+# times as long as; any other n has a larger count about as cheap, and its batches are padded up to the
+# next kept one. The largest measured count is always kept. The curve is timed through a real pool, one
+# call at a time with batching off, so each time includes one call's transport (a fraction of a
+# millisecond, the same at every count): a model much faster than that has a flat curve, and the
+# suggestion then pads everything to the largest count, which costs it nothing measurable either.
 
 
 @dataclass
@@ -148,6 +168,45 @@ def recommend(results: Iterable[TuneResult]) -> TuneResult | None:
     best = max(r.rows_per_second for r in ok)
     fast = [r for r in ok if r.rows_per_second >= (1 - THROUGHPUT_TOLERANCE) * best]
     return min(fast, key=lambda r: (r.latency(0.99) or 0.0, r.workers, r.batch_size))
+
+
+def curve_args(args: tuple[Any, ...], rows: int) -> tuple[Any, ...]:
+    """The example input with *rows* rows: in every tensor argument with a batch dimension, its first
+    row repeated *rows* times (other arguments unchanged)."""
+    return tuple(a[:1].expand(rows, *a.shape[1:]).contiguous()
+                 if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] else a for a in args)
+
+
+def batch_curve(config: PoolConfig, args: tuple[Any, ...], max_rows: int, *, repeats: int = 9,
+                warmup: int = 2) -> dict[int, float]:
+    """Median seconds of one call of ``1..max_rows`` rows (:func:`curve_args`): one worker, batching
+    off, one call at a time, *warmup* untimed calls at each count first."""
+    cfg = dataclasses.replace(config, workers=1, max_batch_size=1, batch_buckets=(),
+                              max_queue=max(config.max_queue, 1))
+    pool = Pool(cfg, compute_plan(cfg), name="torchpool-tune[curve]")
+    out: dict[int, float] = {}
+    try:
+        pool.start()
+        for rows in range(1, max_rows + 1):
+            call = curve_args(args, rows)
+            for _ in range(warmup):
+                pool.submit(call, {}, None).result()
+            times = []
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                pool.submit(call, {}, None).result()
+                times.append(time.perf_counter() - begin)
+            out[rows] = statistics.median(times)
+    finally:
+        pool.shutdown(wait=True, drain_timeout=5.0)
+    return out
+
+
+def suggest_buckets(seconds: dict[int, float], tolerance: float = BUCKET_TOLERANCE) -> list[int]:
+    """Note [Suggested buckets]: the row counts that every larger count of *seconds* takes more than
+    ``1 + tolerance`` times as long as."""
+    sizes = sorted(seconds)
+    return [n for n in sizes if all(seconds[m] > seconds[n] * (1 + tolerance) for m in sizes if m > n)]
 
 
 def plot(results: list[TuneResult], path: str) -> None:

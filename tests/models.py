@@ -78,6 +78,19 @@ def failing():
     raise RuntimeError("the weights file is corrupt")
 
 
+class Stepped(nn.Module):
+    """Costs 40 ms for up to 4 rows and 120 ms for more (a model whose cost steps, for ``tune
+    --buckets``); returns its input."""
+
+    def forward(self, x):
+        time.sleep(0.04 if x.shape[0] <= 4 else 0.12)
+        return x
+
+
+def stepped():
+    return Stepped()
+
+
 def fail_in_worker_after_first():
     """Loads in the first incarnation of each worker, fails in respawns (marker file in env)."""
     marker = os.environ["TORCHPOOL_TEST_MARKER"]

@@ -301,6 +301,47 @@ def test_tune_json(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.timeout(120)
+def test_tune_buckets_times_every_row_count_and_suggests_the_cheap_ones() -> None:
+    # Stepped costs 40 ms up to 4 rows and 120 ms above: a batch of 1-3 rows is padded to 4, of 5 to 6.
+    app, _ = _lazy_app(TORCHPOOL_MODEL="tests.models:stepped", TORCHPOOL_EXAMPLE_INPUT=(torch.ones(1, 3),))
+    runner = app.test_cli_runner()
+    args = ["torchpool", "tune", "--workers", "1", "--batch-sizes", "6", "--duration", "0.3",
+            "--warmup", "0", "--concurrency", "6", "--plot", "", "--buckets"]
+    result = runner.invoke(args=[*args, "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    curve = body["batch_curve_ms"]
+    assert list(curve) == ["1", "2", "3", "4", "5", "6"]
+    assert all(40 <= curve[n] < 100 for n in "1234") and all(120 <= curve[n] for n in "56"), curve
+    assert body["recommended"] == {"TORCHPOOL_WORKERS": 1, "TORCHPOOL_MAX_BATCH_SIZE": 6,
+                                   "TORCHPOOL_BATCH_BUCKETS": [4, 6]}
+    # The suggestion is a valid setting for the recommended batch size.
+    make_app(TORCHPOOL_START="lazy", TORCHPOOL_MAX_BATCH_SIZE=6, TORCHPOOL_BATCH_BUCKETS=[4, 6])
+    # As text: the curve's table and the suggestion, for a model of TORCHPOOL_MODELS under its own key.
+    app, _ = _lazy_app(TORCHPOOL_MODEL=None, TORCHPOOL_MODELS={
+        "s": {"model": "tests.models:stepped", "example_input": (torch.ones(1, 3),)}})
+    result = app.test_cli_runner().invoke(args=[*args, "--model", "s"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("rows ")))
+    assert lines[header].split() == ["rows", "ms", "a", "call", "rows/s"]
+    assert [line.split()[0] for line in lines[header + 1:header + 7]] == ["1", "2", "3", "4", "5", "6"]
+    assert 'suggested: TORCHPOOL_MODELS["s"]["batch_buckets"] = [4, 6]  (for ' \
+           'TORCHPOOL_MODELS["s"]["max_batch_size"] = 6)' in result.output
+
+
+def test_suggested_buckets_keep_the_sizes_no_larger_size_runs_as_cheaply() -> None:
+    from flask_torchpool.tune import suggest_buckets
+
+    # The wide MLP's shape on one core: 2 and 3 rows cost more than 4 (docs/benchmarks.rst).
+    wide = {1: 7.0, 2: 15.0, 3: 22.0, 4: 15.0, 5: 18.0, 6: 18.5, 7: 18.6, 8: 18.6}
+    assert suggest_buckets(wide) == [1, 4, 8]
+    assert suggest_buckets({1: 1.0, 2: 1.02, 3: 1.0}) == [3]          # flat: pad to the largest
+    assert suggest_buckets({1: 1.0, 2: 2.0, 3: 3.0}) == [1, 2, 3]     # linear: no padding pays
+    assert suggest_buckets({1: 1.0, 2: 1.2}, tolerance=0.25) == [2]
+
+
 def test_tune_needs_an_example_input_and_valid_lists() -> None:
     app, _ = _lazy_app()
     runner = app.test_cli_runner()
@@ -309,6 +350,9 @@ def test_tune_needs_an_example_input_and_valid_lists() -> None:
     app, _ = _lazy_app(TORCHPOOL_EXAMPLE_INPUT=torch.ones(1))
     result = app.test_cli_runner().invoke(args=["torchpool", "tune", "--workers", "0,x"])
     assert result.exit_code == 2 and "--workers" in result.output
+    app, _ = _lazy_app(TORCHPOOL_EXAMPLE_INPUT=(3,))
+    result = app.test_cli_runner().invoke(args=["torchpool", "tune", "--buckets"])
+    assert result.exit_code == 2 and "--buckets needs a tensor" in result.output
 
 
 def test_recommend_prefers_low_latency_among_the_fastest() -> None:
