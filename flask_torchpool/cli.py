@@ -226,7 +226,10 @@ def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency
     curve: dict[int, float] = {}
     if buckets:
         click.echo(f"timing one call at 1..{max(batches)} rows", err=True)
-        curve = tune.batch_curve(config, args, max(batches))
+        try:
+            curve = tune.batch_curve(config, args, max(batches))
+        except (tune.CurveError, TorchPoolError) as exc:
+            raise click.ClickException(f"--buckets: {exc}") from None
     suggested = None
     if best is not None and curve and best.batch_size > 1:
         suggested = tune.suggest_buckets({n: t for n, t in curve.items() if n <= best.batch_size})

@@ -170,6 +170,14 @@ def recommend(results: Iterable[TuneResult]) -> TuneResult | None:
     return min(fast, key=lambda r: (r.latency(0.99) or 0.0, r.workers, r.batch_size))
 
 
+class CurveError(Exception):
+    """A call of the ``--buckets`` curve failed: the model does not take that many rows."""
+
+    def __init__(self, rows: int, error: TorchPoolError) -> None:
+        super().__init__(f"a call of {rows} row(s) failed: {type(error).__name__}: {error}")
+        self.rows = rows
+
+
 def curve_args(args: tuple[Any, ...], rows: int) -> tuple[Any, ...]:
     """The example input with *rows* rows: in every tensor argument with a batch dimension, its first
     row repeated *rows* times (other arguments unchanged)."""
@@ -180,7 +188,8 @@ def curve_args(args: tuple[Any, ...], rows: int) -> tuple[Any, ...]:
 def batch_curve(config: PoolConfig, args: tuple[Any, ...], max_rows: int, *, repeats: int = 9,
                 warmup: int = 2) -> dict[int, float]:
     """Median seconds of one call of ``1..max_rows`` rows (:func:`curve_args`): one worker, batching
-    off, one call at a time, *warmup* untimed calls at each count first."""
+    off, one call at a time, *warmup* untimed calls at each count first. Raises :class:`CurveError` for
+    the first row count whose call fails, :class:`TorchPoolError` when the pool does not start."""
     cfg = dataclasses.replace(config, workers=1, max_batch_size=1, batch_buckets=(),
                               max_queue=max(config.max_queue, 1))
     pool = Pool(cfg, compute_plan(cfg), name="torchpool-tune[curve]")
@@ -189,13 +198,16 @@ def batch_curve(config: PoolConfig, args: tuple[Any, ...], max_rows: int, *, rep
         pool.start()
         for rows in range(1, max_rows + 1):
             call = curve_args(args, rows)
-            for _ in range(warmup):
-                pool.submit(call, {}, None).result()
             times = []
-            for _ in range(repeats):
-                begin = time.perf_counter()
-                pool.submit(call, {}, None).result()
-                times.append(time.perf_counter() - begin)
+            try:
+                for _ in range(warmup):
+                    pool.submit(call, {}, None).result()
+                for _ in range(repeats):
+                    begin = time.perf_counter()
+                    pool.submit(call, {}, None).result()
+                    times.append(time.perf_counter() - begin)
+            except TorchPoolError as exc:
+                raise CurveError(rows, exc) from exc
             out[rows] = statistics.median(times)
     finally:
         pool.shutdown(wait=True, drain_timeout=5.0)

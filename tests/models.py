@@ -91,6 +91,19 @@ def stepped():
     return Stepped()
 
 
+class TwoRows(nn.Module):
+    """Refuses inputs of more than two rows; returns its input."""
+
+    def forward(self, x):
+        if x.shape[0] > 2:
+            raise ValueError(f"at most 2 rows, got {x.shape[0]}")
+        return x
+
+
+def two_rows():
+    return TwoRows()
+
+
 def fail_in_worker_after_first():
     """Loads in the first incarnation of each worker, fails in respawns (marker file in env)."""
     marker = os.environ["TORCHPOOL_TEST_MARKER"]

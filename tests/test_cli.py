@@ -331,6 +331,20 @@ def test_tune_buckets_times_every_row_count_and_suggests_the_cheap_ones() -> Non
            'TORCHPOOL_MODELS["s"]["max_batch_size"] = 6)' in result.output
 
 
+@pytest.mark.timeout(120)
+def test_tune_buckets_names_the_row_count_the_model_refuses() -> None:
+    before = child_pids()
+    app, _ = _lazy_app(TORCHPOOL_MODEL="tests.models:two_rows", TORCHPOOL_EXAMPLE_INPUT=(torch.ones(1, 3),))
+    result = app.test_cli_runner().invoke(args=[
+        "torchpool", "tune", "--workers", "1", "--batch-sizes", "1,4", "--duration", "0.2", "--warmup", "0",
+        "--concurrency", "2", "--plot", "", "--buckets"])
+    # The sweep ran (a failed batch is retried call by call); the curve stops at 3 rows, with the reason.
+    assert result.exit_code == 1, result.output
+    assert "Error: --buckets: a call of 3 row(s) failed: InferenceError: " in result.output
+    assert "at most 2 rows, got 3" in result.output
+    assert child_pids() <= before
+
+
 def test_suggested_buckets_keep_the_sizes_no_larger_size_runs_as_cheaply() -> None:
     from flask_torchpool.tune import suggest_buckets
 
