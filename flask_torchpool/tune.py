@@ -179,10 +179,12 @@ class CurveError(Exception):
 
 
 def curve_args(args: tuple[Any, ...], rows: int) -> tuple[Any, ...]:
-    """The example input with *rows* rows: in every tensor argument with a batch dimension, its first
-    row repeated *rows* times (other arguments unchanged)."""
+    """The example input with *rows* rows: every tensor argument whose first dimension is the call's
+    rows (:func:`rows_per_call`, what a batch stacks) becomes its first row repeated *rows* times;
+    other arguments are unchanged."""
+    n = rows_per_call(args)
     return tuple(a[:1].expand(rows, *a.shape[1:]).contiguous()
-                 if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] else a for a in args)
+                 if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == n else a for a in args)
 
 
 def batch_curve(config: PoolConfig, args: tuple[Any, ...], max_rows: int, *, repeats: int = 9,

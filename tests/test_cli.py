@@ -345,6 +345,15 @@ def test_tune_buckets_names_the_row_count_the_model_refuses() -> None:
     assert child_pids() <= before
 
 
+def test_the_curve_grows_the_batched_tensors_only() -> None:
+    from flask_torchpool.tune import curve_args
+
+    x, table = torch.arange(6.0).view(2, 3), torch.ones(5, 3)
+    grown = curve_args((x, table, 7, torch.tensor(1.0)), 4)
+    assert torch.equal(grown[0], x[:1].expand(4, 3)) and grown[0].is_contiguous()
+    assert grown[1] is table and grown[2] == 7 and grown[3].dim() == 0
+
+
 def test_suggested_buckets_keep_the_sizes_no_larger_size_runs_as_cheaply() -> None:
     from flask_torchpool.tune import suggest_buckets
 
