@@ -100,11 +100,11 @@ def measure(setup: str, args: argparse.Namespace, script: Path) -> dict[str, flo
         try:
             harness._wait_ready(proc, port, "/ping", Path(os.devnull))
             harness._wrk(port, script, args.concurrency, 2)  # warm-up: workers, imports, batches
-            web = _children(proc.pid)[0]  # gunicorn's one worker: the web process (and the pool's)
-            before = _cpu_seconds(web)
+            # gunicorn's one worker: the web process (and the pool's); its CPU, every thread
+            web = next(p for p in harness._proc_table().values() if p.ppid == proc.pid)
             with harness._light_client(port, True) as light:
                 summary = harness._wrk(port, script, args.concurrency, args.seconds)
-            web_cpu = _cpu_seconds(web) - before
+            web_cpu = (harness._proc_table()[web.pid].own - web.own) / harness.CLK_TCK
         finally:
             harness._stop(proc, signal.SIGTERM)
     result = light.result
@@ -114,15 +114,6 @@ def measure(setup: str, args: argparse.Namespace, script: Path) -> dict[str, flo
             "p99": result.p99_ms, "max": result.max_ms, "pings": result.samples,
             "web_us": web_cpu / requests * 1e6}
 
-
-def _children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU of process *pid*, every thread, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -224,7 +224,7 @@ def tune_command(worker_counts: str | None, batch_sizes: str | None, concurrency
                                         duration=duration, warmup=warmup))
     best = tune.recommend(results)
     curve: dict[int, float] = {}
-    if buckets:
+    if buckets and best is not None:  # with no configuration answering, there is nothing to suggest for
         click.echo(f"timing one call at 1..{max(batches)} rows", err=True)
         try:
             curve = tune.batch_curve(config, args, max(batches))

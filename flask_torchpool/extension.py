@@ -88,14 +88,16 @@ class ModelProxy:
         """Start a call and return its future. Invalid input raises here, in the calling thread.
         Cancelling the future drops the call if it has not started yet (a started one runs to its end and
         its result is discarded)."""
-        backend = self._state.pool_for_call(self.name)
-        return backend.submit(args, kwargs, self.timeout, self.batch, method=self._method)
+        return self._start(args, kwargs)
+
+    def _start(self, args: tuple[Any, ...], kwargs: dict[str, Any], waiter: bool = False) -> Future[Any]:
+        return self._state.pool_for_call(self.name).submit(args, kwargs, self.timeout, self.batch,
+                                                            method=self._method, waiter=waiter)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         timeout = self.timeout if self.timeout is not None else self._state.configs[self.name].timeout
-        backend = self._state.pool_for_call(self.name)
         # waiter: this thread calls result() next, with nothing in between (Note [Claimed lanes])
-        future = backend.submit(args, kwargs, self.timeout, self.batch, method=self._method, waiter=True)
+        future = self._start(args, kwargs, waiter=True)
         try:
             return future.result(None if timeout is None else timeout + _DEADLINE_GRACE)
         except FutureTimeout:
