@@ -1,9 +1,7 @@
 """Admitting and draining calls for the pools that schedule with
 :class:`~flask_torchpool.batching.Scheduler`. :func:`drained` serves both the process pool
-(:mod:`flask_torchpool.pool`) and the Ray pool (:mod:`flask_torchpool.ray_backend.pool`); :func:`submit`
-is the Ray pool's, with the same rules as the process pool's ``Pool._enqueue`` (which kept its own copy
-when streaming landed: moving it here is a follow-up), so that both refuse, queue and time out the same
-way."""
+(:mod:`flask_torchpool.pool`) and the Ray pool (:mod:`flask_torchpool.ray_backend.pool`), and so does
+:func:`admit`, so that both refuse, queue and time out the same way; :func:`submit` is the Ray pool's."""
 
 from __future__ import annotations
 
@@ -31,6 +29,16 @@ def submit(sched: Scheduler[Any], config: PoolConfig, call: Call, batch: bool, *
     future = call.future
     assert future is not None
     future.set_running_or_notify_cancel()
+    admit(sched, config, call, check_open=check_open, add_deadline=add_deadline, next_wake=next_wake,
+          wake=wake)
+    return future
+
+
+def admit(sched: Scheduler[Any], config: PoolConfig, call: Call, *, check_open: Callable[[], None],
+          add_deadline: Callable[[Call], None], next_wake: Callable[[], float],
+          wake: Callable[[], None]) -> None:
+    """Place *call* on a worker, or queue it; refuse it (:class:`PoolOverloadedError`) when the queue is
+    full (``TORCHPOOL_MAX_QUEUE``), or when *check_open* raises. The arguments are :func:`submit`'s."""
     metrics = sched.metrics
     with sched.lock:
         try:
@@ -60,7 +68,6 @@ def submit(sched: Scheduler[Any], config: PoolConfig, call: Call, batch: bool, *
         sched.flush()
     if must_wake:
         wake()
-    return future
 
 
 def drained(sched: Scheduler[Any], workers: Iterable[Any], deadline: float | None, now: float,

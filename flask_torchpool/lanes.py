@@ -20,7 +20,9 @@ answers ``Stop`` (it sends nothing after it), so no call sent before is lost.
 The worker serves its pool's channel and its lanes in arrival order, one call at a time. It writes how many
 calls it holds (queued plus running) into control word :data:`CTRL_LOAD` of every lane's arena, so that a
 web process sends to the least loaded worker, and the id of the lane call it runs into :data:`CTRL_RUNNING`
-of that lane's arena.
+of that lane's arena. While it runs a stream it shows :data:`FULL_LOAD` instead, so that no lane call
+waits behind the stream; and it writes its new load before it sends an answer, so that whoever reads
+the answer reads the load without it.
 
 Deadlines: a lane call carries its absolute deadline (``CLOCK_MONOTONIC``). The web process fails the call
 at its deadline by itself; the worker arms ``ITIMER_REAL`` for the rest of the time before running it. A
@@ -53,6 +55,9 @@ CTRL_LANE_CALLS = 2
 CTRL_LANE_ERRORS = 3
 #: Calls one lane may have queued in its worker; past this the worker closes the lane.
 MAX_LANE_CALLS = 4096
+#: The load a worker running a stream shows its lanes: more than any web process sends to (the calls go
+#: through the pool server, where any worker that frees up can take them) until the stream ends.
+FULL_LOAD = MAX_LANE_CALLS
 #: How long a stopping worker waits for its lanes' web processes to answer Stop.
 STOP_GRACE = 5.0
 

@@ -42,7 +42,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from . import messages
+from . import admission, messages
 from .admission import drained
 from .batching import Call, CallState, Scheduler, batch_key
 from .config import PoolConfig
@@ -50,7 +50,6 @@ from .deadlines import DeadlineHeap
 from .errors import (
     InferenceTimeoutError,
     PoolClosedError,
-    PoolOverloadedError,
     TorchPoolError,
     WireError,
     WorkerCrashedError,
@@ -198,35 +197,8 @@ class Pool:
                                    self._enqueue)
 
     def _enqueue(self, call: Call) -> None:
-        sched = self._sched
-        with self._lock:
-            try:
-                self._check_open()
-            except WorkerStartupError:
-                self.metrics.record_call("startup_failed")
-                raise
-            job = sched.place(call)
-            if job is None:
-                if len(sched.queue) >= self.config.max_queue:
-                    self.metrics.record_call("overloaded")
-                    raise PoolOverloadedError(
-                        f"{len(sched.queue)} calls are already waiting (TORCHPOOL_MAX_QUEUE="
-                        f"{self.config.max_queue}); try again shortly",
-                        retry_after=self.config.retry_after)
-                sched.queue.append(call)
-            self.metrics.record_submit()
-            wake = False
-            if call.deadline is not None:
-                self._deadlines.add(call)
-                wake = call.deadline < self._next_wake
-            if job is not None and job.key is not None and not job.sealed and sched.batch_delay:
-                wake = wake or job.opened + sched.batch_wait < self._next_wake
-        if job is not None:
-            sched.write(job, call)
-        else:
-            sched.flush()
-        if wake:
-            self._wake()
+        admission.admit(self._sched, self.config, call, check_open=self._check_open,
+                        add_deadline=self._deadlines.add, next_wake=lambda: self._next_wake, wake=self._wake)
 
     def _check_open(self) -> None:
         if self._startup_error is not None:  # first: a pool whose start failed is closed too

@@ -408,6 +408,7 @@ class _Server:
                 f"returned {codec.describe(out)}: call model(...) instead", remote_type="NotAnIterator"))
             return
         self.streaming, self.credit, self.cancelled = call_id, window, False
+        lanes.publish_load(self.lanes.values(), lanes.FULL_LOAD)  # no lane call waits behind a stream
         sent = 0
         failure: TorchPoolError | None = None
         try:
@@ -507,6 +508,7 @@ class _Server:
         if words is not None and type(msg) is not messages.Stop:  # counted for the pool's status
             words[lanes.CTRL_LANE_CALLS] += 1
             words[lanes.CTRL_LANE_ERRORS] += type(msg) is messages.Failure
+            self._publish()  # the answered call is no longer held: so it reads to whoever got the answer
         try:  # a lane's web process went away: that lane only ends
             peer.channel.send(msg, fds)
         except OSError:

@@ -25,7 +25,7 @@ from flask_torchpool.attach.server import PoolServer
 from flask_torchpool.deadlines import SLACK
 from flask_torchpool.errors import InferenceTimeoutError, InvalidInputError, PoolUnavailableError
 
-from .conftest import wait_until
+from .conftest import Gate, wait_until
 from .reload_models import write_model
 from .servers import pool_server
 
@@ -350,3 +350,65 @@ def test_a_cancelled_queued_direct_call_is_dropped_by_its_worker(served: PoolSer
     assert wait_until(lambda: not lane.calls, timeout=10), "the worker did not answer the cancelled call"
     after = conn.status()["models"]["default"]["metrics"]["calls"].get("cancelled", 0)
     assert after == before + 1
+
+
+def test_two_threads_never_take_the_same_idle_lane(tmp_path: Path) -> None:
+    """A lane taken for a call counts it at once, before it is sent: two threads sending at the same time
+    go to the two idle workers, not both to the first (they did: each saw it idle before the other's call
+    was registered)."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    with pool_server(run / "pool.sock", TORCHPOOL_WORKERS=2) as server:
+        c = PoolConnection(server.path, 1 << 20)
+        c.connect()
+        try:
+            assert wait_until(lambda: len(c.lanes._by_model.get("default", [])) == 2, timeout=30)
+            both = threading.Barrier(2, timeout=30)
+            taken: list[object] = [None, None]
+
+            def take(i: int) -> None:
+                both.wait()
+                taken[i] = c.lanes.take("default")
+
+            threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            first, second = taken
+            assert first is not None and second is not None and first is not second
+            assert (first.load(), second.load()) == (1, 1)  # type: ignore[attr-defined]
+            for lane in (first, second):
+                c.lanes.unpick(lane)  # type: ignore[arg-type]
+            assert (first.load(), second.load()) == (0, 0)  # type: ignore[attr-defined]
+            # Calls: two at once run in the two workers.
+            pids = {f.result(30) for f in [_call(c, torch.ones(1), action="pid") for _ in range(2)]}
+            assert len(pids) == 2
+        finally:
+            c.close()
+
+
+def test_a_worker_running_a_stream_takes_no_direct_call(tmp_path: Path) -> None:
+    """While a worker runs a stream its lanes show it full: a call goes through the server's queue, where
+    any worker that frees up takes it, instead of waiting on the lane behind the stream."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    gate = Gate(tmp_path)
+    with pool_server(run / "pool.sock", TORCHPOOL_MODEL="tests.stream_models:counter") as server:
+        c = PoolConnection(server.path, 1 << 20)
+        c.connect()
+        try:
+            assert wait_until(lambda: c.lanes.pick("default") is not None, timeout=30)
+            lane = c.lanes.pick("default")
+            assert lane is not None and lane.load() == 0
+            config = server.pools["default"].config
+            stream = c.stream(None, (2,), {"gate": str(gate), "gate_at": 1}, 30.0, None, config)
+            assert int(next(stream)) == 0
+            assert lane.load() == lanes.FULL_LOAD and c.lanes.pick("default") is None
+            queued = c.submit(None, (), {}, 30.0, False, 1 << 20, method="pid")
+            gate.open()
+            assert [int(x) for x in stream] == [1]
+            assert queued.result(30) == _worker_pid(server)
+            assert wait_until(lambda: lane.load() == 0, timeout=10), "the load stayed full after the stream"
+        finally:
+            c.close()

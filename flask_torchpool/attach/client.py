@@ -266,7 +266,7 @@ class PoolConnection:
         if link is None:
             raise self._unavailable(f"lost the connection to the pool server at {self.path}")
         name = model if model is not None else link.welcome.default_model
-        lane = self.lanes.pick(name) if direct and sink is None and name is not None else None
+        lane = self.lanes.take(name) if direct and sink is None and name is not None else None
         if lane is not None:
             limit = timeout if timeout is not None else link.welcome.models[lane.model]["timeout"]
             deadline = time.monotonic() + limit if limit else 0.0

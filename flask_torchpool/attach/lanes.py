@@ -109,6 +109,7 @@ class Lane:
         self.releases = shm.ReleaseQueue()
         self.words = self.arena.control
         self.calls: dict[int, _Call] = {}
+        self.picked = 0  # picked for a call not registered yet (under ClientLanes._lock): counts as load
         self.open = True  # False once the worker said Stop: no new calls
         self.reading = threading.Lock()  # the token: held by the one thread that reads the socket
         self.home = False  # its worker is on this web process's cores (Note [Web affinity])
@@ -116,7 +117,7 @@ class Lane:
 
     def load(self) -> int:
         try:
-            return max(int(self.words[lanes.CTRL_LOAD]), len(self.calls))
+            return max(int(self.words[lanes.CTRL_LOAD]), len(self.calls)) + self.picked
         except ValueError:  # released: the lane was dropped meanwhile
             return MAX_LANE_LOAD
 
@@ -213,6 +214,20 @@ class ClientLanes:
             for lane in (lane for ls in self._by_model.values() for lane in ls):
                 lane.home = home is not None and home(lane)
 
+    def take(self, model: str) -> Lane | None:
+        """:meth:`pick` for a call, which the lane counts as held from now, so that two threads do not
+        both take the one idle lane: pass it to :meth:`submit` at once (or :meth:`unpick` it)."""
+        with self._lock:
+            best = self.pick(model)
+            if best is not None:
+                best.picked += 1   # until submit registers the call, or gives up
+            return best
+
+    def unpick(self, lane: Lane) -> None:
+        """*lane* was taken for a call that will not be sent after all."""
+        with self._lock:
+            lane.picked -= 1
+
     def pick(self, model: str) -> Lane | None:
         """The open lane of *model* whose worker holds the fewest calls (on a tie, one on this process's
         cores: Note [Web affinity]); None: go through the server."""
@@ -238,15 +253,20 @@ class ClientLanes:
     def submit(self, lane: Lane, call_id: int, args: Any, kwargs: Any, tensors: list[Any], deadline: float,
                method: str | None, resend: Callable[[], Future[Any]], numpy: bool = False,
                waiter: bool = False) -> Future[Any] | None:
-        """Send one call on *lane*; None when the lane failed (send it through the server instead). With
-        *waiter* the calling thread promises to call the future's ``result()`` next: it takes the lane's
-        token now when it is free (Note [Claimed lanes])."""
+        """Send one call on *lane* (from :meth:`take`); None when the lane failed (send it through the
+        server instead). With *waiter* the calling thread promises to call the future's ``result()``
+        next: it takes the lane's token now when it is free (Note [Claimed lanes])."""
         placer = shm.Placer(lane.arena, lane.inputs)
-        refs = placer.place_all(tensors)
+        try:
+            refs = placer.place_all(tensors)
+        except BaseException:
+            self.unpick(lane)
+            raise
         future = LaneFuture(self, lane, call_id)
         call = _Call(future, placer.blocks, deadline, resend, numpy)
         claimed = waiter and lane.reading.acquire(blocking=False)
         with self._lock:
+            lane.picked -= 1
             if not lane.open:
                 placer.rollback()
                 if claimed:
