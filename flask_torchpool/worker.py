@@ -341,9 +341,10 @@ class _Server:
         peer.words = None
 
     def _publish(self) -> None:
-        """Note [Lanes]: every lane sees this worker's load; the pool sees how many lane calls it holds."""
+        """Note [Lanes]: every lane sees this worker's load (full while it runs a stream, so that no lane
+        call waits behind it, whatever publishes meanwhile); the pool sees how many lane calls it holds."""
         if self.lanes:
-            lanes.publish_load(self.lanes.values(), len(self.pending))
+            lanes.publish_load(self.lanes.values(), lanes.FULL_LOAD if self.streaming else len(self.pending))
         main = self.main
         if self.selector is not None and main.words is not None:
             main.words[lanes.CTRL_LOAD] = sum(1 for item in self.pending if item[0] is not main)
@@ -408,7 +409,7 @@ class _Server:
                 f"returned {codec.describe(out)}: call model(...) instead", remote_type="NotAnIterator"))
             return
         self.streaming, self.credit, self.cancelled = call_id, window, False
-        lanes.publish_load(self.lanes.values(), lanes.FULL_LOAD)  # no lane call waits behind a stream
+        self._publish()  # full: no lane call waits behind a stream
         sent = 0
         failure: TorchPoolError | None = None
         try:

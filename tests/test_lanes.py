@@ -388,6 +388,35 @@ def test_two_threads_never_take_the_same_idle_lane(tmp_path: Path) -> None:
             c.close()
 
 
+def test_a_lane_opened_while_a_stream_runs_shows_its_worker_full(tmp_path: Path) -> None:
+    """A web process that attaches while a worker runs a stream gets a lane that shows the worker full,
+    and the lanes it had still do (opening a lane wrote the worker's queue length over them)."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    with pool_server(run / "pool.sock", TORCHPOOL_MODEL="tests.stream_models:counter",
+                     TORCHPOOL_STREAM_BUFFER=1) as server:
+        first = PoolConnection(server.path, 1 << 20)
+        first.connect()
+        second = PoolConnection(server.path, 1 << 20)
+        try:
+            assert wait_until(lambda: first.lanes.pick("default") is not None, timeout=30)
+            lane = first.lanes.pick("default")
+            assert lane is not None
+            # One chunk ahead of its reader: the worker waits for credit, reading the pool's channel.
+            stream = first.stream(None, (3,), {}, 30.0, None, server.pools["default"].config)
+            assert int(next(stream)) == 0
+            second.connect()   # its lane is opened in the worker while the stream runs
+            assert wait_until(lambda: second.lanes._by_model.get("default"), timeout=30)
+            [late] = second.lanes._by_model["default"]
+            assert wait_until(lambda: late.load() == lanes.FULL_LOAD, timeout=10), late.load()
+            assert lane.load() == lanes.FULL_LOAD
+            assert [int(x) for x in stream] == [1, 2]
+            assert wait_until(lambda: (lane.load(), late.load()) == (0, 0), timeout=10)
+        finally:
+            second.close()
+            first.close()
+
+
 def test_a_worker_running_a_stream_takes_no_direct_call(tmp_path: Path) -> None:
     """While a worker runs a stream its lanes show it full: a call goes through the server's queue, where
     any worker that frees up takes it, instead of waiting on the lane behind the stream."""
