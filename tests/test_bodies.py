@@ -11,6 +11,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 import torch
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
@@ -348,3 +350,125 @@ def test_a_client_that_hangs_up_mid_body_gets_nothing_and_the_next_one_is_served
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+# --- Note [Bodies straight from gunicorn's socket] ------------------------------------------------------
+
+
+def _gunicorn_body(sock: socket.socket, buffered: bytes, length: int) -> Any:
+    """gunicorn's reader of a body of *length* bytes on *sock*, holding *buffered* already (the bytes it
+    received with the request's headers), as its sync and gthread workers build it."""
+    from gunicorn.http.body import Body, LengthReader
+    from gunicorn.http.unreader import SocketUnreader
+
+    unreader = SocketUnreader(sock)
+    unreader.unread(buffered)
+    return Body(LengthReader(unreader, length))
+
+
+@pytest.mark.parametrize("held", [0, 5000, "all"])  # nothing buffered, the body's start, all of it
+@pytest.mark.parametrize("n", [1000, 3 * MIB // 4 + 5])  # ordinary memory / a body buffer
+def test_a_gunicorn_body_is_read_from_its_socket_leaving_the_next_request(n: int, held: int | str) -> None:
+    pytest.importorskip("gunicorn")
+    data = _floats(n).numpy().tobytes()
+    after = b"GET /next HTTP/1.1\r\n\r\n"  # a pipelined request behind the body: it must stay readable
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        cut = len(data) + len(after) if held == "all" else int(held)
+        wire = data + after
+        sender = threading.Thread(target=theirs.sendall, args=(wire[cut:],), daemon=True)
+        sender.start()
+        body = _gunicorn_body(ours, wire[:cut], len(data))
+        assert bodies._gunicorn_body(body)
+        x = bodies.tensor_from_stream(body, torch.float32, (-1,), length=len(data))
+        sender.join(30)
+        assert torch.equal(x, _floats(n))
+        assert body.reader.length == 0 and body.read() == b""
+        theirs.shutdown(socket.SHUT_WR)
+        assert body.reader.unreader.read() == after
+
+
+@pytest.mark.parametrize("held", [0, "all"])
+def test_a_gunicorn_body_shorter_than_the_tensor_never_reads_the_next_request(held: int | str) -> None:
+    """Asked for more bytes than the request's Content-Length: a 400 naming what came, and the bytes
+    behind the body stay for the next request."""
+    pytest.importorskip("gunicorn")
+    data, after = bytes(range(200)) * 2, b"GET /next HTTP/1.1\r\n\r\n"
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        cut = 0 if held == 0 else len(data) + len(after)
+        theirs.sendall((data + after)[cut:])
+        theirs.shutdown(socket.SHUT_WR)
+        body = _gunicorn_body(ours, (data + after)[:cut], len(data))
+        with pytest.raises(InvalidInputError, match="the body has 400 bytes"):
+            bodies.tensor_from_stream(body, torch.uint8, (-1,), length=800)
+        assert body.reader.unreader.read() == after
+
+
+def test_a_gunicorn_body_partly_read_by_the_view_gives_the_rest() -> None:
+    """What the view read first is not read again, nor what gunicorn's reader took beyond it (asked for
+    12 bytes, it reads ahead and keeps the rest in its own buffer)."""
+    pytest.importorskip("gunicorn")
+    data = _floats(4096).numpy().tobytes()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(data[3000:])
+        body = _gunicorn_body(ours, data[:3000], len(data))
+        assert body.read(12) == data[:12]
+        assert body.buf.getbuffer().nbytes > 0  # read ahead: the path this test is about
+        rest = bodies.tensor_from_stream(body, torch.uint8, (-1,), length=len(data) - 12)
+        assert rest.numpy().tobytes() == data[12:]
+        assert body.reader.length == 0 and body.read() == b""
+
+
+def test_a_gunicorn_body_cut_short_is_a_400_and_its_socket_is_not_reused() -> None:
+    pytest.importorskip("gunicorn")
+    data = _floats(MIB).numpy().tobytes()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(data[100:1000])
+        theirs.shutdown(socket.SHUT_WR)  # the client hangs up after 1,000 bytes of 4 MiB
+        body = _gunicorn_body(ours, data[:100], len(data))
+        with pytest.raises(InvalidInputError, match="the body has 1000 bytes"):
+            bodies.tensor_from_stream(body, torch.float32, (-1,), length=len(data))
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(0.01)  # a client that stalls past the worker's timeout: what recv raises
+        body = _gunicorn_body(ours, b"", len(data))
+        with pytest.raises(TimeoutError):
+            bodies.tensor_from_stream(body, torch.float32, (-1,), length=len(data))
+        assert body.failed
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_gunicorn_workers_hand_each_body_to_its_view(tmp_path: Path, worker: str) -> None:
+    """Real gunicorn, bodies of several sizes; with gthread, two requests pipelined on one kept-alive
+    connection (the second request's bytes arrive with the first body's)."""
+    pytest.importorskip("gunicorn")
+    from .servers import free_port, running, server_env
+
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "1", "--threads", "2", "-b",
+            f"127.0.0.1:{port}", "tests.body_app:create_app()"]
+    with running(argv, port, tmp_path / "gunicorn.log", server_env()) as server:
+        server.wait_answers("/")
+        sizes = [1, 3000, 300_000, 3 * MIB // 4 + 5]
+        for i, n in enumerate(sizes):
+            x = _floats(n, i)
+            got = requests.post(server.base_url + "/sum", data=x.numpy().tobytes(), timeout=60)
+            assert got.status_code == 200, got.text
+            assert got.json() == {"n": n, "sum": float(x.double().sum()), "last": float(x[-1])}
+        got = requests.post(server.base_url + "/sum", data=b"123", timeout=60)
+        assert got.status_code == 400 and "not a whole number" in got.json()["error"]
+        if worker == "gthread":
+            a, b = _floats(70_000, 1), _floats(5, 2)
+            wire = b"".join(b"POST /sum HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (
+                len(x.numpy().tobytes()), close, x.numpy().tobytes())
+                for x, close in ((a, b""), (b, b"Connection: close\r\n")))
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                s.sendall(wire)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+            sums = [json.loads(m)["sum"] for m in re.findall(rb"\{[^}]*\}", answer)]
+            assert sums == [float(a.double().sum()), float(b.double().sum())], answer[:2000]
