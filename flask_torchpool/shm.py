@@ -382,7 +382,7 @@ class Placer:
 def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
               on_free: Callable[[int], None] | None = None,
               on_input_free: Callable[[int], None] | None = None,
-              arrays: bool = False) -> list[Any]:
+              arrays: bool = False, forward: bool = False) -> list[Any]:
     """Tensors for *refs* (numpy arrays with *arrays*): views of *segment* or of the passed descriptors
     (which this closes).
 
@@ -395,52 +395,105 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
     (:class:`UnsealedSegment` / ``ValueError`` otherwise; :func:`flask_torchpool.messages.decode`
     already refused unknown dtypes, negative dimensions and stray segment numbers). With *arrays*, a
     dtype that numpy lacks raises :class:`~flask_torchpool.codec.UnsupportedValue`.
+
+    With *forward* (the pool server reading a web process's call), the tensor over each passed
+    descriptor keeps a duplicate of it, registered in :data:`shared_tensors` until the tensor is
+    collected, so that placing it for a worker sends the descriptor on instead of copying its bytes
+    (Note [Forwarded segments]).
     """
     extra = []
+    kept: dict[int, int] = {}  # segment number -> the duplicate its tensor keeps (forward)
     try:
         for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
             check_sealed(fd, ref.nbytes)
             extra.append(Segment(fd, ref.nbytes, private=True))
+            if forward and ref.nbytes:
+                kept[ref.seg] = os.dup(fd)
+    except BaseException:
+        for fd in kept.values():
+            os.close(fd)
+        raise
     finally:
         for fd in fds:
             os.close(fd)
-    size = segment.size
-    dtypes: list[Any] = []
-    for ref in refs:
-        dtype: Any = codec.numpy_dtype(ref.dtype) if arrays else dtype_from_name(ref.dtype)
-        numel = 1
-        for dim in ref.shape:
-            numel *= dim
-        if ref.nbytes != numel * dtype.itemsize or ref.offset % dtype.itemsize or ref.offset < 0:
-            raise ValueError(f"a tensor reference's size ({ref.nbytes}) does not match its shape "
-                             f"{tuple(ref.shape)} and dtype, or its offset is not aligned")
-        if ref.seg < 0 and ref.nbytes and not 0 <= ref.offset <= size - ref.nbytes:
-            raise ValueError(f"a tensor reference [{ref.offset}, {ref.offset + ref.nbytes}) lies outside "
-                             f"shared memory of {size} bytes")
-        dtypes.append(dtype)
-    if arrays:
-        view, owned, copy = Segment.array, Segment.owned_array, _copy_array
-    else:
-        view, owned, copy = Segment.view, Segment.owned_view, _clone  # type: ignore[assignment]
-    out = []
-    for ref, dtype in zip(refs, dtypes):
-        if ref.seg >= 0:
-            out.append(view(extra[ref.seg], 0, ref.nbytes, dtype, ref.shape))
-        elif ref.seg == INPUT_ALIAS and on_free is not None and ref.nbytes:
-            if ref.nbytes < ZERO_COPY_MIN_BYTES or on_input_free is None:
-                out.append(copy(view(segment, ref.offset, ref.nbytes, dtype, ref.shape)))
-            else:
-                out.append(owned(segment, ref.offset, ref.nbytes, dtype, ref.shape, on_input_free))
-        elif on_free is None or ref.nbytes == 0:
-            out.append(view(segment, ref.offset, ref.nbytes, dtype, ref.shape))
-        elif ref.nbytes < ZERO_COPY_MIN_BYTES:
-            out.append(copy(view(segment, ref.offset, ref.nbytes, dtype, ref.shape)))
-            on_free(ref.offset)
+    try:
+        size = segment.size
+        dtypes: list[Any] = []
+        for ref in refs:
+            dtype: Any = codec.numpy_dtype(ref.dtype) if arrays else dtype_from_name(ref.dtype)
+            numel = 1
+            for dim in ref.shape:
+                numel *= dim
+            if ref.nbytes != numel * dtype.itemsize or ref.offset % dtype.itemsize or ref.offset < 0:
+                raise ValueError(f"a tensor reference's size ({ref.nbytes}) does not match its shape "
+                                 f"{tuple(ref.shape)} and dtype, or its offset is not aligned")
+            if ref.seg < 0 and ref.nbytes and not 0 <= ref.offset <= size - ref.nbytes:
+                raise ValueError(f"a tensor reference [{ref.offset}, {ref.offset + ref.nbytes}) lies outside "
+                                 f"shared memory of {size} bytes")
+            dtypes.append(dtype)
+        if arrays:
+            view, owned, copy = Segment.array, Segment.owned_array, _copy_array
         else:
-            # Note [Zero-copy outputs]: copying a large result into freshly allocated pages costs several
-            # times a plain memcpy (page faults), so the caller gets the arena bytes themselves and the
-            # block goes back to the worker when the tensor is garbage-collected.
-            out.append(owned(segment, ref.offset, ref.nbytes, dtype, ref.shape, on_free))
+            view, owned, copy = Segment.view, Segment.owned_view, _clone  # type: ignore[assignment]
+        out = []
+        for ref, dtype in zip(refs, dtypes):
+            if ref.seg in kept:
+                out.append(_forwarded(extra[ref.seg], kept.pop(ref.seg), ref.nbytes, dtype, ref.shape, owned))
+            elif ref.seg >= 0:
+                out.append(view(extra[ref.seg], 0, ref.nbytes, dtype, ref.shape))
+            elif ref.seg == INPUT_ALIAS and on_free is not None and ref.nbytes:
+                if ref.nbytes < ZERO_COPY_MIN_BYTES or on_input_free is None:
+                    out.append(copy(view(segment, ref.offset, ref.nbytes, dtype, ref.shape)))
+                else:
+                    out.append(owned(segment, ref.offset, ref.nbytes, dtype, ref.shape, on_input_free))
+            elif on_free is None or ref.nbytes == 0:
+                out.append(view(segment, ref.offset, ref.nbytes, dtype, ref.shape))
+            elif ref.nbytes < ZERO_COPY_MIN_BYTES:
+                out.append(copy(view(segment, ref.offset, ref.nbytes, dtype, ref.shape)))
+                on_free(ref.offset)
+            else:
+                # Note [Zero-copy outputs]: copying a large result into freshly allocated pages costs several
+                # times a plain memcpy (page faults), so the caller gets the arena bytes themselves and the
+                # block goes back to the worker when the tensor is garbage-collected.
+                out.append(owned(segment, ref.offset, ref.nbytes, dtype, ref.shape, on_free))
+        return out
+    finally:
+        for fd in kept.values():  # not handed to a tensor: an error came first
+            os.close(fd)
+
+
+# Note [Forwarded segments]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A web process sends a big body as a sealed memfd of its own (Note [Body buffers] in staging.py). A
+# call through the pool server used to arrive there as a view of that descriptor, which the server's
+# pool then copied into its worker's arena: 16 MiB copied, through freshly faulted pages, in the one
+# process every web process's calls go through (3.0 ms of the server's CPU per 16 MiB call). The
+# server now keeps a duplicate of the descriptor with the tensor and registers it in shared_tensors,
+# as the web process does with its body buffers, so Placer.place sends the descriptor on and the
+# worker maps the web process's buffer itself. Isolation is unchanged: the bytes are the same web
+# process's body, for the call it made; the worker maps them copy-on-write, as on a direct lane. The
+# registration and the duplicate go when the server's tensor (every view of it) is collected, that
+# is when the call is done with. Only placement that sends a tensor as it is forwards it: rows copied
+# into a batch are copied, as before.
+
+
+def _forwarded(segment: Segment, fd: int, nbytes: int, dtype: Any, shape: tuple[int, ...],
+               owned: Callable[..., Any]) -> Any:
+    """A view of the received *segment* that owns *fd* (a duplicate of its descriptor), registered in
+    :data:`shared_tensors` until the view is collected."""
+    address = [-1]
+
+    def release(_offset: int) -> None:
+        shared_tensors.pop(address[0], None)
+        os.close(fd)
+
+    try:
+        out = owned(segment, 0, nbytes, dtype, shape, release)
+    except BaseException:
+        os.close(fd)
+        raise
+    address[0] = dense_address(out)
+    shared_tensors[address[0]] = fd
     return out
 
 

@@ -181,3 +181,24 @@ class Checksum(nn.Module):
 
 def checksum():
     return Checksum()
+
+
+class WhereIsMyInput(nn.Module):
+    """The name of the mapping that holds the input's first byte (``/proc/self/maps``): a worker's arena,
+    or a segment forwarded whole (``/memfd:torchpool-body``), and the float64 sum of the input."""
+
+    def forward(self, x):
+        address = x.data_ptr()
+        name = "?"
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                span, _, rest = line.partition(" ")
+                low, high = (int(v, 16) for v in span.split("-"))
+                if low <= address < high:
+                    name = rest.split(None, 4)[4].strip() if len(rest.split(None, 4)) > 4 else ""
+                    break
+        return {"mapping": name, "sum": float(x.double().sum())}
+
+
+def where_is_my_input():
+    return WhereIsMyInput()

@@ -322,6 +322,71 @@ def test_an_attached_web_process_sends_its_body_buffers_by_either_path(attached:
         conn.close()
 
 
+@pytest.fixture(scope="module")
+def forwarding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A pool server in this process (its relay is what forwards) whose calls all go through it."""
+    run = tmp_path_factory.mktemp("forward") / "run"
+    run.mkdir(mode=0o700)
+    path = run / "pool.sock"
+    with pool_server(path, TORCHPOOL_MODEL="tests.models:where_is_my_input", TORCHPOOL_DIRECT_CALLS=False,
+                     TORCHPOOL_ARENA_BYTES=4 * MIB):
+        yield path
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.mark.parametrize("kind", [torch.float32, np.float32])
+def test_the_pool_server_forwards_a_body_buffer_to_its_worker_without_copying(forwarding_server: Path,
+                                                                              kind: Any) -> None:
+    """Note [Forwarded segments]: the worker maps the web process's body buffer itself; the server keeps
+    its duplicate only while the call lasts (no descriptor left behind, none registered)."""
+    conn = PoolConnection(str(forwarding_server), 1 * MIB)
+    conn.connect()
+    try:
+        assert conn.lanes.pick("default") is None  # every call goes through the server
+        before = _open_fds()
+        registered = len(shm.shared_tensors)
+        for seed in range(3):
+            data = _floats(3 * MIB, seed).numpy().tobytes()
+            x = bodies.tensor_from_stream(io.BytesIO(data), kind, (-1,), length=len(data))
+            got = conn.submit(None, (x,), {}, 30.0, False, 64 * MIB).result(30)
+            assert got["mapping"].startswith("/memfd:torchpool-body"), got
+            assert got["sum"] == float(np.frombuffer(data, np.float32).astype(np.float64).sum())
+            small = bodies.tensor_from_stream(io.BytesIO(data[:400]), kind, (-1,), length=400)
+            got = conn.submit(None, (small,), {}, 30.0, False, 64 * MIB).result(30)
+            assert not got["mapping"].startswith("/memfd:torchpool-body"), got  # copied into the arena
+            del x, small
+        gc.collect()
+        staging.buffers.release_idle()
+        assert _open_fds() <= before
+        assert len(shm.shared_tensors) == registered
+    finally:
+        conn.close()
+
+
+def test_a_forwarded_segment_with_a_bad_reference_leaves_no_descriptor_behind() -> None:
+    """A reference that does not fit its dtype fails the call's read; the duplicate kept to forward the
+    descriptor is closed with it."""
+    fd = shm.create_memfd(4096, "torchpool-test")
+    arena_fd = shm.create_memfd(4096, "torchpool-test-arena")
+    arena = shm.Segment(arena_fd, 4096)
+    before = _open_fds()
+    bad = shm.TensorRef(0, 0, 4095, "torch.float32", (1023,))
+    with pytest.raises(ValueError, match="does not match its shape"):
+        shm.read_refs(arena, (bad,), [os.dup(fd)], forward=True)
+    assert _open_fds() <= before
+    good = shm.TensorRef(0, 0, 4096, "torch.float32", (1024,))
+    (t,) = shm.read_refs(arena, (good,), [os.dup(fd)], forward=True)
+    assert shm.shared_tensors[t.data_ptr()] not in before
+    del t
+    gc.collect()
+    assert _open_fds() <= before
+    os.close(fd)
+    os.close(arena_fd)
+
+
 def test_a_client_that_hangs_up_mid_body_gets_nothing_and_the_next_one_is_served(sum_app: Flask) -> None:
     """Over a real socket (werkzeug's threaded server): the view's read fails as a 400 the client no
     longer hears, its buffer is freed (the leak check), and the server and pool keep serving."""

@@ -213,4 +213,4 @@ def read_inputs(arena: shm.Arena, refs: tuple[shm.TensorRef, ...], fds: list[int
         for fd in fds:
             os.close(fd)
         raise
-    return shm.read_refs(arena, refs, fds, arrays=arrays)
+    return shm.read_refs(arena, refs, fds, arrays=arrays, forward=True)

@@ -43,7 +43,10 @@ make the server spend has a bound (the module constants below; docs/reliability.
 connections, the time a handshake may take, the size of a message and of an arena, the calls a client
 may have in flight, and the time a reply may wait for a client that does not read. A client past a
 bound is dropped; the others never notice. Logs name a client by the pid the kernel reports for its
-socket (``SO_PEERCRED``), not the one it claims.
+socket (``SO_PEERCRED``), not the one it claims. A one-off segment a client sends (a big body's buffer)
+is handed on to the worker that runs that client's call (Note [Forwarded segments] in
+:mod:`flask_torchpool.shm`): the worker checks its seals again and maps it copy-on-write, as it does a
+segment sent on a direct lane.
 """
 
 from __future__ import annotations
