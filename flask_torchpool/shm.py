@@ -56,6 +56,11 @@ ZERO_COPY_MIN_BYTES = 64 * 1024
 #: Tensors over a body buffer of their own (Note [Body buffers] in staging.py): address -> its memfd.
 #: :meth:`Placer.place` sends such a tensor's descriptor instead of copying it.
 shared_tensors: dict[int, int] = {}
+#: Descriptors a pool server keeps at once to forward (Note [Forwarded segments]); past it, a received
+#: segment is read as before (its bytes copied for the worker), so that no client can make the server
+#: hold descriptors without bound.
+MAX_FORWARDED_SEGMENTS = 128
+_forwarding: set[int] = set()  # the descriptors kept to forward (set operations are atomic)
 CTRL_RUNNING = 0  # int64 index in the control words: id of the call the worker is running, 0 when idle
 #: ``TensorRef.seg`` of an output that lies in the call's own inputs (Note [Outputs that are inputs]).
 INPUT_ALIAS = -2
@@ -407,8 +412,9 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
         for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
             check_sealed(fd, ref.nbytes)
             extra.append(Segment(fd, ref.nbytes, private=True))
-            if forward and ref.nbytes:
+            if forward and ref.nbytes and len(_forwarding) < MAX_FORWARDED_SEGMENTS:
                 kept[ref.seg] = os.dup(fd)
+                _forwarding.add(kept[ref.seg])
     except BaseException:
         for fd in kept.values():
             os.close(fd)
@@ -459,6 +465,7 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
         return out
     finally:
         for fd in kept.values():  # not handed to a tensor: an error came first
+            _forwarding.discard(fd)
             os.close(fd)
 
 
@@ -474,7 +481,9 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
 # process's body, for the call it made; the worker maps them copy-on-write, as on a direct lane. The
 # registration and the duplicate go when the server's tensor (every view of it) is collected, that
 # is when the call is done with. Only placement that sends a tensor as it is forwards it: rows copied
-# into a batch are copied, as before.
+# into a batch are copied, as before. A server keeps at most MAX_FORWARDED_SEGMENTS descriptors at
+# once (a client with thousands of calls in flight must not exhaust its descriptors); past that, a
+# segment is copied for its worker as before.
 
 
 def _forwarded(segment: Segment, fd: int, nbytes: int, dtype: Any, shape: tuple[int, ...],
@@ -485,11 +494,13 @@ def _forwarded(segment: Segment, fd: int, nbytes: int, dtype: Any, shape: tuple[
 
     def release(_offset: int) -> None:
         shared_tensors.pop(address[0], None)
+        _forwarding.discard(fd)
         os.close(fd)
 
     try:
         out = owned(segment, 0, nbytes, dtype, shape, release)
     except BaseException:
+        _forwarding.discard(fd)
         os.close(fd)
         raise
     address[0] = dense_address(out)

@@ -28,7 +28,7 @@ from werkzeug.wsgi import LimitedStream
 from flask_torchpool import InvalidInputError, PayloadTooLargeError, TorchPool, bodies, shm, staging
 from flask_torchpool.attach.client import PoolConnection
 
-from .conftest import make_app
+from .conftest import make_app, wait_until
 from .servers import pool_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -358,10 +358,30 @@ def test_the_pool_server_forwards_a_body_buffer_to_its_worker_without_copying(fo
             got = conn.submit(None, (small,), {}, 30.0, False, 64 * MIB).result(30)
             assert not got["mapping"].startswith("/memfd:torchpool-body"), got  # copied into the arena
             del x, small
-        gc.collect()
-        staging.buffers.release_idle()
-        assert _open_fds() <= before
-        assert len(shm.shared_tensors) == registered
+
+        def released() -> bool:  # the server lets go of a call's inputs just after its answer went out
+            gc.collect()
+            staging.buffers.release_idle()
+            return _open_fds() <= before and len(shm.shared_tensors) == registered
+
+        assert wait_until(released), (sorted(_open_fds() - before), len(shm.shared_tensors), registered)
+    finally:
+        conn.close()
+
+
+def test_past_its_bound_the_pool_server_copies_instead_of_keeping_descriptors(
+        forwarding_server: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server keeps at most MAX_FORWARDED_SEGMENTS descriptors to forward; past it, calls still
+    work, their bodies copied into the worker's arena."""
+    monkeypatch.setattr(shm, "MAX_FORWARDED_SEGMENTS", 0)
+    conn = PoolConnection(str(forwarding_server), 1 * MIB)
+    conn.connect()
+    try:
+        data = _floats(3 * MIB).numpy().tobytes()
+        x = bodies.tensor_from_stream(io.BytesIO(data), torch.float32, (-1,), length=len(data))
+        got = conn.submit(None, (x,), {}, 30.0, False, 64 * MIB).result(30)
+        assert not got["mapping"].startswith("/memfd:torchpool-body"), got
+        assert got["sum"] == float(x.double().sum())
     finally:
         conn.close()
 
