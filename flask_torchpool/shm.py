@@ -409,20 +409,16 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
     extra = []
     kept: dict[int, int] = {}  # segment number -> the duplicate its tensor keeps (forward)
     try:
-        for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
-            check_sealed(fd, ref.nbytes)
-            extra.append(Segment(fd, ref.nbytes, private=True))
-            if forward and ref.nbytes and len(_forwarding) < MAX_FORWARDED_SEGMENTS:
-                kept[ref.seg] = os.dup(fd)
-                _forwarding.add(kept[ref.seg])
-    except BaseException:
-        for fd in kept.values():
-            os.close(fd)
-        raise
-    finally:
-        for fd in fds:
-            os.close(fd)
-    try:
+        try:
+            for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
+                check_sealed(fd, ref.nbytes)
+                extra.append(Segment(fd, ref.nbytes, private=True))
+                if forward and ref.nbytes and len(_forwarding) < MAX_FORWARDED_SEGMENTS:
+                    kept[ref.seg] = os.dup(fd)
+                    _forwarding.add(kept[ref.seg])
+        finally:
+            for fd in fds:
+                os.close(fd)
         size = segment.size
         dtypes: list[Any] = []
         for ref in refs:

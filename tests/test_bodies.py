@@ -403,6 +403,15 @@ def test_a_forwarded_segment_with_a_bad_reference_leaves_no_descriptor_behind() 
     del t
     gc.collect()
     assert _open_fds() <= before
+    # A second segment that is not sealed fails the read after the first one's duplicate was kept:
+    # that duplicate is closed and no longer counts against MAX_FORWARDED_SEGMENTS.
+    unsealed = os.memfd_create("torchpool-test-unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(unsealed, 4096)
+    second = shm.TensorRef(1, 0, 4096, "torch.float32", (1024,))
+    with pytest.raises(shm.UnsealedSegment):
+        shm.read_refs(arena, (good, second), [os.dup(fd), unsealed], forward=True)
+    assert not shm._forwarding
+    assert _open_fds() <= before
     os.close(fd)
     os.close(arena_fd)
 
