@@ -34,7 +34,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import codec
 from .codec import ValueReader, WireFormatError, encode_value
-from .shm import INPUT_ALIAS, TensorRef
+from .shm import INLINE, INPUT_ALIAS, TensorRef
 
 # --- the worker protocol ---------------------------------------------------------------------------------
 
@@ -48,6 +48,7 @@ class Call(NamedTuple):
     method: str | None = None  # the model's method to run; None: the model itself (forward)
     window: int = 0            # > 0: a stream, with this many chunks of credit; 0: a plain call
     deadline: float = 0.0      # a direct call's deadline (CLOCK_MONOTONIC seconds); 0: none (Note [Lanes])
+    inline: bytes | bytearray = b""  # the bytes of the refs with seg INLINE (Note [Inline tensors])
 
 
 class Cancel(NamedTuple):
@@ -102,6 +103,7 @@ class Result(NamedTuple):
     id: int
     value: Any
     refs: tuple[TensorRef, ...]
+    inline: bytes | bytearray = b""  # as Call.inline
 
 
 class StreamChunk(NamedTuple):
@@ -110,6 +112,7 @@ class StreamChunk(NamedTuple):
     id: int
     value: Any
     refs: tuple[TensorRef, ...]
+    inline: bytes | bytearray = b""  # as Call.inline
 
 
 class StreamEnd(NamedTuple):
@@ -236,11 +239,14 @@ class ReloadRequest(NamedTuple):
 # The frame starts with a fixed header: the message's type code (uint8) and how many descriptors follow
 # (uint8, at most MAX_FDS). The hot messages (Call, Result, RemoteCall) go on with a fixed struct of
 # their numbers (id, counts, timeout), then one fixed record per TensorRef (seg int32, offset and
-# nbytes uint64, dtype code uint8 from codec.DTYPE_NAMES, ndim uint8, then ndim int64 dimensions), then the
-# released offsets (uint64 each), then their values in the tagged encoding of codec (Note [Tagged
-# values]). Every other message is a tagged tuple of its fields, each type-checked before the
+# nbytes uint64, dtype code uint8 from codec.DTYPE_NAMES, ndim uint8, then ndim int64 dimensions),
+# then the released offsets (uint64 each), then (Call, Result, StreamChunk) the bytes of the inline
+# tensors (Note [Inline tensors] in shm.py: as many as their references name, which must lie in
+# order and back to back, none empty), then their values in the tagged encoding of codec (Note
+# [Tagged values]). Every other message is a tagged tuple of its fields, each type-checked before the
 # NamedTuple is built with its constructor. A type code outside the channel's protocol, a count or
-# length past the bytes received, an unknown dtype code, a negative dimension, a Slot past the refs, a
+# length past the bytes received, an unknown dtype code, a negative dimension, a Slot past the refs,
+# inline tensors out of order or past the frame, a
 # descriptor count that does not match the one-off segments, bytes left over, or a deadline that is
 # not a finite number of seconds > 0: each is a ProtocolError, and the descriptors received with the
 # message are closed. No received byte names a class or reaches an attribute. Whether a reference's
@@ -316,11 +322,16 @@ def _put_refs(out: bytearray, refs: tuple[TensorRef, ...]) -> None:
             out += _DIMS[len(shape)].pack(*shape)
 
 
-def _get_refs(data: bytes, pos: int, count: int, nfds: int, alias: bool) -> tuple[tuple[TensorRef, ...], int]:
+def _get_refs(data: bytes, pos: int, count: int, nfds: int, alias: bool, inline: bool = False
+              ) -> tuple[tuple[TensorRef, ...], int, int]:
+    """The *count* references at *pos*, the position after them, and how many inline bytes they name
+    (references with seg INLINE, allowed with *inline*: in order and back to back, Note [Inline
+    tensors])."""
     if count * _REF.size > len(data) - pos:
         raise WireFormatError(f"a header announces {count} tensors but is too short for them")
     refs = []
     segs = 0
+    inlined = 0
     for _ in range(count):
         seg, offset, nbytes, code, ndim = _REF.unpack_from(data, pos)
         pos += _REF.size
@@ -338,12 +349,24 @@ def _get_refs(data: bytes, pos: int, count: int, nfds: int, alias: bool) -> tupl
                 raise WireFormatError("one-off segments must be referred to once each, in order, at "
                                       "offset 0")
             segs += 1
+        elif seg == INLINE and inline:
+            if offset != inlined:
+                raise WireFormatError("inline tensors must lie in order, back to back")
+            if not 0 < nbytes <= len(data):
+                raise WireFormatError(f"an inline tensor of {nbytes} bytes in a frame of {len(data)}")
+            inlined += nbytes
         elif seg != -1 and not (alias and seg == INPUT_ALIAS):
             raise WireFormatError(f"a tensor in segment {seg}")
         refs.append(_tuple_new(TensorRef, (seg, offset, nbytes, _DTYPE_STRS[code], shape)))
     if segs != nfds:
         raise WireFormatError(f"{nfds} descriptors for {segs} one-off segments")
-    return tuple(refs), pos
+    return tuple(refs), pos, inlined
+
+
+def _get_inline(data: bytes, pos: int, nbytes: int) -> tuple[bytes, int]:
+    if nbytes > len(data) - pos:
+        raise WireFormatError(f"a header announces {nbytes} inline bytes but is too short for them")
+    return (data[pos:pos + nbytes] if nbytes else b""), pos + nbytes
 
 
 def _put_releases(out: bytearray, releases: tuple[int, ...]) -> None:
@@ -363,6 +386,7 @@ def _enc_call(msg: Call, out: bytearray) -> None:
     out += _CALL.pack(msg.id, len(msg.refs), len(msg.releases), msg.window, msg.deadline)
     _put_refs(out, msg.refs)
     _put_releases(out, msg.releases)
+    out += msg.inline
     encode_value(msg.args, out)
     encode_value(msg.kwargs, out)
     encode_value(msg.method, out)
@@ -372,26 +396,29 @@ def _dec_call(data: bytes, pos: int, nfds: int) -> Call:
     call_id, nrefs, nrel, window, deadline = _CALL.unpack_from(data, pos)
     if not (math.isfinite(deadline) and deadline >= 0):
         raise WireFormatError(f"a call's deadline must be a finite number >= 0, not {deadline!r}")
-    refs, pos = _get_refs(data, pos + _CALL.size, nrefs, nfds, False)
+    refs, pos, inlined = _get_refs(data, pos + _CALL.size, nrefs, nfds, False, True)
     releases, pos = _get_releases(data, pos, nrel)
+    inline, pos = _get_inline(data, pos, inlined)
     args, kwargs, method = _values(data, pos, nrefs, 3)
     if type(args) is not tuple or type(kwargs) is not dict or not (method is None or type(method) is str):
         raise WireFormatError("a call's arguments must be a tuple and a dict, its method a str or None")
-    return _tuple_new(Call, (call_id, args, kwargs, refs, releases, method, window, deadline))
+    return _tuple_new(Call, (call_id, args, kwargs, refs, releases, method, window, deadline, inline))
 
 
 def _enc_result(msg: Result | StreamChunk, out: bytearray) -> None:
     out += _RESULT.pack(msg.id, len(msg.refs))
     _put_refs(out, msg.refs)
+    out += msg.inline
     encode_value(msg.value, out)
 
 
 def _result_decoder(kind: type) -> Callable[[bytes, int, int], Any]:
     def decode(data: bytes, pos: int, nfds: int) -> Any:
         call_id, nrefs = _RESULT.unpack_from(data, pos)
-        refs, pos = _get_refs(data, pos + _RESULT.size, nrefs, nfds, True)
+        refs, pos, inlined = _get_refs(data, pos + _RESULT.size, nrefs, nfds, True, True)
+        inline, pos = _get_inline(data, pos, inlined)
         (value,) = _values(data, pos, nrefs, 1)
-        return _tuple_new(kind, (call_id, value, refs))
+        return _tuple_new(kind, (call_id, value, refs, inline))
     return decode
 
 
@@ -427,7 +454,7 @@ def _dec_remote_call(data: bytes, pos: int, nfds: int) -> RemoteCall:
         raise WireFormatError(f"unknown call flags {flags:#x}")
     if flags & _HAS_TIMEOUT and not (math.isfinite(timeout) and timeout > 0):
         raise WireFormatError(f"a call's timeout must be a finite number of seconds > 0, not {timeout!r}")
-    refs, pos = _get_refs(data, pos + _REMOTE_CALL.size, nrefs, nfds, False)
+    refs, pos, _ = _get_refs(data, pos + _REMOTE_CALL.size, nrefs, nfds, False)
     releases, pos = _get_releases(data, pos, nrel)
     model, args, kwargs, method = _values(data, pos, nrefs, 4)
     if (model is not None and type(model) is not str) or type(args) is not tuple or type(kwargs) is not dict \

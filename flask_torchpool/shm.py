@@ -64,6 +64,12 @@ _forwarding: set[int] = set()  # the descriptors kept to forward (set operations
 CTRL_RUNNING = 0  # int64 index in the control words: id of the call the worker is running, 0 when idle
 #: ``TensorRef.seg`` of an output that lies in the call's own inputs (Note [Outputs that are inputs]).
 INPUT_ALIAS = -2
+#: ``TensorRef.seg`` of a tensor whose bytes travel in the message itself, at *offset* of its inline bytes
+#: (Note [Inline tensors]).
+INLINE = -3
+#: The inline bytes one message may carry: a :class:`Placer` made with ``inline=True`` writes tensors into
+#: the message while they fit in this many bytes together (Note [Inline tensors]).
+INLINE_MAX_BYTES = 8192
 
 
 class TensorRef(NamedTuple):
@@ -329,24 +335,50 @@ def write(segment: Segment, offset: int, t: torch.Tensor | numpy.ndarray) -> Non
         copy_into(segment.view(offset, tensor_nbytes(t), t.dtype, shape), t)
 
 
+# Note [Inline tensors]
+# ~~~~~~~~~~~~~~~~~~~~~
+# On a lane (Note [Lanes] in lanes.py) a small tensor travels in the message itself, not in the arena:
+# placing it in the arena and reading it there (allocate a block, a typed view, a copy, the reference,
+# then on the other side a view, a copy out and the block's release sent back with the next call) cost
+# about 12 us of Python per tensor and direction (both processes together), against 2 us for
+# copying its bytes into the frame and out of it. A Placer made with inline=True (the web process's lane calls, the worker's answers on
+# a lane) appends each dense CPU tensor to its inline bytes while they stay within INLINE_MAX_BYTES in
+# all; the reference's seg is INLINE and its offset the tensor's place in those bytes, which follow the
+# references in the frame (Note [The wire format] in messages.py: in order, back to back, checked).
+# read_refs gives each one its own writable copy (a bytearray), so a model may write its inputs in
+# place, and nothing of it stays in the arena. Everything else (big tensors, body buffers, GPU
+# tensors, the pool server's calls) goes through shared memory as before.
+
+
 class Placer:
-    """Writes tensors into an arena half (or one-off segments) and makes :class:`TensorRef` for them.
+    """Writes tensors into an arena half (or one-off segments) and makes :class:`TensorRef` for them;
+    with *inline*, small tensors into :attr:`inline`, the bytes sent in the message (Note [Inline
+    tensors]).
 
     On failure of a later tensor, :meth:`rollback` frees what was placed; :attr:`fds` are the one-off
     segments to send along (the caller closes them after sending).
     """
 
-    def __init__(self, segment: Segment, allocator: Allocator) -> None:
+    def __init__(self, segment: Segment, allocator: Allocator, inline: bool = False) -> None:
         self.segment = segment
         self.allocator = allocator
         self.blocks: list[int] = []
         self.fds: list[int] = []
+        self.inline = bytearray()
+        self._inline_left = INLINE_MAX_BYTES if inline else 0
 
     def place(self, t: torch.Tensor | numpy.ndarray) -> TensorRef:
         """Write *t* (a tensor, or a numpy array: Note [Arrays without torch]) and return its reference."""
         nbytes, name, shape = tensor_nbytes(t), codec.wire_dtype(t), tuple(t.shape)
         if nbytes == 0:
             return TensorRef(-1, 0, 0, name, shape)
+        if nbytes <= self._inline_left:  # Note [Inline tensors]
+            address = dense_address(t)
+            if address != -1 and (codec.is_array(t) or not (t.is_conj() or t.is_neg())):
+                ref = TensorRef(INLINE, len(self.inline), nbytes, name, shape)
+                self.inline += ctypes.string_at(address, nbytes)
+                self._inline_left -= nbytes
+                return ref
         if shared_tensors:
             fd = shared_tensors.get(dense_address(t))
             if fd is not None:  # Note [Body buffers]: the worker maps the body where it was read
@@ -387,9 +419,9 @@ class Placer:
 def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
               on_free: Callable[[int], None] | None = None,
               on_input_free: Callable[[int], None] | None = None,
-              arrays: bool = False, forward: bool = False) -> list[Any]:
+              arrays: bool = False, forward: bool = False, inline: bytes | bytearray = b"") -> list[Any]:
     """Tensors for *refs* (numpy arrays with *arrays*): views of *segment* or of the passed descriptors
-    (which this closes).
+    (which this closes), or copies of the message's *inline* bytes (Note [Inline tensors]).
 
     With *on_free* (the web process reading results), small arena tensors are copied out and their
     block freed at once; large ones are zero-copy views whose block is freed when they are collected.
@@ -426,6 +458,13 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
             numel = 1
             for dim in ref.shape:
                 numel *= dim
+            if ref.seg == INLINE:  # copied out of the message: any offset, inside its inline bytes
+                if ref.nbytes != numel * dtype.itemsize or not 0 <= ref.offset <= len(inline) - ref.nbytes:
+                    raise ValueError(f"an inline tensor of {ref.nbytes} bytes at {ref.offset} does not match "
+                                     f"its shape {tuple(ref.shape)} and dtype, or lies outside the "
+                                     f"{len(inline)} inline bytes of the message")
+                dtypes.append(dtype)
+                continue
             if ref.nbytes != numel * dtype.itemsize or ref.offset % dtype.itemsize or ref.offset < 0:
                 raise ValueError(f"a tensor reference's size ({ref.nbytes}) does not match its shape "
                                  f"{tuple(ref.shape)} and dtype, or its offset is not aligned")
@@ -439,7 +478,9 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
             view, owned, copy = Segment.view, Segment.owned_view, _clone  # type: ignore[assignment]
         out = []
         for ref, dtype in zip(refs, dtypes):
-            if ref.seg in kept:
+            if ref.seg == INLINE:
+                out.append(_inline(inline, ref, dtype, arrays))
+            elif ref.seg in kept:
                 out.append(_forwarded(extra[ref.seg], kept.pop(ref.seg), ref.nbytes, dtype, ref.shape, owned))
             elif ref.seg >= 0:
                 out.append(view(extra[ref.seg], 0, ref.nbytes, dtype, ref.shape))
@@ -502,6 +543,17 @@ def _forwarded(segment: Segment, fd: int, nbytes: int, dtype: Any, shape: tuple[
     address[0] = dense_address(out)
     shared_tensors[address[0]] = fd
     return out
+
+
+def _inline(inline: bytes | bytearray, ref: TensorRef, dtype: Any, arrays: bool) -> Any:
+    """A writable copy of an inline tensor's bytes (Note [Inline tensors])."""
+    data = bytearray(inline[ref.offset:ref.offset + ref.nbytes])
+    if arrays:
+        import numpy
+
+        return numpy.frombuffer(data, dtype=dtype).reshape(ref.shape)
+    torch = _torch or _t()
+    return torch.frombuffer(data, dtype=dtype).view(ref.shape)
 
 
 def _clone(t: torch.Tensor) -> torch.Tensor:

@@ -363,7 +363,7 @@ class _Server:
                 self._fail(peer, call.id, InferenceTimeoutError("the call's deadline passed before it ran"))
                 return
             try:
-                tensors = shm.read_refs(peer.arena, call.refs, fds)
+                tensors = shm.read_refs(peer.arena, call.refs, fds, inline=call.inline)
                 if self.device.type != "cpu":
                     tensors = [t.to(self.device, non_blocking=True) for t in tensors]
                 args = codec.unflatten(call.args, tensors)
@@ -463,12 +463,12 @@ class _Server:
         return None
 
     def _reply(self, peer: lanes.Peer, call_id: int, out: Any) -> None:
-        placer = shm.Placer(peer.arena, peer.outputs)
+        placer = shm.Placer(peer.arena, peer.outputs, inline=peer is not self.main)  # Note [Inline tensors]
         try:
             produced: list[torch.Tensor] = []
             value = codec.flatten(out, produced, "output")
             refs = tuple(self._alias(peer, t) or placer.place(t) for t in produced)
-            msg = messages.Result(call_id, value, refs)
+            msg = messages.Result(call_id, value, refs, placer.inline)
         except codec.UnsupportedValue as exc:
             placer.rollback()
             self._fail(peer, call_id, OutputError(f"the model returned {codec.describe(out)}, which cannot "

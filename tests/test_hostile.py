@@ -568,6 +568,33 @@ def test_tensor_records_are_checked() -> None:
         messages.decode(good + b"\x00", messages.ATTACH_PROTOCOL)
 
 
+def test_inline_tensor_records_are_checked() -> None:
+    """Note [Inline tensors]: inline references lie in order and back to back over bytes the frame
+    carries, none empty; only Call, Result and StreamChunk carry them."""
+    refs = (shm.TensorRef(shm.INLINE, 0, 16, "torch.float32", (4,)),
+            shm.TensorRef(-1, 4096, 16, "torch.float32", (4,)),
+            shm.TensorRef(shm.INLINE, 16, 8, "torch.int64", (1,)))
+    call = messages.Call(1, (codec.Slot(0), codec.Slot(1), codec.Slot(2)), {}, refs, (),
+                         inline=bytes(range(24)))
+    good = bytes(messages.encode(call))
+    assert messages.decode(good, messages.LANE_PROTOCOL)[1] == call
+    third = good.index(struct.pack("<iQQBB", shm.INLINE, 16, 8, codec.DTYPE_NAME_CODES["torch.int64"], 1))
+    for offset, patch, why in [(4, struct.pack("<Q", 17), "back to back"),
+                               (4, struct.pack("<Q", 0), "back to back"),
+                               (12, struct.pack("<Q", 0), "inline tensor of 0 bytes"),
+                               (12, struct.pack("<Q", 1 << 40), "inline tensor of 1099511627776 bytes"),
+                               (12, struct.pack("<Q", len(good)), "too short"),
+                               (12, struct.pack("<Q", 9), "left over")]:
+        bad = good[:third + offset] + patch + good[third + offset + len(patch):]
+        with pytest.raises(messages.ProtocolError, match=why):
+            messages.decode(bad, messages.LANE_PROTOCOL)
+    with pytest.raises(messages.ProtocolError, match="too short"):
+        messages.decode(good[:good.index(bytes(range(24)))], messages.LANE_PROTOCOL)
+    remote = messages.RemoteCall(1, None, (codec.Slot(0),), {}, refs[:1], 1.0, False, ())
+    with pytest.raises(messages.ProtocolError, match="segment -3"):
+        messages.decode(bytes(messages.encode(remote)), messages.ATTACH_PROTOCOL)
+
+
 def test_random_bytes_only_ever_raise_protocol_errors() -> None:
     rng = random.Random(11)
     samples = [bytes(messages.encode(m)) for m in (
@@ -575,17 +602,24 @@ def test_random_bytes_only_ever_raise_protocol_errors() -> None:
                             (shm.TensorRef(-1, 4096, 16, "torch.float32", (2, 2)),), 2.0, False, (64,)),
         messages.StatusReply(3, {"a": [1, None, (True, 1j)], 2: {"b": "c"}}),
         messages.Hello(2, 1, 1 << 20))]
-    for _ in range(3000):
-        data = bytearray(rng.choice(samples))
-        for _ in range(rng.randint(1, 4)):
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        if rng.random() < 0.3:
-            del data[rng.randrange(len(data)):]
-        try:
-            _, msg = messages.decode(bytes(data), messages.ATTACH_PROTOCOL)
-        except messages.ProtocolError:
-            continue
-        assert type(msg).__module__ == "flask_torchpool.messages"
+    lane_sample = bytes(messages.encode(messages.Call(
+        1, (codec.Slot(0), codec.Slot(1)), {}, (shm.TensorRef(shm.INLINE, 0, 16, "torch.float32", (2, 2)),
+                                                 shm.TensorRef(shm.INLINE, 16, 8, "torch.uint8", (8,))),
+        (64,), None, 0, 2.0, bytes(24))))
+    for protocol, choices in [(messages.ATTACH_PROTOCOL, samples), (messages.LANE_PROTOCOL, [lane_sample])]:
+        for _ in range(3000):
+            data = bytearray(rng.choice(choices))
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            if rng.random() < 0.3:
+                del data[rng.randrange(len(data)):]
+            try:
+                _, msg = messages.decode(bytes(data), protocol)
+            except messages.ProtocolError:
+                continue
+            assert type(msg).__module__ == "flask_torchpool.messages"
+            if type(msg) is messages.Call:  # the inline bytes are exactly those its references name
+                assert len(msg.inline) == sum(r.nbytes for r in msg.refs if r.seg == shm.INLINE)
 
 
 def test_every_message_survives_the_trip() -> None:
@@ -594,6 +628,11 @@ def test_every_message_survives_the_trip() -> None:
     for protocol, msg, nfds in [
         (messages.WORKER_PROTOCOL, messages.Call(1, (codec.Slot(0), 2**70), {"a": -1.5}, (ref,), (64,)), 0),
         (messages.WORKER_PROTOCOL, messages.Result(2, {"y": codec.Slot(0)}, (alias,)), 0),
+        (messages.LANE_PROTOCOL, messages.Result(2, (codec.Slot(0), codec.Slot(1)),
+                                                 (alias, shm.TensorRef(shm.INLINE, 0, 4, "torch.int32", ())),
+                                                 b"\x01\x02\x03\x04"), 0),
+        (messages.WORKER_PROTOCOL, messages.StreamChunk(
+            2, codec.Slot(0), (shm.TensorRef(shm.INLINE, 0, 2, "torch.int16", (1,)),), b"\x05\x06"), 0),
         (messages.WORKER_PROTOCOL, messages.Failure(3, "InferenceError", "boom", None, {"k": 1}, "tb"), 0),
         (messages.WORKER_PROTOCOL, messages.Ready(4, {"device": "cpu", "cores": [0, 1]}), 0),
         (messages.WORKER_PROTOCOL, messages.Adopt(True, False), 1),

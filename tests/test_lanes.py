@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,42 @@ def test_a_forged_reference_fails_its_call_only(served: PoolServer, conn: PoolCo
         forged.result(10)
     assert torch.equal(_call(conn, torch.ones(3)).result(30), torch.ones(3))
     assert _worker_pid(served) == pid, "the worker was replaced"
+
+
+def test_a_forged_inline_reference_fails_its_call_only(served: PoolServer, conn: PoolConnection) -> None:
+    """Note [Inline tensors]: a reference whose size does not match its shape, with the bytes it names
+    in the message, fails that call (the worker stays)."""
+    lane = conn.lanes.pick("default")
+    assert lane is not None
+    pid = _worker_pid(served)
+    short = shm.TensorRef(shm.INLINE, 0, 8, "torch.float32", (4,))
+    forged: Future = Future()
+    with conn.lanes._lock:
+        lane.calls[10**9 + 1] = _Call(forged, [], 0.0, lambda: forged)
+    lane.channel.send(messages.Call(10**9 + 1, (codec.Slot(0),), {}, (short,), (), inline=bytes(8)))
+    with pytest.raises(InvalidInputError, match="could not read the inputs.*does not match"):
+        forged.result(10)
+    assert torch.equal(_call(conn, torch.ones(3)).result(30), torch.ones(3))
+    assert _worker_pid(served) == pid, "the worker was replaced"
+
+
+def test_a_small_answer_comes_in_the_message_and_leaves_nothing_to_release(served: PoolServer,
+                                                                          conn: PoolConnection) -> None:
+    """Note [Inline tensors]: a small output is not written into the lane's arena, so the web process has
+    no block to give back; a bigger one is, and is given back with the next call."""
+    lane = conn.lanes.pick("default")
+    assert lane is not None
+    lane.releases.drain()
+    small = _call(conn, torch.arange(4.0)).result(30)
+    assert torch.equal(small, torch.arange(4.0))
+    small.add_(1)  # the caller's own copy
+    assert lane.releases.drain() == ()
+    array = _call(conn, np.arange(4.0)).result(30)
+    assert isinstance(array, np.ndarray) and array.flags.writeable and np.array_equal(array, np.arange(4.0))
+    assert lane.releases.drain() == ()
+    big = torch.arange(float(shm.INLINE_MAX_BYTES))  # 4x the bound: through the arena
+    assert torch.equal(_call(conn, big).result(30), big)
+    assert len(lane.releases.drain()) == 1
 
 
 def test_a_hostile_message_on_a_lane_closes_that_lane_only(served: PoolServer, conn: PoolConnection) -> None:

@@ -256,7 +256,7 @@ class ClientLanes:
         """Send one call on *lane* (from :meth:`take`); None when the lane failed (send it through the
         server instead). With *waiter* the calling thread promises to call the future's ``result()``
         next: it takes the lane's token now when it is free (Note [Claimed lanes])."""
-        placer = shm.Placer(lane.arena, lane.inputs)
+        placer = shm.Placer(lane.arena, lane.inputs, inline=True)   # Note [Inline tensors]
         try:
             refs = placer.place_all(tensors)
         except BaseException:
@@ -283,7 +283,7 @@ class ClientLanes:
                 wake = deadline < self._wake_at
         try:
             lane.channel.send(messages.Call(call_id, args, kwargs, refs, lane.releases.drain(), method, 0,
-                                            deadline), tuple(placer.fds))
+                                            deadline, placer.inline), tuple(placer.fds))
         except BaseException as exc:  # not sent: nothing of it may stay behind, nor the token
             with self._lock:
                 lane.calls.pop(call_id, None)  # its deadline entry is finished now (_settled)
@@ -443,7 +443,8 @@ class ClientLanes:
         exc: BaseException | None = None
         if type(msg) is messages.Result:
             try:  # before the input blocks are freed: an output may alias an input (it is copied out)
-                tensors = shm.read_refs(lane.arena, msg.refs, fds, on_free=lane.releases, arrays=call.numpy)
+                tensors = shm.read_refs(lane.arena, msg.refs, fds, on_free=lane.releases, arrays=call.numpy,
+                                         inline=msg.inline)
                 value = codec.unflatten(msg.value, tensors)
             except Exception as err:  # noqa: BLE001 - a bad result fails its call, not the reader
                 exc = OutputError(f"cannot read the result: {err}")
