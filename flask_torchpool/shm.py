@@ -341,10 +341,11 @@ def write(segment: Segment, offset: int, t: torch.Tensor | numpy.ndarray) -> Non
 # placing it in the arena and reading it there (allocate a block, a typed view, a copy, the reference,
 # then on the other side a view, a copy out and the block's release sent back with the next call) cost
 # about 12 us of Python per tensor and direction (both processes together), against 2 us for
-# copying its bytes into the frame and out of it. A Placer made with inline=True (the web process's lane calls, the worker's answers on
-# a lane) appends each dense CPU tensor to its inline bytes while they stay within INLINE_MAX_BYTES in
-# all; the reference's seg is INLINE and its offset the tensor's place in those bytes, which follow the
-# references in the frame (Note [The wire format] in messages.py: in order, back to back, checked).
+# copying its bytes into the frame and out of it. A Placer made with inline=True (the web process's
+# lane calls, the worker's answers on a lane) appends each dense CPU tensor to its inline bytes while
+# they stay within INLINE_MAX_BYTES in all; the reference's seg is INLINE and its offset the tensor's
+# place in those bytes, which follow the references in the frame (Note [The wire format] in
+# messages.py: in order, back to back, checked).
 # read_refs gives each one its own writable copy (a bytearray), so a model may write its inputs in
 # place, and nothing of it stays in the arena. Everything else (big tensors, body buffers, GPU
 # tensors, the pool server's calls) goes through shared memory as before.
