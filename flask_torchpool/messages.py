@@ -148,7 +148,7 @@ class OpenLane(NamedTuple):
 # --- the attach protocol -----------------------------------------------------------------------------
 
 #: Bumped when the attach protocol changes; a client and a server of different versions refuse each other.
-PROTOCOL_VERSION = 5  # 5: RemoteCall.numpy
+PROTOCOL_VERSION = 6  # 5: RemoteCall.numpy; 6: inline tensors on lanes (Note [Inline tensors])
 
 
 class Hello(NamedTuple):

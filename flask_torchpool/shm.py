@@ -61,6 +61,10 @@ shared_tensors: dict[int, int] = {}
 #: hold descriptors without bound.
 MAX_FORWARDED_SEGMENTS = 128
 _forwarding: set[int] = set()  # the descriptors kept to forward (set operations are atomic)
+#: Held to check the bound and count a kept descriptor as one step (the server reads its clients in
+#: several threads). Releases only discard (atomic), never take it: they run from garbage collection,
+#: which may happen while it is held.
+_forwarding_lock = threading.Lock()
 CTRL_RUNNING = 0  # int64 index in the control words: id of the call the worker is running, 0 when idle
 #: ``TensorRef.seg`` of an output that lies in the call's own inputs (Note [Outputs that are inputs]).
 INPUT_ALIAS = -2
@@ -446,9 +450,11 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
             for fd, ref in zip(fds, _seg_refs(refs, len(fds))):
                 check_sealed(fd, ref.nbytes)
                 extra.append(Segment(fd, ref.nbytes, private=True))
-                if forward and ref.nbytes and len(_forwarding) < MAX_FORWARDED_SEGMENTS:
-                    kept[ref.seg] = os.dup(fd)
-                    _forwarding.add(kept[ref.seg])
+                if forward and ref.nbytes:
+                    with _forwarding_lock:
+                        if len(_forwarding) < MAX_FORWARDED_SEGMENTS:
+                            kept[ref.seg] = os.dup(fd)
+                            _forwarding.add(kept[ref.seg])
         finally:
             for fd in fds:
                 os.close(fd)

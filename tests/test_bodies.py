@@ -386,6 +386,52 @@ def test_past_its_bound_the_pool_server_copies_instead_of_keeping_descriptors(
         conn.close()
 
 
+class _RacingSet(set[int]):
+    """A set whose size two threads read at the same moment when they can: both read it between two
+    barriers, so neither has counted anything in between (the barriers time out, and are broken for
+    good, when only one thread can get there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before, self.after = threading.Barrier(2, timeout=1.0), threading.Barrier(2, timeout=1.0)
+
+    def __len__(self) -> int:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            self.before.wait()
+        size = super().__len__()
+        with contextlib.suppress(threading.BrokenBarrierError):
+            self.after.wait()
+        return size
+
+
+def test_threads_forwarding_at_once_never_keep_more_than_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two server threads that read a call with a segment at the same moment both check the bound
+    before either counts its descriptor: without the lock both would keep one, past a bound of 1."""
+    racing = _RacingSet()
+    monkeypatch.setattr(shm, "_forwarding", racing)
+    monkeypatch.setattr(shm, "MAX_FORWARDED_SEGMENTS", 1)
+    arena_fd = shm.create_memfd(4096, "torchpool-test-arena")
+    arena = shm.Segment(arena_fd, 4096)
+    ref = shm.TensorRef(0, 0, 4096, "torch.float32", (1024,))
+    segments = [shm.create_memfd(4096, "torchpool-test") for _ in range(2)]
+    out: list[torch.Tensor] = []
+
+    def read(fd: int) -> None:
+        out.extend(shm.read_refs(arena, (ref,), [fd], forward=True))
+
+    threads = [threading.Thread(target=read, args=(fd,)) for fd in segments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(out) == 2, "a read failed"
+    assert set.__len__(racing) == 1, "both threads kept a descriptor past the bound"
+    out.clear()
+    gc.collect()
+    assert set.__len__(racing) == 0
+    os.close(arena_fd)
+
+
 def test_a_forwarded_segment_with_a_bad_reference_leaves_no_descriptor_behind() -> None:
     """A reference that does not fit its dtype fails the call's read; the duplicate kept to forward the
     descriptor is closed with it."""
