@@ -241,7 +241,9 @@ class _Server:
         for key, _ in self.selector.select(0 if self.pending else timeout):
             peer: lanes.Peer = key.data
             try:
-                while (peer is self.main or peer.fd in self.lanes) and peer.channel.poll(0):
+                # The lane itself, not its number: handling an earlier event can close a lane and open
+                # another with the same descriptor number, and this event is not the new lane's.
+                while (peer is self.main or self.lanes.get(peer.fd) is peer) and peer.channel.poll(0):
                     if not self._handle(peer, *peer.channel.recv()):
                         if peer is self.main:
                             self._begin_stop()
@@ -329,8 +331,9 @@ class _Server:
 
     def _close_lane(self, peer: lanes.Peer) -> None:
         fd = peer.fd
-        if self.lanes.pop(fd, None) is None:
+        if self.lanes.get(fd) is not peer:  # closed already (its number may be another lane's now)
             return
+        del self.lanes[fd]
         if self.selector is not None:
             self.selector.unregister(fd)
         peer.channel.close()

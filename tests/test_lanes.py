@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, wait
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,40 @@ def test_a_small_answer_comes_in_the_message_and_leaves_nothing_to_release(serve
     big = torch.arange(float(shm.INLINE_MAX_BYTES))  # 4x the bound: through the arena
     assert torch.equal(_call(conn, big).result(30), big)
     assert len(lane.releases.drain()) == 1
+
+
+def test_a_worker_closing_a_lane_again_leaves_another_lane_with_its_number_alone() -> None:
+    """A lane's descriptor number is reused by the next one opened; an event of the closed lane handled
+    later (one poll of the worker's loop can carry both) must not close the new lane under that number."""
+    from flask_torchpool.channel import Channel
+    from flask_torchpool.worker import _Server
+
+    def lane_fds() -> tuple[list[int], socket.socket]:
+        ours, theirs = socket.socketpair()
+        fds = [os.dup(ours.fileno()), shm.create_memfd(1 << 16, "torchpool-test-lane")]
+        ours.close()
+        return fds, theirs
+
+    alarm = signal.getsignal(signal.SIGALRM)  # pytest-timeout's: a worker's first lane resets it
+    pool_end, worker_end = socket.socketpair()
+    arena_fd = shm.create_memfd(1 << 20, "torchpool-test-arena")
+    server = _Server(Channel(Connection(os.dup(worker_end.fileno())), messages.WORKER_PROTOCOL),
+                     shm.Arena(arena_fd, 1 << 20), torch.nn.Identity(), "cpu")
+    os.close(arena_fd)
+    first_fds, first_far = lane_fds()
+    server._open_lane(messages.OpenLane(1, 1 << 20), first_fds)
+    (first,) = server.lanes.values()
+    server._close_lane(first)
+    second_fds, second_far = lane_fds()
+    server._open_lane(messages.OpenLane(2, 1 << 20), second_fds)
+    (second,) = server.lanes.values()
+    server.lanes = {first.fd: second}  # the second lane under the first one's number, as when it is reused
+    server._close_lane(first)          # the first lane's stale event: nothing to do
+    assert server.lanes == {first.fd: second}
+    for sock in (pool_end, worker_end, first_far, second_far):
+        sock.close()
+    second.channel.close()
+    signal.signal(signal.SIGALRM, alarm)
 
 
 def test_a_hostile_message_on_a_lane_closes_that_lane_only(served: PoolServer, conn: PoolConnection) -> None:
