@@ -27,10 +27,12 @@ import mmap
 import os
 import threading
 import weakref
-from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from . import codec
+from .blocks import ALIGN as ALIGN
+from .blocks import Allocator as Allocator
+from .blocks import ReleaseQueue as ReleaseQueue
 from .codec import dtype_from_name, tensor_nbytes
 
 if TYPE_CHECKING:
@@ -50,7 +52,6 @@ def _t() -> Any:
     return _torch
 
 CONTROL_BYTES = 4096
-ALIGN = 64
 #: Outputs at least this large come back as zero-copy views of the arena (see Note [Zero-copy outputs]).
 ZERO_COPY_MIN_BYTES = 64 * 1024
 #: Tensors over a body buffer of their own (Note [Body buffers] in staging.py): address -> its memfd.
@@ -223,79 +224,6 @@ class Arena(Segment):
     def running(self) -> int:
         """The id of the call the worker is running, 0 when idle."""
         return int(self.control[CTRL_RUNNING])
-
-
-class Allocator:
-    """First-fit allocation of aligned blocks in ``[start, start+size)``. Thread-safe.
-
-    Few blocks are live at a time (a worker has a handful of calls outstanding), so a sorted free list
-    is fast enough and simple to trust.
-    """
-
-    def __init__(self, start: int, size: int) -> None:
-        self._free: list[tuple[int, int]] = [(start, size)] if size > 0 else []
-        self._used: dict[int, int] = {}
-        self._lock = threading.Lock()
-        self._later: deque[int] = deque()
-        self.capacity = size
-
-    def free_later(self, offset: int) -> None:
-        """Free *offset* at the next allocation. Safe from a garbage-collection callback, which may run
-        in a thread that holds this allocator's lock."""
-        self._later.append(offset)
-
-    def _drain_later(self) -> None:
-        while self._later:
-            try:
-                self._free_locked(self._later.popleft())
-            except IndexError:  # pragma: no cover - drained by another thread
-                break
-
-    def alloc(self, nbytes: int) -> int | None:
-        """Offset of a block of at least *nbytes*, or None when no free block is large enough."""
-        size = max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN)
-        with self._lock:
-            self._drain_later()
-            for i, (off, length) in enumerate(self._free):
-                if length >= size:
-                    if length == size:
-                        del self._free[i]
-                    else:
-                        self._free[i] = (off + size, length - size)
-                    self._used[off] = size
-                    return off
-        return None
-
-    def free(self, offset: int) -> None:
-        with self._lock:
-            self._free_locked(offset)
-
-    def _free_locked(self, offset: int) -> None:
-        size = self._used.pop(offset, None)
-        if size is None:
-            return
-        free = self._free
-        lo, hi = 0, len(free)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if free[mid][0] < offset:
-                lo = mid + 1
-            else:
-                hi = mid
-        free.insert(lo, (offset, size))
-        # merge with the neighbours
-        if lo + 1 < len(free) and free[lo][0] + free[lo][1] == free[lo + 1][0]:
-            free[lo] = (free[lo][0], free[lo][1] + free[lo + 1][1])
-            del free[lo + 1]
-        if lo > 0 and free[lo - 1][0] + free[lo - 1][1] == free[lo][0]:
-            free[lo - 1] = (free[lo - 1][0], free[lo - 1][1] + free[lo][1])
-            del free[lo]
-
-    @property
-    def used(self) -> int:
-        with self._lock:
-            self._drain_later()
-            return sum(self._used.values())
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -578,25 +506,3 @@ def _seg_refs(refs: tuple[TensorRef, ...], count: int) -> list[TensorRef]:
     if sorted(by_seg) != list(range(count)):
         raise ValueError(f"{count} descriptors for one-off segments {sorted(by_seg)}")
     return [by_seg[i] for i in range(count)]
-
-
-class ReleaseQueue:
-    """Output blocks the web process no longer needs, sent to the worker with its next call.
-
-    Appends come from garbage collection (any thread, possibly while a lock is held), so this is a
-    lock-free deque rather than anything that could deadlock."""
-
-    def __init__(self) -> None:
-        self._items: deque[int] = deque()
-
-    def __call__(self, offset: int) -> None:
-        self._items.append(offset)
-
-    def drain(self) -> tuple[int, ...]:
-        items = []
-        try:
-            while True:
-                items.append(self._items.popleft())
-        except IndexError:
-            pass
-        return tuple(items)
