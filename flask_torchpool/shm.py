@@ -398,12 +398,10 @@ def read_refs(segment: Segment, refs: tuple[TensorRef, ...], fds: list[int],
                     raise ValueError(f"an inline tensor of {ref.nbytes} bytes at {ref.offset} does not match "
                                      f"its shape {tuple(ref.shape)} and dtype, or lies outside the "
                                      f"{len(inline)} inline bytes of the message")
-                dtypes.append(dtype)
-                continue
-            if ref.nbytes != numel * dtype.itemsize or ref.offset % dtype.itemsize or ref.offset < 0:
+            elif ref.nbytes != numel * dtype.itemsize or ref.offset % dtype.itemsize or ref.offset < 0:
                 raise ValueError(f"a tensor reference's size ({ref.nbytes}) does not match its shape "
                                  f"{tuple(ref.shape)} and dtype, or its offset is not aligned")
-            if ref.seg < 0 and ref.nbytes and not 0 <= ref.offset <= size - ref.nbytes:
+            elif ref.seg < 0 and ref.nbytes and not 0 <= ref.offset <= size - ref.nbytes:
                 raise ValueError(f"a tensor reference [{ref.offset}, {ref.offset + ref.nbytes}) lies outside "
                                  f"shared memory of {size} bytes")
             dtypes.append(dtype)
@@ -482,7 +480,7 @@ def _forwarded(segment: Segment, fd: int, nbytes: int, dtype: Any, shape: tuple[
 
 def _inline(inline: bytes | bytearray, ref: TensorRef, dtype: Any, arrays: bool) -> Any:
     """A writable copy of an inline tensor's bytes (Note [Inline tensors])."""
-    data = bytearray(inline[ref.offset:ref.offset + ref.nbytes])
+    data = bytearray(memoryview(inline)[ref.offset:ref.offset + ref.nbytes])  # one copy, not a slice's too
     if arrays:
         import numpy
 
