@@ -28,6 +28,8 @@ Deadlines: a lane call carries its absolute deadline (``CLOCK_MONOTONIC``). The 
 at its deadline by itself; the worker arms ``ITIMER_REAL`` for the rest of the time before running it. A
 call still running when it fires ends the worker by ``SIGALRM`` (its default action, taken by the kernel
 even while the model holds the GIL in C code); the pool server reaps and replaces it as for any crash.
+The two clocks race: when the lane ends under a running call whose deadline has passed, the web process
+fails it with the timeout too (the timer never fires early: ``setitimer`` rounds up), not as a crash.
 
 Threat model: a web process is a peer of the same user (checked at attach). It can read and write only its
 own lanes' arenas; every reference it sends is checked against its lane's arena or the sealed segments it

@@ -238,6 +238,22 @@ def test_a_direct_call_past_its_deadline_ends_its_worker_which_is_replaced(serve
     assert torch.equal(_call(conn, torch.ones(2)).result(30), torch.ones(2))
 
 
+def test_a_worker_whose_alarm_beats_the_callers_own_expiry_still_reports_a_timeout(
+        served: PoolServer, conn: PoolConnection, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both processes act at the same deadline (Note [Lanes]). Here the web process never expires the
+    # call itself, so the worker's SIGALRM always ends the lane first: the caller must see the timeout,
+    # not WorkerCrashedError (the CI failure of test_conformance.py::test_deadlines[attach]).
+    assert conn.lanes.pick("default") is not None
+    pid = _worker_pid(served)
+    monkeypatch.setattr(conn.lanes, "_expire", lambda now: None)
+    with pytest.raises(InferenceTimeoutError, match="running in worker 0"):
+        _call(conn, torch.ones(1), action="sleep", seconds=30, timeout=0.3).result(30)
+    monkeypatch.undo()
+    assert wait_until(lambda: _worker_pid(served) not in (None, pid)
+                      and served.pools["default"].status()["workers"][0]["state"] == "ready", timeout=30)
+    assert torch.equal(_call(conn, torch.ones(2)).result(30), torch.ones(2))
+
+
 def test_direct_calls_can_be_turned_off(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir(mode=0o700)

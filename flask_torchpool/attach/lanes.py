@@ -481,10 +481,7 @@ class ClientLanes:
                 expired.append((lane, call_id, lane.calls[call_id]))
         for lane, call_id, call in expired:
             running = int(lane.words[lanes.CTRL_RUNNING]) == call_id
-            self._settle(lane, call, None, InferenceTimeoutError(
-                f"the call did not finish within its deadline ({now - call.started:.3g}s; it was "
-                f"{'running in' if running else 'queued for'} worker {lane.worker}). Raise TORCHPOOL_TIMEOUT "
-                "or the view's timeout, or add workers"))
+            self._settle(lane, call, None, _timed_out(lane, call, now, running))
             with contextlib.suppress(OSError):  # a queued call is dropped; a running one ends the worker
                 lane.channel.send(messages.Cancel(call_id))
 
@@ -515,6 +512,11 @@ class ClientLanes:
             if ended is not None:
                 self._settle(lane, call, None, ended)
                 continue
+            if call_id == running and call.deadline and time.monotonic() >= call.deadline:
+                # The worker's alarm ended it at the deadline, before this process's own expiry (the
+                # deadline entry is dropped with the lane): the caller sees the timeout, not a crash.
+                self._settle(lane, call, None, _timed_out(lane, call, time.monotonic(), True))
+                continue
             if call_id == running:  # off this thread: other lanes' answers do not wait for the grace
                 threading.Thread(target=self._settle_crashed, args=(lane, call), daemon=True,
                                  name="torchpool-lane-ended").start()
@@ -536,6 +538,13 @@ class ClientLanes:
         self._settle(lane, call, None, ended or WorkerCrashedError(
             f"worker {lane.worker} of {lane.model!r} died while running this call",
             retry_after=self._retry_after))
+
+
+def _timed_out(lane: Lane, call: _Call, now: float, running: bool) -> InferenceTimeoutError:
+    return InferenceTimeoutError(
+        f"the call did not finish within its deadline ({now - call.started:.3g}s; it was "
+        f"{'running in' if running else 'queued for'} worker {lane.worker}). Raise TORCHPOOL_TIMEOUT "
+        "or the view's timeout, or add workers")
 
 
 def _settled(call_id: int, lane: Lane) -> bool:
