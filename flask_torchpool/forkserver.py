@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import multiprocessing
 import os
 import pickle
 import platform
@@ -44,9 +43,9 @@ import weakref
 from multiprocessing import connection
 from typing import Any, Callable
 
-log = logging.getLogger(__name__)
+from . import spawning
 
-_SPAWN = multiprocessing.get_context("spawn")
+log = logging.getLogger(__name__)
 
 _CLONE_PARENT = 0x00008000
 _CLONE_CHILD_SETTID = 0x01000000
@@ -123,7 +122,7 @@ class ForkServer:
             raise ForkServerError(reason)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            process = _SPAWN.Process(target=_serve, args=(theirs, os.getpid(), PRELOAD, self.name),
+            process = spawning.Process(target=_serve, args=(theirs, os.getpid(), PRELOAD, self.name),
                                      name=f"{self.name}-forkserver", daemon=True)
             process.start()
         except BaseException:

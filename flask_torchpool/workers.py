@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from multiprocessing import reduction
 from typing import Any, Callable, Union
 
-from . import batching, lanes, messages, shm
+from . import batching, lanes, messages, shm, spawning
 from .batching import Job
 from .channel import Channel
 from .config import PoolConfig
@@ -292,7 +292,7 @@ class WorkerSet:
                 # Gone (OOM-killed, say): spawn this one; the next start tries a fresh fork server.
                 log.warning("%s: %s; spawning worker %d instead", self.name, exc, slot.index)
                 self._stop_fork_server(slot.generation)
-        process = _SPAWN.Process(
+        process = spawning.Process(
             target=run_worker, name=name, daemon=True,
             args=self._args(slot, child_end, _InheritedFd(arena_fd), size,
                             tuple(_InheritedFd(w) for w in out_fds)))

@@ -40,6 +40,15 @@ class Echo(nn.Module):
             return torch.ones(kwargs.pop("n"), dtype=torch.uint8)
         if action == "pid":
             return os.getpid()
+        if action == "semaphore":
+            # A named semaphore that multiprocessing registers with a resource tracker: the worker was
+            # started without one (Note [No resource tracker]) and starts its own.
+            import multiprocessing
+            from multiprocessing import resource_tracker
+
+            lock = multiprocessing.get_context("spawn").Lock()
+            with lock:
+                return {"pid": os.getpid(), "tracker": resource_tracker._resource_tracker._pid}
         if action == "process":  # what the worker inherited from a fork server (test_fast_start.py)
             return {"frozen": gc.get_freeze_count(),
                     "modules": sorted(m for m in sys.modules if m.startswith("flask_torchpool"))}

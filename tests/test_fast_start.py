@@ -10,6 +10,8 @@ priority.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -175,3 +177,69 @@ def test_workers_and_fork_server_die_with_a_sigkilled_web_process(tmp_path: Path
         except ProcessLookupError:
             pass
         proc.wait(30)
+
+
+TRACKER_PARENT = textwrap.dedent('''\
+    import json, os, sys
+    sys.path.insert(0, {root!r})
+    from flask import Flask
+    from flask_torchpool import TorchPool
+
+    app = Flask("tracker_parent")
+    app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_WORKERS=1, TORCHPOOL_DEVICES="cpu",
+                      TORCHPOOL_ARENA_BYTES=8 << 20, TORCHPOOL_HANDLE_SIGTERM=False,
+                      TORCHPOOL_START_METHOD={method!r})
+    pool = TorchPool(app)
+
+    if __name__ == "__main__":
+        with app.app_context():
+            pool.start()
+            print(json.dumps(pool(action="semaphore")), flush=True)
+            sys.stdin.readline()
+            pool.shutdown()
+''')
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_the_pool_starts_no_resource_tracker_and_a_worker_can_still_use_one(tmp_path: Path,
+                                                                            method: str) -> None:
+    # Note [No resource tracker]: neither the fork server nor a spawned worker gets multiprocessing's
+    # resource tracker; a worker that creates a named semaphore starts its own.
+    script = tmp_path / "parent.py"
+    script.write_text(TRACKER_PARENT.format(root=str(ROOT), method=method))
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        answer = json.loads(proc.stdout.readline())
+        assert answer["pid"] != proc.pid and answer["tracker"] is not None
+        trackers = [p for p in _all_children(proc.pid) if b"resource_tracker" in _cmdline(p)]
+        assert trackers == [], "the web process started multiprocessing's resource tracker"
+        assert answer["tracker"] in _all_children(answer["pid"])  # the worker's own
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _all_children(parent: int) -> set[int]:
+    """Every live child of *parent*, resource trackers included (unlike ``child_pids``)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = _stat(int(entry))
+                if int(fields[1]) == parent and fields[0] != "Z":
+                    found.add(int(entry))
+    return found
