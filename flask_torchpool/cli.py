@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -316,6 +314,9 @@ def _fetch_status(url: str, health_url: str | None, timeout: float) -> dict[str,
     if health_url is None:
         raise click.UsageError("--url needs TORCHPOOL_HEALTH_URL in the app's config: the status is read "
                                "from <URL><TORCHPOOL_HEALTH_URL>/status")
+    import urllib.error
+    import urllib.request
+
     target = url.rstrip("/") + health_url + "/status"
     try:
         with urllib.request.urlopen(target, timeout=timeout) as response:  # noqa: S310 - user's URL

@@ -39,7 +39,6 @@ to its end and its result is discarded: the model cannot be interrupted without 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import heapq
 import logging
@@ -60,6 +59,8 @@ from .errors import InferenceTimeoutError, OutputError
 from .status import WorkerState
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .config import PoolConfig
     from .metrics import Metrics
     from .workers import WorkerSet, WorkerSlot
@@ -171,6 +172,8 @@ class Sink:
             return self._pop()
 
     async def take_async(self) -> Any:
+        import asyncio  # loaded by whoever awaits this; a web process without async views never loads it
+
         while True:
             with self._cond:
                 if self._items or self._end is not None:
@@ -242,6 +245,8 @@ class Stream(Iterator[Any], AsyncIterator[Any]):
         return self
 
     async def __anext__(self) -> Any:
+        import asyncio
+
         try:
             value = await self._sink.take_async()
         except asyncio.CancelledError:

@@ -59,6 +59,7 @@ def main():
     out["status"] = client.get("/torchpool/status").status_code
     out["metrics"] = client.get("/torchpool/metrics").status_code
     out["torch"] = "torch" in sys.modules
+    out["asyncio"] = "asyncio" in sys.modules
     pool.shutdown(app=app)
     print(json.dumps(out))
 
@@ -82,3 +83,5 @@ def test_an_embedded_pool_serving_numpy_arrays_never_loads_torch_in_the_web_proc
     assert out["rows"] is True and out["batches"] >= 1, out
     assert (out["status"], out["metrics"]) == (200, 200), out
     assert out["torch"] is False, "the embedded web process imported torch"
+    # 2 MiB of every web process's memory: only an async view (ModelProxy.acall, async for) loads it.
+    assert out["asyncio"] is False, "the embedded web process imported asyncio"
