@@ -30,8 +30,9 @@ from flask_torchpool import TorchPool
 def child_pids(parent: int | None = None) -> set[int]:
     """Live (non-zombie) children of *parent* (default: this process), from /proc.
 
-    multiprocessing's resource tracker is left out: the spawn context starts one per parent process
-    for its whole life (it exits when the parent does), it is not a worker."""
+    multiprocessing's resource tracker is left out: a spawn through multiprocessing starts one per
+    parent process for its whole life (it exits when the parent does; the pool's own spawns start
+    none, Note [No resource tracker], but tests and Ray spawn too), it is not a worker."""
     parent = os.getpid() if parent is None else parent
     pids = set()
     for entry in os.listdir("/proc"):
@@ -209,8 +210,9 @@ def _allow(extra: list[str], globs: list[str]) -> list[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _resource_tracker() -> None:
-    """Start multiprocessing's resource tracker now: the first spawn starts it and it keeps a pipe to it
-    open for the rest of the session, which is not the leak of whichever test spawned first."""
+    """Start multiprocessing's resource tracker now: the first spawn through multiprocessing's own
+    context (a test's, Ray's; not the pool's) starts it and it keeps a pipe to it open for the rest of
+    the session, which is not the leak of whichever test spawned first."""
     multiprocessing.resource_tracker.ensure_running()
 
 

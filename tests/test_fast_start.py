@@ -29,6 +29,7 @@ from flask_torchpool.forkserver import PROCESS_NAME
 from flask_torchpool.placement import worker_nice
 from tests.conftest import child_pids, make_app, pid_alive, wait_until
 from tests.crash_models import wait_ready
+from tests.servers import all_children
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -213,9 +214,9 @@ def test_the_pool_starts_no_resource_tracker_and_a_worker_can_still_use_one(tmp_
         assert proc.stdin is not None and proc.stdout is not None
         answer = json.loads(proc.stdout.readline())
         assert answer["pid"] != proc.pid and answer["tracker"] is not None
-        trackers = [p for p in _all_children(proc.pid) if b"resource_tracker" in _cmdline(p)]
+        trackers = [p for p in all_children(proc.pid) if b"resource_tracker" in _cmdline(p)]
         assert trackers == [], "the web process started multiprocessing's resource tracker"
-        assert answer["tracker"] in _all_children(answer["pid"])  # the worker's own
+        assert answer["tracker"] in all_children(answer["pid"])  # the worker's own
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.wait(60) == 0
@@ -232,14 +233,3 @@ def _cmdline(pid: int) -> bytes:
     except OSError:
         return b""
 
-
-def _all_children(parent: int) -> set[int]:
-    """Every live child of *parent*, resource trackers included (unlike ``child_pids``)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                fields = _stat(int(entry))
-                if int(fields[1]) == parent and fields[0] != "Z":
-                    found.add(int(entry))
-    return found
