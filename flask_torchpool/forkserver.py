@@ -123,7 +123,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             process = spawning.Process(target=_serve, args=(theirs, os.getpid(), PRELOAD, self.name),
-                                     name=f"{self.name}-forkserver", daemon=True)
+                                       name=f"{self.name}-forkserver", daemon=True)
             process.start()
         except BaseException:
             ours.close()

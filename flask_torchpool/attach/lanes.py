@@ -512,10 +512,10 @@ class ClientLanes:
             if ended is not None:
                 self._settle(lane, call, None, ended)
                 continue
-            if call_id == running and call.deadline and time.monotonic() >= call.deadline:
+            if call_id == running and call.deadline and (now := time.monotonic()) >= call.deadline:
                 # The worker's alarm ended it at the deadline, before this process's own expiry (the
                 # deadline entry is dropped with the lane): the caller sees the timeout, not a crash.
-                self._settle(lane, call, None, _timed_out(lane, call, time.monotonic(), True))
+                self._settle(lane, call, None, _timed_out(lane, call, now, True))
                 continue
             if call_id == running:  # off this thread: other lanes' answers do not wait for the grace
                 threading.Thread(target=self._settle_crashed, args=(lane, call), daemon=True,
