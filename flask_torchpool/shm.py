@@ -235,9 +235,9 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     machine that made a 192 KiB call 10x slower. The web process only moves bytes, so it moves them
     with one memmove.
     """
-    if src.device.type == "cpu" and src.dtype == dst.dtype and src.is_contiguous() and \
-            not src.is_conj() and not src.is_neg():
-        ctypes.memmove(dst.data_ptr(), src.data_ptr(), tensor_nbytes(src))
+    address = dense_address(src) if src.dtype == dst.dtype else -1
+    if address != -1:
+        ctypes.memmove(dst.data_ptr(), address, tensor_nbytes(src))
     else:
         dst.copy_(src)
 
@@ -249,10 +249,13 @@ def address_of(buffer: memoryview) -> int:
 
 def dense_address(t: torch.Tensor | numpy.ndarray) -> int:
     """The address of *t*'s first element if its elements are one dense block in this process's memory
-    (a C-contiguous numpy array, a contiguous CPU tensor), else -1."""
+    (a C-contiguous numpy array, a contiguous CPU tensor), else -1. A conjugate or negative view
+    (``x.conj()``, ``torch._neg_view``) shares its base's bytes but not its values: -1."""
     if codec.is_array(t):
         return int(t.__array_interface__["data"][0]) if t.flags.c_contiguous else -1
-    return t.data_ptr() if t.device.type == "cpu" and t.is_contiguous() else -1
+    if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+        return -1
+    return int(t.data_ptr())
 
 
 def write(segment: Segment, offset: int, t: torch.Tensor | numpy.ndarray) -> None:
@@ -307,7 +310,7 @@ class Placer:
             return TensorRef(-1, 0, 0, name, shape)
         if nbytes <= self._inline_left:  # Note [Inline tensors]
             address = dense_address(t)
-            if address != -1 and (codec.is_array(t) or not (t.is_conj() or t.is_neg())):
+            if address != -1:
                 ref = TensorRef(INLINE, len(self.inline), nbytes, name, shape)
                 self.inline += ctypes.string_at(address, nbytes)
                 self._inline_left -= nbytes

@@ -167,6 +167,32 @@ def test_the_placer_sends_a_body_buffer_instead_of_copying_it() -> None:
         os.close(segment_fd)
 
 
+def test_a_conjugate_or_negative_view_of_a_body_buffer_is_copied_with_its_values() -> None:
+    # x.conj() and torch._neg_view(x) share x's memory but not its values: sending the body buffer
+    # would hand the worker the raw bytes (shm.dense_address refuses such views).
+    segment_fd = shm.create_memfd(16 * MIB)
+    segment = shm.Segment(segment_fd, 16 * MIB)
+    allocator = shm.Allocator(0, 16 * MIB)
+    n = MIB // 2
+    data = torch.complex(_floats(n), torch.ones(n)).numpy().tobytes()
+    x = bodies.tensor_from_stream(io.BytesIO(data), torch.complex64, (-1,), length=len(data))
+    assert x.data_ptr() in shm.shared_tensors
+    small = torch.complex(_floats(4), torch.ones(4))
+    placer = shm.Placer(segment, allocator, inline=True)
+    try:
+        for view in (x.conj(), torch._neg_view(x), small.conj(), torch._neg_view(small)):
+            assert shm.dense_address(view) == -1
+            ref = placer.place(view)
+            assert ref.seg == -1, "a view whose bytes are not its values went by its memory"
+            got = shm.read_refs(segment, (ref,), [])[0]
+            assert torch.equal(got, view.resolve_conj().resolve_neg())
+        assert placer.fds == [] and placer.inline == bytearray()
+    finally:
+        placer.rollback()
+        del segment
+        os.close(segment_fd)
+
+
 def test_a_numpy_dtype_gives_a_numpy_array_which_the_placer_sends_as_its_buffer() -> None:
     """Given a numpy dtype the body becomes a numpy array (no torch needed), over a body buffer when it
     is big, which the placer sends by descriptor like a tensor's."""
