@@ -16,7 +16,6 @@ import contextlib
 import enum
 import itertools
 import os
-import pickle
 import threading
 import time
 from collections import deque
@@ -25,9 +24,10 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Generic, Protocol, TypeVar
 
-from . import codec, messages, outputs, shm
+from . import codec, messages, outputs, shm, sizing
 from .errors import TorchPoolError, WireError, from_wire, placing_failed
 from .metrics import Metrics, outcome_of
+from .sizing import batch_key as batch_key
 from .status import WorkerState
 
 if TYPE_CHECKING:
@@ -169,30 +169,6 @@ def idle(slot: JobSlot) -> bool:
     return not any((j.sent or j.sealed) and not j.expired for j in slot.jobs.values())
 
 
-def batch_key(call: Call) -> tuple[Any, int]:
-    """(key, rows) of a batchable call, or (None, 0): see Note [Batching]."""
-    if not call.tensors:
-        return None, 0
-    rows = None
-    shapes = []
-    for t in call.tensors:
-        shape = tuple(t.shape)
-        if not shape:
-            return None, 0
-        if rows is None:
-            rows = shape[0]
-        elif shape[0] != rows:
-            return None, 0
-        shapes.append((codec.wire_dtype(t), shape[1:]))  # a tensor and an array of one dtype batch together
-    if not rows:
-        return None, 0
-    try:
-        structure = pickle.dumps((call.args, call.kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # pragma: no cover - flatten only lets picklable values through
-        return None, 0
-    return (structure, tuple(shapes)), rows
-
-
 class Scheduler(Generic[S]):
     """The queue and the jobs of one pool's worker slots. Thread-safe through :attr:`lock`.
 
@@ -202,12 +178,13 @@ class Scheduler(Generic[S]):
 
     def __init__(self, slots: Sequence[S], metrics: Metrics, *, max_batch_size: int, batch_delay: float,
                  pipeline_depth: int, retry_after: int, lock: threading.Lock | None = None,
-                 batch_buckets: tuple[int, ...] = ()) -> None:
+                 batch_buckets: tuple[int, ...] = (), split_batches: bool = False) -> None:
         self.slots = slots
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.batch_buckets = batch_buckets  # ascending, as ModelConfig keeps them
         self.batch_delay = batch_delay
+        self.costs = sizing.BatchCosts() if split_batches else None   # Note [Batch splitting]
         self.pipeline_depth = pipeline_depth
         self.retry_after = retry_after
         #: Calls in the last batch sent (see :meth:`quiet`).
@@ -224,6 +201,7 @@ class Scheduler(Generic[S]):
         # Futures are resolved outside the lock: finish() queues them here and flush() resolves them.
         self._done: deque[tuple[Future[Any], Any, BaseException | None]] = deque()
         self._outbox: deque[Job[S]] = deque()  # jobs claimed for sending, sent by flush() likewise
+        self._run_rest = False   # flush() dispatches the calls a split batch left for a free worker
 
     # --- placing calls (under the lock) ------------------------------------------------------------------
 
@@ -330,6 +308,14 @@ class Scheduler(Generic[S]):
             return
         if job.slot.jobs.get(job.id) is not job:
             return  # its worker died; the members were requeued
+        if self.costs is not None and job.key is not None and len(job.members) > 1:
+            free = self.free_slot() is not None   # Note [Batch splitting]
+            rest = [c for c in self.costs.split(job, self.batch_buckets, free)
+                    if c.state is not CallState.DONE]
+            if rest:
+                requeue(self.queue, rest)
+                self.metrics.record_split(len(rest))
+                self._run_rest = self._run_rest or free
         if not job.alive():
             self.drop(job)
             return
@@ -391,8 +377,8 @@ class Scheduler(Generic[S]):
             self.maybe_send(job)
         self.flush()
 
-    def dispatch(self) -> None:
-        """Place queued calls (FIFO) while workers have room."""
+    def dispatch(self, seal: bool = False) -> None:
+        """Place queued calls (FIFO) while workers have room; *seal*: send their batches at once."""
         todo: list[tuple[Job[S], Call]] = []
         with self.lock:
             while self.queue:
@@ -405,7 +391,7 @@ class Scheduler(Generic[S]):
                     break
                 self.queue.popleft()
                 todo.append((job, call))
-            if not self.batch_delay:
+            if seal or not self.batch_delay:
                 for job in {id(j): j for j, _ in todo}.values():
                     self.seal(job)   # else a batch formed from the queue waits for the callers coming back
         for job, call in todo:
@@ -453,6 +439,9 @@ class Scheduler(Generic[S]):
         for future, result, exc in _take_all(self._done):
             with contextlib.suppress(InvalidStateError):  # its caller cancelled it (Pool.submit)
                 future.set_result(result) if exc is None else future.set_exception(exc)
+        if self._run_rest:   # a batch split for a free worker: its other calls go there now
+            self._run_rest = False
+            self.dispatch(seal=True)
 
     # --- completing calls ---------------------------------------------------------------------------------
 
@@ -492,7 +481,7 @@ class Scheduler(Generic[S]):
                 for ref in msg.refs:
                     if ref.seg == -1 and ref.nbytes:
                         slot.releases(ref.offset)
-            self.free_inputs(slot, job)
+            free_inputs(slot, job)
         else:
             assert job is not None
             # Note [A failed batch]: its error may quote any member's input; each member runs again alone.
@@ -503,14 +492,14 @@ class Scheduler(Generic[S]):
                 results = [(None, None if alone else from_wire(WireError(*msg[1:]))) for _ in job.members]
             # Only now: outputs that are inputs were read from these blocks (Note [Outputs that
             # are inputs], worker.py); the ones zero-copy views still use stay allocated.
-            self.free_inputs(slot, job)
+            free_inputs(slot, job)
             with self.lock:
                 slot.calls += len(members)
                 if isinstance(msg, messages.Failure):
                     slot.errors += 1
-                for member in sorted(members, key=lambda c: c.enqueued, reverse=True) if alone else ():
-                    member.key, member.job, member.state = None, None, CallState.QUEUED
-                    self.queue.appendleft(member)  # run by the next dispatch, no retry used
+                for member in members if alone else ():
+                    member.key = None
+                requeue(self.queue, members if alone else [])  # run by the next dispatch, no retry used
                 for member, (value, exc) in zip(job.members, () if alone else results):
                     self.finish(member, value, exc)
             self.flush()
@@ -521,16 +510,10 @@ class Scheduler(Generic[S]):
         """Under the lock: *job* came back from its worker; a batch sets :attr:`batch_wait` from the time
         it took (Note [Batching])."""
         if job.key is not None and job.sent:
-            self.batch_wait = min(self.batch_delay, WAIT_SHARE * (time.monotonic() - job.sent_at))
-
-    def free_inputs(self, slot: S, job: Job[S] | None) -> None:
-        """Free a finished job's input blocks, except those kept for zero-copy outputs."""
-        if job is None or slot.inputs is None:
-            return
-        for offset in job.blocks:
-            if offset not in job.kept:
-                slot.inputs.free(offset)
-        job.blocks = []
+            took = time.monotonic() - job.sent_at
+            self.batch_wait = min(self.batch_delay, WAIT_SHARE * took)
+            if self.costs is not None:
+                self.costs.record(job.rows + job.padded, took)
 
     # --- a slot's jobs when its process ends (under the lock) ---------------------------------------------
 
@@ -544,7 +527,7 @@ class Scheduler(Generic[S]):
         for job in jobs:
             self.seal(job)
             job.close_fds()
-        requeue = []
+        calls = []
         affected = 0
         for job in jobs:
             ran = job.id == running
@@ -554,16 +537,14 @@ class Scheduler(Generic[S]):
                 affected += 1
                 call.job = None
                 if not ran:
-                    requeue.append(call)  # it never started: safe to run elsewhere, no retry used
+                    calls.append(call)  # it never started: safe to run elsewhere, no retry used
                 elif call.retries > 0 and not self.closing:
                     call.retries -= 1
                     self.metrics.record_retry()
-                    requeue.append(call)
+                    calls.append(call)
                 else:
                     self.finish(call, exc=crashed())
-        for call in sorted(requeue, key=lambda c: c.enqueued, reverse=True):
-            call.state = CallState.QUEUED
-            self.queue.appendleft(call)
+        requeue(self.queue, calls)
         return affected
 
     def fail_running(self, error: Callable[[], TorchPoolError]) -> None:
@@ -588,6 +569,23 @@ class Scheduler(Generic[S]):
     def busy(self) -> bool:
         """Under the lock: a call waits in the queue or in a job."""
         return bool(self.queue) or any(j.alive() for s in self.slots for j in s.jobs.values())
+
+
+def requeue(queue: deque[Call], calls: list[Call]) -> None:
+    """Put *calls* back at the front of *queue*, in the order they came in (under the scheduler's lock)."""
+    for call in sorted(calls, key=lambda c: c.enqueued, reverse=True):
+        call.job, call.state = None, CallState.QUEUED
+        queue.appendleft(call)
+
+
+def free_inputs(slot: JobSlot, job: Job[Any] | None) -> None:
+    """Free a finished job's input blocks, except those kept for zero-copy outputs."""
+    if job is None or slot.inputs is None:
+        return
+    for offset in job.blocks:
+        if offset not in job.kept:
+            slot.inputs.free(offset)
+    job.blocks = []
 
 
 def _take_all(items: deque[T]) -> Iterator[T]:

@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCHPOOL_MAX_BATCH_SIZE": 1,
     "TORCHPOOL_MAX_BATCH_DELAY_MS": 5.0,
     "TORCHPOOL_BATCH_BUCKETS": None,
+    "TORCHPOOL_SPLIT_BATCHES": True,
     "TORCHPOOL_SHARE_WEIGHTS": True,
     "TORCHPOOL_MODE": "embedded",
     "TORCHPOOL_SOCKET": None,
@@ -89,9 +90,9 @@ WORKER_ENV = "FLASK_TORCHPOOL_WORKER"
 #: ``TORCHPOOL_*`` keys that make sense per model. The others are the app's (start, shutdown, health).
 MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "pipeline_depth", "timeout",
                    "start_timeout", "max_queue", "max_input_bytes", "retries", "max_batch_size",
-                   "max_batch_delay_ms", "batch_buckets", "share_weights", "example_input", "model_sha256",
-                   "stream_buffer", "stream_timeout", "reload_surge", "model_version", "backend",
-                   "ray_actor_options", "direct_calls")
+                   "max_batch_delay_ms", "batch_buckets", "split_batches", "share_weights", "example_input",
+                   "model_sha256", "stream_buffer", "stream_timeout", "reload_surge", "model_version",
+                   "backend", "ray_actor_options", "direct_calls")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -161,6 +162,8 @@ class ModelConfig:
     max_batch_delay_ms: float = DEFAULTS["TORCHPOOL_MAX_BATCH_DELAY_MS"]
     #: ``TORCHPOOL_BATCH_BUCKETS``: the batch sizes a batch is padded up to (ascending; empty: none).
     batch_buckets: tuple[int, ...] = ()
+    #: ``TORCHPOOL_SPLIT_BATCHES``: a batch may leave calls for the next one (Note [Batch splitting]).
+    split_batches: bool = DEFAULTS["TORCHPOOL_SPLIT_BATCHES"]
     share_weights: bool = DEFAULTS["TORCHPOOL_SHARE_WEIGHTS"]
     #: ``TORCHPOOL_MODEL_SHA256``: the SHA-256 (hex) a model file must have; None: not checked.
     model_sha256: str | None = DEFAULTS["TORCHPOOL_MODEL_SHA256"]
@@ -580,6 +583,7 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "direct_calls": _bool,
     "max_batch_delay_ms": lambda k, v: _seconds(k, v, zero=True, unit="milliseconds"),
     "batch_buckets": lambda k, v: _buckets(k, v),
+    "split_batches": _bool,
     "share_weights": _bool,
     "worker_log_level": _log_level,
     "model_sha256": lambda k, v: _sha256(k, v),

@@ -44,6 +44,7 @@ class MetricsSnapshot(TypedDict):
     batch_rows: HistogramSnapshot
     batch_calls: HistogramSnapshot
     batch_padding_rows: int              # rows added to batches to reach a bucket (TORCHPOOL_BATCH_BUCKETS)
+    batch_split_calls: int               # calls a batch left for the next one (TORCHPOOL_SPLIT_BATCHES)
     latency_quantiles: dict[str, float | None]
     streams: int                         # streams started (model.stream)
     streams_open: int                    # of those, not ended yet
@@ -102,6 +103,7 @@ class Metrics:
         self.batch_rows = Histogram(BATCH_BUCKETS)
         self.batch_calls = Histogram(BATCH_BUCKETS)
         self.batch_padding_rows = 0
+        self.batch_split_calls = 0
         self.streams = 0
         self.streams_open = 0
         self.stream_chunks = 0
@@ -134,6 +136,11 @@ class Metrics:
             self.batch_calls.observe(calls)
             self.batch_padding_rows += padded
 
+    def record_split(self, calls: int) -> None:
+        """A batch left *calls* calls for the next one (Note [Batch splitting])."""
+        with self._lock:
+            self.batch_split_calls += calls
+
     def record_stream(self, change: int) -> None:
         """A stream started (+1) or ended (-1)."""
         with self._lock:
@@ -153,7 +160,8 @@ class Metrics:
                 model=self.model, submitted=self.submitted, retries=self.retries, calls=dict(self.calls),
                 latency_seconds=self.latency.snapshot(), queue_seconds=self.queue_time.snapshot(),
                 batch_rows=self.batch_rows.snapshot(), batch_calls=self.batch_calls.snapshot(),
-                batch_padding_rows=self.batch_padding_rows, latency_quantiles=_quantiles(self.latency),
+                batch_padding_rows=self.batch_padding_rows, batch_split_calls=self.batch_split_calls,
+                latency_quantiles=_quantiles(self.latency),
                 streams=self.streams, streams_open=self.streams_open, stream_chunks=self.stream_chunks,
                 first_chunk_seconds=self.first_chunk.snapshot())
 
@@ -168,7 +176,7 @@ def merge(snapshots: list[MetricsSnapshot], model: str | None = None) -> Metrics
     merged: dict[str, Any] = {"model": model, "calls": calls,
                               "submitted": sum(s.get("submitted", 0) for s in snapshots),
                               "retries": sum(s.get("retries", 0) for s in snapshots)}
-    for key in ("streams", "streams_open", "stream_chunks", "batch_padding_rows"):
+    for key in ("streams", "streams_open", "stream_chunks", "batch_padding_rows", "batch_split_calls"):
         merged[key] = sum(s.get(key, 0) for s in snapshots)
     for key in ("latency_seconds", "queue_seconds", "batch_rows", "batch_calls", "first_chunk_seconds"):
         parts = [snapshot[key] for snapshot in snapshots]  # type: ignore[literal-required]

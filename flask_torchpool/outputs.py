@@ -35,12 +35,17 @@ if TYPE_CHECKING:
 
 
 def bucket(job: Job[Any], buckets: tuple[int, ...]) -> int:
-    """The rows *job*'s batch runs as: the smallest of *buckets* (ascending) that holds its rows and fits
-    its blocks, or its rows (Note [Batch buckets])."""
+    """The rows *job*'s batch runs as: :func:`runs_as` of its rows."""
+    return runs_as(job.rows, job.capacity, buckets)
+
+
+def runs_as(rows: int, capacity: int, buckets: tuple[int, ...]) -> int:
+    """The rows a batch of *rows* runs as: the smallest of *buckets* (ascending) that holds them and fits
+    its blocks (*capacity* rows), or *rows* (Note [Batch buckets])."""
     for size in buckets:
-        if size >= job.rows:
-            return size if size <= job.capacity else job.rows
-    return job.rows
+        if size >= rows:
+            return size if size <= capacity else rows
+    return rows
 
 
 def pad(job: Job[Any], buckets: tuple[int, ...]) -> int:

@@ -98,7 +98,7 @@ class Pool:
                                 max_batch_size=config.max_batch_size,
                                 batch_delay=config.max_batch_delay_ms / 1000.0,
                                 pipeline_depth=config.pipeline_depth, retry_after=config.retry_after,
-                                batch_buckets=config.batch_buckets)
+                                batch_buckets=config.batch_buckets, split_batches=config.split_batches)
         self._versions = Versions(name, config, self._workers, self._sched, self._wake,
                                   lambda new: setattr(self, "config", new))
         self._next_wake = float("inf")

@@ -40,6 +40,7 @@ class TorchPoolCollector:
     ``torchpool_batch_rows``                histogram   rows (dim 0) per batch run by a worker
     ``torchpool_batch_calls``               histogram   calls per batch run by a worker
     ``torchpool_batch_padding_rows_total``  counter     rows added to batches to reach a bucket
+    ``torchpool_batch_split_calls_total``   counter     calls a batch left for the next one
     ``torchpool_queue_depth``               gauge       calls waiting for a worker
     ``torchpool_inflight_calls``            gauge       calls sent to workers, not yet answered
     ``torchpool_busy_workers``              gauge       workers with at least one call
@@ -163,6 +164,12 @@ def _families(status: AppStatus | None) -> Iterator[Any]:
     for model, part in models:
         padding.add_metric([model], part["metrics"].get("batch_padding_rows", 0))
     yield padding
+    split = CounterMetricFamily("torchpool_batch_split_calls", "Calls a batch left for the next one, which "
+                                "ran more rows per second without them (TORCHPOOL_SPLIT_BATCHES).",
+                                labels=["model"])
+    for model, part in models:
+        split.add_metric([model], part["metrics"].get("batch_split_calls", 0))
+    yield split
     yield gauge("torchpool_streams_open", "Streams running now.", lambda p: p["metrics"]["streams_open"])
     yield gauge("torchpool_shared_memory_bytes", "Bytes of shared-memory arenas mapped by the pool.",
                 lambda p: p["arena_bytes"])

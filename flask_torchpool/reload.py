@@ -46,6 +46,7 @@ from . import codec, messages
 from .batching import Call, Job, Scheduler, idle
 from .config import ModelConfig, example_args
 from .errors import ReloadError
+from .sizing import BatchCosts
 from .status import ModelVersion, WorkerState
 from .workers import WorkerSet, WorkerSlot
 
@@ -414,6 +415,8 @@ class Reload:
         if error is None:
             log.info("%s: %s serves every call (%.3gs)", self.name, self._label(),
                      time.monotonic() - self.began)
+            if self._sched.costs is not None:  # the new model's batches take their own times
+                self._sched.costs = BatchCosts()  # (Note [Batch splitting])
         self.outcome = error if error is not None else self.version
 
     def resolve(self) -> None:

@@ -151,6 +151,19 @@ def batch_probe():
     return BatchProbe()
 
 
+class Staircase(nn.Module):
+    """Adds 1, taking as long as a model whose batches of up to 2 rows cost one step and larger ones
+    three (the shape of MKL's curve for a wide Linear on one core; a sleep, so it uses no CPU)."""
+
+    def forward(self, x):
+        time.sleep(0.02 if x.shape[0] <= 2 else 0.06)
+        return x + 1
+
+
+def staircase():
+    return Staircase()
+
+
 class BigLinear(nn.Module):
     """32 MiB of weights (plus a tied copy and a buffer), reporting the pid that ran it."""
 

@@ -219,7 +219,8 @@ def test_a_client_that_goes_away_loses_only_its_calls_and_its_arena_is_unmapped(
 
 def test_batches_mix_calls_from_different_web_processes(socket_dir: Path) -> None:
     app = make_app(TORCHPOOL_MODEL="tests.models:batch_probe", TORCHPOOL_MAX_BATCH_SIZE=8,
-                   TORCHPOOL_MAX_BATCH_DELAY_MS=10_000, TORCHPOOL_ARENA_BYTES=8 << 20)
+                   TORCHPOOL_MAX_BATCH_DELAY_MS=10_000, TORCHPOOL_ARENA_BYTES=8 << 20,
+                   TORCHPOOL_SPLIT_BATCHES=False)   # one batch, whole (batch splitting: test_batching.py)
     pool = TorchPool(app)
     server = PoolServer({"default": app.extensions["torchpool"].pool}, str(socket_dir / "batch.sock"))
     server.start()

@@ -7,6 +7,7 @@ a batch's members (every call is queued before the gate opens)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -17,7 +18,7 @@ from flask import Flask
 
 from flask_torchpool import InferenceError, OutputError, TorchPool
 
-from .conftest import Gate, make_app
+from .conftest import Gate, make_app, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,8 +29,10 @@ BATCH_DELAY_S = 0.2
 
 @pytest.fixture(scope="module")
 def batch_app() -> Iterator[Flask]:
+    # How batches fill, so no batch splitting (tested on its own below): every batch runs whole.
     app = make_app(TORCHPOOL_MODEL="tests.models:batch_probe", TORCHPOOL_MAX_BATCH_SIZE=8,
-                   TORCHPOOL_MAX_BATCH_DELAY_MS=BATCH_DELAY_S * 1000, TORCHPOOL_PIPELINE_DEPTH=2)
+                   TORCHPOOL_MAX_BATCH_DELAY_MS=BATCH_DELAY_S * 1000, TORCHPOOL_PIPELINE_DEPTH=2,
+                   TORCHPOOL_SPLIT_BATCHES=False)
     pool = TorchPool(app)
     yield app
     pool.shutdown(app=app)
@@ -163,7 +166,8 @@ def test_copy_into_uses_no_torch_threads() -> None:
 def bucket_pool() -> Iterator[TorchPool]:
     """A pool whose batches run padded to 2, 4 or 8 rows (Note [Batch buckets])."""
     app = make_app(TORCHPOOL_MODEL="tests.models:batch_probe", TORCHPOOL_MAX_BATCH_SIZE=8,
-                   TORCHPOOL_BATCH_BUCKETS=[8, 2, 4], TORCHPOOL_MAX_BATCH_DELAY_MS=BATCH_DELAY_S * 1000)
+                   TORCHPOOL_BATCH_BUCKETS=[8, 2, 4], TORCHPOOL_MAX_BATCH_DELAY_MS=BATCH_DELAY_S * 1000,
+                   TORCHPOOL_SPLIT_BATCHES=False)
     pool = TorchPool(app)
     with app.app_context():
         yield pool
@@ -213,3 +217,40 @@ def test_numpy_and_torch_callers_share_a_batch_and_each_gets_its_own_kind(bpool:
         r = f.result(60)
         assert int(r["n"][0]) == 3 and type(r["y"]).__name__ == "ndarray"
         assert np.array_equal(r["y"], a + 1) and r["y"].dtype == np.float32
+
+
+def test_batches_split_where_the_model_runs_more_rows_per_second_and_every_caller_gets_its_rows() -> None:
+    """Note [Batch splitting], with real workers: eight callers in a closed loop on two workers of a
+    model whose batches of 3 rows or more cost three times 2 rows. The pool measures that, splits
+    batches (the first ones near their middle, to time both halves), and every caller still gets its
+    own rows back."""
+    app = make_app(TORCHPOOL_MODEL="tests.models:staircase", TORCHPOOL_WORKERS=2, TORCHPOOL_MAX_BATCH_SIZE=8,
+                   TORCHPOOL_MAX_BATCH_DELAY_MS=5)
+    pool = TorchPool(app)
+    wrong: list[str] = []
+    stop = threading.Event()
+
+    def caller(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            x = torch.tensor([[float(i), float(n)]])
+            out = pool.submit(x).result(60)
+            if out.tolist() != [[i + 1.0, n + 1.0]]:
+                wrong.append(f"caller {i} call {n}: {out.tolist()}")
+            n += 1
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    try:
+        with app.app_context():
+            for t in threads:
+                t.start()
+            assert wait_until(lambda: pool.status()["metrics"]["batch_split_calls"] >= 8, timeout=60)
+            stop.set()
+            for t in threads:
+                t.join(60)
+            assert not wrong, wrong[:5]
+            metrics = pool.status()["metrics"]
+            assert metrics["calls"]["ok"] == metrics["submitted"]
+    finally:
+        stop.set()
+        pool.shutdown(app=app)

@@ -91,6 +91,7 @@ def test_prometheus_exposition(health_app: Flask) -> None:
         "torchpool_calls": "counter", "torchpool_call_latency_seconds": "histogram",
         "torchpool_queue_seconds": "histogram", "torchpool_batch_rows": "histogram",
         "torchpool_batch_calls": "histogram", "torchpool_batch_padding_rows": "counter",
+        "torchpool_batch_split_calls": "counter",
         "torchpool_queue_depth": "gauge",
         "torchpool_inflight_calls": "gauge", "torchpool_busy_workers": "gauge", "torchpool_workers": "gauge",
         "torchpool_ready": "gauge", "torchpool_worker_restarts": "counter",

@@ -150,7 +150,7 @@ def test_a_factory_that_fails_on_the_actor_is_a_startup_error_with_its_traceback
 def test_batches_form_on_a_busy_actor_and_a_failed_batch_fails_only_its_bad_member(
         make_ray_pool: Callable[..., tuple[Flask, TorchPool]], gate: Gate) -> None:
     app, pool = make_ray_pool(TORCHPOOL_MODEL="tests.models:batch_probe", TORCHPOOL_MAX_BATCH_SIZE=8,
-                              TORCHPOOL_PIPELINE_DEPTH=1)
+                              TORCHPOOL_PIPELINE_DEPTH=1, TORCHPOOL_SPLIT_BATCHES=False)
     with app.app_context():
         held = pool.submit(action="gate", gate=str(gate))
         assert wait_until(lambda: pool.status(app)["busy_workers"] == 1)
@@ -173,7 +173,8 @@ def test_a_batch_runs_padded_to_its_bucket_on_the_actor(
         make_ray_pool: Callable[..., tuple[Flask, TorchPool]], gate: Gate) -> None:
     """Note [Batch buckets]: the actor stacks the members' rows and adds copies of the last one."""
     app, pool = make_ray_pool(TORCHPOOL_MODEL="tests.models:batch_probe", TORCHPOOL_MAX_BATCH_SIZE=8,
-                              TORCHPOOL_BATCH_BUCKETS=[2, 8], TORCHPOOL_PIPELINE_DEPTH=1)
+                              TORCHPOOL_BATCH_BUCKETS=[2, 8], TORCHPOOL_PIPELINE_DEPTH=1,
+                              TORCHPOOL_SPLIT_BATCHES=False)
     with app.app_context():
         out = pool(torch.full((1, 2), 3.0))   # alone: one row runs as two
         assert int(out["n"][0]) == 2 and torch.equal(out["y"], torch.full((1, 2), 4.0))

@@ -22,6 +22,7 @@ from flask_torchpool.batching import Call, CallState, Job, Scheduler, batch_key,
 from flask_torchpool.config import PoolConfig
 from flask_torchpool.metrics import Metrics
 from flask_torchpool.pool import _Deadlines
+from flask_torchpool.sizing import EXPLORE_EVERY, MIN_SAMPLES, BatchCosts
 from flask_torchpool.status import WorkerState
 from flask_torchpool.streaming import StreamBook
 
@@ -82,11 +83,12 @@ def make() -> Iterator[Any]:
     before = _test_mappings()
 
     def factory(workers: int = 1, *, max_batch_size: int = 8, batch_delay: float = 5.0,
-                pipeline_depth: int = 4, batch_buckets: tuple[int, ...] = ()
+                pipeline_depth: int = 4, batch_buckets: tuple[int, ...] = (), split_batches: bool = False
                 ) -> tuple[Scheduler[FakeSlot], list[FakeSlot]]:
         slots = [FakeSlot(_arena()) for _ in range(workers)]
         sched = Scheduler(slots, Metrics(), max_batch_size=max_batch_size, batch_delay=batch_delay,
-                          pipeline_depth=pipeline_depth, retry_after=1, batch_buckets=batch_buckets)
+                          pipeline_depth=pipeline_depth, retry_after=1, batch_buckets=batch_buckets,
+                          split_batches=split_batches)
         made.append(sched)
         return sched, slots
 
@@ -470,3 +472,152 @@ def _deadlines(sched: Scheduler[Any]) -> _Deadlines:
     """The pool's deadlines over *sched*, with no worker set (nothing to kill) and no stream."""
     streams = StreamBook(PoolConfig(model="tests.models:echo"), sched, None, sched.metrics, lambda: None)  # type: ignore[arg-type]
     return _Deadlines(sched, None, streams)  # type: ignore[arg-type]
+
+
+# --- batch splitting (Note [Batch splitting]) ---------------------------------------------------------
+
+
+def staircase(costs: BatchCosts, times_ms: dict[int, float], samples: int = MIN_SAMPLES) -> BatchCosts:
+    """*costs* with each size's time measured *samples* times."""
+    for rows, ms in times_ms.items():
+        for _ in range(samples):
+            costs.record(rows, ms / 1000)
+    return costs
+
+
+#: The wide MLP's curve on one core (docs/benchmarks.rst, bench-tuned): 1-3 rows cost one, 4 cost two.
+STEP = {1: 10.0, 2: 10.0, 3: 10.0, 4: 20.0}
+
+
+def test_a_batch_runs_the_first_calls_that_give_the_most_rows_per_second() -> None:
+    one_by_one = [0, 1, 2, 3]   # the first rows of four calls of one row
+    assert BatchCosts().keep(one_by_one, 4) == 4   # nothing measured: run whole
+    costs = staircase(BatchCosts(), STEP)
+    assert costs.keep(one_by_one, 4) == 3           # 3 rows a 10 ms against 4 a 20 ms
+    assert costs.keep(one_by_one[:3], 3) == 3       # nothing to gain
+    assert costs.keep([0, 3], 4) == 1               # whole calls: the first call's 3 rows
+    assert costs.keep([0, 1, 3], 4) == 2            # calls of 1, 2 and 1 rows: the first two
+    assert costs.keep([0, 2], 4) == 2               # 2 rows a 10 ms: no faster than the whole
+    # The other worker free: the rest runs beside the first part (4 rows in 10 ms); on a tie the first
+    # part is the longer one.
+    assert costs.keep(one_by_one, 4, parallel=True) == 3
+    # Padded to a bucket of 4, 3 rows cost what 4 do: no split.
+    assert costs.keep(one_by_one, 4, lambda n: 4 if n > 1 else n) == 4
+
+
+def test_a_split_must_gain_a_fifth_on_a_batch_slow_enough_to_measure() -> None:
+    one_by_one = [0, 1, 2, 3]
+    assert staircase(BatchCosts(), {3: 10.0, 4: 15.0}).keep(one_by_one, 4) == 4   # 3 rows 12.5% faster a row
+    assert staircase(BatchCosts(), {3: 10.0, 4: 17.5}).keep(one_by_one, 4) == 3   # 31% faster
+    fast = staircase(BatchCosts(), {k: v / 10 for k, v in STEP.items()})         # 1 and 2 ms a batch
+    assert fast.keep(one_by_one, 4) == 4 and fast.keep(one_by_one, 4, parallel=True) == 4
+    assert staircase(BatchCosts(), STEP, samples=MIN_SAMPLES - 1).keep(one_by_one, 4) == 4
+
+
+def test_every_sixteenth_batch_that_would_split_runs_whole_to_measure_its_size_again() -> None:
+    costs = staircase(BatchCosts(), STEP)
+    kept = [costs.keep([0, 1, 2, 3], 4) for _ in range(2 * EXPLORE_EVERY)]
+    assert [i for i, k in enumerate(kept) if k == 4] == [EXPLORE_EVERY - 1, 2 * EXPLORE_EVERY - 1]
+    assert set(kept) == {3, 4}
+
+
+def test_with_a_free_worker_an_unmeasured_batch_splits_at_its_middle_until_both_halves_are_timed() -> None:
+    costs = staircase(BatchCosts(), {8: 30.0})
+    starts = list(range(8))
+    assert costs.keep(starts, 8) == 8                  # no free worker: nothing to compare, run whole
+    for _ in range(MIN_SAMPLES):
+        assert costs.keep(starts, 8, parallel=True) == 4
+        costs.record(4, 0.012)
+    assert costs.keep(starts, 8, parallel=True) == 4   # measured now: 8 rows in 12 against 30 ms
+    for _ in range(20):   # the moving average follows the new times
+        costs.record(4, 0.029)
+    assert costs.keep(starts, 8, parallel=True) == 8   # two halves in about the time of the whole
+    assert BatchCosts().keep(starts, 8, parallel=True) == 8   # no size measured slow: no exploring
+
+
+def test_a_split_batch_sends_its_first_calls_and_the_next_batch_takes_the_rest_first(make: Any) -> None:
+    sched, [busy_slot, slot] = make(2, max_batch_size=8, split_batches=True)
+    assert sched.costs is not None
+    staircase(sched.costs, STEP)
+    busy = hold(sched)   # every other worker is busy: the rest waits for the next batch
+    members = [call(torch.full((1, 2), float(i))) for i in range(4)]
+    futures = [c.future for c in members]
+    late = call(torch.full((1, 2), 9.0))
+    jobs = [submit(sched, c) for c in members]
+    job = jobs[0]
+    assert job is not None and jobs == [job] * 4 and not job.sent
+    sched.seal_due(time.monotonic() + 10)
+    [header] = slot.sent_calls()
+    assert header.refs[0].shape == (3, 2) and job.members == members[:3] and job.rows == 3
+    assert list(sched.queue) == [members[3]] and members[3].state is CallState.QUEUED
+    assert members[3].job is None and members[3].dispatched is None
+    assert sched.metrics.snapshot()["batch_split_calls"] == 1
+    with sched.lock:
+        sched.queue.append(late)   # came in meanwhile: behind the call the batch left
+    assert slot.arena is not None
+    x = slot.arena.view(job.regions[0][0], 3 * 2 * 4, torch.float32, (3, 2))
+    sched.complete(slot, reply(slot, job, x + 10), [])
+    assert [f.result(0)[:, 0].tolist() for f in futures[:3] if f is not None] == [[10.0], [11.0], [12.0]]
+    sched.dispatch()
+    nxt = members[3].job
+    assert nxt is not None and nxt.slot is slot and nxt.members == [members[3], late]
+    sched.seal_due(time.monotonic() + 10)   # two rows: run whole
+    y = slot.arena.view(nxt.regions[0][0], 2 * 2 * 4, torch.float32, (2, 2))
+    sched.complete(slot, reply(slot, nxt, y + 10), [])
+    assert futures[3] is not None and futures[3].result(0)[:, 0].tolist() == [13.0]
+    sched.complete(busy_slot, reply(busy_slot, busy, None), [])
+    metrics = sched.metrics.snapshot()
+    assert metrics["batch_split_calls"] == 1 and metrics["batch_rows"]["sum"] == 5
+
+
+def test_a_batch_split_for_a_free_worker_runs_its_rest_there_at_once(make: Any) -> None:
+    sched, [first, second] = make(2, max_batch_size=8, split_batches=True)
+    assert sched.costs is not None
+    staircase(sched.costs, STEP)
+    sched.last_batch_calls = 2   # not quiet: the first call waits for the others (Note [Batching])
+    members = [call(torch.full((1, 2), float(i))) for i in range(4)]
+    futures = [c.future for c in members]
+    jobs = [submit(sched, c) for c in members]
+    job = jobs[0]
+    assert job is not None and jobs == [job] * 4 and job.slot is first and not job.sent
+    sched.seal_due(time.monotonic() + 10)
+    [a], [b] = first.sent_calls(), second.sent_calls()   # both run now
+    assert a.refs[0].shape == (3, 2) and b.refs[0].shape == (1, 2) and not sched.queue
+    rest = members[3].job
+    assert rest is not None and rest.slot is second and rest.sent
+    for slot, part, rows in ((first, job, 3), (second, rest, 1)):
+        assert slot.arena is not None
+        x = slot.arena.view(part.regions[0][0], rows * 2 * 4, torch.float32, (rows, 2))
+        sched.complete(slot, reply(slot, part, x + 10), [])
+    assert [f.result(0)[:, 0].tolist() for f in futures if f is not None] == [[10.0], [11.0], [12.0], [13.0]]
+    assert sched.metrics.snapshot()["batch_split_calls"] == 1
+
+
+def test_a_member_past_its_deadline_is_not_put_back(make: Any) -> None:
+    sched, [_, slot] = make(2, max_batch_size=8, split_batches=True)
+    assert sched.costs is not None
+    staircase(sched.costs, STEP)
+    hold(sched)
+    members = [call(torch.ones(1, 2)) for _ in range(3)] + [call(torch.ones(1, 2), timeout=0.01)]
+    for c in members:
+        submit(sched, c)
+    deadlines = _deadlines(sched)
+    with sched.lock:
+        deadlines.add(members[3])
+    deadlines.expire(time.monotonic() + 1)
+    assert members[3].state is CallState.DONE
+    sched.seal_due(time.monotonic() + 10)
+    [header] = slot.sent_calls()
+    assert header.refs[0].shape == (3, 2) and not sched.queue
+    assert sched.metrics.snapshot()["batch_split_calls"] == 0
+
+
+def test_split_batches_off_runs_every_batch_whole(make: Any) -> None:
+    sched, [_, slot] = make(2, max_batch_size=8)
+    assert sched.costs is None
+    hold(sched)
+    for _ in range(4):
+        submit(sched, call(torch.ones(1, 2)))
+    sched.seal_due(time.monotonic() + 10)
+    [header] = slot.sent_calls()
+    assert header.refs[0].shape == (4, 2) and not sched.queue

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.timeout(120)
 URL = "/torchpool"
 TWO_MODELS = {
     "linear": "tests.models:linear",
-    "probe": {"model": "tests.models:batch_probe", "max_batch_size": 4, "max_batch_delay_ms": 5000.0},
+    "probe": {"model": "tests.models:batch_probe", "max_batch_size": 4, "max_batch_delay_ms": 5000.0,
+              "split_batches": False},   # full batches, whole (batch splitting: test_batching.py)
 }
 
 

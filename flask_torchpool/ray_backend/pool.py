@@ -104,7 +104,7 @@ class RayPool:
                                    max_batch_size=config.max_batch_size,
                                    batch_delay=config.max_batch_delay_ms / 1000.0,
                                    pipeline_depth=config.pipeline_depth, retry_after=config.retry_after,
-                                   batch_buckets=config.batch_buckets)
+                                   batch_buckets=config.batch_buckets, split_batches=config.split_batches)
         self._deadlines = Deadlines()
         self._next_wake = float("inf")
         self._timers_changed = False   # a respawn was scheduled: recompute the supervisor's timeout

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import shm
-from ..batching import Call, CallState, Job, Scheduler, idle
+from ..batching import Call, CallState, Job, Scheduler, free_inputs, idle
 from ..config import PoolConfig
 from ..deadlines import DeadlineHeap
 from ..errors import InferenceTimeoutError, WireError, from_wire
@@ -187,7 +187,7 @@ class RayScheduler(Scheduler[ActorSlot]):
             if job.id in slot.sent:
                 slot.sent.remove(job.id)
             slot.refs.pop(job.id, None)
-            self.free_inputs(slot, job)
+            free_inputs(slot, job)
             members = [m for m in job.members if m.state is not CallState.DONE]
         if members:
             failed = reply[0] != "ok"
