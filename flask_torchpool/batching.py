@@ -382,14 +382,13 @@ class Scheduler(Generic[S]):
         todo: list[tuple[Job[S], Call]] = []
         with self.lock:
             while self.queue:
-                call = self.queue[0]
+                call = self.queue.popleft()   # before place: a batch it seals may put calls back in front
                 if call.state is CallState.DONE:
-                    self.queue.popleft()
                     continue
                 job = self.place(call, seal_idle=False)
                 if job is None:
+                    self.queue.appendleft(call)
                     break
-                self.queue.popleft()
                 todo.append((job, call))
             if seal or not self.batch_delay:
                 for job in {id(j): j for j, _ in todo}.values():

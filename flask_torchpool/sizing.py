@@ -4,27 +4,33 @@ With ``TORCHPOOL_SPLIT_BATCHES`` a batch runs fewer of the queued rows when that
 
 Note [Batch splitting]
 ~~~~~~~~~~~~~~~~~~~~~~
-A model's time per batch need not grow with the batch's rows, nor grow evenly. On the benchmarks' wide
-MLP with MKL on one core, 1, 2 and 3 rows took 11-12 ms and 4 rows 23 ms (docs/benchmarks.rst, "The wide
-MLP at the batch size tune picks"): a batch of the 4 calls queued runs 0.17 rows a millisecond, one of 3
-of them 0.25, and the fourth joins the next batch. ``TORCHPOOL_BATCH_BUCKETS`` pads up, which cannot help
-there; a fixed ``TORCHPOOL_MAX_BATCH_SIZE`` of 3 would, but it caps the batches that load above 4 calls
-would form (16 rows took 36 ms), and the curve moves with the machine (the same model had run 2 and 3
-rows at 2-3 times one row's time earlier that day). So the scheduler measures it as it goes.
+A batch takes every call that arrives while it is open. In a closed loop of callers that means one
+worker runs them all while the others wait: their answers come back together, so their next calls form
+one batch again (8 callers of the benchmarks' wide MLP on 2 workers: batches of 6-8 rows, 216-224 rows/s,
+the other worker idle; docs/benchmarks.rst, "Batch splitting"). And a model's time per batch need not
+grow evenly with its rows: with MKL on one core that MLP ran 1 to 3 rows in 9-12 ms and 4 to 6 rows in
+17-23 ms, a curve that also moved with the machine (2 and 3 rows had cost 2-3 times one row earlier that
+day). ``TORCHPOOL_BATCH_BUCKETS`` only pads up, and a smaller ``TORCHPOOL_MAX_BATCH_SIZE`` would also cap
+the large batches that heavier load forms. So the scheduler measures the curve as it goes and splits.
 
 :class:`BatchCosts` keeps, per number of rows a batch ran (its padding included), a moving average of the
 time from sending the batch to its answer (a batch opens only on a worker with no other job, so that is
 the worker's time for it, transport included). When a batch is about to be sent, sealed, with every
-member's rows written, and every other worker is busy (a worker that is free would run the rest at
-once: nothing to gain), :meth:`BatchCosts.keep` compares the rows per second of the whole batch with that
-of each shorter run of its first members (whole calls, in arrival order), using the times measured for
-those sizes. It keeps the fastest prefix when it beats the whole batch by more than :data:`SPLIT_GAIN`,
-the whole batch took at least :data:`MIN_SPLIT_SECONDS` (below that, transport noise is larger than any
-gain) and each size compared has :data:`MIN_SAMPLES` measurements; otherwise the batch runs whole. The
-members left out go back to the front of the queue in their order, with their deadlines, and the next
-worker to free up takes them first; their rows in this batch's blocks are not sent. Every
-:data:`EXPLORE_EVERY`-th batch that would be split runs whole instead, so that the time of its size is
-measured again, and a curve that moved is seen.
+member's rows written, :meth:`BatchCosts.keep` compares the whole batch with each split of its members
+(whole calls, in arrival order) into a first part, sent now, and the rest:
+
+* another worker is free: the rest runs there at once, so the split takes the slower part's time;
+* every other worker is busy: the rest goes back to the front of the queue for the next worker that
+  frees up, so the split is worth the rows per second of its first part.
+
+It splits when the best split beats the whole batch by more than :data:`SPLIT_GAIN` in rows per
+second, the whole batch takes at least :data:`MIN_SPLIT_SECONDS` (below that, noise is larger than any
+gain; with its time unknown, some size measured must) and every size compared has :data:`MIN_SAMPLES`
+measurements. To get them, a batch whose first half (near the middle, in whole calls) has not been timed
+yet, nor, with a free worker, its rest, is split there: a few batches per size. Every
+:data:`EXPLORE_EVERY`-th batch that would be split runs whole instead, so that its size is timed again
+and a curve that moved is seen. The members put back keep their deadlines (one past it is not put
+back); their rows in this batch's blocks are not sent.
 """
 
 from __future__ import annotations
@@ -105,11 +111,12 @@ class BatchCosts:
         whole = self.seconds(runs_as(rows))
         if len(starts) < 2 or not self._slow(whole):
             return len(starts)
-        if parallel:   # explore: split near the middle until both halves' times are known
-            mid = min(range(1, len(starts)), key=lambda i: abs(2 * starts[i] - rows))
-            n = starts[mid]
-            if self.seconds(runs_as(n)) is None or self.seconds(runs_as(rows - n)) is None:
-                return mid
+        # Explore: split near the middle until the first half's time is known (and the rest's, when
+        # it would run beside it).
+        mid = min(range(1, len(starts)), key=lambda i: abs(2 * starts[i] - rows))
+        n = starts[mid]
+        if self.seconds(runs_as(n)) is None or parallel and self.seconds(runs_as(rows - n)) is None:
+            return mid
         if whole is None:
             return len(starts)
         best, best_rate = len(starts), rows / whole

@@ -507,8 +507,8 @@ def test_a_batch_runs_the_first_calls_that_give_the_most_rows_per_second() -> No
 
 def test_a_split_must_gain_a_fifth_on_a_batch_slow_enough_to_measure() -> None:
     one_by_one = [0, 1, 2, 3]
-    assert staircase(BatchCosts(), {3: 10.0, 4: 15.0}).keep(one_by_one, 4) == 4   # 3 rows 12.5% faster a row
-    assert staircase(BatchCosts(), {3: 10.0, 4: 17.5}).keep(one_by_one, 4) == 3   # 31% faster
+    assert staircase(BatchCosts(), {2: 10.0, 3: 10.0, 4: 15.0}).keep(one_by_one, 4) == 4   # 12.5% faster
+    assert staircase(BatchCosts(), {2: 10.0, 3: 10.0, 4: 17.5}).keep(one_by_one, 4) == 3   # 31% faster
     fast = staircase(BatchCosts(), {k: v / 10 for k, v in STEP.items()})         # 1 and 2 ms a batch
     assert fast.keep(one_by_one, 4) == 4 and fast.keep(one_by_one, 4, parallel=True) == 4
     assert staircase(BatchCosts(), STEP, samples=MIN_SAMPLES - 1).keep(one_by_one, 4) == 4
@@ -521,12 +521,18 @@ def test_every_sixteenth_batch_that_would_split_runs_whole_to_measure_its_size_a
     assert set(kept) == {3, 4}
 
 
-def test_with_a_free_worker_an_unmeasured_batch_splits_at_its_middle_until_both_halves_are_timed() -> None:
+def test_an_unmeasured_batch_splits_at_its_middle_until_its_halves_are_timed() -> None:
     costs = staircase(BatchCosts(), {8: 30.0})
     starts = list(range(8))
-    assert costs.keep(starts, 8) == 8                  # no free worker: nothing to compare, run whole
     for _ in range(MIN_SAMPLES):
-        assert costs.keep(starts, 8, parallel=True) == 4
+        assert costs.keep(starts, 8) == 4             # every other worker busy: the first half
+        costs.record(4, 0.012)
+    assert costs.keep(starts, 8) == 4                  # 4 rows in 12 ms: faster a row than 8 in 30
+    costs = staircase(BatchCosts(), {8: 30.0, 3: 12.0})
+    assert costs.keep([0, 3], 8, parallel=True) == 1   # the first half timed, not the rest (5 rows)
+    costs = staircase(BatchCosts(), {8: 30.0})
+    for _ in range(MIN_SAMPLES):
+        assert costs.keep(starts, 8, parallel=True) == 4   # a free worker: both halves
         costs.record(4, 0.012)
     assert costs.keep(starts, 8, parallel=True) == 4   # measured now: 8 rows in 12 against 30 ms
     for _ in range(20):   # the moving average follows the new times
@@ -621,3 +627,29 @@ def test_split_batches_off_runs_every_batch_whole(make: Any) -> None:
     sched.seal_due(time.monotonic() + 10)
     [header] = slot.sent_calls()
     assert header.refs[0].shape == (4, 2) and not sched.queue
+
+
+def test_a_batch_split_while_the_queue_is_dispatched_loses_no_call(make: Any) -> None:
+    """A queued call that does not fit an open batch seals it; that batch splits (Note [Batch splitting])
+    and puts calls back at the front of the queue while the dispatch loop is placing that very call."""
+    sched, [first, second, third] = make(3, max_batch_size=4, split_batches=True)
+    assert sched.costs is not None
+    staircase(sched.costs, {1: 10.0, 2: 10.0, 3: 30.0})
+    held = [hold(sched), hold(sched)]
+    assert [j.slot for j in held] == [first, second]
+    members = [call(torch.full((1, 2), float(i))) for i in range(3)]
+    for c in members:
+        submit(sched, c)
+    batch = members[0].job
+    assert batch is not None and batch.slot is third and not batch.sent
+    late = call(torch.full((2, 2), 7.0))   # 3 + 2 rows: more than the batch holds
+    with sched.lock:
+        sched.queue.append(late)
+    sched.complete(second, reply(second, held[1], None), [])   # a worker frees up: dispatch
+    sched.dispatch()
+    assert not sched.queue
+    [sent] = third.sent_calls()
+    assert sent.refs[0].shape == (2, 2) and batch.members == members[:2]
+    nxt = late.job
+    assert nxt is not None and nxt.slot is second and nxt.members == [late, members[2]]
+    assert members[2].job is nxt and members[2].state is CallState.PLACED
