@@ -108,6 +108,24 @@ def test_reload_imports_the_module_again(make_pool: Any, models_dir: Path) -> No
     assert status["shared_weight_bytes"] == 4096 * 4
 
 
+def test_a_finished_reload_forgets_the_batch_times(make_pool: Any, models_dir: Path) -> None:
+    """Note [Batch splitting]: the new model's batches take their own times; a failed reload keeps them."""
+    app, pool = make_pool(TORCHPOOL_MODEL=write_model(models_dir, 1), TORCHPOOL_WORKERS=1,
+                          TORCHPOOL_MAX_BATCH_SIZE=4)
+    pool.start(app=app)
+    sched = app.extensions["torchpool"].pool._sched
+    for _ in range(3):
+        sched.costs.record(2, 0.05)
+    assert sched.costs.seconds(2) == pytest.approx(0.05)
+    with pytest.raises(ReloadError):
+        pool.reload(model="reloadable:build_failing", app=app)
+    assert sched.costs.seconds(2) == pytest.approx(0.05)
+    write_model(models_dir, 2)
+    pool.reload(app=app)
+    assert sched.costs.seconds(2) is None
+    assert answer(pool) == 2.0
+
+
 def test_reload_to_another_factory_with_a_label(make_pool: Any, models_dir: Path) -> None:
     spec = write_model(models_dir, 1)
     app, pool = make_pool(TORCHPOOL_MODEL=spec, TORCHPOOL_WORKERS=1)
