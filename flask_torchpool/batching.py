@@ -496,9 +496,10 @@ class Scheduler(Generic[S]):
                 slot.calls += len(members)
                 if isinstance(msg, messages.Failure):
                     slot.errors += 1
-                for member in members if alone else ():
-                    member.key = None
-                requeue(self.queue, members if alone else [])  # run by the next dispatch, no retry used
+                if alone:
+                    for member in members:
+                        member.key = None
+                    requeue(self.queue, members)  # run by the next dispatch, no retry used
                 for member, (value, exc) in zip(job.members, () if alone else results):
                     self.finish(member, value, exc)
             self.flush()

@@ -102,28 +102,28 @@ class BatchCosts:
         """The time a batch of *rows* rows takes, None until it has :data:`MIN_SAMPLES` measurements."""
         return self._seconds[rows] if self._samples.get(rows, 0) >= MIN_SAMPLES else None
 
-    def keep(self, starts: Sequence[int], rows: int, runs_as: Callable[[int], int] = lambda n: n,
+    def keep(self, starts: Sequence[int], rows: int, bucket: Callable[[int], int] = lambda n: n,
              parallel: bool = False) -> int:
         """How many of a batch's members to run now: all of them (``len(starts)``) or the first ones of
-        the fastest split. *starts* are the members' first rows, *rows* the batch's, ``runs_as(n)`` the
-        rows a batch of *n* rows runs as (its bucket); with *parallel* another worker is free and runs
-        the rest at the same time, else the rest waits for the next batch."""
-        whole = self.seconds(runs_as(rows))
+        the fastest split. *starts* are the members' first rows, *rows* the batch's, ``bucket(n)`` the
+        rows a batch of *n* rows runs as (its batch bucket); with *parallel* another worker is free and
+        runs the rest at the same time, else the rest waits for the next batch."""
+        whole = self.seconds(bucket(rows))
         if len(starts) < 2 or not self._slow(whole):
             return len(starts)
         # Explore: split near the middle until the first half's time is known (and the rest's, when
         # it would run beside it).
         mid = min(range(1, len(starts)), key=lambda i: abs(2 * starts[i] - rows))
         n = starts[mid]
-        if self.seconds(runs_as(n)) is None or parallel and self.seconds(runs_as(rows - n)) is None:
+        if self.seconds(bucket(n)) is None or parallel and self.seconds(bucket(rows - n)) is None:
             return mid
         if whole is None:
             return len(starts)
         best, best_rate = len(starts), rows / whole
         for members in range(len(starts) - 1, 0, -1):   # on a tie, the longer first part
             n = starts[members]
-            took = self.seconds(runs_as(n))
-            rest = self.seconds(runs_as(rows - n)) if parallel else 0.0
+            took = self.seconds(bucket(n))
+            rest = self.seconds(bucket(rows - n)) if parallel else 0.0
             if took is None or rest is None:
                 continue
             rate = rows / max(took, rest) if parallel else n / took
