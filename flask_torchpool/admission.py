@@ -77,13 +77,13 @@ def drained(sched: Scheduler[Any], workers: Iterable[Any], deadline: float | Non
     everything left fails with :class:`PoolClosedError`."""
     try:
         with sched.lock:
-            if not sched.busy():
+            if not _busy(sched):
                 return True
             if sched.queue and not any(w.state is WorkerState.READY for w in workers):
                 # Waiting for the drain deadline would change nothing.
                 sched.fail_queue(lambda: PoolClosedError.before_run(
                     retry_after, f" (no {worker} was left to run it)"))
-                return not sched.busy()
+                return not _busy(sched)
             if deadline is not None and now >= deadline:
                 sched.fail_queue(lambda: PoolClosedError.before_run(retry_after))
                 sched.fail_running(lambda: PoolClosedError.before_finish(
@@ -92,3 +92,8 @@ def drained(sched: Scheduler[Any], workers: Iterable[Any], deadline: float | Non
             return False
     finally:
         sched.flush()
+
+
+def _busy(sched: Scheduler[Any]) -> bool:
+    """Under the scheduler's lock: a call waits in the queue or in a job."""
+    return bool(sched.queue) or any(j.alive() for s in sched.slots for j in s.jobs.values())

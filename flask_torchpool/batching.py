@@ -385,9 +385,10 @@ class Scheduler(Generic[S]):
                 call = self.queue.popleft()   # before place: a batch it seals may put calls back in front
                 if call.state is CallState.DONE:
                     continue
+                behind = len(self.queue)
                 job = self.place(call, seal_idle=False)
-                if job is None:
-                    self.queue.appendleft(call)
+                if job is None:   # back in line, behind any calls a split just put back (they came first)
+                    self.queue.insert(len(self.queue) - behind, call)
                     break
                 todo.append((job, call))
             if seal or not self.batch_delay:
@@ -395,6 +396,8 @@ class Scheduler(Generic[S]):
                     self.seal(job)   # else a batch formed from the queue waits for the callers coming back
         for job, call in todo:
             self.write(job, call)
+        if not todo:
+            self.flush()   # a call that found no room may still have sealed a batch: send it now
 
     def seal_due(self, now: float, slot: S | None = None) -> None:
         """Send open batches whose delay passed (or, with *slot*, the ones on that now idle slot); all
@@ -565,10 +568,6 @@ class Scheduler(Generic[S]):
         self.fail_queue(queued)
         self.open.clear()
         self.closing = True
-
-    def busy(self) -> bool:
-        """Under the lock: a call waits in the queue or in a job."""
-        return bool(self.queue) or any(j.alive() for s in self.slots for j in s.jobs.values())
 
 
 def requeue(queue: deque[Call], calls: list[Call]) -> None:

@@ -653,3 +653,26 @@ def test_a_batch_split_while_the_queue_is_dispatched_loses_no_call(make: Any) ->
     nxt = late.job
     assert nxt is not None and nxt.slot is second and nxt.members == [late, members[2]]
     assert members[2].job is nxt and members[2].state is CallState.PLACED
+
+
+def test_a_queued_call_with_no_room_goes_back_behind_the_calls_a_split_put_back(make: Any) -> None:
+    """The dispatch loop takes a call off the queue; it does not fit the open batch, which seals and
+    splits (Note [Batch splitting]) while no worker is free. The batch is sent at once (it waited for the
+    manager's next wake-up), and the call goes back behind the calls the split put back, which arrived
+    before it (FIFO; it went in front of them)."""
+    sched, [first, second] = make(2, max_batch_size=4, split_batches=True)
+    assert sched.costs is not None
+    staircase(sched.costs, {1: 10.0, 2: 10.0, 3: 30.0})
+    hold(sched)
+    members = [call(torch.full((1, 2), float(i))) for i in range(3)]
+    for c in members:
+        submit(sched, c)
+    batch = members[0].job
+    assert batch is not None and batch.slot is second and not batch.sent
+    late = call(torch.full((2, 2), 7.0))   # 3 + 2 rows: more than the batch holds
+    with sched.lock:
+        sched.queue.append(late)
+    sched.dispatch()
+    [sent] = second.sent_calls()
+    assert sent.refs[0].shape == (2, 2) and batch.members == members[:2]
+    assert list(sched.queue) == [members[2], late]
