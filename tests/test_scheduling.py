@@ -629,27 +629,37 @@ def test_split_batches_off_runs_every_batch_whole(make: Any) -> None:
     assert header.refs[0].shape == (4, 2) and not sched.queue
 
 
-def test_a_batch_split_while_the_queue_is_dispatched_loses_no_call(make: Any) -> None:
-    """A queued call that does not fit an open batch seals it; that batch splits (Note [Batch splitting])
-    and puts calls back at the front of the queue while the dispatch loop is placing that very call."""
-    sched, [first, second, third] = make(3, max_batch_size=4, split_batches=True)
+def split_while_dispatched(make: Any, workers: int
+                           ) -> tuple[Any, list[Any], list[Job[Any]], list[Call], Call]:
+    """*workers* slots, all but the last held busy; three 1-row calls open a batch of 4 rows on the last,
+    and a 2-row call that does not fit waits in the queue. The times make a 3-row batch run its first 2
+    rows alone. Returns (scheduler, slots, held jobs, the batch's members, the late call)."""
+    sched, slots = make(workers, max_batch_size=4, split_batches=True)
     assert sched.costs is not None
     staircase(sched.costs, {1: 10.0, 2: 10.0, 3: 30.0})
-    held = [hold(sched), hold(sched)]
-    assert [j.slot for j in held] == [first, second]
+    held = [hold(sched) for _ in slots[:-1]]
+    assert [j.slot for j in held] == slots[:-1]
     members = [call(torch.full((1, 2), float(i))) for i in range(3)]
     for c in members:
         submit(sched, c)
     batch = members[0].job
-    assert batch is not None and batch.slot is third and not batch.sent
+    assert batch is not None and batch.slot is slots[-1] and not batch.sent
     late = call(torch.full((2, 2), 7.0))   # 3 + 2 rows: more than the batch holds
     with sched.lock:
         sched.queue.append(late)
+    return sched, slots, held, members, late
+
+
+def test_a_batch_split_while_the_queue_is_dispatched_loses_no_call(make: Any) -> None:
+    """A queued call that does not fit an open batch seals it; that batch splits (Note [Batch splitting])
+    and puts calls back at the front of the queue while the dispatch loop is placing that very call."""
+    sched, [_, second, third], held, members, late = split_while_dispatched(make, 3)
+    batch = members[0].job
     sched.complete(second, reply(second, held[1], None), [])   # a worker frees up: dispatch
     sched.dispatch()
     assert not sched.queue
     [sent] = third.sent_calls()
-    assert sent.refs[0].shape == (2, 2) and batch.members == members[:2]
+    assert batch is not None and sent.refs[0].shape == (2, 2) and batch.members == members[:2]
     nxt = late.job
     assert nxt is not None and nxt.slot is second and nxt.members == [late, members[2]]
     assert members[2].job is nxt and members[2].state is CallState.PLACED
@@ -660,19 +670,9 @@ def test_a_queued_call_with_no_room_goes_back_behind_the_calls_a_split_put_back(
     splits (Note [Batch splitting]) while no worker is free. The batch is sent at once (it waited for the
     manager's next wake-up), and the call goes back behind the calls the split put back, which arrived
     before it (FIFO; it went in front of them)."""
-    sched, [first, second] = make(2, max_batch_size=4, split_batches=True)
-    assert sched.costs is not None
-    staircase(sched.costs, {1: 10.0, 2: 10.0, 3: 30.0})
-    hold(sched)
-    members = [call(torch.full((1, 2), float(i))) for i in range(3)]
-    for c in members:
-        submit(sched, c)
+    sched, [_, second], _, members, late = split_while_dispatched(make, 2)
     batch = members[0].job
-    assert batch is not None and batch.slot is second and not batch.sent
-    late = call(torch.full((2, 2), 7.0))   # 3 + 2 rows: more than the batch holds
-    with sched.lock:
-        sched.queue.append(late)
     sched.dispatch()
     [sent] = second.sent_calls()
-    assert sent.refs[0].shape == (2, 2) and batch.members == members[:2]
+    assert batch is not None and sent.refs[0].shape == (2, 2) and batch.members == members[:2]
     assert list(sched.queue) == [members[2], late]
