@@ -510,13 +510,14 @@ class Scheduler(Generic[S]):
             self.seal_due(time.monotonic(), slot)
 
     def returned(self, job: Job[S]) -> None:
-        """Under the lock: *job* came back from its worker; a batch sets :attr:`batch_wait` from the time
-        it took (Note [Batching])."""
-        if job.key is not None and job.sent:
-            took = time.monotonic() - job.sent_at
-            self.batch_wait = min(self.batch_delay, WAIT_SHARE * took)
-            if self.costs is not None:
-                self.costs.record(job.rows + job.padded, took)
+        """Under the lock: *job* came back from its worker (:meth:`Metrics.record_answer` counts the
+        worker's busy time); a batch sets :attr:`batch_wait` from the time it took (Note [Batching])."""
+        if job.sent:
+            took = self.metrics.record_answer(id(job.slot), job.sent_at)
+            if job.key is not None:
+                self.batch_wait = min(self.batch_delay, WAIT_SHARE * took)
+                if self.costs is not None:
+                    self.costs.record(job.rows + job.padded, took)
 
     # --- a slot's jobs when its process ends (under the lock) ---------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from concurrent.futures import CancelledError
 from typing import Any, TypedDict
 
@@ -45,6 +46,7 @@ class MetricsSnapshot(TypedDict):
     batch_calls: HistogramSnapshot
     batch_padding_rows: int              # rows added to batches to reach a bucket (TORCHPOOL_BATCH_BUCKETS)
     batch_split_calls: int               # calls a batch left for the next one (TORCHPOOL_SPLIT_BATCHES)
+    worker_busy_seconds: float           # workers' time from sending each job to its answer, all added
     latency_quantiles: dict[str, float | None]
     streams: int                         # streams started (model.stream)
     streams_open: int                    # of those, not ended yet
@@ -104,6 +106,8 @@ class Metrics:
         self.batch_calls = Histogram(BATCH_BUCKETS)
         self.batch_padding_rows = 0
         self.batch_split_calls = 0
+        self.worker_busy_seconds = 0.0
+        self._answered: dict[int, float] = {}   # worker -> when it last answered (record_answer)
         self.streams = 0
         self.streams_open = 0
         self.stream_chunks = 0
@@ -141,6 +145,15 @@ class Metrics:
         with self._lock:
             self.batch_split_calls += calls
 
+    def record_answer(self, worker: int, sent_at: float) -> float:
+        """*worker* answered a job sent at *sent_at* (``time.monotonic()``); returns the seconds since.
+        The worker was busy from then, or from its answer before (it runs its jobs in turn), to now."""
+        now = time.monotonic()
+        with self._lock:
+            self.worker_busy_seconds += max(0.0, now - max(sent_at, self._answered.get(worker, 0.0)))
+            self._answered[worker] = now
+        return now - sent_at
+
     def record_stream(self, change: int) -> None:
         """A stream started (+1) or ended (-1)."""
         with self._lock:
@@ -161,6 +174,7 @@ class Metrics:
                 latency_seconds=self.latency.snapshot(), queue_seconds=self.queue_time.snapshot(),
                 batch_rows=self.batch_rows.snapshot(), batch_calls=self.batch_calls.snapshot(),
                 batch_padding_rows=self.batch_padding_rows, batch_split_calls=self.batch_split_calls,
+                worker_busy_seconds=self.worker_busy_seconds,
                 latency_quantiles=_quantiles(self.latency),
                 streams=self.streams, streams_open=self.streams_open, stream_chunks=self.stream_chunks,
                 first_chunk_seconds=self.first_chunk.snapshot())
@@ -176,7 +190,8 @@ def merge(snapshots: list[MetricsSnapshot], model: str | None = None) -> Metrics
     merged: dict[str, Any] = {"model": model, "calls": calls,
                               "submitted": sum(s.get("submitted", 0) for s in snapshots),
                               "retries": sum(s.get("retries", 0) for s in snapshots)}
-    for key in ("streams", "streams_open", "stream_chunks", "batch_padding_rows", "batch_split_calls"):
+    for key in ("streams", "streams_open", "stream_chunks", "batch_padding_rows", "batch_split_calls",
+                "worker_busy_seconds"):
         merged[key] = sum(s.get(key, 0) for s in snapshots)
     for key in ("latency_seconds", "queue_seconds", "batch_rows", "batch_calls", "first_chunk_seconds"):
         parts = [snapshot[key] for snapshot in snapshots]  # type: ignore[literal-required]

@@ -41,6 +41,7 @@ class TorchPoolCollector:
     ``torchpool_batch_calls``               histogram   calls per batch run by a worker
     ``torchpool_batch_padding_rows_total``  counter     rows added to batches to reach a bucket
     ``torchpool_batch_split_calls_total``   counter     calls a batch left for the next one
+    ``torchpool_worker_busy_seconds_total``  counter    seconds the workers spent on calls
     ``torchpool_queue_depth``               gauge       calls waiting for a worker
     ``torchpool_inflight_calls``            gauge       calls sent to workers, not yet answered
     ``torchpool_busy_workers``              gauge       workers with at least one call
@@ -159,17 +160,20 @@ def _families(status: AppStatus | None) -> Iterator[Any]:
         chunks.add_metric([model], part["metrics"]["stream_chunks"])
     yield streams
     yield chunks
-    padding = CounterMetricFamily("torchpool_batch_padding_rows", "Rows added to batches to reach a batch "
-                                  "bucket (TORCHPOOL_BATCH_BUCKETS).", labels=["model"])
-    for model, part in models:
-        padding.add_metric([model], part["metrics"].get("batch_padding_rows", 0))
-    yield padding
-    split = CounterMetricFamily("torchpool_batch_split_calls", "Calls a batch left for the next one, which "
-                                "ran more rows per second without them (TORCHPOOL_SPLIT_BATCHES).",
-                                labels=["model"])
-    for model, part in models:
-        split.add_metric([model], part["metrics"].get("batch_split_calls", 0))
-    yield split
+    def counter(name: str, doc: str, key: str) -> Any:
+        family = CounterMetricFamily(name, doc, labels=["model"])
+        for model, part in models:
+            values: dict[str, Any] = dict(part["metrics"])   # a snapshot without the key counts 0
+            family.add_metric([model], values.get(key, 0))
+        return family
+
+    yield counter("torchpool_batch_padding_rows", "Rows added to batches to reach a batch bucket "
+                  "(TORCHPOOL_BATCH_BUCKETS).", "batch_padding_rows")
+    yield counter("torchpool_batch_split_calls", "Calls a batch left for the next one, which ran more rows "
+                  "per second without them (TORCHPOOL_SPLIT_BATCHES).", "batch_split_calls")
+    yield counter("torchpool_worker_busy_seconds", "Seconds the workers spent on calls: from sending each "
+                  "job to its answer, a worker's jobs in turn counted once; rate / ready workers is "
+                  "their busy share.", "worker_busy_seconds")
     yield gauge("torchpool_streams_open", "Streams running now.", lambda p: p["metrics"]["streams_open"])
     yield gauge("torchpool_shared_memory_bytes", "Bytes of shared-memory arenas mapped by the pool.",
                 lambda p: p["arena_bytes"])

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,7 +92,7 @@ def test_prometheus_exposition(health_app: Flask) -> None:
         "torchpool_calls": "counter", "torchpool_call_latency_seconds": "histogram",
         "torchpool_queue_seconds": "histogram", "torchpool_batch_rows": "histogram",
         "torchpool_batch_calls": "histogram", "torchpool_batch_padding_rows": "counter",
-        "torchpool_batch_split_calls": "counter",
+        "torchpool_batch_split_calls": "counter", "torchpool_worker_busy_seconds": "counter",
         "torchpool_queue_depth": "gauge",
         "torchpool_inflight_calls": "gauge", "torchpool_busy_workers": "gauge", "torchpool_workers": "gauge",
         "torchpool_ready": "gauge", "torchpool_worker_restarts": "counter",
@@ -135,6 +136,25 @@ def test_busy_worker_gauges(health_app: Flask) -> None:
             assert _value(families["torchpool_inflight_calls"]) == 1
         finally:
             future.result(30)
+
+
+def test_worker_busy_seconds_count_the_time_a_worker_ran_calls(health_app: Flask) -> None:
+    pool = health_app.extensions["torchpool"].extension
+    client = health_app.test_client()
+
+    def busy() -> float:
+        seconds: float = client.get(f"{URL}/status").json["metrics"]["worker_busy_seconds"]
+        return seconds
+
+    before = busy()
+    with health_app.app_context():
+        start = time.monotonic()
+        pool(action="sleep", seconds=0.3)
+        took = time.monotonic() - start
+    after = busy()
+    assert 0.3 <= after - before <= took
+    families = _families(client.get(f"{URL}/metrics").get_data(as_text=True))
+    assert _value(families["torchpool_worker_busy_seconds"], "_total") == pytest.approx(after)
 
 
 def test_openmetrics_on_request(health_app: Flask) -> None:

@@ -286,6 +286,22 @@ def test_pipeline_depth_counts_jobs_not_calls(make: Any) -> None:
     assert job is not None and job.slot is busy_slot and len(busy_slot.jobs) == 2
 
 
+def test_a_workers_busy_time_counts_its_jobs_in_turn_once(make: Any) -> None:
+    """worker_busy_seconds: a worker's time from sending each job to its answer. Jobs pipelined on one
+    worker run in turn, so the time they overlap counts once."""
+    sched, [slot] = make(pipeline_depth=2)
+    first, second = hold(sched), hold(sched)
+    assert first.slot is slot and second.slot is slot
+    start = time.monotonic() - 1.0
+    first.sent_at = second.sent_at = start   # both sent a second ago
+    sched.complete(slot, reply(slot, first, None), [])
+    ran_first = sched.metrics.snapshot()["worker_busy_seconds"]
+    sched.complete(slot, reply(slot, second, None), [])
+    end = time.monotonic()
+    busy = sched.metrics.snapshot()["worker_busy_seconds"]
+    assert 1.0 <= ran_first <= busy <= end - start   # 2 s if each job counted from its sending
+
+
 def test_least_loaded_ready_worker_first(make: Any) -> None:
     sched, slots = make(3, pipeline_depth=4)
     slots[2].state = WorkerState.STARTING

@@ -205,6 +205,9 @@ class Cell:
     batch_rows_mean: float | None = None
     batch_calls_mean: float | None = None
     pool_error: str | None = None  # why the status could not be read
+    #: share of the window the pool's workers spent on calls (worker_busy_seconds over the window and
+    #: the workers); None for the peers and for a status without that counter
+    workers_busy: float | None = None
 
 
 @dataclass
@@ -691,7 +694,7 @@ def _bench_server(server: Server, workload: Workload, settings: Settings, script
                 cpu_s=cpu.seconds if cpu else None,
                 cpu_ms_per_request=cpu.seconds * 1e3 / answered if cpu and answered else None,
                 cpu_processes=cpu.processes if cpu else 0, cpu_unreaped=cpu.unreaped if cpu else 0)
-            _add_batches(cell, pool_before, pool_after)
+            _add_batches(cell, pool_before, pool_after, settings.workers)
             outcome.cells[c] = cell
             if light.result is not None:
                 outcome.light = light.result
@@ -721,6 +724,8 @@ def _cell_text(c: int, cell: Cell) -> str:
         text += f" batch {cell.batch_rows_mean:.1f} rows/{cell.batch_calls_mean:.1f} calls"
     elif cell.pool_error:
         text += f" (batch sizes: {cell.pool_error[:80]})"
+    if cell.workers_busy is not None:
+        text += f" workers busy {cell.workers_busy:.0%}"
     return text + f" PSS {cell.pss_mib:,.0f} MiB"
 
 
@@ -731,6 +736,8 @@ class _Batches:
     rows_sum: float
     calls_sum: float
     count: int
+    busy_s: float | None   # worker_busy_seconds
+    at: float              # time.monotonic() of the read
 
 
 def _pool_batches(port: int, path: str | None) -> _Batches | str | None:
@@ -743,20 +750,25 @@ def _pool_batches(port: int, path: str | None) -> _Batches | str | None:
         if status != 200:
             return f"GET {path} answered {status}"
         metrics = json.loads(body)["metrics"]
-        rows, calls = metrics["batch_rows"], metrics["batch_calls"]
-        return _Batches(float(rows["sum"]), float(calls["sum"]), int(rows["count"]))
+        rows, calls, busy = metrics["batch_rows"], metrics["batch_calls"], metrics.get("worker_busy_seconds")
+        return _Batches(float(rows["sum"]), float(calls["sum"]), int(rows["count"]),
+                        None if busy is None else float(busy), time.monotonic())
     except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as exc:
         return f"GET {path}: {type(exc).__name__}: {exc}"
 
 
-def _add_batches(cell: Cell, before: _Batches | str | None, after: _Batches | str | None) -> None:
-    """Fill in the cell's batch sizes from the status before and after its window (Note [batch size])."""
+def _add_batches(cell: Cell, before: _Batches | str | None, after: _Batches | str | None,
+                 workers: int) -> None:
+    """Fill in the cell's batch sizes from the status before and after its window (Note [batch size]),
+    and how busy its *workers* were."""
     if before is None or after is None:
         return
     if isinstance(before, str) or isinstance(after, str):
         cell.pool_error = before if isinstance(before, str) else str(after)
         return
     cell.batches = after.count - before.count
+    if before.busy_s is not None and after.busy_s is not None and after.at > before.at:
+        cell.workers_busy = (after.busy_s - before.busy_s) / ((after.at - before.at) * workers)
     if cell.batches > 0:
         cell.batch_rows_mean = (after.rows_sum - before.rows_sum) / cell.batches
         cell.batch_calls_mean = (after.calls_sum - before.calls_sum) / cell.batches
