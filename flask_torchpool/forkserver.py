@@ -208,8 +208,11 @@ class ForkedProcess:
         self.exitcode: int | None = None
         # The worker is our child and nobody else may reap it: its pid cannot be reused before we do.
         self._pidfd: int | None = os.pidfd_open(pid)
-        # As multiprocessing's sentinels: closed by close(), or when the handle is collected.
+        # As multiprocessing's sentinels: closed by close(), or when the handle is collected; not at
+        # interpreter exit, where finalize's own exit hook may run before the pool's, which still
+        # waits on it while it stops the workers.
         self._finalizer = weakref.finalize(self, os.close, self._pidfd)
+        self._finalizer.atexit = False
 
     @property
     def sentinel(self) -> int:

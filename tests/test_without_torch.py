@@ -85,3 +85,33 @@ def test_an_embedded_pool_serving_numpy_arrays_never_loads_torch_in_the_web_proc
     assert out["torch"] is False, "the embedded web process imported torch"
     # 2 MiB of every web process's memory: only an async view (ModelProxy.acall, async for) loads it.
     assert out["asyncio"] is False, "the embedded web process imported asyncio"
+
+
+EXIT_WITHOUT_SHUTDOWN = """
+import numpy as np
+from flask import Flask
+from flask_torchpool import TorchPool
+
+if __name__ == "__main__":
+    app = Flask("exit_without_shutdown")
+    app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_WORKERS=2, TORCHPOOL_ARENA_BYTES=4 << 20,
+                      TORCHPOOL_HANDLE_SIGTERM=False, TORCHPOOL_HANDLE_SIGHUP=False)
+    pool = TorchPool(app)
+    with app.app_context():
+        print(pool.submit(np.ones((1, 4), np.float32)).result(60).tolist())
+    # No shutdown: the pool's exit hook stops it.
+"""
+
+
+def test_a_web_process_without_torch_stops_its_pool_cleanly_at_exit(tmp_path: Path) -> None:
+    """The forked workers' pidfds were closed by weakref.finalize's exit hook, which ran before the
+    pool's own when the first finalizer of the process was the pool's (no torch imported): stopping
+    the workers then failed on a closed descriptor (a traceback from the manager thread at every
+    exit, and the fork server left to die with its parent)."""
+    script = tmp_path / "exit_without_shutdown.py"
+    script.write_text(EXIT_WITHOUT_SHUTDOWN)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,
+                          env=server_env(), timeout=150)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[[1.0, 1.0, 1.0, 1.0]]", done.stdout
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr
