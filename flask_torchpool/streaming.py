@@ -44,6 +44,7 @@ import heapq
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -284,7 +285,9 @@ class Stream(Iterator[Any], AsyncIterator[Any]):
 
     def __del__(self) -> None:
         hooks = getattr(self, "_hooks", None)
-        if hooks is not None:
+        # At interpreter exit the pool's exit hook has stopped the pool already, and no thread can
+        # start any more (the closer's Thread.start() would wait for it forever): nothing to close.
+        if hooks is not None and not sys.is_finalizing():
             # Not close() here: garbage collection may run this in any thread, while it holds a lock
             # that cancelling takes (the scheduler's, a channel's). A SimpleQueue put is safe here.
             _closer().put(functools.partial(_close, self._sink, self._cancel, hooks))

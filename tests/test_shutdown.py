@@ -285,3 +285,40 @@ def test_interpreter_exit_stops_workers(parent: Any, mode: str) -> None:
     # A clean stop by the pool, not multiprocessing's exit hook SIGTERMing the workers under it.
     assert "torchpool[parent_death]: stopped" in p.stderr(), p.stderr()
     assert " died, " not in p.stderr(), p.stderr()
+
+
+STREAM_OPEN_AT_EXIT = textwrap.dedent('''
+    import torch
+    from flask import Flask
+
+    from flask_torchpool import TorchPool
+
+    if __name__ == "__main__":
+        app = Flask("stream_at_exit")
+        app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_WORKERS=1, TORCHPOOL_DEVICES="cpu",
+                          TORCHPOOL_ARENA_BYTES=4 << 20, TORCHPOOL_DRAIN_TIMEOUT=0.5)
+        pool = TorchPool(app)
+        with app.app_context():
+            stream = pool.model().stream(torch.zeros(1), action="yield", n=1000)
+            print(next(iter(stream)).tolist(), flush=True)
+        # The stream stays open, unread, into the interpreter's exit (a module global).
+''')
+
+
+@pytest.mark.timeout(120)
+def test_an_interpreter_exit_with_a_stream_open_ends(tmp_path: Path) -> None:
+    """The pool's exit hook drains (TORCHPOOL_DRAIN_TIMEOUT) and stops the pool; then the interpreter
+    collects the open stream, whose finalizer started a thread to close it: a thread cannot start that
+    late, and the process waited for it forever."""
+    script = tmp_path / "stream_at_exit.py"
+    script.write_text(STREAM_OPEN_AT_EXIT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "WERKZEUG_", "TORCHPOOL_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    try:
+        done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the interpreter did not exit; stderr:\n{exc.stderr}") from None
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "[0]", done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
