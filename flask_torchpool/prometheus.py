@@ -16,8 +16,8 @@ imports it only when metrics are collected or rendered.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from .status import AppStatus, ModelStatus, WorkerState
 
@@ -163,8 +163,8 @@ def _families(status: AppStatus | None) -> Iterator[Any]:
     def counter(name: str, doc: str, key: str) -> Any:
         family = CounterMetricFamily(name, doc, labels=["model"])
         for model, part in models:
-            values: dict[str, Any] = dict(part["metrics"])   # a snapshot without the key counts 0
-            family.add_metric([model], values.get(key, 0))
+            # cast: a TypedDict's get() with a key not known to the checker; a snapshot without it counts 0
+            family.add_metric([model], cast("Mapping[str, float]", part["metrics"]).get(key, 0))
         return family
 
     yield counter("torchpool_batch_padding_rows", "Rows added to batches to reach a batch bucket "
