@@ -513,7 +513,7 @@ class Scheduler(Generic[S]):
         """Under the lock: *job* came back from its worker (:meth:`Metrics.record_answer` counts the
         worker's busy time); a batch sets :attr:`batch_wait` from the time it took (Note [Batching])."""
         if job.sent:
-            took = self.metrics.record_answer(id(job.slot), job.sent_at)
+            took = self.metrics.record_answer(job.slot, job.sent_at)
             if job.key is not None:
                 self.batch_wait = min(self.batch_delay, WAIT_SHARE * took)
                 if self.costs is not None:

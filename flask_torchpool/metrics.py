@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+import weakref
 from concurrent.futures import CancelledError
 from typing import Any, TypedDict
 
@@ -107,7 +108,8 @@ class Metrics:
         self.batch_padding_rows = 0
         self.batch_split_calls = 0
         self.worker_busy_seconds = 0.0
-        self._answered: dict[int, float] = {}   # worker -> when it last answered (record_answer)
+        # worker -> when it last answered (record_answer); weak, so that a slot a reload replaced goes
+        self._answered: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
         self.streams = 0
         self.streams_open = 0
         self.stream_chunks = 0
@@ -145,7 +147,7 @@ class Metrics:
         with self._lock:
             self.batch_split_calls += calls
 
-    def record_answer(self, worker: int, sent_at: float) -> float:
+    def record_answer(self, worker: object, sent_at: float) -> float:
         """*worker* answered a job sent at *sent_at* (``time.monotonic()``); returns the seconds since.
         The worker was busy from then, or from its answer before (it runs its jobs in turn), to now."""
         now = time.monotonic()

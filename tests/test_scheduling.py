@@ -7,6 +7,7 @@ as in a pool) and a channel that records what would be sent to the worker. Nothi
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -300,6 +301,23 @@ def test_a_workers_busy_time_counts_its_jobs_in_turn_once(make: Any) -> None:
     end = time.monotonic()
     busy = sched.metrics.snapshot()["worker_busy_seconds"]
     assert 1.0 <= ran_first <= busy <= end - start   # 2 s if each job counted from its sending
+
+
+def test_the_busy_time_keeps_no_record_of_a_worker_slot_that_is_gone() -> None:
+    """A rolling reload replaces every slot: the last-answer time of a replaced one must not stay behind
+    (one entry per worker per reload, for ever)."""
+    metrics = Metrics()
+
+    class Slot:
+        pass
+
+    slot = Slot()
+    metrics.record_answer(slot, time.monotonic() - 0.5)
+    assert len(metrics._answered) == 1
+    del slot
+    gc.collect()
+    assert len(metrics._answered) == 0
+    assert metrics.snapshot()["worker_busy_seconds"] >= 0.5   # what it counted stays counted
 
 
 def test_least_loaded_ready_worker_first(make: Any) -> None:
