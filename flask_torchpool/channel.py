@@ -13,6 +13,7 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .deadlines import MAX_TIMEOUT
 from .messages import MAX_MESSAGE_BYTES, Protocol, ProtocolError, decode_frame, encode, peek
 
 
@@ -88,9 +89,10 @@ class Channel:
             poller.register(self.conn.fileno(), select.POLLIN)
             self._poller = poller
         try:
-            return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
+            wait = None if timeout is None else math.ceil(min(max(0.0, timeout), MAX_TIMEOUT) * 1000)
+            return bool(poller.poll(wait))
         except RuntimeError:  # another thread is polling it: the general way
-            return self.conn.poll(timeout)
+            return self.conn.poll(None if timeout is None else min(timeout, MAX_TIMEOUT))
 
     def fileno(self) -> int:
         return self.conn.fileno()

@@ -30,10 +30,11 @@ Ray backend load torch on first use. docs/design.rst, "A pool server without tor
 
 from __future__ import annotations
 
-import math
 import struct
 import sys
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .deadlines import MAX_TIMEOUT
 
 if TYPE_CHECKING:
     import numpy
@@ -276,13 +277,14 @@ def to_numpy(value: Any) -> Any:
 
 
 def check_timeout(timeout: float | None) -> None:
-    """Refuse a call deadline that is not None or a finite number of seconds > 0 (a NaN deadline
-    compares false with every other and would stall whoever orders deadlines)."""
+    """Refuse a call deadline that is not None or a number of seconds > 0 and at most
+    :data:`~flask_torchpool.deadlines.MAX_TIMEOUT` (a NaN deadline compares false with every other and
+    would stall whoever orders deadlines; an infinite one overflows the waits)."""
     if timeout is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
-            or timeout <= 0:
-        raise ValueError(f"timeout must be None or a finite number of seconds > 0, not {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"timeout must be None or a number of seconds > 0 and at most {MAX_TIMEOUT:.0f}, "
+                         f"not {timeout!r}")
 
 
 def unflatten(skel: Any, tensors: list[Any]) -> Any:

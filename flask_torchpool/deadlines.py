@@ -24,6 +24,12 @@ T = TypeVar("T")
 #: Entries a heap may hold before it first drops its finished ones.
 SLACK = 256
 
+#: The longest timeout (seconds) a key, a call or a peer may ask for: about 11.6 days. The system's waits
+#: (``epoll_wait``, ``poll``) take at most 2**31 - 1 milliseconds (24.8 days); a longer one raised
+#: OverflowError in whichever thread waited (the pool's manager thread: the whole pool). Every wait bounded
+#: by a deadline is clamped to it too. For no deadline at all, a timeout is ``None``.
+MAX_TIMEOUT = 1_000_000.0
+
 
 class DeadlineHeap(Generic[T]):
     """Entries ``(deadline, key, item)``, earliest deadline first. *finished(key, item)* says whether an

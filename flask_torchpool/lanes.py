@@ -48,6 +48,7 @@ from multiprocessing.connection import Connection
 
 from . import messages, shm
 from .channel import Channel
+from .deadlines import MAX_TIMEOUT
 
 #: Control words of a lane's arena (int64 indexes): the lane call the worker runs, and its load.
 CTRL_RUNNING = shm.CTRL_RUNNING
@@ -125,7 +126,9 @@ class Alarm:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        signal.setitimer(signal.ITIMER_REAL, remaining)
+        # A web process sends deadlines at most MAX_TIMEOUT ahead; a peer's far-off one must not overflow
+        # setitimer (which would end this worker, and every other lane's call on it, by an exception).
+        signal.setitimer(signal.ITIMER_REAL, min(remaining, MAX_TIMEOUT))
         self.armed = True
         return True
 

@@ -34,6 +34,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import codec
 from .codec import ValueReader, WireFormatError, encode_value
+from .deadlines import MAX_TIMEOUT
 from .shm import INLINE, INPUT_ALIAS, TensorRef
 
 # --- the worker protocol ---------------------------------------------------------------------------------
@@ -246,10 +247,10 @@ class ReloadRequest(NamedTuple):
 # [Tagged values]). Every other message is a tagged tuple of its fields, each type-checked before the
 # NamedTuple is built with its constructor. A type code outside the channel's protocol, a count or
 # length past the bytes received, an unknown dtype code, a negative dimension, a Slot past the refs,
-# inline tensors out of order or past the frame, a
-# descriptor count that does not match the one-off segments, bytes left over, or a deadline that is
-# not a finite number of seconds > 0: each is a ProtocolError, and the descriptors received with the
-# message are closed. No received byte names a class or reaches an attribute. Whether a reference's
+# inline tensors out of order or past the frame, a descriptor count that does not match the one-off
+# segments, bytes left over, a timeout that is not a number of seconds > 0 and at most MAX_TIMEOUT, or a
+# deadline that is not a finite number >= 0: each is a ProtocolError, and the descriptors received with
+# the message are closed. No received byte names a class or reaches an attribute. Whether a reference's
 # nbytes matches its shape and lies inside the memory it names is checked where the memory is known
 # (shm.read_refs), and fails that call only.
 
@@ -452,8 +453,9 @@ def _dec_remote_call(data: bytes, pos: int, nfds: int) -> RemoteCall:
     call_id, nrefs, nrel, timeout, flags = _REMOTE_CALL.unpack_from(data, pos)
     if flags & ~(_BATCH | _HAS_TIMEOUT | _STREAM | _NUMPY):
         raise WireFormatError(f"unknown call flags {flags:#x}")
-    if flags & _HAS_TIMEOUT and not (math.isfinite(timeout) and timeout > 0):
-        raise WireFormatError(f"a call's timeout must be a finite number of seconds > 0, not {timeout!r}")
+    if flags & _HAS_TIMEOUT and not 0 < timeout <= MAX_TIMEOUT:
+        raise WireFormatError(f"a call's timeout must be a number of seconds > 0 and at most "
+                              f"{MAX_TIMEOUT:.0f}, not {timeout!r}")
     refs, pos, _ = _get_refs(data, pos + _REMOTE_CALL.size, nrefs, nfds, False)
     releases, pos = _get_releases(data, pos, nrel)
     model, args, kwargs, method = _values(data, pos, nrefs, 4)

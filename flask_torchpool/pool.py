@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import multiprocessing
 import os
 import selectors
@@ -46,7 +47,7 @@ from . import admission, messages
 from .admission import drained
 from .batching import Call, CallState, Scheduler, batch_key
 from .config import PoolConfig
-from .deadlines import DeadlineHeap
+from .deadlines import MAX_TIMEOUT, DeadlineHeap
 from .errors import (
     InferenceTimeoutError,
     PoolClosedError,
@@ -210,7 +211,7 @@ class Pool:
                 "no worker is left to serve: every worker crashed more than TORCHPOOL_MAX_RESTARTS="
                 f"{self.config.max_restarts} times within {self.config.restart_window:g}s; they are "
                 "retried after TORCHPOOL_RESTART_WINDOW (see the log for their exit causes)",
-                retry_after=int(self.config.restart_window))
+                retry_after=math.ceil(self.config.restart_window))
 
     # --- the manager thread ---------------------------------------------------------------------------
 
@@ -261,7 +262,7 @@ class Pool:
                     timers_due = self._next_timer(now)
                 if self._workers.changed:
                     self._workers.sync(selector, registered)
-                events = selector.select(max(0.0, timers_due - time.monotonic()))
+                events = selector.select(min(max(0.0, timers_due - time.monotonic()), MAX_TIMEOUT))
                 # Output first: what a worker logged before it answered is logged before the caller
                 # gets the answer (both are ready in the same wake-up, as the log was written first).
                 for key, _ in events:
@@ -406,7 +407,7 @@ class Pool:
             with self._lock:
                 self._sched.fail_queue(lambda: PoolClosedError(
                     "no worker is left to serve (crash loop); see the log",
-                    retry_after=int(self.config.restart_window)))
+                    retry_after=math.ceil(self.config.restart_window)))
             self._sched.flush()
 
     def _stop_all(self) -> None:

@@ -13,6 +13,7 @@ outlives it); the non-destructive ones share one module-scoped pool.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -400,7 +401,9 @@ def test_factory_failing_on_respawn_is_throttled(make_pool: Any, monkeypatch: An
     """The model loads once, then every respawn fails. With TORCHPOOL_MAX_RESTARTS=1 the slot gives up
     after 2 deaths (the crash and one failed respawn), is 'failed' for TORCHPOOL_RESTART_WINDOW, then
     tries once more with the same budget: no busy respawn loop, and callers get a clear 503."""
-    window = 10.0  # longer than two spawns on a loaded 2-core machine, else deaths fall out of the window
+    # Longer than two spawns on a loaded 2-core machine, else deaths fall out of the window; not whole, so
+    # that Retry-After shows it rounded up (int() made a window of 0.5 s a 'Retry-After: 0').
+    window = 10.5
     monkeypatch.setenv("TORCHPOOL_TEST_MARKER", str(tmp_path / "loaded-once"))
     before_children = child_pids()
     app, pool = make_pool(TORCHPOOL_MODEL="tests.models:fail_in_worker_after_first",
@@ -433,7 +436,7 @@ def test_factory_failing_on_respawn_is_throttled(make_pool: Any, monkeypatch: An
             pool(x())
     assert f"more than TORCHPOOL_MAX_RESTARTS=1 times within {window:g}s" in str(info.value)
     assert_http_error(client.post("/run", json={}), 503, PoolClosedError, "no worker is left to serve",
-                      f"TORCHPOOL_MAX_RESTARTS=1 times within {window:g}s", retry_after=int(window))
+                      f"TORCHPOOL_MAX_RESTARTS=1 times within {window:g}s", retry_after=math.ceil(window))
 
     # No respawn before the window is over; then one more round within the same budget, failed again.
     assert wait_until(lambda: worker()["restarts"] >= 3, timeout=window + 90), worker()
@@ -443,7 +446,7 @@ def test_factory_failing_on_respawn_is_throttled(make_pool: Any, monkeypatch: An
     assert worker()["restarts"] == 4
     assert not (child_pids() - before_children)
     assert_http_error(client.post("/run", json={}), 503, PoolClosedError, "no worker is left to serve",
-                      retry_after=int(window))
+                      retry_after=math.ceil(window))
 
 
 @pytest.mark.timeout(120)

@@ -178,6 +178,19 @@ def test_a_hostile_message_on_a_lane_closes_that_lane_only(served: PoolServer, c
         other.close()
 
 
+def test_a_far_off_deadline_on_a_lane_does_not_end_the_worker(served: PoolServer,
+                                                              conn: PoolConnection) -> None:
+    """A web process sends deadlines at most MAX_TIMEOUT ahead; one a peer sent 10**15 s ahead overflowed
+    the worker's setitimer, and the exception ended the worker (and every lane's call on it)."""
+    pid = _worker_pid(served)
+    lane = conn.lanes.pick("default")
+    assert lane is not None
+    lane.channel.send(messages.Call(10**9, (2.0,), {}, (), (), None, 0, time.monotonic() + 1e15, b""))
+    assert torch.equal(_call(conn, torch.ones(2)).result(30), torch.ones(2))   # queued behind it, same lane
+    assert _worker_pid(served) == pid, "the worker was replaced"
+    assert conn.lanes.pick("default") is lane
+
+
 def test_calls_queued_behind_a_crash_are_sent_again_and_served(served: PoolServer,
                                                               conn: PoolConnection) -> None:
     lane = conn.lanes.pick("default")

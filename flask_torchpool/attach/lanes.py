@@ -61,7 +61,7 @@ from typing import Any, Callable
 
 from .. import codec, lanes, messages, shm
 from ..channel import Channel
-from ..deadlines import DeadlineHeap
+from ..deadlines import MAX_TIMEOUT, DeadlineHeap
 from ..errors import InferenceTimeoutError, OutputError, WireError, WorkerCrashedError, from_wire
 from ..metrics import outcome_of
 
@@ -394,7 +394,7 @@ class ClientLanes:
         epoll.close()
 
     def _serve_ready(self, epoll: select.epoll, timeout: float | None) -> None:
-        for fd, _ in epoll.poll(-1 if timeout is None else timeout):
+        for fd, _ in epoll.poll(-1 if timeout is None else min(timeout, MAX_TIMEOUT)):
             self._service(fd)
 
     def _service(self, fd: int) -> None:

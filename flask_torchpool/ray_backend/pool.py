@@ -36,6 +36,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import os
 import queue
 import threading
@@ -223,7 +224,7 @@ class RayPool:
                 "no actor is left to serve: every actor failed to load its model more than "
                 f"TORCHPOOL_MAX_RESTARTS={self.config.max_restarts} times within "
                 f"{self.config.restart_window:g}s; they are retried after TORCHPOOL_RESTART_WINDOW",
-                retry_after=int(self.config.restart_window))
+                retry_after=math.ceil(self.config.restart_window))
 
     # --- the supervisor thread -----------------------------------------------------------------------
 
