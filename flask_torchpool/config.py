@@ -16,7 +16,6 @@ with the per-model overrides of its ``TORCHPOOL_MODELS`` entry. Every default is
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 import pickle
@@ -26,11 +25,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
+from . import checks
+from .checks import MiB
 from .errors import ConfigError
 
 ModelSpec = Union[str, Callable[[], Any]]
 
-MiB = 1 << 20
 
 #: Every key with its default. ``init_app`` applies them with ``app.config.setdefault``.
 DEFAULTS: dict[str, Any] = {
@@ -94,11 +94,10 @@ MODEL_OVERRIDES = ("workers", "devices", "threads_per_worker", "arena_bytes", "p
                    "model_sha256", "stream_buffer", "stream_timeout", "reload_surge", "model_version",
                    "backend", "ray_actor_options", "direct_calls")
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
+# \Z, not $: $ also matches before a final newline ("tagger\n" would pass).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
 _MODEL_FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".ts", ".jit")
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 @dataclass(frozen=True)
@@ -357,181 +356,6 @@ def _model(key: str, value: Any) -> ModelSpec:
     return factory
 
 
-def _workers(key: str, value: Any) -> int | str:
-    if value == "auto":
-        return "auto"
-    count: int = _int(key, value, minimum=1, extra="or 'auto'")
-    return count
-
-
-def _devices(key: str, value: Any) -> tuple[str, ...] | str:
-    allowed = "'cpu', 'cuda', 'cuda:N', a comma-separated list or list of those, or 'auto'"
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-    elif isinstance(value, (list, tuple)):
-        items = [str(v).strip() for v in value]
-    else:
-        raise ConfigError(key, f"{value!r} is not allowed; use {allowed}")
-    if not items or any(not _DEVICE.match(v) for v in items):
-        raise ConfigError(key, f"{value!r} is not allowed; use {allowed}")
-    if "auto" in items:
-        if len(items) > 1:
-            raise ConfigError(key, "'auto' cannot be combined with other devices")
-        return "auto"
-    if "cpu" in items and len(items) > 1:
-        raise ConfigError(key, "'cpu' cannot be combined with GPU devices")
-    return tuple(items)
-
-
-def _int(key: str, value: Any, *, minimum: int, allow_none: bool = False, extra: str = "") -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = f"an integer >= {minimum}" + (" or None" if allow_none else "") + (f" {extra}" if extra
-                                                                                 else "")
-        raise ConfigError(key, f"{value!r} is not allowed; use {what}")
-    return value
-
-
-def _buckets(key: str, value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)) or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-        raise ConfigError(key, f"{value!r} is not allowed; use None or a list of batch sizes (integers "
-                               ">= 1), e.g. [4, 8, 16]")
-    return tuple(sorted(set(value)))
-
-
-def _seconds(key: str, value: Any, *, allow_none: bool = False, zero: bool = False,
-             unit: str = "seconds") -> Any:
-    if value is None and allow_none:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        value >= 0 if zero else value > 0)
-    if not ok:
-        what = f"a number of {unit} " + (">= 0" if zero else "> 0") + (" or None" if allow_none else "")
-        raise ConfigError(key, f"{value!r} is not allowed; use {what}")
-    return float(value)
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(key, f"{value!r} is not allowed; use one of {', '.join(map(repr, allowed))}")
-    return str(value)
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"{value!r} is not allowed; use True or False")
-    return value
-
-
-def _log_level(key: str, value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        level = logging.getLevelName(value.strip().upper())  # a number for a known level name
-        if isinstance(level, int):
-            return level
-    raise ConfigError(key, f"{value!r} is not allowed; use a logging level: a name such as 'INFO' or "
-                           "'WARNING', or a number >= 0 such as logging.DEBUG")
-
-
-def _nice(key: str, value: Any) -> int | str:
-    if value == "auto":
-        return "auto"
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
-        raise ConfigError(key, f"{value!r} is not allowed; use \"auto\" or an integer from 0 (the web "
-                               "process's CPU priority) to 19 (the lowest)")
-    return value
-
-
-def _url_prefix(key: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.startswith("/") or value == "/" or "<" in value:
-        raise ConfigError(key, f"{value!r} is not allowed; use None (off) or a URL path such as "
-                               "'/torchpool'")
-    return value.rstrip("/")
-
-
-def _socket_path(key: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"expected a file path for the pool server's Unix socket, or None, got "
-                               f"{value!r}")
-    if len(os.fsencode(os.path.abspath(value))) > 107:
-        raise ConfigError(key, f"{value!r} is too long for a Unix socket path (107 bytes at most); "
-                               "use a shorter directory")
-    return os.path.abspath(value)
-def _sha256(key: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _SHA256.match(value.strip()):
-        raise ConfigError(key, f"{value!r} is not a SHA-256 digest; give the 64 hex digits that "
-                               "`sha256sum MODEL_FILE` prints, or None")
-    return value.strip().lower()
-
-
-def _label(key: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip() or len(value) > 200 or not value.isprintable():
-        raise ConfigError(key, f"{value!r} is not allowed; use None or a short printable string such as "
-                               "'2026-12-02' or 'v7'")
-    return value.strip()
-
-
-def _backend(key: str, value: Any) -> str:
-    backend = _choice(key, value, ("process", "ray"))
-    if backend == "ray" and not _installed("ray"):
-        raise ConfigError(key, "is 'ray', but Ray is not installed in this environment; install it with "
-                               'pip install "flask_torchpool[ray]", or use the process backend')
-    return backend
-
-
-def _installed(module: str) -> bool:
-    """Whether *module* can be imported, without importing it."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _ray_address(key: str, value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and value.strip()):
-        return None if value is None else value.strip()
-    raise ConfigError(key, f"{value!r} is not allowed; use None (start a local Ray here), 'auto' (the "
-                           "cluster this node belongs to), 'ray://head:10001' or 'head:6379'")
-
-
-#: Actor options the Ray backend sets itself: it replaces dead actors (so Ray must not restart them or
-#: retry their calls), runs one call at a time per actor, and owns its actors (Note [Ray actors]).
-_RAY_OWN_OPTIONS = ("max_restarts", "max_task_retries", "max_concurrency", "concurrency_groups", "lifetime",
-                    "name", "namespace", "get_if_exists")
-
-
-def _actor_options(key: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(key, f"{value!r} is not allowed; use None or a dict of Ray actor options, e.g. "
-                               '{"num_gpus": 1, "num_cpus": 2}')
-    for option in _RAY_OWN_OPTIONS:
-        if option in value:
-            raise ConfigError(key, f"sets {option!r}, which flask_torchpool sets itself (it replaces dead "
-                                   "actors, runs one call at a time on each and owns them); remove it")
-    for option in ("num_cpus", "num_gpus"):
-        amount = value.get(option, 0)
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < float("inf"):
-            raise ConfigError(key, f"{option}={amount!r} is not allowed; use a number >= 0")
-    return dict(value)
-
-
 def _check_ray(config: ModelConfig) -> None:
     """The keys that conflict with ``TORCHPOOL_BACKEND = "ray"``: on Ray, placement is Ray's."""
     gpus = config.ray_actor_options.get("num_gpus", 0)
@@ -544,55 +368,51 @@ def _check_ray(config: ModelConfig) -> None:
                                                            f"{config.key('devices')} is 'cpu'; use 'auto'")
 
 
-def _passthrough(key: str, value: Any) -> Any:
-    return value
-
-
 #: Every field of :class:`AppConfig`, with its validator ``(key, value)``.
 _APP_FIELDS: dict[str, Callable[[str, Any], Any]] = {
-    "start": lambda k, v: _choice(k, v, ("auto", "eager", "lazy")),
-    "handle_sigterm": _bool,
-    "handle_sighup": _bool,
-    "health_url": _url_prefix,
-    "inline": _bool,
-    "mode": lambda k, v: _choice(k, v, ("embedded", "attach", "auto")),
-    "socket": _socket_path,
-    "error_details": _bool,
-    "ray_address": lambda k, v: _ray_address(k, v),
-    "web_affinity": lambda k, v: _choice(k, v, ("auto", "off", "worker")),
+    "start": lambda k, v: checks.choice(k, v, ("auto", "eager", "lazy")),
+    "handle_sigterm": checks.boolean,
+    "handle_sighup": checks.boolean,
+    "health_url": checks.url_prefix,
+    "inline": checks.boolean,
+    "mode": lambda k, v: checks.choice(k, v, ("embedded", "attach", "auto")),
+    "socket": checks.socket_path,
+    "error_details": checks.boolean,
+    "ray_address": checks.ray_address,
+    "web_affinity": lambda k, v: checks.choice(k, v, ("auto", "off", "worker")),
 }
 
 #: Every field of :class:`ModelConfig` but ``model`` and the name, with its validator ``(key, value)``.
 _FIELDS: dict[str, Callable[[str, Any], Any]] = {
-    "workers": _workers,
-    "devices": _devices,
-    "threads_per_worker": lambda k, v: _int(k, v, minimum=1, allow_none=True),
-    "arena_bytes": lambda k, v: _int(k, v, minimum=1 * MiB),
-    "pipeline_depth": lambda k, v: _int(k, v, minimum=1),
-    "timeout": lambda k, v: _seconds(k, v, allow_none=True),
-    "start_timeout": _seconds,
-    "max_queue": lambda k, v: _int(k, v, minimum=0),
-    "max_input_bytes": lambda k, v: _int(k, v, minimum=1),
-    "retries": lambda k, v: _int(k, v, minimum=0),
-    "max_restarts": lambda k, v: _int(k, v, minimum=0),
-    "restart_window": _seconds,
-    "drain_timeout": lambda k, v: _seconds(k, v, zero=True),
-    "retry_after": lambda k, v: _int(k, v, minimum=0),
-    "example_input": _passthrough,
-    "max_batch_size": lambda k, v: _int(k, v, minimum=1),
-    "direct_calls": _bool,
-    "max_batch_delay_ms": lambda k, v: _seconds(k, v, zero=True, unit="milliseconds"),
-    "batch_buckets": lambda k, v: _buckets(k, v),
-    "split_batches": _bool,
-    "share_weights": _bool,
-    "worker_log_level": _log_level,
-    "model_sha256": lambda k, v: _sha256(k, v),
-    "start_method": lambda k, v: _choice(k, v, ("forkserver", "spawn")),
-    "worker_nice": _nice,
-    "reload_surge": lambda k, v: _int(k, v, minimum=0),
-    "model_version": lambda k, v: _label(k, v),
-    "backend": lambda k, v: _backend(k, v),
-    "ray_actor_options": lambda k, v: _actor_options(k, v),
-    "stream_buffer": lambda k, v: _int(k, v, minimum=1),
-    "stream_timeout": lambda k, v: _seconds(k, v, allow_none=True),
+    "workers": checks.workers,
+    "devices": checks.devices,
+    "threads_per_worker": lambda k, v: checks.integer(k, v, minimum=1, allow_none=True),
+    "arena_bytes": checks.arena_bytes,
+    "pipeline_depth": lambda k, v: checks.integer(k, v, minimum=1),
+    "timeout": lambda k, v: checks.seconds(k, v, allow_none=True),
+    "start_timeout": checks.seconds,
+    "max_queue": lambda k, v: checks.integer(k, v, minimum=0),
+    "max_input_bytes": lambda k, v: checks.integer(k, v, minimum=1),
+    "retries": lambda k, v: checks.integer(k, v, minimum=0),
+    "max_restarts": lambda k, v: checks.integer(k, v, minimum=0),
+    "restart_window": checks.seconds,
+    "drain_timeout": lambda k, v: checks.seconds(k, v, zero=True),
+    "retry_after": lambda k, v: checks.integer(k, v, minimum=0),
+    "example_input": checks.passthrough,
+    "max_batch_size": lambda k, v: checks.integer(k, v, minimum=1),
+    "direct_calls": checks.boolean,
+    "max_batch_delay_ms": lambda k, v: checks.seconds(k, v, zero=True, unit="milliseconds"),
+    "batch_buckets": checks.buckets,
+    "split_batches": checks.boolean,
+    "share_weights": checks.boolean,
+    "worker_log_level": checks.log_level,
+    "model_sha256": checks.sha256,
+    "start_method": lambda k, v: checks.choice(k, v, ("forkserver", "spawn")),
+    "worker_nice": checks.nice,
+    "reload_surge": lambda k, v: checks.integer(k, v, minimum=0),
+    "model_version": checks.label,
+    "backend": checks.backend,
+    "ray_actor_options": checks.actor_options,
+    "stream_buffer": lambda k, v: checks.integer(k, v, minimum=1),
+    "stream_timeout": lambda k, v: checks.seconds(k, v, allow_none=True),
 }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from flask import Flask
 
@@ -56,6 +59,26 @@ def test_defaults_are_applied_to_app_config() -> None:
     ("TORCHPOOL_BATCH_BUCKETS", [4, 0], "integers >= 1"),
     ("TORCHPOOL_BATCH_BUCKETS", [4, True], "integers >= 1"),
     ("TORCHPOOL_BATCH_BUCKETS", [1, 4, 8], "no batch grows that big"),   # TORCHPOOL_MAX_BATCH_SIZE is 1
+    # Longer than the system's waits (2**31 - 1 ms): accepted, these killed the pool's manager thread
+    # (OverflowError) at the first wait, or failed every call of a crash loop.
+    ("TORCHPOOL_TIMEOUT", float("inf"), "at most 1000000 or None"),
+    ("TORCHPOOL_TIMEOUT", 2_592_000, "at most 1000000"),
+    ("TORCHPOOL_START_TIMEOUT", float("inf"), "at most 1000000"),
+    ("TORCHPOOL_RESTART_WINDOW", float("inf"), "at most 1000000"),
+    ("TORCHPOOL_DRAIN_TIMEOUT", 1e300, "at most 1000000"),
+    ("TORCHPOOL_STREAM_TIMEOUT", float("inf"), "at most 1000000"),
+    ("TORCHPOOL_MAX_BATCH_DELAY_MS", float("inf"), "milliseconds >= 0 and at most 1000000"),
+    ("TORCHPOOL_TIMEOUT", float("nan"), "> 0"),
+    ("TORCHPOOL_ARENA_BYTES", 1 << 50, "at most this machine's memory"),
+    ("TORCHPOOL_HEALTH_URL", "//", "a URL path"),   # was the prefix "": /status at the site's root
+    ("TORCHPOOL_HEALTH_URL", "/tp?x=1", "a URL path"),
+    ("TORCHPOOL_HEALTH_URL", "/tp#top", "a URL path"),
+    ("TORCHPOOL_HEALTH_URL", "/t p", "a URL path"),
+    ("TORCHPOOL_HEALTH_URL", "/a//b", "a URL path"),
+    ("TORCHPOOL_MODEL", "tests.models:echo\n", "neither 'package.module:callable'"),
+    ("TORCHPOOL_SOCKET", "/tmp/a\0b.sock", "a path of at most 107 bytes, or None"),
+    ("TORCHPOOL_SOCKET", "", "a path of at most 107 bytes, or None"),
+    ("TORCHPOOL_SOCKET", "/tmp/" + "x" * 120, "a path of at most 107 bytes, or None"),
 ])
 def test_bad_values_name_the_key(key: str, value, fragment: str) -> None:
     app = Flask("cfg")
@@ -67,6 +90,40 @@ def test_bad_values_name_the_key(key: str, value, fragment: str) -> None:
     assert info.value.key == key
     assert isinstance(info.value, ValueError)
     assert "torchpool" not in app.extensions
+
+
+def test_a_model_name_with_a_final_newline_is_refused() -> None:
+    app = Flask("cfg")
+    app.config.update(TORCHPOOL_MODELS={"tagger\n": "tests.models:echo"}, TORCHPOOL_START="lazy")
+    with pytest.raises(ConfigError, match="TORCHPOOL_MODELS"):
+        TorchPool(app)
+
+
+def _allowed_lines() -> dict[str, str]:
+    """Each key of docs/configuration.rst with the literal of its "Allowed:" line."""
+    text = (Path(__file__).parent.parent / "docs" / "configuration.rst").read_text()
+    allowed = {}
+    for block in re.split(r"^\.\. data:: ", text, flags=re.M)[1:]:
+        key, body = block.split("\n", 1)
+        found = re.search(r"Allowed: ``(.*?)``", " ".join(body.split()))
+        if found:
+            allowed[key.strip()] = found.group(1)
+    return allowed
+
+
+def test_every_keys_message_says_what_its_allowed_line_says() -> None:
+    """configuration.rst: a refused value's message is ``KEY: <value> is not allowed; use <what>``, and
+    ``<what>`` is the key's "Allowed" line."""
+    allowed = _allowed_lines()
+    assert len(allowed) >= 40, sorted(allowed)
+    for key, what in allowed.items():
+        app = Flask("cfg")
+        app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_START="lazy")
+        app.config[key] = object()   # no key allows it
+        with pytest.raises(ConfigError) as info:
+            TorchPool(app)
+        assert info.value.key == key
+        assert f": {app.config[key]!r} is not allowed; use {what}" in str(info.value), (key, what)
 
 
 def test_model_instance_is_refused_with_the_fix() -> None:

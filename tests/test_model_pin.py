@@ -43,8 +43,8 @@ def test_a_file_that_does_not_match_is_refused(model_file: tuple[str, str]) -> N
 
 
 @pytest.mark.parametrize("value, fragment", [
-    ("abc", "is not a SHA-256 digest"),
-    (123, "is not a SHA-256 digest"),
+    ("abc", "is not allowed; use None or 64 hex digits"),
+    (123, "is not allowed; use None or 64 hex digits"),
 ])
 def test_a_bad_pin_is_a_config_error(model_file: tuple[str, str], value: Any, fragment: str) -> None:
     with pytest.raises(ConfigError, match=f"TORCHPOOL_MODEL_SHA256: .*{fragment}"):
