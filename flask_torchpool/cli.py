@@ -19,6 +19,7 @@ the placement, and ``status`` starts a pool in-process only when it is not given
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,12 +28,16 @@ import click
 from flask import current_app
 from flask.cli import AppGroup, ScriptInfo
 
+from .deadlines import MAX_TIMEOUT
 from .errors import TorchPoolError
 from .placement import _ranges
 from .startup import SERVING_META
 
 if TYPE_CHECKING:
     from .group import ModelGroup
+
+#: How a pool server logs when nothing else configured logging (INFO: serving, attachments, reloads).
+LOG_FORMAT = "%(asctime)s [torchpool-server %(process)d] %(levelname)s %(name)s: %(message)s"
 
 torchpool = AppGroup("torchpool", help="Inspect and tune the app's TorchPool: placement, status, tuning.")
 
@@ -45,12 +50,22 @@ def _state() -> ModelGroup:
     return state
 
 
+def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """A --timeout: a number of seconds > 0 and at most MAX_TIMEOUT (click's FloatRange lets NaN in)."""
+    if not 0 < value <= MAX_TIMEOUT:
+        raise click.BadParameter(f"{value!r} is not a number of seconds > 0 and at most {MAX_TIMEOUT:.0f}")
+    return value
+
+
 @torchpool.command("plan")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_command(as_json: bool) -> None:
     """Show which worker gets which device, cores and threads, without starting anything."""
     state = _state()
-    placements = state.plan
+    try:
+        placements = state.plan
+    except TorchPoolError as exc:  # a ConfigError only the plan finds (GPUs this machine does not show)
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     if as_json:
         click.echo(json.dumps([{"worker": p.worker, "device": p.device, "cores": list(p.cores),
                                 "threads": p.threads, "model": p.model} for p in placements], indent=2))
@@ -77,7 +92,7 @@ def plan_command(as_json: bool) -> None:
               help="In-process only: call the model (each model that has one) once with "
                    "TORCHPOOL_EXAMPLE_INPUT before showing the status.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-@click.option("--timeout", type=float, default=10.0, show_default=True,
+@click.option("--timeout", type=float, callback=_seconds, default=10.0, show_default=True,
               help="Seconds to wait for the server (--url).")
 def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) -> None:
     """Show a pool's state: per worker (and model) pid, state, device, cores, calls, errors, restarts;
@@ -130,7 +145,7 @@ def status_command(url: str | None, probe: bool, as_json: bool, timeout: float) 
                    "one (with several models, name the model with --model).")
 @click.option("--version", "label", metavar="LABEL", default=None,
               help="A label for the new version (status, metrics, logs).")
-@click.option("--timeout", type=float, default=900.0, show_default=True,
+@click.option("--timeout", type=float, callback=_seconds, default=900.0, show_default=True,
               help="Seconds to wait for the reload to finish.")
 def reload_command(name: str | None, spec: str | None, label: str | None, timeout: float) -> None:
     """Reload models of the running pool server (attach mode), worker by worker, without failing a call:
@@ -440,6 +455,7 @@ def serve_command(ctx: click.Context, socket_path: str | None, owner_pid: int | 
     # the workers start below, embedded, whatever TORCHPOOL_MODE and TORCHPOOL_START say.
     ctx.meta[SERVING_META] = True
     app = ctx.ensure_object(ScriptInfo).load_app()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # unless the app configured logging
     with app.app_context():
         state = _state()
         state.sync_web_worker = sync_web or state.sync_web_worker

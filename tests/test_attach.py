@@ -554,6 +554,9 @@ def test_flask_torchpool_serve_restart_and_reconnect(project: Path) -> None:
         workers = pool_workers_below(pool_proc.pid)
         assert first["worker"] in workers and len(workers) == WORKERS
         assert not pool_workers_below(web.pid), "a web worker started its own pool"
+        # operating.rst: it logs (at INFO, the app configuring no logging) what it serves and who attaches.
+        assert wait_until(lambda: "web process" in pool_proc.log(), timeout=10), pool_proc.log()
+        assert f"serving default on {sock}" in pool_proc.log() and " attached" in pool_proc.log()
 
         os.kill(pool_proc.pid, signal.SIGKILL)
         assert not wait_gone(workers), "model workers outlived their server"

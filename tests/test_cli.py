@@ -162,6 +162,24 @@ def test_status_url_errors() -> None:
     assert result.exit_code == 2 and "cannot be combined" in result.output
 
 
+@pytest.mark.parametrize("timeout", ["nan", "-1", "0", "inf", "soon"])
+def test_a_bad_timeout_is_a_usage_error(timeout: str) -> None:
+    """Not a cause found later: -1 and nan reached the socket and read as 'did not answer JSON'."""
+    app, _ = _lazy_app(TORCHPOOL_HEALTH_URL=URL)
+    runner = app.test_cli_runner()
+    for command in (["status", "--url", "http://127.0.0.1:1"], ["reload"]):
+        result = runner.invoke(args=["torchpool", *command, "--timeout", timeout])
+        assert result.exit_code == 2 and "--timeout" in result.output, (command, result.output)
+
+
+def test_plan_with_gpus_this_machine_lacks_is_one_line_of_error() -> None:
+    app, _ = _lazy_app(TORCHPOOL_DEVICES="cuda:63")
+    result = app.test_cli_runner().invoke(args=["torchpool", "plan"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ConfigError: TORCHPOOL_DEVICES") and "Traceback" not in \
+        result.output, result.output
+
+
 def test_plan_of_an_app_without_torchpool() -> None:
     app = Flask("bare")
     from flask_torchpool.cli import torchpool

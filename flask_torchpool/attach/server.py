@@ -570,6 +570,7 @@ def _notify_ready() -> None:
         sock.sendto(b"READY=1", address)
 
 
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m flask_torchpool.server --app IMPORT [--socket PATH]``: what auto mode and the gunicorn
     hook start. It runs ``flask --app IMPORT torchpool serve``, the same command people use."""
@@ -585,11 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync-web", action="store_true",
                         help="the web processes are gunicorn sync workers (TORCHPOOL_WORKER_NICE 'auto')")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [torchpool-server %(process)d] "
-                                                   "%(levelname)s %(name)s: %(message)s")
     from flask.cli import ScriptInfo
 
-    from ..cli import serve_command
+    from ..cli import LOG_FORMAT, serve_command
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
     command = [f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}")
                for name, value in vars(args).items() if name != "app" and value not in (None, False)]
