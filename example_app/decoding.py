@@ -142,12 +142,21 @@ def _skip_pgm_separators(data: bytes, pos: int) -> int:
 
 
 def _float_tensor(value: Any, key: str) -> torch.Tensor:
+    if _holds_bool(value):  # torch.tensor takes true and false as 1 and 0
+        raise InvalidInputError(f'"{key}" must be a rectangular nested list of numbers (true and false are '
+                                "not numbers)")
     try:
         return torch.tensor(value, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise InvalidInputError(
             f'"{key}" must be a rectangular nested list of numbers ({exc})'
         ) from None
+
+
+def _holds_bool(value: Any) -> bool:
+    if type(value) is bool:
+        return True
+    return type(value) is list and any(type(v) is bool or type(v) is list and _holds_bool(v) for v in value)
 
 
 def _uint8_tensor(data: bytes) -> torch.Tensor:

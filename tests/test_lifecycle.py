@@ -379,6 +379,20 @@ def _assert_same_prediction(answer: dict[str, Any], expected: dict[str, Any]) ->
     assert probabilities == pytest.approx(expected_probabilities, abs=2e-6), (answer, expected)
 
 
+@pytest.mark.parametrize("payload", [
+    {"inputs": [[True] * 784]},
+    {"inputs": [[0.5] * 783 + [False]]},
+    {"image": [[1] * 28] * 27 + [[1] * 27 + [True]]},
+])
+def test_the_example_app_refuses_true_and_false_as_pixel_values(payload: dict[str, Any]) -> None:
+    """example_app/README.md: a non-numeric list is a 400 (torch.tensor would take true as 1)."""
+    from example_app.decoding import images_from_json
+    from flask_torchpool import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="true and false are not numbers"):
+        images_from_json(payload)
+
+
 @pytest.mark.timeout(180)
 def test_example_app_answers_the_readme_examples(tmp_path: Path) -> None:
     blocks = _fenced_blocks((ROOT / "example_app" / "README.md").read_text())
