@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 from .attach import rendezvous
 from .backend import Backend
 from .config import DEFAULT_MODEL, AppConfig, ModelConfig
-from .errors import ConfigError, PoolClosedError, RemoteTraceback, TorchPoolError, WorkerStartupError
+from .errors import (
+    ConfigError,
+    PoolClosedError,
+    PoolUnavailableError,
+    RemoteTraceback,
+    TorchPoolError,
+    WorkerStartupError,
+)
 from .metrics import Metrics
 from .placement import Placement, plan_models, worker_nice
 from .startup import check_resources
@@ -231,6 +238,7 @@ class ModelGroup:
             app_import = self.app_import
             min_interval = first.restart_window / max(first.max_restarts, 1)
             last_spawn = [float("-inf")]
+            master = os.getppid()   # this web worker's gunicorn master, while it lives
 
             def start_server() -> None:
                 # At most one start every TORCHPOOL_RESTART_WINDOW / MAX_RESTARTS seconds from this
@@ -238,7 +246,13 @@ class ModelGroup:
                 now = time.monotonic()
                 if now - last_spawn[0] < min_interval:
                     return
-                spawner = rendezvous.ensure_server(app_import, path, owner_pid=os.getppid(),
+                if os.getppid() != master:
+                    # The master died (kill -9): its server stops, and one started now would be owned by
+                    # init (or a subreaper) and never stop, serving this deployment's models to the next.
+                    raise PoolUnavailableError(
+                        f"the gunicorn master (pid {master}) that owned the pool server is gone; this web "
+                        "worker starts no server without it", retry_after=first.retry_after)
+                spawner = rendezvous.ensure_server(app_import, path, owner_pid=master,
                                                    sync_web=self.sync_web_worker)
                 if spawner is not None:
                     last_spawn[0] = now

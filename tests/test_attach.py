@@ -37,6 +37,7 @@ from flask_torchpool import (
     messages,
     shm,
 )
+from flask_torchpool.attach import rendezvous
 from flask_torchpool.attach.client import PoolConnection, _Pending
 from flask_torchpool.attach.server import PoolServer
 
@@ -505,6 +506,29 @@ def test_gunicorn_w3_auto_mode_shares_one_pool(project: Path) -> None:
             server.wait_exit(60)
         # The server is owned by the master: it drains and exits with it, workers and all.
         assert not wait_gone({pool_server} | workers, timeout=60), f"outlived gunicorn:\n{server.log()}"
+
+
+def test_a_web_worker_whose_master_died_starts_no_server(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploying.rst: the server stops with the master, even after kill -9. A web worker still alive then
+    missed it and started another, owned by its new parent (init): that one never stopped, and the next
+    deployment on the socket attached to it and got its models. Once this process's parent is no longer
+    the master it had, missing the server starts none and fails the call."""
+    app = make_app(TORCHPOOL_MODE="auto", TORCHPOOL_START="lazy", TORCHPOOL_RESTART_WINDOW=0.001,
+                   TORCHPOOL_SOCKET=str(tmp_path / "run" / "pool.sock"))
+    TorchPool(app)
+    state = app.extensions["torchpool"]
+    state.app_import = "attach_app:app"   # as gunicorn's app loading sets it
+    owners: list[int] = []
+    monkeypatch.setattr(rendezvous, "ensure_server",
+                        lambda app_import, path, owner_pid, sync_web=False: owners.append(owner_pid))
+    assert state._attaches()
+    master = os.getppid()
+    assert owners == [master]
+    monkeypatch.setattr(os, "getppid", lambda: 1)   # the master died: this process was reparented
+    with pytest.raises(PoolUnavailableError, match=rf"the gunicorn master \(pid {master}\) .* is gone"):
+        state.connection.on_missing()
+    assert owners == [master]
 
 
 GUNICORN_CONF = "from flask_torchpool.gunicorn import on_exit, on_starting  # noqa: F401\n"

@@ -126,6 +126,16 @@ def test_every_keys_message_says_what_its_allowed_line_says() -> None:
         assert f": {app.config[key]!r} is not allowed; use {what}" in str(info.value), (key, what)
 
 
+@pytest.mark.parametrize("drain", [float("nan"), float("inf"), -1.0, True, "5"])
+def test_a_bad_drain_timeout_for_shutdown_is_a_value_error(drain: object) -> None:
+    app = Flask("cfg")
+    app.config.update(TORCHPOOL_MODEL="tests.models:echo", TORCHPOOL_START="lazy")
+    pool = TorchPool(app)
+    with pytest.raises(ValueError, match="drain_timeout must be None or a number of seconds >= 0"):
+        pool.shutdown(app=app, drain_timeout=drain)  # type: ignore[arg-type]
+    pool.shutdown(app=app)
+
+
 def test_model_instance_is_refused_with_the_fix() -> None:
     import torch
 

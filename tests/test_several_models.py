@@ -111,7 +111,7 @@ def test_models_get_their_overrides_and_the_top_level_values() -> None:
     ({"TORCHPOOL_MODELS": {"a": {"model": "tests.models:echo", "max_batch_size": 1.5}}},
      'TORCHPOOL_MODELS["a"]["max_batch_size"]', "integer >= 1"),
     ({"TORCHPOOL_MODELS": {"a": {"model": "tests.models:echo", "timeout": 0}}},
-     'TORCHPOOL_MODELS["a"]["timeout"]', "> 0 or None"),
+     'TORCHPOOL_MODELS["a"]["timeout"]', "> 0 and at most 1000000 or None"),
     ({"TORCHPOOL_MODELS": {"a": {"model": "tests.models:echo", "start": "eager"}}},
      'TORCHPOOL_MODELS["a"]["start"]', "is not a per-model setting"),
     ({"TORCHPOOL_MODEL": "tests.models:echo", "TORCHPOOL_MODELS": {"default": "tests.models:linear"}},
