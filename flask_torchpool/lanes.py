@@ -15,7 +15,12 @@ than through the server, and no copy in the server.
 The lane protocol (:data:`~flask_torchpool.messages.LANE_PROTOCOL`) carries ``Call`` and ``Cancel`` to the
 worker, ``Result`` and ``Failure`` back, and ``Stop`` both ways: a worker told to stop (shutdown, a
 rolling reload retiring it) sends ``Stop`` on each lane and keeps serving that lane until the web process
-answers ``Stop`` (it sends nothing after it), so no call sent before is lost.
+answers ``Stop`` (it sends nothing after it), so no call sent before is lost. A pool that drains
+(``TORCHPOOL_DRAIN_TIMEOUT``) sends its workers :class:`~flask_torchpool.messages.CloseLanes` first: each
+worker stops its lanes the same way but keeps serving its pool, and writes how many lanes it still has
+open into control word :data:`CTRL_LANES` of its own arena; the pool stops its workers once that is 0
+everywhere (or at the drain deadline), so the lanes' calls are drained like its own. The web processes
+send their new calls through the server meanwhile, which refuses them (it is draining).
 
 The worker serves its pool's channel and its lanes in arrival order, one call at a time. It writes how many
 calls it holds (queued plus running) into control word :data:`CTRL_LOAD` of every lane's arena, so that a
@@ -56,6 +61,8 @@ CTRL_LOAD = 1
 #: Control words of the worker's own arena, for its pool: lane calls it answered, and how many failed.
 CTRL_LANE_CALLS = 2
 CTRL_LANE_ERRORS = 3
+#: Control word of the worker's own arena: the lanes it has open (a draining pool waits for 0).
+CTRL_LANES = 4
 #: Calls one lane may have queued in its worker; past this the worker closes the lane.
 MAX_LANE_CALLS = 4096
 #: The load a worker running a stream shows its lanes: more than any web process sends to (the calls go

@@ -6,7 +6,7 @@ Three protocols, each with its own allow-list, so that a peer of one can never s
   the pool server) and its model worker over a socketpair: :class:`Call`, :class:`Cancel`,
   :class:`Credit`, :class:`Stop` one way; :class:`Loaded`, :class:`Ready`, :class:`StartupFailed`,
   :class:`Result`, :class:`Failure`, :class:`StreamChunk`, :class:`StreamEnd` the other,
-  :class:`Adopt` for Note [Shared weights], and :class:`OpenLane` (Note [Lanes]);
+  :class:`Adopt` for Note [Shared weights], and :class:`OpenLane` and :class:`CloseLanes` (Note [Lanes]);
 * the **lane protocol** (:data:`LANE_PROTOCOL`), between an attached web process and one worker
   (Note [Lanes] in :mod:`flask_torchpool.lanes`): :class:`Call` (with its deadline) and :class:`Cancel`
   one way, :class:`Result` and :class:`Failure` the other, :class:`Stop` both ways;
@@ -58,6 +58,10 @@ class Cancel(NamedTuple):
 
 class Stop(NamedTuple):
     pass
+
+
+class CloseLanes(NamedTuple):
+    """The pool drains: the worker tells its lanes to stop, opens none, and serves what they queued."""
 
 
 class Credit(NamedTuple):
@@ -498,6 +502,7 @@ _SCHEMAS: dict[type, tuple[int, tuple[tuple[type, ...], ...] | None]] = {
     OpenLane: (40, (_INT, _INT)),
     LaneOffer: (41, (_STR, _INT, _INT, _INT)),
     Observed: (42, (_STR, (tuple,), (tuple,))),
+    CloseLanes: (43, ()),
 }
 _HOT_ENCODERS: dict[type, Callable[[Any, bytearray], None]] = {
     Call: _enc_call, Result: _enc_result, RemoteCall: _enc_remote_call, StreamChunk: _enc_result,
@@ -520,7 +525,7 @@ def _protocol(name: str, *types: type) -> Protocol:
 
 #: Between a pool and its workers.
 WORKER_PROTOCOL = _protocol("worker", Call, Cancel, Stop, Loaded, Adopt, Ready, StartupFailed, Result,
-                            Failure, StreamChunk, StreamEnd, Credit, OpenLane)
+                            Failure, StreamChunk, StreamEnd, Credit, OpenLane, CloseLanes)
 #: A lane, between an attached web process and one worker (Note [Lanes]): calls and cancels one way,
 #: results and failures the other; Stop both ways (the worker retires, the web process agrees).
 LANE_PROTOCOL = _protocol("lane", Call, Cancel, Stop, Result, Failure)

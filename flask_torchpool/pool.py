@@ -31,6 +31,7 @@ worker. :mod:`flask_torchpool.batching` holds the calls, jobs and that schedulin
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -66,6 +67,9 @@ from .versions import Versions
 from .workers import ChannelReady, OutputReady, ProcessEnded, Registration, WorkerSet, WorkerSlot
 
 log = logging.getLogger(__name__)
+
+#: While draining, how often (seconds) the manager looks whether the workers' lanes have closed.
+LANE_DRAIN_POLL = 0.05
 
 #: Pools whose manager thread runs (it holds them alive), for the exit hook in extension.py.
 _running_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -166,6 +170,10 @@ class Pool:
             self._sched.closing = True
             if drain == 0:
                 self._sched.fail_queue(lambda: PoolClosedError.before_run(self.config.retry_after))
+            channels = [w.channel for w in self.workers if w.channel is not None]
+        for channel in channels:   # no new call on a lane; the calls the lanes queued still run
+            with contextlib.suppress(OSError):
+                channel.send(messages.CloseLanes())
         self._sched.flush()
         manager = self._manager
         if manager is None:
@@ -257,7 +265,7 @@ class Pool:
                             self._workers.kill_overdue(now)
                     self._streams.kill_due(now)
                     if self._sched.closing and drained(self._sched, self.workers, self._drain_deadline, now,
-                                                       self.config.retry_after):
+                                                       self.config.retry_after) and self._lanes_drained(now):
                         return
                     timers_due = self._next_timer(now)
                 if self._workers.changed:
@@ -290,6 +298,12 @@ class Pool:
                 self._versions.step(self._sched.closing)   # a reload in progress: Note [Rolling reload]
                 timers_due = self._sched.wake_for_seal(timers_due)
 
+    def _lanes_drained(self, now: float) -> bool:
+        """While closing: whether the workers closed their lanes (Note [Lanes]: a lane closes once its web
+        process agreed to Stop and its calls are done), or the drain deadline passed."""
+        deadline = self._drain_deadline
+        return (deadline is not None and now >= deadline) or not any(w.lanes_open for w in self.workers)
+
     def _next_timer(self, now: float) -> float:
         """When the manager must next look at deadlines, batches, respawns or the drain. With nothing
         pending it still wakes one ``TORCHPOOL_TIMEOUT`` from now, so that a new call with the default
@@ -302,6 +316,8 @@ class Pool:
                 times += self._workers.start_deadlines()
             if self._sched.closing and self._drain_deadline is not None:
                 times.append(self._drain_deadline)
+                if not self._lanes_drained(now):  # nothing tells the manager when a lane closes: look
+                    times.append(now + LANE_DRAIN_POLL)
             times += [t for t in (self._versions.next_timer(),) if t is not None]
             times.append(now + (self.config.timeout or 3600.0))
             self._next_wake = min(times)

@@ -200,6 +200,7 @@ class _Server:
         self.credit = 0
         self.cancelled = False
         self.stopping = False
+        self.lanes_closing = False  # CloseLanes: the pool drains (Note [Lanes])
         if self.device.type == "cuda":
             _pin_host_memory(arena)
 
@@ -295,6 +296,10 @@ class _Server:
             return False
         elif kind is messages.OpenLane and not peer.lane:
             self._open_lane(msg, fds)
+        elif kind is messages.CloseLanes and not peer.lane:
+            self.lanes_closing = True
+            for lane in list(self.lanes.values()):
+                self._stop_lane(lane)
         else:
             for fd in fds:
                 os.close(fd)
@@ -313,7 +318,7 @@ class _Server:
             self.alarm = lanes.Alarm()
         self.lanes[peer.fd] = peer
         self.selector.register(peer.fd, selectors.EVENT_READ, peer)
-        if self.stopping:
+        if self.stopping or self.lanes_closing:
             self._stop_lane(peer)
         self._publish()
 
@@ -351,6 +356,7 @@ class _Server:
         main = self.main
         if self.selector is not None and main.words is not None:
             main.words[lanes.CTRL_LOAD] = sum(1 for item in self.pending if item[0] is not main)
+            main.words[lanes.CTRL_LANES] = len(self.lanes)
 
     def _run(self, peer: lanes.Peer, call: messages.Call, fds: list[int]) -> None:
         control = peer.words

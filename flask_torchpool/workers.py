@@ -115,6 +115,12 @@ class WorkerSlot:
         arena = self.arena
         return int(arena.control[lanes.CTRL_LOAD]) if arena is not None else 0
 
+    @property
+    def lanes_open(self) -> int:
+        """Lanes its process has open (Note [Lanes]), as it last wrote them."""
+        arena = self.arena
+        return int(arena.control[lanes.CTRL_LANES]) if arena is not None else 0
+
     def counts(self) -> tuple[int, int]:
         """Calls it answered and how many failed, lane calls (Note [Lanes]) included."""
         arena = self.arena

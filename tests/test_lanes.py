@@ -26,7 +26,12 @@ from flask_torchpool.attach.client import PoolConnection
 from flask_torchpool.attach.lanes import _Call
 from flask_torchpool.attach.server import PoolServer
 from flask_torchpool.deadlines import SLACK
-from flask_torchpool.errors import InferenceTimeoutError, InvalidInputError, PoolUnavailableError
+from flask_torchpool.errors import (
+    InferenceTimeoutError,
+    InvalidInputError,
+    PoolClosedError,
+    PoolUnavailableError,
+)
 
 from .conftest import Gate, wait_until
 from .reload_models import write_model
@@ -265,6 +270,33 @@ def test_a_worker_whose_alarm_beats_the_callers_own_expiry_still_reports_a_timeo
     assert wait_until(lambda: _worker_pid(served) not in (None, pid)
                       and served.pools["default"].status()["workers"][0]["state"] == "ready", timeout=30)
     assert torch.equal(_call(conn, torch.ones(2)).result(30), torch.ones(2))
+
+
+def test_stopping_the_server_drains_the_calls_on_lanes(tmp_path: Path) -> None:
+    """SIGTERM drains (deploying.rst): a call running on a lane finishes within the drain timeout, and a
+    call made meanwhile is refused by the server. The pool saw no call of its own and stopped its
+    workers at once (Stop, 2 s, SIGTERM, 1 s, SIGKILL), so a 5 s lane call failed as a crash."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    with pool_server(run / "p.sock", TORCHPOOL_WORKERS=1, TORCHPOOL_ARENA_BYTES=8 << 20) as server:
+        c = PoolConnection(server.path, 1 << 20)
+        try:
+            c.connect()
+            lane = c.lanes.pick("default")
+            assert lane is not None
+            running = _call(c, torch.ones(2), action="sleep", seconds=5)
+            assert wait_until(lambda: int(lane.words[lanes.CTRL_RUNNING]) != 0, timeout=30)
+            stopping = threading.Thread(target=server.stop, kwargs={"drain_timeout": 30})
+            started = time.monotonic()
+            stopping.start()
+            assert wait_until(lambda: not lane.open, timeout=10), "the worker did not stop the lane"
+            with pytest.raises(PoolClosedError):
+                _call(c, torch.ones(1)).result(30)
+            assert torch.equal(running.result(30), torch.ones(2))
+            stopping.join(30)
+            assert not stopping.is_alive() and time.monotonic() - started < 20
+        finally:
+            c.close()
 
 
 def test_direct_calls_can_be_turned_off(tmp_path: Path) -> None:
