@@ -327,6 +327,7 @@ class Reload:
                 return
             if old.channel is None:
                 return   # dying already
+            old.stop_sent = True
             try:
                 old.channel.send(messages.Stop())
             except OSError:

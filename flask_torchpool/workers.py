@@ -82,6 +82,7 @@ class WorkerSlot:
     calls: int = 0
     errors: int = 0
     killed_for: str | None = None   # why the pool killed it, for the crash message
+    stop_sent: bool = False         # the pool told it to stop (shutdown, a reload retiring it)
     last_reply: float = 0.0         # monotonic time of its last message
     last_exit: str | None = None
     respawn_at: float | None = None
@@ -276,6 +277,7 @@ class WorkerSet:
             slot.releases = shm.ReleaseQueue()
             slot.state = WorkerState.STARTING
             slot.killed_for = None
+            slot.stop_sent = False
             slot.respawn_at = None
             slot.spawned_at = time.monotonic()
             slot.ready_at = None
@@ -412,7 +414,8 @@ class WorkerSet:
         # before its death is, and before the callers hear of it.
         self.close_output(slot)
         exitcode = process.exitcode
-        cause = slot.killed_for or likely_cause(exitcode)
+        cause = slot.killed_for or ("it stopped when the pool told it to" if exitcode == 0 and slot.stop_sent
+                                    else likely_cause(exitcode))
         signame = signal_name(exitcode)
         slot.last_exit = f"exit code {exitcode}" + (f" ({signame})" if signame else "") + f": {cause}"
         return exitcode, signame
@@ -508,6 +511,7 @@ class WorkerSet:
         """Fixed order: Stop message, join with timeout, SIGTERM, SIGKILL; then every slot is STOPPED."""
         for slot in self.slots:
             if slot.channel is not None:
+                slot.stop_sent = True
                 try:
                     slot.channel.send(messages.Stop())
                 except OSError:

@@ -418,3 +418,5 @@ def test_no_failed_call_during_a_reload_under_http_load(http_app: tuple[Flask, s
     serving = next(i for i, m in enumerate(events) if "is serving" in m)
     stopped = next(i for i, m in enumerate(events) if "stopped for the reload" in m)
     assert (serving < stopped) if surge else (stopped < serving), events
+    # Why it exited: because it was told to, not "sys.exit or os._exit in the model?".
+    assert events[stopped].endswith("exit code 0: it stopped when the pool told it to"), events[stopped]
