@@ -531,6 +531,18 @@ def test_a_web_worker_whose_master_died_starts_no_server(tmp_path: Path,
     assert owners == [master]
 
 
+def test_auto_modes_missing_server_error_says_where_its_error_is() -> None:
+    """It told users of auto mode to use auto mode; in the web worker whose server exited it names it."""
+    from flask_torchpool.attach.client import _missing_hint
+
+    assert "flask torchpool serve" in _missing_hint(False, None)
+    assert "the web server's log has the server's error" in _missing_hint(True, None)
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    failed.wait(30)
+    hint = _missing_hint(True, SimpleNamespace(process=failed))  # type: ignore[arg-type]
+    assert f"(pid {failed.pid}) exited with code 3 before it served" in hint, hint
+
+
 GUNICORN_CONF = "from flask_torchpool.gunicorn import on_exit, on_starting  # noqa: F401\n"
 
 

@@ -78,6 +78,20 @@ class _Link:
     server_pid: int  # the kernel's word for it (SO_PEERCRED), not the Welcome's
 
 
+def _missing_hint(auto: bool, spawner: ServerSpawner | None) -> str:
+    """What to do about a server that is not there: start one, or (auto mode) where its error is."""
+    if not auto:
+        return "start it with `flask torchpool serve` (or use TORCHPOOL_MODE='auto' under gunicorn)"
+    process = spawner.process if spawner is not None else None
+    code = process.poll() if process is not None else None
+    if process is not None and code:
+        return (f"the server this web process started (pid {process.pid}) exited with code {code} before "
+                "it served: the web server's log has its error (a model that fails to load, say); "
+                "TORCHPOOL_MODE 'auto' starts it again")
+    return ("TORCHPOOL_MODE 'auto' starts it; when none comes up, the web server's log has the server's "
+            "error (a model that fails to load, say)")
+
+
 class PoolConnection:
     """This web process's connection to the pool server at *path*. Thread-safe; reconnects on demand."""
 
@@ -142,22 +156,10 @@ class PoolConnection:
             if not starting or remaining <= 0:
                 what = ("is still starting" if starting else
                         f"is not running ({reason.strerror or reason})")
-                raise self._unavailable(f"the pool server at {self.path} {what}; {self._missing_hint()}")
+                hint = _missing_hint(self.on_missing is not None, self.spawner)
+                raise self._unavailable(f"the pool server at {self.path} {what}; {hint}")
             time.sleep(min(delay, remaining))  # polls a socket that is being set up, with backoff
             delay = min(delay * 2, _CONNECT_BACKOFF[1])
-
-    def _missing_hint(self) -> str:
-        """What to do about a server that is not there: start one, or (auto mode) where its error is."""
-        if self.on_missing is None:
-            return "start it with `flask torchpool serve` (or use TORCHPOOL_MODE='auto' under gunicorn)"
-        process = self.spawner.process if self.spawner is not None else None
-        code = process.poll() if process is not None else None
-        if process is not None and code:
-            return (f"the server this web process started (pid {process.pid}) exited with code {code} "
-                    "before it served: the web server's log has its error (a model that fails to load, "
-                    "say); TORCHPOOL_MODE 'auto' starts it again")
-        return ("TORCHPOOL_MODE 'auto' starts it; when none comes up, the web server's log has the "
-                "server's error (a model that fails to load, say)")
 
     def starting(self) -> bool:
         """Whether a server for this socket is running or starting (its lock is held)."""
