@@ -57,7 +57,8 @@ class Backend(Protocol):
         :class:`~flask_torchpool.WorkerStartupError` when it cannot be."""
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None, waiter: bool = False) -> Future[Any]:
+               batch: bool = True, method: str | None = None, waiter: bool = False,
+               retries: int | None = None) -> Future[Any]:
         """Start one call; the future holds the model's output or a
         :class:`~flask_torchpool.TorchPoolError`. Arguments that cannot travel raise here, in the calling
         thread. *timeout* is the call's deadline in seconds (None: ``TORCHPOOL_TIMEOUT``); *batch* lets
@@ -65,7 +66,9 @@ class Backend(Protocol):
         *waiter* promises that the calling thread calls the future's ``result()`` next
         (:meth:`ModelProxy.__call__ <flask_torchpool.ModelProxy>`), so that a backend may read the answer
         in that thread instead of waking another (the attached client does: Note [Claimed lanes]).
-        Cancelling the future drops a call that has not started."""
+        Cancelling the future drops a call that has not started. *retries*: how many times the call runs
+        again after its worker died running it (None: ``TORCHPOOL_RETRIES``; a pool server passes one
+        less for a direct call its web process sent again: Note [Lanes])."""
 
     def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
                method: str | None = None) -> Stream:

@@ -139,9 +139,10 @@ class InlinePool:
                 self._call_lock.release()
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None, waiter: bool = False) -> Future[Any]:
+               batch: bool = True, method: str | None = None, waiter: bool = False,
+               retries: int | None = None) -> Future[Any]:
         """Run one call now, in this thread, and return its (completed) future. *timeout* is not
-        enforced and *batch* is ignored in inline mode."""
+        enforced, and *batch* and *retries* are ignored in inline mode (no worker can die)."""
         skel_args, skel_kwargs, tensors, numpy = self._accept(args, kwargs, timeout, method)
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()

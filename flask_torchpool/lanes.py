@@ -22,6 +22,11 @@ open into control word :data:`CTRL_LANES` of its own arena; the pool stops its w
 everywhere (or at the drain deadline), so the lanes' calls are drained like its own. The web processes
 send their new calls through the server meanwhile, which refuses them (it is draining).
 
+A lane that ends under a call it was running (its worker died) sends that call again through the server
+when ``TORCHPOOL_RETRIES`` allows, flagged :attr:`~flask_torchpool.messages.RemoteCall.retried`: the
+server's pool runs it with one retry fewer, so a call that kills every worker costs 1 + RETRIES deaths as
+in embedded mode, and any further death's details (pid, exit code) come from the server.
+
 The worker serves its pool's channel and its lanes in arrival order, one call at a time. It writes how many
 calls it holds (queued plus running) into control word :data:`CTRL_LOAD` of every lane's arena, so that a
 web process sends to the least loaded worker, and the id of the lane call it runs into :data:`CTRL_RUNNING`

@@ -184,6 +184,7 @@ class RemoteCall(NamedTuple):
     stream: bool = False       # answered with StreamChunk ... StreamEnd (credits: Credit)
     numpy: bool = False        # the caller passed numpy arrays (Call.numpy): the server reads and answers
                                # them as numpy arrays, and needs no torch for it
+    retried: bool = False      # sent again after its worker died running it on a lane: one retry used
 
 
 class RemoteError(NamedTuple):
@@ -281,7 +282,7 @@ _CREDIT = struct.Struct("<qII")
 _REMOTE_CALL = struct.Struct("<qIIdB")
 _REF = struct.Struct("<iQQBB")
 _DIMS = tuple(struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1))
-_BATCH, _HAS_TIMEOUT, _STREAM, _NUMPY = 1, 2, 4, 8
+_BATCH, _HAS_TIMEOUT, _STREAM, _NUMPY, _RETRIED = 1, 2, 4, 8, 16
 _DTYPE_STRS = codec.DTYPE_NAMES
 _tuple_new = tuple.__new__  # builds a NamedTuple from checked fields without its Python __new__
 
@@ -441,8 +442,8 @@ def _dec_credit(data: bytes, pos: int, nfds: int) -> Credit:
 
 
 def _enc_remote_call(msg: RemoteCall, out: bytearray) -> None:
-    flags = ((_BATCH if msg.batch else 0) | (_HAS_TIMEOUT if msg.timeout is not None else 0)
-             | (_STREAM if msg.stream else 0) | (_NUMPY if msg.numpy else 0))
+    flags = (_BATCH * msg.batch | _HAS_TIMEOUT * (msg.timeout is not None) | _STREAM * msg.stream
+             | _NUMPY * msg.numpy | _RETRIED * msg.retried)
     out += _REMOTE_CALL.pack(msg.id, len(msg.refs), len(msg.releases),
                              0.0 if msg.timeout is None else msg.timeout, flags)
     _put_refs(out, msg.refs)
@@ -455,7 +456,7 @@ def _enc_remote_call(msg: RemoteCall, out: bytearray) -> None:
 
 def _dec_remote_call(data: bytes, pos: int, nfds: int) -> RemoteCall:
     call_id, nrefs, nrel, timeout, flags = _REMOTE_CALL.unpack_from(data, pos)
-    if flags & ~(_BATCH | _HAS_TIMEOUT | _STREAM | _NUMPY):
+    if flags & ~(_BATCH | _HAS_TIMEOUT | _STREAM | _NUMPY | _RETRIED):
         raise WireFormatError(f"unknown call flags {flags:#x}")
     if flags & _HAS_TIMEOUT and not 0 < timeout <= MAX_TIMEOUT:
         raise WireFormatError(f"a call's timeout must be a number of seconds > 0 and at most "
@@ -469,7 +470,7 @@ def _dec_remote_call(data: bytes, pos: int, nfds: int) -> RemoteCall:
                               "a dict")
     return RemoteCall(call_id, model, args, kwargs, refs, timeout if flags & _HAS_TIMEOUT else None,
                       bool(flags & _BATCH), releases, method, bool(flags & _STREAM),
-                      bool(flags & _NUMPY))
+                      bool(flags & _NUMPY), bool(flags & _RETRIED))
 
 
 _NONE = type(None)

@@ -186,12 +186,13 @@ class Pool:
     # --- calls ----------------------------------------------------------------------------------------
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None, waiter: bool = False) -> Future[Any]:
+               batch: bool = True, method: str | None = None, waiter: bool = False,
+               retries: int | None = None) -> Future[Any]:
         """Queue one call; the returned future holds the model's output or a :class:`TorchPoolError`.
         Cancelling the future drops the call if it has not started. Input that cannot travel is
         refused here, in the calling thread, before anything is queued.
         """
-        call = new_call(self.config, args, kwargs, timeout, method, arrays=True)
+        call = new_call(self.config, args, kwargs, timeout, method, arrays=True, retries=retries)
         if batch and self.config.max_batch_size > 1 and method is None:
             call.key, call.rows = batch_key(call)
         future = self._streams.cancellable(call)

@@ -73,7 +73,7 @@ CANCEL_GRACE = 1.0
 
 
 def new_call(config: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
-             method: str | None, arrays: bool = False) -> Call:
+             method: str | None, arrays: bool = False, retries: int | None = None) -> Call:
     """A call of the process pool (or Ray's), its arguments checked and flattened here, in the calling
     thread. With *arrays* numpy arrays stay numpy arrays (the process pool writes them into shared
     memory itself: Note [A pool server without torch] in :mod:`flask_torchpool.codec`), else
@@ -82,8 +82,8 @@ def new_call(config: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any], 
     check_method(method)
     flat = codec.flatten_call(args, kwargs, config.max_input_bytes, arrays=arrays)
     timeout = config.timeout if timeout is None else timeout
-    call = Call(flat.args, flat.kwargs, flat.tensors, Future(), None, config.retries, target=(method, 0),
-                numpy=flat.numpy)
+    call = Call(flat.args, flat.kwargs, flat.tensors, Future(), None,
+                config.retries if retries is None else retries, target=(method, 0), numpy=flat.numpy)
     call.deadline = None if timeout is None else call.enqueued + timeout
     return call
 

@@ -386,13 +386,13 @@ class _FakePool:
 
     def __init__(self, result: Any = None) -> None:
         self.config = SimpleNamespace(max_input_bytes=1 << 20, arena_bytes=1 << 20, timeout=5.0,
-                                      retry_after=1, name="fake")
+                                      retry_after=1, retries=1, name="fake")
         self.placements: list[Any] = []
         self.result = result
         self.futures: list[Future[Any]] = []
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None) -> Future[Any]:
+               batch: bool = True, method: str | None = None, retries: int | None = None) -> Future[Any]:
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         if self.result is not None:

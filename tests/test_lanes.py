@@ -31,9 +31,11 @@ from flask_torchpool.errors import (
     InvalidInputError,
     PoolClosedError,
     PoolUnavailableError,
+    WorkerCrashedError,
 )
 
 from .conftest import Gate, wait_until
+from .crash_models import PROBE, open_gate, wait_started
 from .reload_models import write_model
 from .servers import pool_server
 
@@ -88,7 +90,7 @@ def test_a_forged_reference_fails_its_call_only(served: PoolServer, conn: PoolCo
     outside = shm.TensorRef(-1, 64 << 20, 4096, "torch.uint8", (4096,))   # past the end of the lane arena
     forged: Future = Future()
     with conn.lanes._lock:
-        lane.calls[10**9] = _Call(forged, [], 0.0, lambda: forged)
+        lane.calls[10**9] = _Call(forged, [], 0.0, lambda retried=False: forged)
     lane.channel.send(messages.Call(10**9, (codec.Slot(0),), {}, (outside,), ()))
     with pytest.raises(InvalidInputError, match="could not read the inputs"):
         forged.result(10)
@@ -105,7 +107,7 @@ def test_a_forged_inline_reference_fails_its_call_only(served: PoolServer, conn:
     short = shm.TensorRef(shm.INLINE, 0, 8, "torch.float32", (4,))
     forged: Future = Future()
     with conn.lanes._lock:
-        lane.calls[10**9 + 1] = _Call(forged, [], 0.0, lambda: forged)
+        lane.calls[10**9 + 1] = _Call(forged, [], 0.0, lambda retried=False: forged)
     lane.channel.send(messages.Call(10**9 + 1, (codec.Slot(0),), {}, (short,), (), inline=bytes(8)))
     with pytest.raises(InvalidInputError, match="could not read the inputs.*does not match"):
         forged.result(10)
@@ -297,6 +299,57 @@ def test_stopping_the_server_drains_the_calls_on_lanes(tmp_path: Path) -> None:
             assert not stopping.is_alive() and time.monotonic() - started < 20
         finally:
             c.close()
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolServer]:
+    """Two workers of the crash tests' probe model, TORCHPOOL_RETRIES 1 (the default)."""
+    path = tmp_path_factory.mktemp("probed") / "run"
+    path.mkdir(mode=0o700)
+    with pool_server(path / "pool.sock", TORCHPOOL_MODEL=PROBE, TORCHPOOL_WORKERS=2,
+                     TORCHPOOL_ARENA_BYTES=8 << 20) as server:
+        yield server
+
+
+def _pids(server: PoolServer) -> set[int]:
+    return {w["pid"] for w in server.pools["default"].status()["workers"] if w["state"] == "ready"}
+
+
+def test_a_direct_call_whose_worker_dies_is_retried_through_the_server(probed: PoolServer,
+                                                                       tmp_path: Path) -> None:
+    """TORCHPOOL_RETRIES holds for direct calls too: kill -9 of the worker running one, and its caller
+    gets the answer from another worker (a 503 before: a helper's probe, 8 of 8)."""
+    assert wait_until(lambda: len(_pids(probed)) == 2, timeout=60)
+    c = PoolConnection(probed.path, 1 << 20)
+    try:
+        c.connect()
+        assert c.lanes.pick("default") is not None
+        future = _call(c, torch.ones(2), mark=str(tmp_path), hold=str(tmp_path))
+        (victim,) = wait_started(tmp_path)
+        os.kill(victim, signal.SIGKILL)
+        open_gate(tmp_path)
+        answer = future.result(60)
+        assert answer["pid"] != victim and torch.equal(answer["out"], torch.ones(2)), answer
+    finally:
+        c.close()
+
+
+def test_a_direct_call_that_kills_every_worker_costs_one_retry_and_says_why(probed: PoolServer) -> None:
+    """A poison input costs 1 + TORCHPOOL_RETRIES deaths in attach mode as embedded (the server's pool
+    gets one retry fewer), and the error that ends it has the death's details, from the server."""
+    assert wait_until(lambda: len(_pids(probed)) == 2, timeout=60)
+    before = sum(w["restarts"] for w in probed.pools["default"].status()["workers"])
+    c = PoolConnection(probed.path, 1 << 20)
+    try:
+        c.connect()
+        assert c.lanes.pick("default") is not None
+        with pytest.raises(WorkerCrashedError) as info:
+            _call(c, torch.ones(1), action="sigkill").result(60)
+        assert (info.value.exitcode, info.value.signal) == (-9, "SIGKILL"), info.value
+        assert wait_until(lambda: len(_pids(probed)) == 2, timeout=60)
+        assert sum(w["restarts"] for w in probed.pools["default"].status()["workers"]) == before + 2
+    finally:
+        c.close()
 
 
 def test_direct_calls_can_be_turned_off(tmp_path: Path) -> None:

@@ -267,9 +267,11 @@ class PoolConnection:
 
     def _start(self, model: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                timeout: float | None, batch: bool, max_input_bytes: int, method: str | None,
-               sink: Sink | None, direct: bool = True, waiter: bool = False) -> tuple[Future[Any], int]:
+               sink: Sink | None, direct: bool = True, waiter: bool = False,
+               retried: bool = False) -> tuple[Future[Any], int]:
         """Send one call (a stream with *sink*): its future, and its id. A plain call goes on a lane
-        when this process holds one for the model (Note [Lanes]), else through the server."""
+        when this process holds one for the model (Note [Lanes]), else through the server (*retried*:
+        a lane call sent again after its worker died running it)."""
         codec.check_timeout(timeout)
         check_method(method)
         skel_args, skel_kwargs, tensors, numpy = codec.flatten_call(args, kwargs, max_input_bytes,
@@ -284,16 +286,18 @@ class PoolConnection:
             limit = timeout if timeout is not None else link.welcome.models[lane.model]["timeout"]
             deadline = time.monotonic() + limit if limit else 0.0
 
-            def resend() -> Future[Any]:  # the lane ended before its worker started the call
+            def resend(retried: bool = False) -> Future[Any]:  # the lane ended: through the server
                 left = None if not deadline else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise errors.InferenceTimeoutError("the call did not finish within its deadline (its "
-                                                       "worker ended before running it)")
-                return self._start(model, args, kwargs, left, batch, max_input_bytes, method, None, False)[0]
+                    raise errors.InferenceTimeoutError(
+                        "the call did not finish within its deadline (its worker ended "
+                        f"{'while running' if retried else 'before running'} it)")
+                return self._start(model, args, kwargs, left, batch, max_input_bytes, method, None, False,
+                                   retried=retried)[0]
 
             lane_id = next(_ids)
             sent = self.lanes.submit(lane, lane_id, skel_args, skel_kwargs, tensors, deadline, method, resend,
-                                     numpy, waiter)
+                                     numpy, waiter, link.welcome.models[lane.model].get("retries", 0))
             if sent is not None:
                 return sent, lane_id
         placer = shm.Placer(link.arena, link.inputs)
@@ -309,7 +313,7 @@ class PoolConnection:
         try:
             link.channel.send(messages.RemoteCall(call_id, model, skel_args, skel_kwargs, refs, timeout,
                                                   batch, link.releases.drain(), method, sink is not None,
-                                                  numpy),
+                                                  numpy, retried),
                               tuple(placer.fds))
         except OSError as exc:
             with self._lock:

@@ -84,11 +84,12 @@ _DISARMED = select.EPOLLONESHOT
 
 
 class _Call:
-    __slots__ = ("future", "blocks", "deadline", "started", "settled", "resend", "numpy")
+    __slots__ = ("future", "blocks", "deadline", "started", "settled", "resend", "numpy", "retries")
 
     def __init__(self, future: Future[Any], blocks: list[int], deadline: float,
-                 resend: Callable[[], Future[Any]], numpy: bool = False) -> None:
+                 resend: Callable[[bool], Future[Any]], numpy: bool = False, retries: int = 0) -> None:
         self.numpy = numpy  # the caller passed numpy arrays: read its outputs as numpy arrays
+        self.retries = retries  # TORCHPOOL_RETRIES: its worker dying while running it sends it again
         self.future = future
         self.blocks = blocks
         self.deadline = deadline
@@ -251,8 +252,8 @@ class ClientLanes:
         return best
 
     def submit(self, lane: Lane, call_id: int, args: Any, kwargs: Any, tensors: list[Any], deadline: float,
-               method: str | None, resend: Callable[[], Future[Any]], numpy: bool = False,
-               waiter: bool = False) -> Future[Any] | None:
+               method: str | None, resend: Callable[[bool], Future[Any]], numpy: bool = False,
+               waiter: bool = False, retries: int = 0) -> Future[Any] | None:
         """Send one call on *lane* (from :meth:`take`); None when the lane failed (send it through the
         server instead). With *waiter* the calling thread promises to call the future's ``result()``
         next: it takes the lane's token now when it is free (Note [Claimed lanes])."""
@@ -263,7 +264,7 @@ class ClientLanes:
             self.unpick(lane)
             raise
         future = LaneFuture(self, lane, call_id)
-        call = _Call(future, placer.blocks, deadline, resend, numpy)
+        call = _Call(future, placer.blocks, deadline, resend, numpy, retries)
         claimed = waiter and lane.reading.acquire(blocking=False)
         with self._lock:
             lane.picked -= 1
@@ -522,12 +523,7 @@ class ClientLanes:
                                  name="torchpool-lane-ended").start()
                 continue
             # Never started: through the server, which runs it on another (or the respawned) worker.
-            call.settled = True
-            try:
-                _chain(call.resend(), call.future)
-            except Exception as exc:  # noqa: BLE001
-                with contextlib.suppress(InvalidStateError):
-                    call.future.set_exception(exc)
+            _send_again(call, False)
 
     def _settle_crashed(self, lane: Lane, call: _Call) -> None:
         """The lane of the call its worker was running ended: the server ended (its workers end with it),
@@ -535,9 +531,24 @@ class ClientLanes:
         give_up = time.monotonic() + SERVER_END_GRACE
         while (ended := self._server_gone()) is None and time.monotonic() < give_up:
             time.sleep(0.005)
+        if ended is None and call.retries and not call.settled:
+            # The worker died alone: TORCHPOOL_RETRIES, through the server (which then has one retry fewer,
+            # and the details of any further death).
+            _send_again(call, True)
+            return
         self._settle(lane, call, None, ended or WorkerCrashedError(
             f"worker {lane.worker} of {lane.model!r} died while running this call",
             retry_after=self._retry_after))
+
+
+def _send_again(call: _Call, retried: bool) -> None:
+    """Through the server: a call its lane's end left unanswered (*retried*: its worker died running it)."""
+    call.settled = True
+    try:
+        _chain(call.resend(retried), call.future)
+    except Exception as exc:  # noqa: BLE001
+        with contextlib.suppress(InvalidStateError):
+            call.future.set_exception(exc)
 
 
 def _timed_out(lane: Lane, call: _Call, now: float, running: bool) -> InferenceTimeoutError:

@@ -86,7 +86,8 @@ class RemotePool:
         threading.Thread(target=attach, name=f"{self.name}-attach", daemon=True).start()
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None, waiter: bool = False) -> Future[Any]:
+               batch: bool = True, method: str | None = None, waiter: bool = False,
+               retries: int | None = None) -> Future[Any]:   # retries: the server's TORCHPOOL_RETRIES
         if self._closing:
             raise errors.PoolClosedError.closing(self.config.retry_after)
         return self.connection.submit(self.model, args, kwargs, timeout, batch,

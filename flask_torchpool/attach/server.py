@@ -313,7 +313,7 @@ class PoolServer:
 
     def _models(self) -> dict[str, Any]:
         return {name: {"max_input_bytes": p.config.max_input_bytes, "timeout": p.config.timeout,
-                       "retry_after": p.config.retry_after,
+                       "retry_after": p.config.retry_after, "retries": p.config.retries,
                        "workers": [tuple(placement) for placement in p.placements]}
                 for name, p in self.pools.items()}
 
@@ -438,7 +438,8 @@ class _Client:
             kwargs = codec.unflatten(msg.kwargs, tensors)
             if msg.stream:
                 return self.streams.start(msg, pool, tuple(args), dict(kwargs))
-            future = pool.submit(tuple(args), dict(kwargs), msg.timeout, msg.batch, method=msg.method)
+            future = pool.submit(tuple(args), dict(kwargs), msg.timeout, msg.batch, method=msg.method,
+                                 retries=max(0, pool.config.retries - 1) if msg.retried else None)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             self.replies.put((msg.id, exc))
             return True

@@ -189,11 +189,12 @@ class RayPool:
     # --- calls --------------------------------------------------------------------------------------------
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None,
-               batch: bool = True, method: str | None = None, waiter: bool = False) -> Future[Any]:
+               batch: bool = True, method: str | None = None, waiter: bool = False,
+               retries: int | None = None) -> Future[Any]:
         """Queue one call (see :meth:`flask_torchpool.backend.Backend.submit`); *method* runs that
         method of the model on the actor. Cancelling the future does not drop the call on this backend
         (the call runs; its result is discarded)."""
-        call = new_call(self.config, args, kwargs, timeout, method)
+        call = new_call(self.config, args, kwargs, timeout, method, retries=retries)
         future = admission.submit(self._sched, self.config, call, batch, check_open=self._check_open,
                                   add_deadline=self._deadlines.add, next_wake=self._wake_time,
                                   wake=self._wake)
