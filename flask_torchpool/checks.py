@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .deadlines import MAX_TIMEOUT
+from .deadlines import MAX_TIMEOUT, seconds_ok
 from .errors import ConfigError
 
 MiB = 1 << 20
@@ -84,9 +84,7 @@ def seconds(key: str, value: Any, *, allow_none: bool = False, zero: bool = Fals
              unit: str = "seconds") -> Any:
     if value is None and allow_none:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        0 <= value <= MAX_TIMEOUT if zero else 0 < value <= MAX_TIMEOUT)
-    if not ok:   # NaN fails both comparisons; infinity, and what the system's waits cannot wait, the bound
+    if not seconds_ok(value, zero):
         what = (f"a number of {unit} " + (">= 0" if zero else "> 0") + f" and at most {MAX_TIMEOUT:.0f}"
                 + (" or None" if allow_none else ""))
         raise ConfigError(key, f"{value!r} is not allowed; use {what}")

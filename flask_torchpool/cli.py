@@ -28,7 +28,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup, ScriptInfo
 
-from .deadlines import MAX_TIMEOUT
+from .deadlines import MAX_TIMEOUT, seconds_ok
 from .errors import TorchPoolError
 from .placement import _ranges
 from .startup import SERVING_META
@@ -52,7 +52,7 @@ def _state() -> ModelGroup:
 
 def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
     """A --timeout: a number of seconds > 0 and at most MAX_TIMEOUT (click's FloatRange lets NaN in)."""
-    if not 0 < value <= MAX_TIMEOUT:
+    if not seconds_ok(value):
         raise click.BadParameter(f"{value!r} is not a number of seconds > 0 and at most {MAX_TIMEOUT:.0f}")
     return value
 

@@ -34,7 +34,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .deadlines import MAX_TIMEOUT
+from .deadlines import MAX_TIMEOUT, seconds_ok
 
 if TYPE_CHECKING:
     import numpy
@@ -282,7 +282,7 @@ def check_timeout(timeout: float | None) -> None:
     would stall whoever orders deadlines; an infinite one overflows the waits)."""
     if timeout is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+    if not seconds_ok(timeout):
         raise ValueError(f"timeout must be None or a number of seconds > 0 and at most {MAX_TIMEOUT:.0f}, "
                          f"not {timeout!r}")
 

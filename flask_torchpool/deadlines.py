@@ -31,6 +31,15 @@ SLACK = 256
 MAX_TIMEOUT = 1_000_000.0
 
 
+def seconds_ok(value: object, zero: bool = False) -> bool:
+    """Whether *value* is a number of seconds (an int or a float, not a bool) > 0 (>= 0 with *zero*) and
+    at most :data:`MAX_TIMEOUT`: the one rule of config keys, calls, ``shutdown`` and the command line
+    (NaN fails every comparison)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value <= MAX_TIMEOUT if zero else 0 < value <= MAX_TIMEOUT
+
+
 class DeadlineHeap(Generic[T]):
     """Entries ``(deadline, key, item)``, earliest deadline first. *finished(key, item)* says whether an
     entry's call has finished (it then leaves the heap without being returned). Not thread-safe: its

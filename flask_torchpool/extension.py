@@ -30,7 +30,7 @@ from flask import Flask, current_app, has_app_context
 
 from . import startup
 from .config import DEFAULTS, load
-from .deadlines import MAX_TIMEOUT
+from .deadlines import MAX_TIMEOUT, seconds_ok
 from .errors import ConfigError, InferenceTimeoutError
 from .group import ModelGroup, drain_all, reload_all
 from .placement import Placement
@@ -242,9 +242,7 @@ class TorchPool:
         """Stop taking calls, let calls in flight finish (``TORCHPOOL_DRAIN_TIMEOUT``), stop the workers.
         Idempotent. Without *app* and outside an app context, shuts down the pools of every app.
         *drain_timeout*: None or a number of seconds >= 0 and at most 1,000,000 (else ValueError)."""
-        if drain_timeout is not None and (isinstance(drain_timeout, bool)
-                                          or not isinstance(drain_timeout, (int, float))
-                                          or not 0 <= drain_timeout <= MAX_TIMEOUT):
+        if drain_timeout is not None and not seconds_ok(drain_timeout, zero=True):
             raise ValueError(f"drain_timeout must be None or a number of seconds >= 0 and at most "
                              f"{MAX_TIMEOUT:.0f}, not {drain_timeout!r}")
         if app is None and not has_app_context():
