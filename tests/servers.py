@@ -140,6 +140,13 @@ def _sigint_not_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def private_socket(base: Path, name: str = "pool.sock") -> Path:
+    """A socket path in a new private (0700) directory ``base/run``, as a pool server requires."""
+    run = base / "run"
+    run.mkdir(mode=0o700)
+    return run / name
+
+
 @contextmanager
 def pool_server(socket_path: os.PathLike[str] | str, **config: Any) -> Iterator[PoolServer]:
     """A started pool of ``make_app(**config)`` served on *socket_path* by a :class:`PoolServer` in

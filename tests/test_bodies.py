@@ -29,7 +29,7 @@ from flask_torchpool import InvalidInputError, PayloadTooLargeError, TorchPool, 
 from flask_torchpool.attach.client import PoolConnection
 
 from .conftest import make_app, wait_until
-from .servers import pool_server
+from .servers import pool_server, private_socket
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -351,9 +351,7 @@ def test_an_attached_web_process_sends_its_body_buffers_by_either_path(attached:
 @pytest.fixture(scope="module")
 def forwarding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A pool server in this process (its relay is what forwards) whose calls all go through it."""
-    run = tmp_path_factory.mktemp("forward") / "run"
-    run.mkdir(mode=0o700)
-    path = run / "pool.sock"
+    path = private_socket(tmp_path_factory.mktemp("forward"))
     with pool_server(path, TORCHPOOL_MODEL="tests.models:where_is_my_input", TORCHPOOL_DIRECT_CALLS=False,
                      TORCHPOOL_ARENA_BYTES=4 * MIB):
         yield path

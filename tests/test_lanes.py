@@ -37,16 +37,15 @@ from flask_torchpool.errors import (
 from .conftest import Gate, wait_until
 from .crash_models import PROBE, open_gate, wait_started
 from .reload_models import write_model
-from .servers import pool_server
+from .servers import pool_server, private_socket
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolServer]:
-    path = tmp_path_factory.mktemp("lanes") / "run"
-    path.mkdir(mode=0o700)
-    with pool_server(path / "pool.sock", TORCHPOOL_WORKERS=1, TORCHPOOL_ARENA_BYTES=8 << 20) as server:
+    with pool_server(private_socket(tmp_path_factory.mktemp("lanes")), TORCHPOOL_WORKERS=1,
+                     TORCHPOOL_ARENA_BYTES=8 << 20) as server:
         yield server
 
 
@@ -278,9 +277,7 @@ def test_stopping_the_server_drains_the_calls_on_lanes(tmp_path: Path) -> None:
     """SIGTERM drains (deploying.rst): a call running on a lane finishes within the drain timeout, and a
     call made meanwhile is refused by the server. The pool saw no call of its own and stopped its
     workers at once (Stop, 2 s, SIGTERM, 1 s, SIGKILL), so a 5 s lane call failed as a crash."""
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    with pool_server(run / "p.sock", TORCHPOOL_WORKERS=1, TORCHPOOL_ARENA_BYTES=8 << 20) as server:
+    with pool_server(private_socket(tmp_path), TORCHPOOL_WORKERS=1, TORCHPOOL_ARENA_BYTES=8 << 20) as server:
         c = PoolConnection(server.path, 1 << 20)
         try:
             c.connect()
@@ -304,10 +301,8 @@ def test_stopping_the_server_drains_the_calls_on_lanes(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolServer]:
     """Two workers of the crash tests' probe model, TORCHPOOL_RETRIES 1 (the default)."""
-    path = tmp_path_factory.mktemp("probed") / "run"
-    path.mkdir(mode=0o700)
-    with pool_server(path / "pool.sock", TORCHPOOL_MODEL=PROBE, TORCHPOOL_WORKERS=2,
-                     TORCHPOOL_ARENA_BYTES=8 << 20) as server:
+    with pool_server(private_socket(tmp_path_factory.mktemp("probed")), TORCHPOOL_MODEL=PROBE,
+                     TORCHPOOL_WORKERS=2, TORCHPOOL_ARENA_BYTES=8 << 20) as server:
         yield server
 
 
@@ -353,9 +348,7 @@ def test_a_direct_call_that_kills_every_worker_costs_one_retry_and_says_why(prob
 
 
 def test_direct_calls_can_be_turned_off(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    with pool_server(run / "p.sock", TORCHPOOL_WORKERS=1, TORCHPOOL_DIRECT_CALLS=False) as server:
+    with pool_server(private_socket(tmp_path), TORCHPOOL_WORKERS=1, TORCHPOOL_DIRECT_CALLS=False) as server:
         c = PoolConnection(server.path, 1 << 20)
         try:
             c.connect()
@@ -373,9 +366,8 @@ def test_no_direct_call_fails_or_reaches_the_old_version_across_a_reload(
     models = tmp_path / "models"
     models.mkdir()
     monkeypatch.syspath_prepend(str(models))
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    with pool_server(run / "p.sock", TORCHPOOL_WORKERS=2, TORCHPOOL_MODEL=write_model(models, 1)) as server:
+    with pool_server(private_socket(tmp_path), TORCHPOOL_WORKERS=2,
+                     TORCHPOOL_MODEL=write_model(models, 1)) as server:
         c = PoolConnection(server.path, 1 << 20)
         stop = threading.Event()
         answers: list[tuple[float, float]] = []
@@ -543,9 +535,7 @@ def test_two_threads_never_take_the_same_idle_lane(tmp_path: Path) -> None:
     """A lane taken for a call counts it at once, before it is sent: two threads sending at the same time
     go to the two idle workers, not both to the first (they did: each saw it idle before the other's call
     was registered)."""
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    with pool_server(run / "pool.sock", TORCHPOOL_WORKERS=2) as server:
+    with pool_server(private_socket(tmp_path), TORCHPOOL_WORKERS=2) as server:
         c = PoolConnection(server.path, 1 << 20)
         c.connect()
         try:
@@ -578,9 +568,7 @@ def test_two_threads_never_take_the_same_idle_lane(tmp_path: Path) -> None:
 def test_a_lane_opened_while_a_stream_runs_shows_its_worker_full(tmp_path: Path) -> None:
     """A web process that attaches while a worker runs a stream gets a lane that shows the worker full,
     and the lanes it had still do (opening a lane wrote the worker's queue length over them)."""
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    with pool_server(run / "pool.sock", TORCHPOOL_MODEL="tests.stream_models:counter",
+    with pool_server(private_socket(tmp_path), TORCHPOOL_MODEL="tests.stream_models:counter",
                      TORCHPOOL_STREAM_BUFFER=1) as server:
         first = PoolConnection(server.path, 1 << 20)
         first.connect()
@@ -607,10 +595,8 @@ def test_a_lane_opened_while_a_stream_runs_shows_its_worker_full(tmp_path: Path)
 def test_a_worker_running_a_stream_takes_no_direct_call(tmp_path: Path) -> None:
     """While a worker runs a stream its lanes show it full: a call goes through the server's queue, where
     any worker that frees up takes it, instead of waiting on the lane behind the stream."""
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
     gate = Gate(tmp_path)
-    with pool_server(run / "pool.sock", TORCHPOOL_MODEL="tests.stream_models:counter") as server:
+    with pool_server(private_socket(tmp_path), TORCHPOOL_MODEL="tests.stream_models:counter") as server:
         c = PoolConnection(server.path, 1 << 20)
         c.connect()
         try:
